@@ -1,0 +1,227 @@
+"""Configuration: environment, then whisper_api.conf (TOML), then defaults; validated once."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+OUTPUT_FORMATS = ("txt", "srt", "vtt", "tsv", "json", "aud")
+DEVICES = ("cuda", "cpu")
+LOG_LEVELS = ("error", "warn", "info", "debug", "trace")
+
+
+class ConfigError(Exception):
+    """A configuration value that cannot be used; the message names the variable."""
+
+
+def parse_bool(value: Any) -> bool:
+    """Booleans accept true/false/1/0/yes/no/on/off in any case (and TOML booleans)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError("expected a whole number")
+        try:
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if number < minimum:
+            raise ValueError(f"expected a whole number >= {minimum}")
+        return number
+
+    return convert
+
+
+def _float(minimum: float) -> Callable[[Any], float]:
+    def convert(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise ValueError("expected a number") from None
+        if number < minimum:
+            raise ValueError(f"expected a number >= {minimum}")
+        return number
+
+    return convert
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ValueError("expected one of " + ", ".join(allowed))
+        return text
+
+    return convert
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise ValueError("expected a string")
+    return str(value)
+
+
+def _optional_text(value: Any) -> str | None:
+    text = _text(value).strip()
+    return text or None
+
+
+def _device_index(value: Any) -> str:
+    return str(_int(0)(value))
+
+
+# name -> (default, converter). Every variable of the spec's table is here, with its default.
+SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
+    "WHISPER_CMD": ("/home/llm/whisper_api/whisperx.sh", _text),
+    "WHISPER_MODELS_DIR": ("/models", _text),
+    "WHISPER_OUTPUT_DIR": ("/home/llm/whisper_api/output", _text),
+    "WHISPER_OUTPUT_FORMAT": ("txt", _choice(*OUTPUT_FORMATS)),
+    "WHISPER_DEVICE": ("cuda", _choice(*DEVICES)),
+    "WHISPER_DEVICE_INDEX": ("0", _device_index),
+    "WHISPER_TMP_FILES": ("/home/llm/whisper_api/tmp", _text),
+    "WHISPER_API_HOST": ("127.0.0.1", _text),
+    "WHISPER_API_PORT": (8181, _int(0)),
+    "WHISPER_API_TIMEOUT": (480, _int(1)),
+    "WHISPER_API_KEEPALIVE": (480, _int(1)),
+    "HTTP_WORKER_NUMBER": (0, _int(0)),
+    "WHISPER_JOB_RETENTION_HOURS": (48.0, _float(0)),
+    "WHISPER_CLEANUP_INTERVAL_HOURS": (1.0, _float(0.0001)),
+    "MAX_FILE_SIZE": (536870912, _int(1)),
+    "ENABLE_CONCURRENCY": (False, parse_bool),
+    "MAX_CONCURRENT_JOBS": (6, _int(1)),
+    "ENABLE_AUTHORIZATION": (True, parse_bool),
+    "SYNC_REQUEST_TIMEOUT_SECONDS": (1800.0, _float(0)),
+    "DEFAULT_SYNC_MODE": (False, parse_bool),
+    "RUST_LOG": ("info", _choice(*LOG_LEVELS)),
+    "HF_TOKEN": (None, _optional_text),
+    "WHISPER_HF_TOKEN_FILE": ("/home/llm/whisper_api/hf_token.txt", _text),
+    # Beyond the spec (documented in the README).
+    "WHISPER_DB_PATH": ("", _text),  # empty: whisperd.db beside WHISPER_TMP_FILES
+    "WHISPER_DEFAULT_MODEL": ("large-v3", _text),
+    "WHISPER_DEFAULT_LANGUAGE": ("fr", _text),
+    "WHISPER_DEFAULT_DIARIZE": (True, parse_bool),
+    "WHISPER_CPU_COMPUTE_TYPE": ("int8", _text),
+    "WHISPER_CUDA_COMPUTE_TYPE": ("", _text),  # empty: the engine's own default
+    "WHISPER_OFFLINE": ("auto", _choice("auto", "true", "false")),
+    "WHISPER_KILL_GRACE_SECONDS": (5.0, _float(0)),
+    "WHISPER_JOB_TIMEOUT_SECONDS": (0.0, _float(0)),  # 0: no limit
+    "WHISPER_MAX_ATTEMPTS": (3, _int(1)),
+    "WHISPER_MAX_PROMPT_CHARS": (4000, _int(0)),
+    "WHISPER_SHUTDOWN_GRACE_SECONDS": (10.0, _float(0)),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    WHISPER_CMD: str
+    WHISPER_MODELS_DIR: str
+    WHISPER_OUTPUT_DIR: str
+    WHISPER_OUTPUT_FORMAT: str
+    WHISPER_DEVICE: str
+    WHISPER_DEVICE_INDEX: str
+    WHISPER_TMP_FILES: str
+    WHISPER_API_HOST: str
+    WHISPER_API_PORT: int
+    WHISPER_API_TIMEOUT: int
+    WHISPER_API_KEEPALIVE: int
+    HTTP_WORKER_NUMBER: int
+    WHISPER_JOB_RETENTION_HOURS: float
+    WHISPER_CLEANUP_INTERVAL_HOURS: float
+    MAX_FILE_SIZE: int
+    ENABLE_CONCURRENCY: bool
+    MAX_CONCURRENT_JOBS: int
+    ENABLE_AUTHORIZATION: bool
+    SYNC_REQUEST_TIMEOUT_SECONDS: float
+    DEFAULT_SYNC_MODE: bool
+    RUST_LOG: str
+    HF_TOKEN: str | None
+    WHISPER_HF_TOKEN_FILE: str
+    WHISPER_DB_PATH: str
+    WHISPER_DEFAULT_MODEL: str
+    WHISPER_DEFAULT_LANGUAGE: str
+    WHISPER_DEFAULT_DIARIZE: bool
+    WHISPER_CPU_COMPUTE_TYPE: str
+    WHISPER_CUDA_COMPUTE_TYPE: str
+    WHISPER_OFFLINE: str
+    WHISPER_KILL_GRACE_SECONDS: float
+    WHISPER_JOB_TIMEOUT_SECONDS: float
+    WHISPER_MAX_ATTEMPTS: int
+    WHISPER_MAX_PROMPT_CHARS: int
+    WHISPER_SHUTDOWN_GRACE_SECONDS: float
+    conf_path: str | None = None
+
+    @property
+    def max_running(self) -> int:
+        """How many jobs may run at once, across every worker process."""
+        return self.MAX_CONCURRENT_JOBS if self.ENABLE_CONCURRENCY else 1
+
+    @property
+    def worker_processes(self) -> int:
+        cores = os.cpu_count() or 1
+        wanted = self.HTTP_WORKER_NUMBER or cores
+        return min(wanted, cores)
+
+    @property
+    def db_path(self) -> str:
+        if self.WHISPER_DB_PATH:
+            return self.WHISPER_DB_PATH
+        return str(Path(self.WHISPER_TMP_FILES).resolve().parent / "whisperd.db")
+
+    def __repr__(self) -> str:  # the HF token must never reach a log through repr()
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if shown.get("HF_TOKEN"):
+            shown["HF_TOKEN"] = "<set>"
+        return f"Config({shown})"
+
+
+def _read_conf(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    return data
+
+
+def load(environ: Mapping[str, str] | None = None, conf_path: str | None = None) -> Config:
+    """Build the Config: environment first, then the TOML file, then the defaults."""
+    environ = os.environ if environ is None else environ
+    explicit = conf_path or environ.get("WHISPER_API_CONF")
+    path = Path(explicit) if explicit else REPO_DIR / "whisper_api.conf"
+    file_values: dict[str, Any] = {}
+    if path.is_file() or explicit:
+        file_values = _read_conf(path)
+    values: dict[str, Any] = {}
+    for name, (default, convert) in SETTINGS.items():
+        if name in environ:
+            raw, origin = environ[name], "environment"
+        elif name in file_values:
+            raw, origin = file_values[name], str(path)
+        else:
+            values[name] = default
+            continue
+        try:
+            values[name] = convert(raw)
+        except ValueError as exc:
+            shown = "<hidden>" if name == "HF_TOKEN" else repr(raw)
+            raise ConfigError(f"{name}={shown} (from {origin}): {exc}") from None
+    return Config(**values, conf_path=str(path) if path.is_file() else None)

@@ -1,0 +1,81 @@
+"""The form fields of POST /transcription, checked and completed with the configured defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import DEVICES, OUTPUT_FORMATS, Config, parse_bool
+from .languages import AUTO, WHISPER_LANGUAGES
+from .models import installed_models, is_valid_name, local_model_dir
+from .uploads import UploadError
+
+FIELDS = (
+    "file", "language", "model", "diarize", "prompt", "hf_token", "response_format",
+    "device", "device_index", "sync",
+)
+
+
+@dataclass
+class JobRequest:
+    language: str
+    model: str
+    diarize: bool
+    prompt: str
+    hf_token: str | None
+    response_format: str
+    device: str
+    device_index: str
+    sync: bool
+
+
+def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
+    if name not in fields or fields[name].strip() == "":
+        return default
+    try:
+        return parse_bool(fields[name])
+    except ValueError:
+        raise UploadError(400, f"'{name}' must be true or false (also 1/0, yes/no), got {fields[name][:40]!r}") from None
+
+
+def _closed(fields: dict[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = fields.get(name, "").strip().lower() or default
+    if value not in allowed:
+        raise UploadError(400, f"'{name}' must be one of {', '.join(allowed)}, got {value[:40]!r}")
+    return value
+
+
+def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> JobRequest:
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise UploadError(400, f"unknown form field '{unknown[0]}'; the fields are: {', '.join(FIELDS)}")
+
+    language = fields.get("language", "").strip().lower() or config.WHISPER_DEFAULT_LANGUAGE
+    if language != AUTO and language not in WHISPER_LANGUAGES:
+        raise UploadError(400, f"'language' must be a Whisper language code such as en, fr, de (or 'auto'), got {language[:40]!r}")
+
+    model = fields.get("model", "").strip() or config.WHISPER_DEFAULT_MODEL
+    if not is_valid_name(model):
+        raise UploadError(400, "'model' may contain only letters, digits, '.', '-' and '_' (no '..')")
+    if offline and local_model_dir(config.WHISPER_MODELS_DIR, model) is None:
+        have = ", ".join(installed_models(config.WHISPER_MODELS_DIR)) or "none"
+        raise UploadError(400, f"model '{model}' is not installed and this server cannot download models; installed: {have}")
+
+    prompt = fields.get("prompt", "")
+    if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
+        raise UploadError(400, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters")
+
+    device_index = fields.get("device_index", "").strip() or config.WHISPER_DEVICE_INDEX
+    if not device_index.isdigit() or len(device_index) > 3:
+        raise UploadError(400, f"'device_index' must be a whole number >= 0, got {device_index[:40]!r}")
+
+    return JobRequest(
+        language=language,
+        model=model,
+        diarize=_bool(fields, "diarize", config.WHISPER_DEFAULT_DIARIZE),
+        prompt=prompt,
+        hf_token=fields.get("hf_token", "").strip() or None,
+        response_format=_closed(fields, "response_format", config.WHISPER_OUTPUT_FORMAT, OUTPUT_FORMATS),
+        device=_closed(fields, "device", config.WHISPER_DEVICE, DEVICES),
+        device_index=str(int(device_index)),
+        sync=_bool(fields, "sync", config.DEFAULT_SYNC_MODE),
+    )

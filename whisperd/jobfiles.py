@@ -1,0 +1,124 @@
+"""Where a job's files live on disk, and their removal: one directory per job, nothing shared."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("whisperd.files")
+
+STAGING = ".incoming"  # uploads in flight; a directory under it never has a job row
+TOKEN_FILE = ".hf_token"
+_SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,10}$")
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+def is_job_id(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+def safe_suffix(client_name: str | None) -> str:
+    """Only a short alphanumeric extension of the client's name survives (ffmpeg likes a hint)."""
+    if not client_name:
+        return ""
+    suffix = Path(client_name.replace("\\", "/").split("/")[-1]).suffix.lower()
+    return suffix if _SAFE_SUFFIX.match(suffix) else ""
+
+
+def display_name(client_name: str | None) -> str:
+    """The client's file name, for people to read: no directories, no control characters, short."""
+    if not client_name:
+        return "upload"
+    base = client_name.replace("\\", "/").split("/")[-1]
+    cleaned = "".join(ch if ch.isprintable() else "_" for ch in base).strip() or "upload"
+    return cleaned[:200]
+
+
+class JobFiles:
+    """The upload directory and the engine output directory of every job."""
+
+    def __init__(self, tmp_root: str, output_root: str) -> None:
+        self.tmp_root = Path(tmp_root).resolve()
+        self.output_root = Path(output_root).resolve()
+
+    def ensure_roots(self) -> None:
+        for root in (self.tmp_root, self.output_root, self.tmp_root / STAGING):
+            root.mkdir(parents=True, exist_ok=True)
+            os.chmod(root, 0o700)
+
+    def staging_dir(self, job_id: str) -> Path:
+        return self.tmp_root / STAGING / job_id
+
+    def upload_dir(self, job_id: str) -> Path:
+        return self.tmp_root / job_id
+
+    def output_dir(self, job_id: str) -> Path:
+        return self.output_root / job_id
+
+    def audio_path(self, job_id: str) -> Path | None:
+        directory = self.upload_dir(job_id)
+        for candidate in sorted(directory.glob("audio*")) if directory.is_dir() else []:
+            return candidate
+        return None
+
+    def token_path(self, job_id: str) -> Path:
+        return self.upload_dir(job_id) / TOKEN_FILE
+
+    def read_token(self, job_id: str) -> str | None:
+        try:
+            return self.token_path(job_id).read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def commit_upload(self, job_id: str, hf_token: str | None) -> None:
+        """Move a complete upload from staging to its job directory (atomic rename)."""
+        staged = self.staging_dir(job_id)
+        if hf_token:
+            path = staged / TOKEN_FILE
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(hf_token)
+        os.rename(staged, self.upload_dir(job_id))
+
+    def remove_output(self, job_id: str) -> None:
+        _remove_tree(self.output_dir(job_id))
+
+    def remove_all(self, job_id: str) -> None:
+        """Every file of the job: upload, token, engine output, staging, and their directories."""
+        for path in (self.upload_dir(job_id), self.output_dir(job_id), self.staging_dir(job_id)):
+            _remove_tree(path)
+
+    def sweep(self, live_jobs: set[str]) -> list[str]:
+        """Remove whatever belongs to no live job (run at start, before serving)."""
+        removed = []
+        _remove_tree(self.tmp_root / STAGING)
+        (self.tmp_root / STAGING).mkdir(parents=True, exist_ok=True)
+        for root in (self.tmp_root, self.output_root):
+            for entry in root.iterdir():
+                if entry.name == STAGING or entry.name in live_jobs:
+                    continue
+                _remove_tree(entry)
+                removed.append(str(entry))
+        return removed
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # keep going: one stuck file must not stop the cleanup of others
+        log.error("could not remove %s: %s", path, exc)

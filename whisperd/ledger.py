@@ -1,0 +1,526 @@
+"""The job ledger: every job and every change of its state, in one SQLite file (WAL).
+
+The rest of the code never writes SQL: it calls this narrow interface, so a different
+backend (PostgreSQL with SKIP LOCKED claims) can stand behind it later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import aiosqlite
+
+from .config import REPO_DIR
+
+MIGRATIONS_DIR = REPO_DIR / "migrations"
+ACTIVE = ("Queued", "Processing")
+TERMINAL = ("Completed", "Failed", "Canceled")
+BUSY_TIMEOUT_MS = 10_000
+
+
+def now_iso() -> str:
+    """UTC, millisecond precision, sortable as text."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass
+class Job:
+    seq: int
+    id: str
+    owner: str
+    status: str
+    created_at: str
+    filename: str
+    upload_bytes: int
+    language: str
+    model: str
+    response_format: str
+    diarize: bool
+    prompt: str
+    device: str
+    device_index: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    delivered_at: str | None = None
+    expired_at: str | None = None
+    attempts: int = 0
+    worker: str | None = None
+    engine_pid: int | None = None
+    cancel_requested: bool = False
+    progress: float | None = None
+    stage: str | None = None
+    detected_language: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "Job":
+        data = dict(row)
+        data["diarize"] = bool(data["diarize"])
+        data["cancel_requested"] = bool(data["cancel_requested"])
+        data["warnings"] = json.loads(data["warnings"] or "[]")
+        return cls(**data)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def files_gone(self) -> bool:
+        return bool(self.delivered_at or self.expired_at)
+
+
+@dataclass
+class NewJob:
+    """What a submission asks for; the ledger adds status, times and order."""
+
+    id: str
+    owner: str
+    filename: str
+    upload_bytes: int
+    language: str
+    model: str
+    response_format: str
+    diarize: bool
+    prompt: str
+    device: str
+    device_index: str
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- schema -------------------------------------------------------------------------------
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        found.append((int(path.name[:4]), path.stem, path.read_text(encoding="utf-8")))
+    return found
+
+
+def _connect_sync(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.row_factory = sqlite3.Row
+    for pragma in _PRAGMAS:
+        conn.execute(pragma)
+    return conn
+
+
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA foreign_keys=ON",
+)
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the numbered migrations not yet recorded; returns the names applied."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    applied = []
+    for version, name, sql in _migrations():
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, now_iso()),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied
+
+
+def _split_sql(script: str) -> Iterable[str]:
+    # executescript() would commit on its own; statements run one by one inside our BEGIN.
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            yield buffer.strip()
+            buffer = ""
+
+
+@dataclass
+class Recovery:
+    """What start-up found in the ledger after the previous run."""
+
+    requeued: list[str] = field(default_factory=list)
+    poisoned: list[str] = field(default_factory=list)
+    live_jobs: set[str] = field(default_factory=set)
+    engine_pids: dict[str, int] = field(default_factory=dict)
+
+
+def prepare(path: str, max_attempts: int, actor: str) -> Recovery:
+    """Create or migrate the ledger and take back jobs a dead process left Processing.
+
+    Runs synchronously, before any IOLoop, thread or fork exists, in the parent process only.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect_sync(path)
+    try:
+        migrate(conn)
+        report = _take_back(conn, "1=1", (), max_attempts, actor, "server restarted while processing")
+        report.live_jobs = {
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM jobs WHERE delivered_at IS NULL AND expired_at IS NULL"
+                " AND status IN ('Queued', 'Processing', 'Completed')"
+            )
+        }
+        return report
+    finally:
+        conn.close()
+
+
+def release_worker(path: str, worker: str, max_attempts: int, actor: str) -> Recovery:
+    """A worker process died: its Processing jobs go back to the queue (or fail as poison)."""
+    conn = _connect_sync(path)
+    try:
+        return _take_back(conn, "worker=?", (worker,), max_attempts, actor, f"worker {worker} died while processing")
+    finally:
+        conn.close()
+
+
+def _take_back(conn: sqlite3.Connection, where: str, params: tuple, max_attempts: int, actor: str,
+               why: str) -> Recovery:
+    report = Recovery()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        stamp = now_iso()
+        rows = conn.execute(
+            f"SELECT id, attempts, engine_pid FROM jobs WHERE status='Processing' AND {where} ORDER BY seq",
+            params,
+        ).fetchall()
+        for row in rows:
+            if row["engine_pid"]:
+                report.engine_pids[row["id"]] = row["engine_pid"]
+            if row["attempts"] >= max_attempts:
+                reason = (
+                    f"gave up after {row['attempts']} attempts: the server or the engine "
+                    "stopped while running this job each time"
+                )
+                conn.execute(
+                    "UPDATE jobs SET status='Failed', finished_at=?, error=?, worker=NULL,"
+                    " engine_pid=NULL, progress=NULL, stage=NULL WHERE id=?",
+                    (stamp, reason, row["id"]),
+                )
+                _event(conn, row["id"], stamp, "failed", actor, reason)
+                report.poisoned.append(row["id"])
+            else:
+                conn.execute(
+                    "UPDATE jobs SET status='Queued', started_at=NULL, worker=NULL,"
+                    " engine_pid=NULL, progress=NULL, stage=NULL, cancel_requested=0"
+                    " WHERE id=?",
+                    (row["id"],),
+                )
+                _event(conn, row["id"], stamp, "requeued", actor, why)
+                report.requeued.append(row["id"])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return report
+
+
+def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: str | None, detail: str | None) -> None:
+    conn.execute(
+        "INSERT INTO job_events (job_id, at, event, actor, detail) VALUES (?, ?, ?, ?, ?)",
+        (job_id, at, event, actor, detail),
+    )
+
+
+# --- the asynchronous interface ---------------------------------------------------------
+
+
+class Ledger:
+    """One writer connection (serialised by a lock) and one reader connection per process."""
+
+    def __init__(self, path: str, actor: str) -> None:
+        self.path = path
+        self.actor = actor  # host:pid, recorded on the events this process writes
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        self._writer = await self._connect()
+        self._reader = await self._connect()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.row_factory = sqlite3.Row
+        for pragma in _PRAGMAS:
+            await conn.execute(pragma)
+        return conn
+
+    async def close(self) -> None:
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                await conn.close()
+        self._writer = self._reader = None
+
+    # -- helpers
+
+    async def _write(self, work) -> Any:
+        """Run `work(conn, now)` inside BEGIN IMMEDIATE ... COMMIT, one writer at a time."""
+        assert self._writer is not None, "ledger is not open"
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                result = await work(self._writer, now_iso())
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+            return result
+
+    async def _add_event(self, conn, job_id, at, event, detail=None, actor=None) -> None:
+        await conn.execute(
+            "INSERT INTO job_events (job_id, at, event, actor, detail) VALUES (?, ?, ?, ?, ?)",
+            (job_id, at, event, actor or self.actor, detail),
+        )
+
+    async def _fetch_one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
+        assert self._reader is not None, "ledger is not open"
+        async with self._reader.execute(sql, params) as cursor:
+            return await cursor.fetchone()
+
+    async def _fetch_all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        assert self._reader is not None, "ledger is not open"
+        async with self._reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    # -- the interface
+
+    async def submit(self, job: NewJob, detail: str | None = None) -> None:
+        async def work(conn, now):
+            await conn.execute(
+                "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
+                " model, response_format, diarize, prompt, device, device_index, warnings)"
+                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id, job.owner, now, job.filename, job.upload_bytes, job.language,
+                    job.model, job.response_format, int(job.diarize), job.prompt, job.device,
+                    job.device_index, json.dumps(job.warnings),
+                ),
+            )
+            await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)
+
+        await self._write(work)
+
+    async def claim(self, max_running: int) -> Job | None:
+        """Atomically move the oldest Queued job to Processing, if fewer than max_running run."""
+
+        async def work(conn, now):
+            async with conn.execute(
+                "UPDATE jobs SET status='Processing', started_at=?, attempts=attempts+1,"
+                " worker=?, progress=0, stage='starting'"
+                " WHERE seq=(SELECT seq FROM jobs WHERE status='Queued' ORDER BY seq LIMIT 1)"
+                " AND (SELECT count(*) FROM jobs WHERE status='Processing') < ?"
+                " RETURNING *",
+                (now, self.actor, max_running),
+            ) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return None
+            job = Job.from_row(row)
+            await self._add_event(conn, job.id, now, "started", f"attempt {job.attempts}")
+            return job
+
+        return await self._write(work)
+
+    async def set_engine_pid(self, job_id: str, pid: int | None) -> None:
+        async def work(conn, now):
+            await conn.execute("UPDATE jobs SET engine_pid=? WHERE id=?", (pid, job_id))
+
+        await self._write(work)
+
+    async def set_progress(self, job_id: str, progress: float | None, stage: str | None) -> None:
+        async def work(conn, now):
+            await conn.execute(
+                "UPDATE jobs SET progress=?, stage=? WHERE id=? AND status='Processing'",
+                (progress, stage, job_id),
+            )
+
+        await self._write(work)
+
+    async def add_warning(self, job_id: str, warning: str) -> None:
+        async def work(conn, now):
+            await conn.execute(
+                "UPDATE jobs SET warnings=json_insert(warnings, '$[#]', ?) WHERE id=?",
+                (warning, job_id),
+            )
+            await self._add_event(conn, job_id, now, "warning", warning)
+
+        await self._write(work)
+
+    async def complete(self, job_id: str, detected_language: str | None) -> bool:
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "UPDATE jobs SET status='Completed', finished_at=?, detected_language=?,"
+                " progress=100, stage='done', engine_pid=NULL WHERE id=? AND status='Processing'",
+                (now, detected_language, job_id),
+            )
+            if cursor.rowcount:
+                await self._add_event(conn, job_id, now, "completed", f"language {detected_language}")
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def fail(self, job_id: str, reason: str) -> bool:
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "UPDATE jobs SET status='Failed', finished_at=?, error=?, engine_pid=NULL,"
+                " stage=NULL WHERE id=? AND status IN ('Queued', 'Processing')",
+                (now, reason, job_id),
+            )
+            if cursor.rowcount:
+                await self._add_event(conn, job_id, now, "failed", reason)
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def requeue(self, job_id: str, reason: str) -> bool:
+        """Put a Processing job back at its original place in the queue."""
+
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "UPDATE jobs SET status='Queued', started_at=NULL, worker=NULL, engine_pid=NULL,"
+                " progress=NULL, stage=NULL WHERE id=? AND status='Processing'",
+                (job_id,),
+            )
+            if cursor.rowcount:
+                await self._add_event(conn, job_id, now, "requeued", reason)
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]:
+        """Cancel a Queued job at once; flag a Processing one for its runner to stop.
+
+        Returns ("canceled" | "requested" | "finished" | "missing", job-as-it-was).
+        """
+
+        async def work(conn, now):
+            async with conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                return "missing", None
+            job = Job.from_row(row)
+            if job.status == "Queued":
+                await conn.execute(
+                    "UPDATE jobs SET status='Canceled', finished_at=?, error='canceled by the client'"
+                    " WHERE id=?",
+                    (now, job_id),
+                )
+                await self._add_event(conn, job_id, now, "canceled", "while queued", actor=actor)
+                return "canceled", job
+            if job.status == "Processing":
+                if not job.cancel_requested:
+                    await conn.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job_id,))
+                    await self._add_event(conn, job_id, now, "cancel-requested", "while processing", actor=actor)
+                return "requested", job
+            return "finished", job
+
+        return await self._write(work)
+
+    async def mark_canceled(self, job_id: str, detail: str) -> bool:
+        """The runner stopped a Processing job whose cancel was requested."""
+
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "UPDATE jobs SET status='Canceled', finished_at=?, error='canceled by the client',"
+                " engine_pid=NULL, stage=NULL WHERE id=? AND status='Processing'",
+                (now, job_id),
+            )
+            if cursor.rowcount:
+                await self._add_event(conn, job_id, now, "canceled", detail)
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def mark_delivered(self, job_id: str, actor: str) -> bool:
+        """Record that the result went out; only the first caller wins (no double delivery)."""
+
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "UPDATE jobs SET delivered_at=? WHERE id=? AND status='Completed'"
+                " AND delivered_at IS NULL AND expired_at IS NULL",
+                (now, job_id),
+            )
+            if cursor.rowcount:
+                await self._add_event(conn, job_id, now, "delivered", "files deleted", actor=actor)
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def expire(self, cutoff_iso: str, limit: int = 500) -> list[str]:
+        """Mark finished jobs older than the cutoff as expired; returns their ids."""
+
+        async def work(conn, now):
+            async with conn.execute(
+                "UPDATE jobs SET expired_at=? WHERE seq IN (SELECT seq FROM jobs"
+                " WHERE expired_at IS NULL AND finished_at IS NOT NULL AND finished_at < ?"
+                " LIMIT ?) RETURNING id",
+                (now, cutoff_iso, limit),
+            ) as cursor:
+                ids = [row[0] for row in await cursor.fetchall()]
+            for job_id in ids:
+                await self._add_event(conn, job_id, now, "expired", "retention period over, files deleted")
+            return ids
+
+        return await self._write(work)
+
+    async def get(self, job_id: str) -> Job | None:
+        row = await self._fetch_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return Job.from_row(row) if row else None
+
+    async def queue_position(self, job: Job) -> int:
+        """1-based place among Queued jobs."""
+        row = await self._fetch_one(
+            "SELECT count(*) FROM jobs WHERE status='Queued' AND seq <= ?", (job.seq,)
+        )
+        return int(row[0]) if row else 0
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._fetch_all(
+            "SELECT status, count(*) FROM jobs WHERE status IN ('Queued', 'Processing') GROUP BY status"
+        )
+        found = {row[0]: row[1] for row in rows}
+        return {"Queued": found.get("Queued", 0), "Processing": found.get("Processing", 0)}
+
+    async def cancel_requests(self) -> list[str]:
+        rows = await self._fetch_all(
+            "SELECT id FROM jobs WHERE status='Processing' AND cancel_requested=1 AND worker=?",
+            (self.actor,),
+        )
+        return [row[0] for row in rows]
+
+    async def events(self, job_id: str) -> list[dict[str, Any]]:
+        rows = await self._fetch_all(
+            "SELECT at, event, actor, detail FROM job_events WHERE job_id=? ORDER BY id", (job_id,)
+        )
+        return [dict(row) for row in rows]
+
+    async def add_event(self, job_id: str, event: str, detail: str | None = None) -> None:
+        async def work(conn, now):
+            await self._add_event(conn, job_id, now, event, detail)
+
+        await self._write(work)

@@ -1,0 +1,149 @@
+"""Start-up and shutdown: check the configuration, recover the ledger, serve, stop gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import sys
+from pathlib import Path
+
+from tornado.netutil import bind_sockets
+from tornado.process import Subprocess
+
+from . import capabilities, config as config_module, ledger as ledger_module
+from .app import make_app, make_server
+from .config import Config
+from .engine import kill_orphan_group
+from .jobfiles import JobFiles
+from .service import Service
+from .supervisor import run_workers
+
+log = logging.getLogger("whisperd")
+LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
+              "debug": logging.DEBUG, "trace": logging.DEBUG}
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is the one line the operator sees."""
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=LOG_LEVELS[level],
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    # Tornado's own access log would print full URIs; ours (app.log_request) prints paths only.
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+
+
+def check_environment(config: Config) -> None:
+    """Warn about what will hurt later; raise StartupError for what cannot work at all."""
+    files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+    try:
+        files.ensure_roots()
+        for root in (files.tmp_root, files.output_root):
+            probe = root / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"WHISPER_TMP_FILES/WHISPER_OUTPUT_DIR not writable: {exc}") from None
+    command = Path(config.WHISPER_CMD)
+    if not command.is_file() or not os.access(command, os.X_OK):
+        log.error("WHISPER_CMD=%s is missing or not executable: every job will fail until it is fixed",
+                  config.WHISPER_CMD)
+    token_file = Path(config.WHISPER_HF_TOKEN_FILE)
+    try:
+        mode = token_file.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("WHISPER_HF_TOKEN_FILE %s is readable by group or others: run chmod 600 %s",
+                        token_file, token_file)
+    except OSError:
+        pass  # no token file: diarization falls back with a warning per job
+
+
+def recover(config: Config) -> None:
+    """Bring the ledger and the disk back to a consistent state after whatever happened last."""
+    actor = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        report = ledger_module.prepare(config.db_path, config.WHISPER_MAX_ATTEMPTS, actor)
+    except (sqlite3.Error, OSError) as exc:
+        raise StartupError(f"cannot open the ledger WHISPER_DB_PATH={config.db_path}: {exc}") from None
+    for job_id, pid in report.engine_pids.items():
+        if kill_orphan_group(pid, job_id):
+            log.warning("stopped engine pid %d left running by the previous server (job %s)", pid, job_id)
+    if report.requeued:
+        log.warning("requeued %d job(s) left Processing by the previous run", len(report.requeued))
+    if report.poisoned:
+        log.error("failed %d job(s) that crashed %d times", len(report.poisoned), config.WHISPER_MAX_ATTEMPTS)
+    files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+    removed = files.sweep(report.live_jobs)
+    if removed:
+        log.info("removed %d file(s) or directories that belonged to no job", len(removed))
+
+
+async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> int:
+    service = Service(config, offline)
+    await service.start()
+    Subprocess.initialize()
+    server = make_server(make_app(service), service)
+    server.add_sockets(sockets)
+    log.info("whisperd listening on http://%s:%s (engine %s, %s)", config.WHISPER_API_HOST,
+             sockets[0].getsockname()[1], config.WHISPER_CMD, "offline" if offline else "online")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: no new jobs; running jobs get %.0f s to finish", config.WHISPER_SHUTDOWN_GRACE_SECONDS)
+    service.draining = True
+    await service.stop(config.WHISPER_SHUTDOWN_GRACE_SECONDS)
+    await asyncio.sleep(0.2)  # let sync waiters' last answers go out
+    server.stop()
+    await server.close_all_connections()
+    Subprocess.uninitialize()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = config_module.load()
+    except config_module.ConfigError as exc:
+        print(f"whisperd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.RUST_LOG)
+    try:
+        check_environment(config)
+        recover(config)
+        try:
+            sockets = bind_sockets(config.WHISPER_API_PORT, config.WHISPER_API_HOST)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.WHISPER_API_HOST}:{config.WHISPER_API_PORT}: {exc.strerror}") from None
+    except StartupError as exc:
+        print(f"whisperd: {exc}", file=sys.stderr)
+        return 1
+    offline = capabilities.decide_offline(config.WHISPER_OFFLINE)
+    workers = config.worker_processes
+
+    def child(_index: int) -> int:
+        return asyncio.run(serve(config, sockets, offline))
+
+    if workers == 1:
+        return child(0)
+
+    host = socket.gethostname()
+
+    def died(pid: int) -> None:
+        report = ledger_module.release_worker(config.db_path, f"{host}:{pid}", config.WHISPER_MAX_ATTEMPTS,
+                                              f"{host}:{os.getpid()}")
+        for job_id, engine_pid in report.engine_pids.items():
+            kill_orphan_group(engine_pid, job_id)
+
+    log.info("starting %d worker processes", workers)
+    return run_workers(workers, child, died)

@@ -1,0 +1,183 @@
+"""The service one worker process runs: ledger, files, scheduler, waiters and retention, wired."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tornado.ioloop import PeriodicCallback
+
+from .auth import Authenticator
+from .config import Config
+from .jobfiles import JobFiles
+from .ledger import Job, Ledger, NewJob
+from .results import EngineOutputError, build_response, load_engine_result
+from .retention import expire_old_jobs
+from .runner import JobRunner
+from .scheduler import Scheduler
+
+log = logging.getLogger("whisperd.service")
+WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
+
+
+class JobError(Exception):
+    """A request about a job that cannot be served as asked: HTTP status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class DeliveredResult:
+    job: Job
+    body: dict[str, Any]
+
+
+class Service:
+    def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None) -> None:
+        self.config = config
+        self.offline = offline
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.ledger = Ledger(config.db_path, self.actor)
+        self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+        self.auth = authenticator or Authenticator(config.ENABLE_AUTHORIZATION)
+        threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
+        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads)
+        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
+        self.draining = False
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._retention: PeriodicCallback | None = None
+
+    async def start(self) -> None:
+        await self.ledger.open()
+        self.scheduler.start()
+        interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
+        self._retention = PeriodicCallback(self.run_retention, interval_ms)
+        self._retention.start()
+        asyncio.ensure_future(self.run_retention())
+
+    async def stop(self, grace_seconds: float = 0.0) -> None:
+        self.draining = True
+        if self._retention is not None:
+            self._retention.stop()
+        await self.scheduler.shutdown(grace_seconds)
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+        await self.ledger.close()
+
+    async def run_retention(self) -> None:
+        try:
+            await expire_old_jobs(self.ledger, self.files, self.config.WHISPER_JOB_RETENTION_HOURS)
+        except Exception:  # retried at the next interval; the failure is logged
+            log.exception("retention pass failed")
+
+    # -- submission
+
+    def resolve_hf_token(self, from_form: str | None) -> str | None:
+        """The form's token, else HF_TOKEN, else the token file (spec order)."""
+        if from_form:
+            return from_form
+        if self.config.HF_TOKEN:
+            return self.config.HF_TOKEN
+        try:
+            return Path(self.config.WHISPER_HF_TOKEN_FILE).read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    async def submit(self, new_job: NewJob, hf_token: str | None) -> Job:
+        """Move the staged upload into place and commit the row; only then is the job accepted."""
+        self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
+        try:
+            await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes")
+        except BaseException:
+            self.files.remove_all(new_job.id)
+            raise
+        self.scheduler.wake()
+        job = await self.ledger.get(new_job.id)
+        assert job is not None
+        return job
+
+    # -- waiting
+
+    def notify(self, job_id: str) -> None:
+        for event in self._waiters.get(job_id, ()):
+            event.set()
+
+    async def wait_finished(self, job_id: str, timeout: float | None) -> Job | None:
+        """Wait for the job to end; returns it as it stands when it ended or the wait ran out."""
+        loop = asyncio.get_running_loop()
+        deadline = None if not timeout else loop.time() + timeout
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            while True:
+                job = await self.ledger.get(job_id)
+                if job is None or job.finished or self.draining:
+                    return job
+                remaining = WAIT_POLL_SECONDS if deadline is None else min(WAIT_POLL_SECONDS, deadline - loop.time())
+                if remaining <= 0:
+                    return job
+                try:
+                    await asyncio.wait_for(event.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+                event.clear()
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
+
+    # -- reading
+
+    async def queue_position(self, job: Job) -> int:
+        position = await self.ledger.queue_position(job)
+        if self.config.ENABLE_CONCURRENCY:
+            return math.ceil(position / self.config.MAX_CONCURRENT_JOBS)
+        return position
+
+    async def result_of(self, job: Job, response_format: str) -> dict[str, Any]:
+        """The result body of a Completed job whose files are still here, or JobError."""
+        if job.status in ("Queued", "Processing"):
+            raise JobError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
+        if job.status == "Failed":
+            raise JobError(422, f"transcription failed: {job.error}")
+        if job.status == "Canceled":
+            raise JobError(410, f"job {job.id} was canceled; there is no result")
+        if job.delivered_at:
+            raise JobError(410, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
+        if job.expired_at:
+            raise JobError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
+        try:
+            result = load_engine_result(self.files.output_dir(job.id))
+        except EngineOutputError:
+            raise JobError(410, f"the result files of job {job.id} are gone") from None
+        return build_response(result, response_format, job.warnings)
+
+    async def mark_delivered(self, job: Job, actor: str) -> None:
+        """After the result went out: record it and delete every file of the job."""
+        await self.ledger.mark_delivered(job.id, actor)
+        self.files.remove_all(job.id)
+
+    async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]:
+        outcome, job = await self.ledger.cancel(job_id, actor)
+        if outcome == "canceled":
+            self.files.remove_all(job_id)
+            self.notify(job_id)
+        elif outcome == "requested":
+            await self.scheduler.cancel_local(job_id)
+            ended = await self.wait_finished(job_id, self.config.WHISPER_KILL_GRACE_SECONDS + 10)
+            if ended is not None and ended.status != "Canceled":
+                return ("finished" if ended.finished else "pending"), ended
+            outcome = "canceled"
+        return outcome, job
