@@ -147,6 +147,9 @@ class EngineProcess:
             start_new_session=True,  # own process group: a stop reaches its grandchildren too
             close_fds=True,
         )
+        # One exit future for the process's life: Tornado keeps a single exit callback, so a
+        # second wait_for_exit() would silently steal the first one's notification.
+        self._exit = self.proc.wait_for_exit(raise_error=False)
         return self.proc.pid
 
     async def run(self, on_progress: ProgressCallback | None = None, timeout: float | None = None) -> EngineResult:
@@ -156,7 +159,7 @@ class EngineProcess:
             asyncio.ensure_future(self._read_lines(self.proc.stdout, self._on_stdout(on_progress))),
             asyncio.ensure_future(self._read_lines(self.proc.stderr, self._stderr.append)),
         ]
-        exit_future = self.proc.wait_for_exit(raise_error=False)
+        exit_future = self._exit
         try:
             if timeout:
                 await asyncio.wait_for(asyncio.shield(exit_future), timeout)
@@ -203,9 +206,8 @@ class EngineProcess:
             return
         self.killed_because = self.killed_because or because
         self._signal_group(signal.SIGTERM)
-        exit_future = self.proc.wait_for_exit(raise_error=False)
         try:
-            await asyncio.wait_for(asyncio.shield(exit_future), self.grace_seconds)
+            await asyncio.wait_for(asyncio.shield(self._exit), self.grace_seconds)
         except asyncio.TimeoutError:
             log.warning("engine pid %s ignored SIGTERM for %.1f s: killing its group", self.pid, self.grace_seconds)
             self._signal_group(signal.SIGKILL)

@@ -40,6 +40,7 @@ def setup_logging(level: str) -> None:
     )
     # Tornado's own access log would print full URIs; ours (app.log_request) prints paths only.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)  # one debug line per SQL call drowns the rest
 
 
 def check_environment(config: Config) -> None:
