@@ -62,6 +62,7 @@ class Server:
         if not conf.exists():
             conf.write_text("# test configuration: everything comes from the environment\n")
         self.engine_log = root / "engine-runs.jsonl"
+        self.default_audio = make_wav(root / "tone.wav")
         base = {k: v for k, v in os.environ.items() if not k.startswith(("WHISPER", "HF_", "FAKE_WHISPERX"))}
         base.update({
             "WHISPER_API_CONF": str(conf),
@@ -146,7 +147,7 @@ class Server:
         return requests.request(method, self.url(path), headers=headers, **kwargs)
 
     def submit(self, audio: Path | None = None, token: str | None = TOKEN, **fields) -> requests.Response:
-        audio = audio or make_wav(self.root / "tone.wav")
+        audio = audio or self.default_audio
         files = {"file": (audio.name, audio.read_bytes(), "application/octet-stream")}
         data = {k: str(v) for k, v in fields.items()}
         return self.api("POST", "/transcription", token=token, files=files, data=data)

@@ -87,6 +87,11 @@ def _device_index(value: Any) -> str:
     return str(_int(0)(value))
 
 
+# Relative paths in the file are taken from the file's own directory, so the shipped
+# configuration works from any working directory.
+PATH_SETTINGS = ("WHISPER_CMD", "WHISPER_MODELS_DIR", "WHISPER_OUTPUT_DIR", "WHISPER_TMP_FILES",
+                 "WHISPER_HF_TOKEN_FILE", "WHISPER_DB_PATH")
+
 # name -> (default, converter). Every variable of the spec's table is here, with its default.
 SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "WHISPER_CMD": ("/home/llm/whisper_api/whisperx.sh", _text),
@@ -221,6 +226,8 @@ def load(environ: Mapping[str, str] | None = None, conf_path: str | None = None)
             continue
         try:
             values[name] = convert(raw)
+            if name in PATH_SETTINGS and origin != "environment" and values[name]:
+                values[name] = str((path.parent / values[name]).resolve()) if not Path(values[name]).is_absolute() else values[name]
         except ValueError as exc:
             shown = "<hidden>" if name == "HF_TOKEN" else repr(raw)
             raise ConfigError(f"{name}={shown} (from {origin}): {exc}") from None

@@ -1,0 +1,380 @@
+#!/usr/bin/env python3
+"""Stands in for the WhisperX CLI in fast tests: real arguments and file names, made-up transcript.
+
+It parses the same options as WhisperX 3.8.6 (value-taking flags take a value, str2bool
+flags take the strings True/False, bad choices exit 2) and ignores options it does not
+know. It writes `<output_dir>/<audio stem>.<fmt>` for each audio file, rendered by
+whisperd.formats from a two-segment result whose first segment names the file's size:
+" Fake transcript of <N> bytes." / " Second segment.". Like the real engine it writes
+nothing at all when any audio file is missing, unreadable or empty, and then exits 1 with
+an ffmpeg-style line (followed by a blank line) ending stderr.
+
+Behaviour is picked by FAKE_WHISPERX_MODE (default "ok") or, for one job, by "fake:<mode>"
+anywhere in --initial_prompt:
+
+  ok          write the outputs, exit 0
+  slow        print "Progress: X%..." lines for FAKE_WHISPERX_SLOW_SECONDS (default 5), then ok
+  fail        traceback-like stderr ending "RuntimeError: fake engine failure", exit 1, no output
+  hang        ignore SIGTERM and sleep until killed
+  grandchild  start `sleep 300` in our process group, sleep FAKE_WHISPERX_SLOW_SECONDS, then
+              ok, leaving the sleep behind
+  crash       die of SIGSEGV
+  noout       exit 0 without writing anything
+  garbage     write an invalid <stem>.json (and the other formats), exit 0
+  failstage   fail like alignment or diarization does (exit 1, no output) when --diarize is
+              given or --no_align is absent; otherwise ok
+
+With FAKE_WHISPERX_LOG set, each run first appends one JSON line to that file: pid, pgid,
+sid, argv, t_start, mode, cwd, hf_token_sha256 (of $HF_TOKEN, null when unset; the token
+itself is never written) and grandchild_pid (null unless mode is grandchild).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The repository root, so that the fake renders with the server's own formats module.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from whisperd.formats import render  # noqa: E402
+
+MODES = ("ok", "slow", "fail", "hang", "grandchild", "crash", "noout", "garbage", "failstage")
+
+# The languages WhisperX accepts, as name=code; --language takes a code or a Title-cased name.
+_LANGUAGE_TABLE = """
+afrikaans=af albanian=sq amharic=am arabic=ar armenian=hy assamese=as azerbaijani=az
+bashkir=ba basque=eu belarusian=be bengali=bn bosnian=bs breton=br bulgarian=bg burmese=my
+cantonese=yue castilian=es catalan=ca chinese=zh croatian=hr czech=cs danish=da dutch=nl
+english=en estonian=et faroese=fo finnish=fi flemish=nl french=fr galician=gl georgian=ka
+german=de greek=el gujarati=gu haitian=ht haitian_creole=ht hausa=ha hawaiian=haw hebrew=he
+hindi=hi hungarian=hu icelandic=is indonesian=id italian=it japanese=ja javanese=jw
+kannada=kn kazakh=kk khmer=km korean=ko lao=lo latin=la latvian=lv letzeburgesch=lb
+lingala=ln lithuanian=lt luxembourgish=lb macedonian=mk malagasy=mg malay=ms malayalam=ml
+maltese=mt maori=mi marathi=mr moldavian=ro moldovan=ro mongolian=mn myanmar=my nepali=ne
+norwegian=no nynorsk=nn occitan=oc panjabi=pa pashto=ps persian=fa polish=pl portuguese=pt
+punjabi=pa pushto=ps romanian=ro russian=ru sanskrit=sa serbian=sr shona=sn sindhi=sd
+sinhala=si sinhalese=si slovak=sk slovenian=sl somali=so spanish=es sundanese=su swahili=sw
+swedish=sv tagalog=tl tajik=tg tamil=ta tatar=tt telugu=te thai=th tibetan=bo turkish=tr
+turkmen=tk ukrainian=uk urdu=ur uzbek=uz valencian=ca vietnamese=vi welsh=cy yiddish=yi
+yoruba=yo
+"""
+NAME_TO_CODE = dict(
+    (name.replace("_", " "), code)
+    for name, code in (pair.split("=") for pair in _LANGUAGE_TABLE.split())
+)
+LANGUAGE_CHOICES = sorted(set(NAME_TO_CODE.values())) + sorted(n.title() for n in NAME_TO_CODE)
+
+# `--output_format all` writes these, in this order; aud only when asked for by name.
+ALL_FORMATS = ("txt", "vtt", "srt", "tsv", "json")
+
+
+def str2bool(text):
+    """Accept exactly "True" or "False", as WhisperX's own flag type does."""
+    if text in ("True", "False"):
+        return text == "True"
+    raise ValueError(f"Expected one of {{'True', 'False'}}, got {text}")
+
+
+def optional_int(text):
+    return None if text == "None" else int(text)
+
+
+def optional_float(text):
+    return None if text == "None" else float(text)
+
+
+def build_parser():
+    """The WhisperX 3.8.6 option set: which flags take values, their types and choices."""
+    p = argparse.ArgumentParser(prog="whisperx")
+    add = p.add_argument
+    add("audio", nargs="+")
+    add("--model", default="small")
+    add("--model_cache_only", type=str2bool, default=False)
+    add("--model_dir", default=None)
+    add("--device", default="cpu")
+    add("--device_index", type=int, default=0)
+    add("--batch_size", type=int, default=8)
+    add("--compute_type", default="default", choices=["default", "float16", "float32", "int8"])
+    add("--output_dir", "-o", default=".")
+    add("--output_format", "-f", default="all", choices=["all", "srt", "vtt", "txt", "tsv", "json", "aud"])
+    add("--verbose", type=str2bool, default=True)
+    add("--log-level", default=None, choices=["debug", "info", "warning", "error", "critical"])
+    add("--task", default="transcribe", choices=["transcribe", "translate"])
+    add("--language", default=None, choices=LANGUAGE_CHOICES)
+    add("--align_model", default=None)
+    add("--interpolate_method", default="nearest", choices=["nearest", "linear", "ignore"])
+    add("--no_align", action="store_true")
+    add("--return_char_alignments", action="store_true")
+    add("--vad_method", default="pyannote", choices=["pyannote", "silero"])
+    add("--vad_onset", type=float, default=0.5)
+    add("--vad_offset", type=float, default=0.363)
+    add("--chunk_size", type=int, default=30)
+    add("--diarize", action="store_true")
+    add("--min_speakers", type=int, default=None)
+    add("--max_speakers", type=int, default=None)
+    add("--diarize_model", default="pyannote/speaker-diarization-community-1")
+    add("--speaker_embeddings", action="store_true")
+    add("--temperature", type=float, default=0)
+    add("--best_of", type=optional_int, default=5)
+    add("--beam_size", type=optional_int, default=5)
+    add("--patience", type=float, default=1.0)
+    add("--length_penalty", type=float, default=1.0)
+    add("--suppress_tokens", default="-1")
+    add("--suppress_numerals", action="store_true")
+    add("--initial_prompt", default=None)
+    add("--hotwords", default=None)
+    add("--condition_on_previous_text", type=str2bool, default=False)
+    add("--fp16", type=str2bool, default=True)
+    add("--temperature_increment_on_fallback", type=optional_float, default=0.2)
+    add("--compression_ratio_threshold", type=optional_float, default=2.4)
+    add("--logprob_threshold", type=optional_float, default=-1.0)
+    add("--no_speech_threshold", type=optional_float, default=0.6)
+    add("--max_line_width", type=optional_int, default=None)
+    add("--max_line_count", type=optional_int, default=None)
+    add("--highlight_words", type=str2bool, default=False)
+    add("--segment_resolution", default="sentence", choices=["sentence", "chunk"])
+    add("--threads", type=optional_int, default=0)
+    add("--hf_token", default=None)
+    add("--print_progress", type=str2bool, default=False)
+    add("--version", "-V", action="version", version="whisperx 3.8.6 (fake)")
+    return p
+
+
+def pick_mode(initial_prompt):
+    found = re.search(r"fake:([a-z]+)", initial_prompt or "")
+    return found.group(1) if found else os.environ.get("FAKE_WHISPERX_MODE", "ok")
+
+
+def slow_seconds():
+    return float(os.environ.get("FAKE_WHISPERX_SLOW_SECONDS", "5"))
+
+
+def write_log(mode, grandchild_pid=None):
+    path = os.environ.get("FAKE_WHISPERX_LOG")
+    if not path:
+        return
+    token = os.environ.get("HF_TOKEN")
+    record = {
+        "pid": os.getpid(),
+        "pgid": os.getpgid(0),
+        "sid": os.getsid(0),
+        "argv": sys.argv,
+        "t_start": T_START,
+        "mode": mode,
+        "cwd": os.getcwd(),
+        "hf_token_sha256": hashlib.sha256(token.encode()).hexdigest() if token is not None else None,
+        "grandchild_pid": grandchild_pid,
+    }
+    # One write() on an O_APPEND descriptor keeps lines whole when runs overlap.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def info(args, message):
+    # WhisperX logs to stdout, not stderr.
+    if args.verbose:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{stamp} - whisperx.transcribe - INFO - {message}", flush=True)
+
+
+def progress(percent):
+    print(f"Progress: {percent:.2f}%...", flush=True)
+
+
+def traceback_exit(lines, blank_after=False):
+    """Print a Python-traceback-shaped report on stderr and exit 1, as the real CLI fails."""
+    print("Traceback (most recent call last):", file=sys.stderr)
+    print('  File "<frozen runpy>", line 198, in _run_module_as_main', file=sys.stderr)
+    print('  File "whisperx/transcribe.py", line 148, in transcribe_task', file=sys.stderr)
+    for line in lines:
+        print(line, file=sys.stderr)
+    if blank_after:
+        # ffmpeg's message ends in a newline inside the exception text, so the real
+        # stderr's very last line is empty.
+        print(file=sys.stderr)
+    sys.stderr.flush()
+    sys.exit(1)
+
+
+def load_models():
+    # The real engine always says this on stderr while loading its VAD model, even when the
+    # job succeeds: stderr output alone must not be read as failure.
+    print(
+        "Lightning automatically upgraded your loaded checkpoint from v1.5.4 to v2.6.6. (fake)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def check_audio(paths):
+    """Fail like WhisperX's ffmpeg loader unless every file is a readable, non-empty file."""
+    load_models()
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                empty = handle.read(1) == b""
+        except FileNotFoundError:
+            reason = "No such file or directory"
+        except IsADirectoryError:
+            reason = "Is a directory"
+        except OSError:
+            reason = "Permission denied"
+        else:
+            if not empty:
+                continue
+            reason = "Invalid data found when processing input"
+        traceback_exit(
+            [
+                "RuntimeError: Failed to load audio: ffmpeg version 5.1 (fake) Copyright (c) 2000-2026 the FFmpeg developers",
+                "  libavformat    59. 27.100 / 59. 27.100",
+                f"{path}: {reason}",
+            ],
+            blank_after=True,
+        )
+
+
+def language_code(args):
+    language = args.language.lower() if args.language else None
+    if language is not None and language not in NAME_TO_CODE.values():
+        language = NAME_TO_CODE[language]
+    # The real CLI forces English for *.en models (it checks the --model string, so a
+    # directory named tiny.en counts) and writes the requested language, or "en" when
+    # none was given, into its JSON rather than the detected one.
+    if args.model.endswith(".en"):
+        language = "en"
+    return language or "en"
+
+
+def make_result(path, args):
+    size = os.path.getsize(path)
+    segments = [
+        {"text": f" Fake transcript of {size} bytes.", "start": 0.0, "end": 2.5, "avg_logprob": -0.25},
+        {"text": " Second segment.", "start": 2.5, "end": 4.0, "avg_logprob": -0.5},
+    ]
+    if args.diarize:
+        segments[0]["speaker"] = "SPEAKER_00"
+        segments[1]["speaker"] = "SPEAKER_01"
+    return {"segments": segments, "language": language_code(args)}
+
+
+def transcribe(args, extra_progress_seconds=0.0):
+    """The shared front half of every run: check audio, report progress, build results."""
+    check_audio(args.audio)
+    info(args, "Performing transcription...")
+    results = []
+    for path in args.audio:
+        if extra_progress_seconds > 0:
+            steps = 10
+            for step in range(1, steps + 1):
+                time.sleep(extra_progress_seconds / steps)
+                progress(100.0 * step / steps)
+        result = make_result(path, args)
+        for index, segment in enumerate(result["segments"], start=1):
+            if args.print_progress and extra_progress_seconds <= 0:
+                progress(100.0 * index / len(result["segments"]))
+            if args.verbose:
+                print(f"Transcript: [{segment['start']} --> {segment['end']}] {segment['text']}", flush=True)
+        results.append((path, result))
+    return results
+
+
+def write_outputs(args, results, garbage=False):
+    formats = ALL_FORMATS if args.output_format == "all" else (args.output_format,)
+    for path, result in results:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for fmt in formats:
+            text = render(result, fmt)
+            with open(os.path.join(args.output_dir, f"{stem}.{fmt}"), "w", encoding="utf-8") as out:
+                out.write(text)
+        if garbage:
+            with open(os.path.join(args.output_dir, f"{stem}.json"), "w", encoding="utf-8") as out:
+                out.write('{"segments": [{"text": " Fake transcr')
+
+
+def main():
+    parser = build_parser()
+    try:
+        args, _unknown = parser.parse_known_args()
+    except SystemExit as exit_:
+        if exit_.code:
+            write_log("argparse-error")
+        raise
+    mode = pick_mode(args.initial_prompt)
+    if mode not in MODES:
+        write_log(mode)
+        print(f"fake_whisperx: unknown mode {mode!r}; expected one of {', '.join(MODES)}", file=sys.stderr)
+        return 2
+
+    grandchild = None
+    if mode == "grandchild":
+        # Same process group, inherited stdout/stderr: what a stray ffmpeg or worker looks like.
+        grandchild = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL)
+    write_log(mode, grandchild.pid if grandchild else None)
+    # The real CLI creates the output directory before loading anything, so it exists (empty)
+    # even when the run fails.
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    if mode == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        info(args, "Performing transcription...")
+        while True:
+            time.sleep(3600)
+    if mode == "crash":
+        signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(10)  # the signal is delivered before this returns
+    if mode == "fail":
+        check_audio(args.audio)
+        info(args, "Performing transcription...")
+        traceback_exit(
+            [
+                '  File "whisperx/asr.py", line 271, in transcribe',
+                "    raise RuntimeError(\"fake engine failure\")",
+                "RuntimeError: fake engine failure",
+            ]
+        )
+    if mode == "noout":
+        check_audio(args.audio)
+        return 0
+
+    results = transcribe(args, slow_seconds() if mode == "slow" else 0.0)
+
+    if mode == "grandchild":
+        time.sleep(slow_seconds())
+    if mode == "failstage":
+        # Alignment runs before diarization, so it is the one that fails when both are on.
+        if not args.no_align:
+            print(
+                'Downloading: "https://download.pytorch.org/torchaudio/models/'
+                'wav2vec2_fairseq_base_ls960_asr_ls960.pth"',
+                flush=True,
+            )
+            traceback_exit(["urllib.error.URLError: <urlopen error [Errno -2] Name or service not known>"])
+        if args.diarize:
+            info(args, "Performing diarization...")
+            traceback_exit(
+                [
+                    "huggingface_hub.errors.LocalEntryNotFoundError: An error happened while trying to locate the "
+                    "file on the Hub and we cannot find the requested files in the local cache. Please check your "
+                    "connection and try again or make sure your Internet connection is on."
+                ]
+            )
+
+    write_outputs(args, results, garbage=(mode == "garbage"))
+    return 0
+
+
+T_START = time.time()
+
+if __name__ == "__main__":
+    sys.exit(main())
