@@ -146,11 +146,12 @@ class Server:
         kwargs.setdefault("timeout", 30)
         return requests.request(method, self.url(path), headers=headers, **kwargs)
 
-    def submit(self, audio: Path | None = None, token: str | None = TOKEN, **fields) -> requests.Response:
+    def submit(self, audio: Path | None = None, token: str | None = TOKEN, timeout: float = 60,
+               **fields) -> requests.Response:
         audio = audio or self.default_audio
         files = {"file": (audio.name, audio.read_bytes(), "application/octet-stream")}
         data = {k: str(v) for k, v in fields.items()}
-        return self.api("POST", "/transcription", token=token, files=files, data=data)
+        return self.api("POST", "/transcription", token=token, files=files, data=data, timeout=timeout)
 
     def submit_ok(self, audio: Path | None = None, **fields) -> str:
         response = self.submit(audio, **fields)

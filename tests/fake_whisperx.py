@@ -24,6 +24,9 @@ anywhere in --initial_prompt:
   failstage   fail like alignment or diarization does (exit 1, no output) when --diarize is
               given or --no_align is absent; otherwise ok
 
+With no --language and a multilingual model it prints "Detected language: <code> (0.97) ..." on
+stdout like the real one, the code taken from FAKE_WHISPERX_DETECT (default "en").
+
 With FAKE_WHISPERX_LOG set, each run first appends one JSON line to that file: pid, pgid,
 sid, argv, t_start, mode, cwd, hf_token_sha256 (of $HF_TOKEN, null when unset; the token
 itself is never written) and grandchild_pid (null unless mode is grandchild).
@@ -279,6 +282,10 @@ def transcribe(args, extra_progress_seconds=0.0):
                 time.sleep(extra_progress_seconds / steps)
                 progress(100.0 * step / steps)
         result = make_result(path, args)
+        if args.language is None and not args.model.endswith(".en"):
+            # Like the real one: detection is only told on stdout (the JSON says "en").
+            detected = os.environ.get("FAKE_WHISPERX_DETECT", "en")
+            print(f"INFO  - Detected language: {detected} (0.97) in first 30s of audio", flush=True)
         for index, segment in enumerate(result["segments"], start=1):
             if args.print_progress and extra_progress_seconds <= 0:
                 progress(100.0 * index / len(result["segments"]))

@@ -499,3 +499,13 @@ def test_processing_status_reports_progress(server):
             seen.add(body["progress"])
         time.sleep(0.1)
     assert seen and all(0 < p <= 100 for p in seen)
+
+
+def test_detected_language_comes_from_the_engine_not_its_json(make_server):
+    server = make_server(FAKE_WHISPERX_DETECT="de")
+    (server.root / "models" / "multi").mkdir()
+    (server.root / "models" / "multi" / "model.bin").write_bytes(b"fake")
+    job_id = server.submit_ok(diarize="false", language="auto", model="multi")
+    server.wait_status(job_id)
+    assert "--language" not in server.engine_runs()[0]["argv"]
+    assert server.api("GET", f"/transcription/{job_id}/result").json()["language"] == "de"

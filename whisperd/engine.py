@@ -30,6 +30,9 @@ PASSED_ENV = (
 )
 PASSED_PREFIXES = ("WHISPERX_", "FAKE_WHISPERX_")
 _PROGRESS = re.compile(r"Progress:\s*([0-9]+(?:\.[0-9]+)?)%")
+# WhisperX overwrites "language" in its JSON with the alignment language ("en" when none was
+# given), so the language it detected is only known from this log line.
+_DETECTED = re.compile(r"Detected language: ([a-z]{2,3}) \(")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _NOISE = re.compile(r"^\s*$|^\s*\d+%\|.*\||^\s*(Lightning|Model was trained with|Bad things might happen)")
 
@@ -58,6 +61,7 @@ class EngineResult:
     signal: int | None = None
     stderr_tail: list[str] = field(default_factory=list)
     killed_because: str | None = None  # "canceled", "timeout", "shutdown"
+    detected_language: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -132,6 +136,7 @@ class EngineProcess:
         self.proc: Subprocess | None = None
         self.killed_because: str | None = None
         self._stderr: deque[str] = deque(maxlen=40)
+        self.detected_language: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -172,10 +177,13 @@ class EngineProcess:
         # Whatever the engine left behind in its group goes now, even after a clean exit.
         self._signal_group(signal.SIGKILL)
         returncode, sig = _decode_status(self.proc, status)
-        return EngineResult(returncode, sig, list(self._stderr), self.killed_because)
+        return EngineResult(returncode, sig, list(self._stderr), self.killed_because, self.detected_language)
 
     def _on_stdout(self, on_progress: ProgressCallback | None):
         def handle(line: str) -> None:
+            detected = _DETECTED.search(line)
+            if detected:
+                self.detected_language = detected.group(1)
             match = _PROGRESS.search(line)
             if match and on_progress is not None:
                 outcome = on_progress(min(100.0, float(match.group(1))))

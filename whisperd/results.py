@@ -27,6 +27,13 @@ def load_engine_result(output_dir: Path) -> dict[str, Any]:
     return result
 
 
+def write_engine_result(output_dir: Path, result: dict[str, Any]) -> None:
+    (path,) = sorted(output_dir.glob("*.json"))[:1]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
+
+
 def _is_segment(segment: Any) -> bool:
     return (
         isinstance(segment, dict)

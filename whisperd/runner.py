@@ -13,7 +13,7 @@ from .engine import EngineOptions, EngineProcess, EngineResult, build_argv, buil
 from .jobfiles import JobFiles
 from .languages import AUTO
 from .ledger import Job, Ledger
-from .results import EngineOutputError, load_engine_result
+from .results import EngineOutputError, load_engine_result, write_engine_result
 
 log = logging.getLogger("whisperd.runner")
 PROGRESS_EVERY_SECONDS = 1.0
@@ -134,7 +134,11 @@ class JobRunner:
             except EngineOutputError as exc:
                 await self._fail(job, str(exc))
                 return
-            await self.ledger.complete(job.id, engine_result.get("language"))
+            language = result.detected_language or engine_result.get("language")
+            if result.detected_language and engine_result.get("language") != language:
+                engine_result["language"] = language  # keep the canonical copy truthful
+                write_engine_result(opts.output_dir, engine_result)
+            await self.ledger.complete(job.id, language)
 
     async def _warn(self, job: Job, warning: str) -> None:
         if warning not in job.warnings:
