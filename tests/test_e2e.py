@@ -9,7 +9,7 @@ import subprocess
 import jiwer
 import pytest
 
-from conftest import JFK, JFK_TEXT, REPO
+from conftest import JFK, JFK_TEXT, REPO, make_wav
 
 pytestmark = pytest.mark.engine
 
@@ -102,6 +102,16 @@ def test_espeak_clip(real_server, tmp_path):
     assert response.status_code == 200, response.text
     heard = set(normalise(response.json()["text"]).split())
     assert {"hello", "world", "test", "offline", "transcription", "service"} <= heard, heard
+
+
+def test_silence_gives_an_empty_transcript_with_a_warning(real_server, tmp_path):
+    silence = make_wav(tmp_path / "silence.wav", seconds=5, freq=0)
+    server = real_server()
+    response = server.submit(silence, sync="true", diarize="false", response_format="srt", timeout=300)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["text"] == "" and body["segments"] == []
+    assert any("no speech was detected" in w for w in body["warnings"])
 
 
 def test_video_without_sound_fails_with_the_engines_reason(real_server, tmp_path):

@@ -134,6 +134,8 @@ class JobRunner:
             except EngineOutputError as exc:
                 await self._fail(job, str(exc))
                 return
+            if not engine_result["segments"]:
+                await self._warn(job, "no speech was detected in the audio; the transcript is empty")
             language = result.detected_language or engine_result.get("language")
             if result.detected_language and engine_result.get("language") != language:
                 engine_result["language"] = language  # keep the canonical copy truthful
