@@ -173,9 +173,12 @@ class EngineProcess:
         except asyncio.TimeoutError:
             await self.stop("timeout")
         status = await exit_future
-        await asyncio.gather(*readers, return_exceptions=True)
-        # Whatever the engine left behind in its group goes now, even after a clean exit.
+        # Whatever the engine left behind in its group goes now, even after a clean exit: a
+        # grandchild holding our pipes would otherwise keep the readers waiting forever.
         self._signal_group(signal.SIGKILL)
+        await asyncio.wait(readers, timeout=5)
+        for reader in readers:
+            reader.cancel()
         returncode, sig = _decode_status(self.proc, status)
         return EngineResult(returncode, sig, list(self._stderr), self.killed_because, self.detected_language)
 

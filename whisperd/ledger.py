@@ -298,14 +298,14 @@ class Ledger:
         )
 
     async def _fetch_one(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
-        assert self._reader is not None, "ledger is not open"
-        async with self._reader.execute(sql, params) as cursor:
-            return await cursor.fetchone()
+        rows = await self._fetch_all(sql, params)
+        return rows[0] if rows else None
 
     async def _fetch_all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        # One call on the reader's thread: a cursor left open across an await would hold a read
+        # transaction, and every other read on this connection would see its old snapshot.
         assert self._reader is not None, "ledger is not open"
-        async with self._reader.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self._reader.execute_fetchall(sql, params))
 
     # -- the interface
 

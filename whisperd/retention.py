@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
+from .faults import crash_point
 from .jobfiles import JobFiles
 from .ledger import Ledger
 
@@ -18,6 +19,8 @@ async def expire_old_jobs(ledger: Ledger, files: JobFiles, retention_hours: floa
     expired: list[str] = []
     while True:
         batch = await ledger.expire(cutoff_iso)
+        if batch:
+            crash_point("retention-marked")
         for job_id in batch:
             files.remove_all(job_id)
         expired += batch

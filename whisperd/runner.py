@@ -10,6 +10,7 @@ from typing import Callable
 from . import capabilities
 from .config import Config
 from .engine import EngineOptions, EngineProcess, EngineResult, build_argv, build_env
+from .faults import crash_point
 from .jobfiles import JobFiles
 from .languages import AUTO
 from .ledger import Job, Ledger
@@ -98,6 +99,7 @@ class JobRunner:
         running.engine = engine
         log.info("job %s: engine started, pid %s", job.id, pid)
         await self.ledger.set_engine_pid(job.id, pid)
+        crash_point("engine-started")
         last = 0.0
 
         async def progress(percent: float) -> None:

@@ -15,6 +15,7 @@ from tornado.ioloop import PeriodicCallback
 
 from .auth import Authenticator
 from .config import Config
+from .faults import crash_point
 from .jobfiles import JobFiles
 from .ledger import Job, Ledger, NewJob
 from .results import EngineOutputError, build_response, load_engine_result
@@ -96,11 +97,13 @@ class Service:
     async def submit(self, new_job: NewJob, hf_token: str | None) -> Job:
         """Move the staged upload into place and commit the row; only then is the job accepted."""
         self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
+        crash_point("upload-committed")
         try:
             await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes")
         except BaseException:
             self.files.remove_all(new_job.id)
             raise
+        crash_point("job-accepted")
         self.scheduler.wake()
         job = await self.ledger.get(new_job.id)
         assert job is not None
@@ -166,7 +169,9 @@ class Service:
 
     async def mark_delivered(self, job: Job, actor: str) -> None:
         """After the result went out: record it and delete every file of the job."""
+        crash_point("result-sent")
         await self.ledger.mark_delivered(job.id, actor)
+        crash_point("delivery-recorded")
         self.files.remove_all(job.id)
 
     async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from http import HTTPStatus
 from typing import Any
 
@@ -65,6 +66,11 @@ class BaseHandler(RequestHandler):
             message = exc.message
             for name, value in exc.headers.items():
                 self.set_header(name, value)
+        elif isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            # Held past busy_timeout by someone else (an operator's sqlite3 session, say).
+            self.set_status(503)
+            self.set_header("Retry-After", "5")
+            message = "the job ledger is busy; try again in a moment"
         elif status_code == 405:
             message = f"method {self.request.method} is not allowed here; allowed: {', '.join(self.allowed_methods)}"
             self.set_header("Allow", ", ".join(self.allowed_methods))

@@ -1,0 +1,228 @@
+"""Fault injection: crashes at chosen points, a locked ledger, shutdown, zombies, many clients on many workers."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import alive
+
+
+def crashed(server) -> None:
+    """Wait for a server that was told to kill itself, and check that it did."""
+    assert server.proc.wait(15) == -signal.SIGKILL
+    server._log_handle.close()
+
+
+def restart_clean(server) -> None:
+    server.env.pop("WHISPERD_CRASH_AT", None)
+    server.start()
+
+
+def invariants(server) -> None:
+    """No file without a live job; the ledger is sound."""
+    live = {r["id"] for r in server.rows(
+        "SELECT id FROM jobs WHERE status IN ('Queued','Processing','Completed')"
+        " AND delivered_at IS NULL AND expired_at IS NULL")}
+    for path in server.job_files():
+        assert any(job_id in path for job_id in live), f"{path} belongs to no live job"
+    with server.db() as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_crash_after_upload_committed_leaves_no_job_and_no_file(make_server):
+    server = make_server(WHISPERD_CRASH_AT="upload-committed")
+    with pytest.raises(requests.ConnectionError):
+        server.submit(diarize="false")
+    crashed(server)
+    restart_clean(server)
+    assert server.rows("SELECT id FROM jobs") == []
+    assert server.job_files() == []
+    invariants(server)
+
+
+def test_crash_after_job_accepted_runs_the_job_after_restart(make_server):
+    server = make_server(WHISPERD_CRASH_AT="job-accepted")
+    with pytest.raises(requests.ConnectionError):
+        server.submit(diarize="false")
+    crashed(server)
+    restart_clean(server)
+    (row,) = server.rows("SELECT id FROM jobs")
+    assert server.wait_status(row["id"])["status"] == "Completed"
+    invariants(server)
+
+
+def test_crash_while_engine_runs_requeues_and_stops_the_orphan(make_server):
+    server = make_server(WHISPERD_CRASH_AT="engine-started", FAKE_WHISPERX_SLOW_SECONDS="30")
+    job_id = server.submit_ok(diarize="false", prompt="fake:slow")
+    crashed(server)
+    deadline = time.monotonic() + 5
+    while not server.engine_runs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphan = server.engine_runs()[0]["pid"]
+    server.env["FAKE_WHISPERX_SLOW_SECONDS"] = "0.1"
+    restart_clean(server)
+    assert not alive(orphan)
+    assert server.wait_status(job_id)["status"] == "Completed"
+    assert len(server.engine_runs()) == 2
+    invariants(server)
+
+
+def test_crash_after_result_sent_keeps_the_result_for_another_fetch(make_server):
+    server = make_server(WHISPERD_CRASH_AT="result-sent")
+    job_id = server.submit_ok(diarize="false")
+    server.wait_status(job_id)
+    try:
+        server.api("GET", f"/transcription/{job_id}/result")
+    except requests.RequestException:
+        pass  # the body may or may not have arrived whole before the crash
+    crashed(server)
+    restart_clean(server)
+    assert server.api("GET", f"/transcription/{job_id}/result").status_code == 200  # at least once
+    assert server.api("GET", f"/transcription/{job_id}/result").status_code == 410
+    assert server.job_files() == []
+    invariants(server)
+
+
+def test_crash_after_delivery_recorded_removes_the_files_at_restart(make_server):
+    server = make_server(WHISPERD_CRASH_AT="delivery-recorded")
+    job_id = server.submit_ok(diarize="false")
+    server.wait_status(job_id)
+    try:
+        server.api("GET", f"/transcription/{job_id}/result")
+    except requests.RequestException:
+        pass
+    crashed(server)
+    assert any(job_id in p for p in server.job_files())
+    restart_clean(server)
+    assert server.job_files() == []
+    assert server.api("GET", f"/transcription/{job_id}/result").status_code == 410
+    invariants(server)
+
+
+def test_crash_during_retention_finishes_the_cleanup_at_restart(make_server):
+    server = make_server(WHISPERD_CRASH_AT="retention-marked", WHISPER_JOB_RETENTION_HOURS="0.0002",
+                         WHISPER_CLEANUP_INTERVAL_HOURS="0.0002")
+    job_id = server.submit_ok(diarize="false")
+    crashed(server)
+    restart_clean(server)
+    response = server.status(job_id)
+    assert response.status_code == 410 and "expired" in response.json()["error"]
+    assert server.job_files() == []
+    invariants(server)
+
+
+def test_requests_wait_for_a_ledger_locked_from_outside(server):
+    holder = sqlite3.connect(server.env["WHISPER_DB_PATH"], isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(2.0, lambda: holder.execute("COMMIT"))
+    release.start()
+    started = time.monotonic()
+    response = server.submit(diarize="false")
+    waited = time.monotonic() - started
+    release.join()
+    holder.close()
+    assert response.status_code == 202, response.text
+    assert waited >= 1.5
+    assert server.wait_status(response.json()["job_id"])["status"] == "Completed"
+
+
+def test_shutdown_refuses_new_work_and_answers_sync_waiters(make_server):
+    server = make_server(FAKE_WHISPERX_SLOW_SECONDS="30", WHISPER_SHUTDOWN_GRACE_SECONDS="3")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(server.submit, None, sync="true", diarize="false", prompt="fake:slow")
+        time.sleep(1.0)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        refused = server.submit(diarize="false")
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "10" and "shutting down" in refused.json()["error"]
+        answer = waiting.result(20)
+    assert answer.status_code == 202 and "job_id" in answer.json()
+    assert server.proc.wait(20) == 0
+    (row,) = server.rows("SELECT status FROM jobs")
+    assert row["status"] == "Queued"  # it runs again at the next start
+
+
+def zombies_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" and int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_engine_faults_leave_no_zombie_and_no_process(make_server):
+    server = make_server(WHISPER_JOB_TIMEOUT_SECONDS="2", FAKE_WHISPERX_SLOW_SECONDS="1")
+    ids = [server.submit_ok(diarize="false", prompt=f"fake:{mode}")
+           for mode in ("fail", "crash", "noout", "garbage", "hang", "grandchild", "ok")]
+    for job_id in ids:
+        server.wait_status(job_id, timeout=30)
+    time.sleep(0.5)
+    assert zombies_of(server.proc.pid) == []
+    for run in server.engine_runs():
+        for pid in (run["pid"], run.get("grandchild_pid")):
+            if pid:
+                assert not alive(pid), run["mode"]
+
+
+def test_many_clients_on_many_workers_every_job_runs_once_in_order(make_server):
+    server = make_server(HTTP_WORKER_NUMBER="4")
+    rng = random.Random(7)
+    plan = [rng.choice(["async", "async", "sync", "cancel"]) for _ in range(200)]
+    counts_seen = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            queue = server.api("GET", "/status").json()["queue_state"]
+            counts_seen.append(queue)
+            time.sleep(0.05)
+
+    def client(kind):
+        if kind == "sync":
+            response = server.submit(diarize="false", sync="true")
+            assert response.status_code in (200, 202), response.text
+            return None
+        job_id = server.submit_ok(diarize="false")
+        if kind == "cancel":
+            response = server.api("DELETE", f"/transcription/{job_id}")
+            assert response.status_code in (200, 409), response.text
+        return job_id
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            list(pool.map(client, plan))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            left = server.rows("SELECT count(*) AS n FROM jobs WHERE status IN ('Queued', 'Processing')")[0]["n"]
+            if left == 0:
+                break
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        watcher.join()
+    rows = server.rows("SELECT id, seq, status FROM jobs ORDER BY seq")
+    assert len(rows) == 200
+    assert {r["status"] for r in rows} <= {"Completed", "Canceled"}
+    ran = [run["argv"][1].split("/")[-2] for run in sorted(server.engine_runs(), key=lambda r: r["t_start"])]
+    assert len(ran) == len(set(ran)), "a job ran twice"
+    completed = [r["id"] for r in rows if r["status"] == "Completed"]
+    assert sorted(ran) == sorted(completed)
+    assert ran == completed, "sequential mode runs jobs in acceptance order"
+    assert all(c["processing_jobs"] <= 1 and c["queued_jobs"] >= 0 for c in counts_seen)
+    assert len(counts_seen) > 10

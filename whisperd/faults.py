@@ -1,0 +1,24 @@
+"""Named crash points for the fault-injection tests: WHISPERD_CRASH_AT=<point> kills the process there.
+
+Each point sits between two steps whose order matters for durability (a file moved but its row
+not yet written, a row marked but its files not yet removed, ...). Unset, it costs a dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+POINTS = (
+    "upload-committed",   # upload renamed into place, job row not written yet
+    "job-accepted",       # job row committed, 202 not sent yet
+    "engine-started",     # engine running, nothing recorded about its end
+    "result-sent",        # result written to the client, delivery not recorded yet
+    "delivery-recorded",  # delivery recorded, files not removed yet
+    "retention-marked",   # jobs marked expired, files not removed yet
+)
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get("WHISPERD_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
