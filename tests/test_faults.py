@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -226,3 +227,36 @@ def test_many_clients_on_many_workers_every_job_runs_once_in_order(make_server):
     assert ran == completed, "sequential mode runs jobs in acceptance order"
     assert all(c["processing_jobs"] <= 1 and c["queued_jobs"] >= 0 for c in counts_seen)
     assert len(counts_seen) > 10
+
+
+def test_full_upload_disk_is_507_and_leaves_nothing(make_server):
+    server = make_server(start=False)
+    tmp_root = Path(server.env["WHISPER_TMP_FILES"])
+    tmp_root.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tmp_root)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"this test needs root to mount a small tmpfs: {mounted.stderr}"
+    try:
+        server.start()
+        big = server.root / "big.wav"
+        big.write_bytes(b"\1" * (3 * 1024 * 1024))
+        response = server.submit(big)
+        assert response.status_code == 507, response.text
+        assert "disk is full" in response.json()["error"]
+        assert server.rows("SELECT id FROM jobs") == []
+        assert server.job_files() == []
+        assert server.wait_status(server.submit_ok(diarize="false"))["status"] == "Completed"  # still serving
+        server.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(tmp_root)], check=False)
+
+
+def test_unwritable_upload_directory_stops_startup_with_one_line(make_server):
+    server = make_server(start=False)
+    blocker = server.root / "a-file"
+    blocker.write_text("")
+    server.env["WHISPER_TMP_FILES"] = str(blocker / "tmp")
+    server.start(wait=False)
+    assert server.proc.wait(20) == 1
+    last = server.log().strip().splitlines()[-1]
+    assert last.startswith("whisperd: WHISPER_TMP_FILES/WHISPER_OUTPUT_DIR not writable")

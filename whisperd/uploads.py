@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +100,10 @@ class MultipartReceiver:
 
     def close_file(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # a full disk refuses the last flush too; the file is discarded anyway
+                pass
             self._file = None
 
     # -- parser callbacks
@@ -154,7 +158,12 @@ class MultipartReceiver:
             if self.form.file_bytes > self.max_file_size:
                 raise UploadError(413, f"file is larger than MAX_FILE_SIZE ({self.max_file_size} bytes)")
             assert self._file is not None
-            self._file.write(data[start:end])
+            try:
+                self._file.write(data[start:end])
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise UploadError(507, "the server's upload disk is full; try again later") from None
+                raise
         else:
             self._value += data[start:end]
             if len(self._value) > MAX_FIELD_BYTES:
