@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +33,6 @@ class JobError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass
-class DeliveredResult:
-    job: Job
-    body: dict[str, Any]
 
 
 class Service:
