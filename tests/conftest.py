@@ -84,6 +84,9 @@ class Server:
             "FAKE_WHISPERX_LOG": str(self.engine_log),
             "FAKE_WHISPERX_SLOW_SECONDS": "3",
             "RUST_LOG": "debug",
+            # The spec's any-token check keeps the API tests short; tests/test_security.py
+            # turns it off and uses real tokens.
+            "WHISPER_API_ALLOW_ANY_TOKEN": "true",
             "PYTHONUNBUFFERED": "1",
         })
         base.update(env)
@@ -133,6 +136,18 @@ class Server:
     def restart(self) -> "Server":
         self.port = self.port
         return self.start()
+
+    # -- the command line
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """`python whisperd.py ARGS` with this server's configuration."""
+        return subprocess.run([sys.executable, str(REPO / "whisperd.py"), *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=60)
+
+    def create_token(self, name: str, *options: str) -> str:
+        done = self.cli("token", "create", "--name", name, *options)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1]
 
     # -- HTTP
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]{1,512})$")
 
@@ -36,22 +38,58 @@ def bearer_token(header: str | None) -> str:
 
 
 def accept_any_token(token: str) -> Identity | None:
-    """The spec's behaviour: any well-formed token is accepted."""
+    """The spec's dummy check: any well-formed token is accepted (WHISPER_API_ALLOW_ANY_TOKEN=true)."""
     return ANY_TOKEN
 
 
-TokenValidator = Callable[[str], Identity | None]
+# Called with the token; returns an Identity (or an identity name), or None to refuse.
+# May be a plain function or a coroutine function.
+TokenValidator = Callable[[str], Any]
+
+NO_TOKENS = (
+    "no API token exists yet: on the server, run `python whisperd.py token create --name YOUR_NAME` "
+    "and send the token it prints as 'Authorization: Bearer <token>'"
+)
+
+
+def load_validator(spec: str) -> TokenValidator:
+    """WHISPER_TOKEN_VALIDATOR=module:function, imported once at start."""
+    module_name, _, function_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure stops start-up with one line
+        raise ValueError(f"WHISPER_TOKEN_VALIDATOR={spec}: cannot import {module_name} ({exc.__class__.__name__}: {exc})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"WHISPER_TOKEN_VALIDATOR={spec}: {module_name} has no function {function_name}")
+    return function
 
 
 class Authenticator:
-    def __init__(self, enabled: bool, validate: TokenValidator = accept_any_token) -> None:
+    def __init__(self, enabled: bool, validate: TokenValidator = accept_any_token,
+                 none_exist: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.enabled = enabled
         self.validate = validate
+        self.none_exist = none_exist  # tells a refused caller that no token has been made yet
 
-    def identify(self, header: str | None) -> Identity:
+    async def identify(self, header: str | None) -> Identity:
         if not self.enabled:
             return ANONYMOUS
+        try:
+            return await self._identify(header)
+        except AuthError:
+            if self.none_exist is not None and await self.none_exist():
+                raise AuthError(NO_TOKENS) from None
+            raise
+
+    async def _identify(self, header: str | None) -> Identity:
         identity = self.validate(bearer_token(header))
+        if inspect.isawaitable(identity):
+            identity = await identity
+        if isinstance(identity, str) and identity:
+            identity = Identity(identity)
         if identity is None:
             raise AuthError("invalid, expired or revoked token")
+        if not isinstance(identity, Identity):
+            raise TypeError(f"the token validator returned {type(identity).__name__}, not an Identity, a name or None")
         return identity

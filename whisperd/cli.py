@@ -1,18 +1,92 @@
-"""The command line: `serve` (the default) and the operators' admin commands."""
+"""The command line: `serve` (the default) and the operators' admin commands (`token ...`)."""
 
 from __future__ import annotations
 
 import argparse
+import sqlite3
+import sys
 
-from . import server
+from . import config as config_module, ledger, server, tokens
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="whisperd.py", description="Self-hosted WhisperX transcription service.")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the HTTP service (the default)")
+    token = commands.add_parser("token", help="create, list and revoke API tokens (the server need not run)")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="make a token; it is printed once, on the last line")
+    create.add_argument("--name", required=True, help="who uses it; their jobs are visible to this token only")
+    create.add_argument("--expires-in", type=float, metavar="DAYS", help="refuse it after this many days")
+    create.add_argument("--admin", action="store_true", help="may see and cancel every identity's jobs")
+    token_commands.add_parser("list", help="tokens with name, prefix, dates (never the token itself)")
+    revoke = token_commands.add_parser("revoke", help="refuse the named token from now on")
+    revoke.add_argument("name")
     args = parser.parse_args(argv)
     if args.command in (None, "serve"):
         return server.main()
-    parser.error(f"unknown command {args.command}")
-    return 2
+    try:
+        config = config_module.load()
+    except config_module.ConfigError as exc:
+        print(f"whisperd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        conn = ledger.open_admin(config.db_path)
+    except (sqlite3.Error, OSError) as exc:
+        print(f"whisperd: cannot open the ledger WHISPER_DB_PATH={config.db_path}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        handler = {"create": _create, "list": _list, "revoke": _revoke}[args.token_command]
+        return handler(conn, args)
+    finally:
+        conn.close()
+
+
+def _create(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+    if not tokens.NAME_FORMAT.match(args.name):
+        print("whisperd: --name must be 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
+              file=sys.stderr)
+        return 2
+    if args.expires_in is not None and not args.expires_in > 0:
+        print("whisperd: --expires-in must be a number of days > 0", file=sys.stderr)
+        return 2
+    token, prefix = tokens.new_token()
+    algorithm, salt, digest = tokens.hashed_for_storage(token)
+    expires_at = tokens.expiry(args.expires_in)
+    try:
+        ledger.insert_token(conn, args.name, prefix, algorithm, salt, digest, args.admin, expires_at)
+    except ledger.TokenNameTaken:
+        print(f"whisperd: a token named {args.name!r} already exists; revoke it first "
+              f"(python whisperd.py token revoke {args.name}) or choose another name", file=sys.stderr)
+        return 1
+    print(f"Created {'admin ' if args.admin else ''}token {args.name!r} (prefix {prefix}, "
+          f"expires {expires_at or 'never'}). It is shown only this once; send it as "
+          "'Authorization: Bearer <token>':")
+    print(token)
+    return 0
+
+
+def _list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+    records = ledger.list_tokens(conn)
+    if not records:
+        print("no tokens; create one with: python whisperd.py token create --name NAME")
+        return 0
+    now = ledger.now_iso()
+    rows = [("NAME", "PREFIX", "ADMIN", "CREATED", "EXPIRES", "LAST USED", "STATE")]
+    for r in records:
+        state = "revoked " + r.revoked_at if r.revoked_at else ("in force" if r.in_force(now) else "expired")
+        rows.append((r.name, r.prefix, "yes" if r.admin else "no", r.created_at, r.expires_at or "never",
+                     r.last_used_at or "never", state))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _revoke(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+    if not ledger.revoke_token(conn, args.name):
+        print(f"whisperd: no token in force is named {args.name!r} (see: python whisperd.py token list)",
+              file=sys.stderr)
+        return 1
+    print(f"revoked token {args.name!r}: requests with it are refused from now on")
+    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -83,6 +84,13 @@ def _optional_text(value: Any) -> str | None:
     return text or None
 
 
+def _validator_spec(value: Any) -> str:
+    text = _text(value).strip()
+    if text and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", text):
+        raise ValueError("expected module:function, e.g. mysite.auth:validate_token")
+    return text
+
+
 def _device_index(value: Any) -> str:
     return str(_int(0)(value))
 
@@ -130,6 +138,12 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "WHISPER_MAX_ATTEMPTS": (3, _int(1)),
     "WHISPER_MAX_PROMPT_CHARS": (4000, _int(0)),
     "WHISPER_SHUTDOWN_GRACE_SECONDS": (10.0, _float(0)),
+    # Security (docs/security.md).
+    "WHISPER_API_ALLOW_ANY_TOKEN": (False, parse_bool),  # the spec's dummy check; warned at start
+    "WHISPER_TOKEN_VALIDATOR": ("", _validator_spec),  # module:function, for a site's own scheme
+    "WHISPER_FFPROBE": ("ffprobe", _text),
+    "WHISPER_MAX_PENDING_UPLOADS": (32, _int(1)),  # uploads in flight per worker process
+    "WHISPER_MIN_FREE_DISK_MB": (500, _int(0)),  # below this, uploads are refused with 507
 }
 
 
@@ -170,6 +184,11 @@ class Config:
     WHISPER_MAX_ATTEMPTS: int
     WHISPER_MAX_PROMPT_CHARS: int
     WHISPER_SHUTDOWN_GRACE_SECONDS: float
+    WHISPER_API_ALLOW_ANY_TOKEN: bool
+    WHISPER_TOKEN_VALIDATOR: str
+    WHISPER_FFPROBE: str
+    WHISPER_MAX_PENDING_UPLOADS: int
+    WHISPER_MIN_FREE_DISK_MB: int
     conf_path: str | None = None
 
     @property

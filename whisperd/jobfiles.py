@@ -56,6 +56,10 @@ class JobFiles:
             root.mkdir(parents=True, exist_ok=True)
             os.chmod(root, 0o700)
 
+    def free_disk_mb(self) -> float:
+        """Free space on the fuller of the two roots, in MiB."""
+        return min(shutil.disk_usage(root).free for root in (self.tmp_root, self.output_root)) / 2**20
+
     def staging_dir(self, job_id: str) -> Path:
         return self.tmp_root / STAGING / job_id
 

@@ -524,3 +524,97 @@ class Ledger:
             await self._add_event(conn, job_id, now, event, detail)
 
         await self._write(work)
+
+    # -- API tokens (the hashing lives in tokens.py; only rows live here)
+
+    async def token_by_prefix(self, prefix: str) -> "TokenRecord | None":
+        row = await self._fetch_one("SELECT * FROM api_tokens WHERE prefix=?", (prefix,))
+        return TokenRecord.from_row(row) if row else None
+
+    async def live_token_count(self) -> int:
+        row = await self._fetch_one(
+            "SELECT count(*) FROM api_tokens WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+            (now_iso(),),
+        )
+        return int(row[0]) if row else 0
+
+    async def touch_token(self, token_id: int) -> None:
+        async def work(conn, now):
+            await conn.execute("UPDATE api_tokens SET last_used_at=? WHERE id=?", (now, token_id))
+
+        await self._write(work)
+
+
+@dataclass
+class TokenRecord:
+    id: int
+    name: str
+    prefix: str
+    algorithm: str
+    salt: str
+    hash: str
+    admin: bool
+    created_at: str
+    expires_at: str | None
+    last_used_at: str | None
+    revoked_at: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "TokenRecord":
+        data = dict(row)
+        data["admin"] = bool(data["admin"])
+        return cls(**data)
+
+    def in_force(self, at_iso: str) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > at_iso)
+
+
+# --- token administration, synchronous: the command line uses these without a server -------
+
+
+class TokenNameTaken(Exception):
+    """A token in force already has this name."""
+
+
+def open_admin(path: str) -> sqlite3.Connection:
+    """A plain connection to a migrated ledger, for the admin commands."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect_sync(path)
+    migrate(conn)
+    return conn
+
+
+def insert_token(conn: sqlite3.Connection, name: str, prefix: str, algorithm: str, salt: str, digest: str,
+                 admin: bool, expires_at: str | None) -> str:
+    """Store a new token's row; returns its creation time."""
+    stamp = now_iso()
+    try:
+        conn.execute(
+            "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, prefix, algorithm, salt, digest, int(admin), stamp, expires_at),
+        )
+    except sqlite3.IntegrityError as exc:
+        if "name" in str(exc):
+            raise TokenNameTaken(name) from None
+        raise
+    return stamp
+
+
+def list_tokens(conn: sqlite3.Connection) -> list[TokenRecord]:
+    rows = conn.execute("SELECT * FROM api_tokens ORDER BY revoked_at IS NOT NULL, name, id").fetchall()
+    return [TokenRecord.from_row(row) for row in rows]
+
+
+def revoke_token(conn: sqlite3.Connection, name: str) -> int:
+    """Revoke the token in force with this name; returns how many rows changed (0 or 1)."""
+    cursor = conn.execute("UPDATE api_tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL", (now_iso(), name))
+    return cursor.rowcount
+
+
+def count_live_tokens(conn: sqlite3.Connection) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM api_tokens WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+        (now_iso(),),
+    ).fetchone()
+    return int(row[0])

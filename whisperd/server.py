@@ -15,8 +15,9 @@ from pathlib import Path
 from tornado.netutil import bind_sockets
 from tornado.process import Subprocess
 
-from . import capabilities, config as config_module, ledger as ledger_module
+from . import capabilities, config as config_module, ledger as ledger_module, probe
 from .app import make_app, make_server
+from .auth import load_validator
 from .config import Config
 from .engine import kill_orphan_group
 from .jobfiles import JobFiles
@@ -49,9 +50,9 @@ def check_environment(config: Config) -> None:
     try:
         files.ensure_roots()
         for root in (files.tmp_root, files.output_root):
-            probe = root / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            marker = root / ".write-test"
+            marker.write_bytes(b"")
+            marker.unlink()
     except OSError as exc:
         raise StartupError(f"WHISPER_TMP_FILES/WHISPER_OUTPUT_DIR not writable: {exc}") from None
     command = Path(config.WHISPER_CMD)
@@ -66,6 +67,47 @@ def check_environment(config: Config) -> None:
                         token_file, token_file)
     except OSError:
         pass  # no token file: diarization falls back with a warning per job
+    if not probe.available(config.WHISPER_FFPROBE):
+        log.error("WHISPER_FFPROBE=%s not found (install ffmpeg): uploads are queued without checking that "
+                  "they are audio", config.WHISPER_FFPROBE)
+    free_mb = files.free_disk_mb()
+    if free_mb < config.WHISPER_MIN_FREE_DISK_MB:
+        log.warning("only %.0f MB free under WHISPER_TMP_FILES/WHISPER_OUTPUT_DIR, below WHISPER_MIN_FREE_DISK_MB=%d:"
+                    " uploads are refused with 507 until space is freed", free_mb, config.WHISPER_MIN_FREE_DISK_MB)
+    check_auth(config)
+
+
+def check_auth(config: Config) -> None:
+    """Say loudly at every start when the API is open to anyone holding any string."""
+    if not config.ENABLE_AUTHORIZATION:
+        log.warning("ENABLE_AUTHORIZATION=false: anyone who can reach the port can use the API")
+        return
+    if config.WHISPER_TOKEN_VALIDATOR:
+        if config.WHISPER_API_ALLOW_ANY_TOKEN:
+            raise StartupError("WHISPER_TOKEN_VALIDATOR and WHISPER_API_ALLOW_ANY_TOKEN=true are both set: keep one")
+        try:
+            load_validator(config.WHISPER_TOKEN_VALIDATOR)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        log.info("tokens are checked by WHISPER_TOKEN_VALIDATOR=%s", config.WHISPER_TOKEN_VALIDATOR)
+    elif config.WHISPER_API_ALLOW_ANY_TOKEN:
+        log.warning("WHISPER_API_ALLOW_ANY_TOKEN=true: every well-formed Bearer token is accepted and all callers"
+                    " are one identity; create real tokens with `python whisperd.py token create --name NAME`"
+                    " and remove this setting")
+
+
+def check_tokens(config: Config) -> None:
+    """After the ledger is migrated: warn when the ledger's tokens are in use and there are none."""
+    if not config.ENABLE_AUTHORIZATION or config.WHISPER_TOKEN_VALIDATOR or config.WHISPER_API_ALLOW_ANY_TOKEN:
+        return
+    conn = ledger_module.open_admin(config.db_path)
+    try:
+        live = ledger_module.count_live_tokens(conn)
+    finally:
+        conn.close()
+    if not live:
+        log.warning("no API token exists: every request will be refused with 401 until one is created with"
+                    " `python whisperd.py token create --name NAME`")
 
 
 def recover(config: Config) -> None:
@@ -122,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_environment(config)
         recover(config)
+        check_tokens(config)
         try:
             sockets = bind_sockets(config.WHISPER_API_PORT, config.WHISPER_API_HOST)
         except OSError as exc:

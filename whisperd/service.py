@@ -12,7 +12,7 @@ from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
-from .auth import Authenticator
+from .auth import Authenticator, accept_any_token, load_validator
 from .config import Config
 from .faults import crash_point
 from .jobfiles import JobFiles
@@ -21,6 +21,7 @@ from .results import EngineOutputError, build_response, load_engine_result
 from .retention import expire_old_jobs
 from .runner import JobRunner
 from .scheduler import Scheduler
+from .tokens import LedgerTokens
 
 log = logging.getLogger("whisperd.service")
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
@@ -35,6 +36,18 @@ class JobError(Exception):
         self.message = message
 
 
+def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
+    """A site's own validator, else the spec's any-token check if asked for, else the ledger's tokens."""
+    if not config.ENABLE_AUTHORIZATION:
+        return Authenticator(False)
+    if config.WHISPER_TOKEN_VALIDATOR:
+        return Authenticator(True, load_validator(config.WHISPER_TOKEN_VALIDATOR))
+    if config.WHISPER_API_ALLOW_ANY_TOKEN:
+        return Authenticator(True, accept_any_token)
+    tokens = LedgerTokens(ledger)
+    return Authenticator(True, tokens, tokens.none_exist)
+
+
 class Service:
     def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None) -> None:
         self.config = config
@@ -42,7 +55,8 @@ class Service:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.ledger = Ledger(config.db_path, self.actor)
         self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
-        self.auth = authenticator or Authenticator(config.ENABLE_AUTHORIZATION)
+        self.auth = authenticator or make_authenticator(config, self.ledger)
+        self.uploads_in_flight = 0
         threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)

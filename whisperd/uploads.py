@@ -14,6 +14,7 @@ from .jobfiles import display_name, safe_suffix
 MAX_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024
 FORM_OVERHEAD = 1024 * 1024  # room for text fields and part headers beside the file
+MAX_PART_HEADER_BYTES = 16 * 1024  # a part's header block; real ones are a few hundred bytes
 
 
 class UploadError(Exception):
@@ -62,6 +63,8 @@ class MultipartReceiver:
         self._value = bytearray()
         self._file = None
         self._parts = 0
+        self._part_header_bytes = 0
+        self._body_bytes = 0
         self._parser = MultipartParser(
             boundary,
             callbacks={
@@ -79,6 +82,11 @@ class MultipartReceiver:
     # -- feeding
 
     def feed(self, chunk: bytes) -> None:
+        # A chunked body has no Content-Length to refuse up front: count, whatever the parts are.
+        self._body_bytes += len(chunk)
+        if self._body_bytes > self.max_file_size + FORM_OVERHEAD:
+            self.close_file()
+            raise UploadError(413, f"request body is larger than MAX_FILE_SIZE ({self.max_file_size} bytes) plus the form")
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
@@ -113,15 +121,23 @@ class MultipartReceiver:
         if self._parts > MAX_FIELDS:
             raise UploadError(400, f"too many form fields (more than {MAX_FIELDS})")
         self._headers = {}
+        self._part_header_bytes = 0
         self._part_name = None
         self._part_is_file = False
         self._value = bytearray()
 
     def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._header_name += data[start:end]
 
     def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._header_value += data[start:end]
+
+    def _count_header(self, size: int) -> None:
+        self._part_header_bytes += size
+        if self._part_header_bytes > MAX_PART_HEADER_BYTES:
+            raise UploadError(400, f"a multipart part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def _on_header_end(self) -> None:
         self._headers[self._header_name.strip().lower()] = self._header_value.strip()

@@ -42,7 +42,7 @@ class BaseHandler(RequestHandler):
         if self.request.method == "OPTIONS" or not self.requires_auth:
             return
         try:
-            self.identity = self.service.auth.identify(self.request.headers.get("Authorization"))
+            self.identity = await self.service.auth.identify(self.request.headers.get("Authorization"))
         except AuthError as exc:
             raise ApiError(401, str(exc), {"WWW-Authenticate": 'Bearer realm="whisperd"'}) from None
 

@@ -12,6 +12,7 @@ from ..config import OUTPUT_FORMATS
 from ..forms import parse_job_request
 from ..jobfiles import is_job_id, new_job_id
 from ..ledger import Job, NewJob
+from ..probe import probe
 from ..service import JobError
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, UploadError, boundary_of
 from .base import ApiError, BaseHandler
@@ -30,6 +31,7 @@ class SubmitHandler(BaseHandler):
     _receiver: MultipartReceiver | None = None
     _job_id: str | None = None
     _committed = False
+    _holds_slot = False
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -44,6 +46,8 @@ class SubmitHandler(BaseHandler):
                 raise ApiError(400, "Content-Length is not a number")
             if int(length) > limit + FORM_OVERHEAD:
                 raise ApiError(413, f"request body of {length} bytes is larger than MAX_FILE_SIZE ({limit} bytes)")
+        self._take_upload_slot()
+        self._check_disk(int(length) if length else 0)
         try:
             boundary = boundary_of(self.request.headers.get("Content-Type"))
         except UploadError as exc:
@@ -51,6 +55,29 @@ class SubmitHandler(BaseHandler):
         self._job_id = new_job_id()
         staging = self.service.files.staging_dir(self._job_id)
         self._receiver = MultipartReceiver(boundary, staging, limit)
+
+    def _take_upload_slot(self) -> None:
+        cap = self.service.config.WHISPER_MAX_PENDING_UPLOADS
+        if self.service.uploads_in_flight >= cap:
+            raise ApiError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
+                           {"Retry-After": "5"})
+        self.service.uploads_in_flight += 1
+        self._holds_slot = True
+
+    def _release_upload_slot(self) -> None:
+        if self._holds_slot:
+            self._holds_slot = False
+            self.service.uploads_in_flight -= 1
+
+    def _check_disk(self, incoming: int) -> None:
+        floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
+        free_mb = self.service.files.free_disk_mb()
+        if free_mb - incoming / 2**20 < floor_mb:
+            raise ApiError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
+                                f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
+
+    def on_finish(self) -> None:
+        self._release_upload_slot()
 
     def data_received(self, chunk: bytes) -> None:
         if self._receiver is None or self._finished:
@@ -63,6 +90,7 @@ class SubmitHandler(BaseHandler):
             self.send_error(exc.status, exc_info=(ApiError, ApiError(exc.status, exc.message), None))
 
     def on_connection_close(self) -> None:
+        self._release_upload_slot()
         if not self._committed:
             self._discard()
 
@@ -82,6 +110,14 @@ class SubmitHandler(BaseHandler):
         except UploadError as exc:
             self._discard()
             raise ApiError(exc.status, exc.message) from None
+        assert form.file_path is not None
+        probed = await probe(self.service.config.WHISPER_FFPROBE, form.file_path)
+        if not probed.ok:
+            self._discard()
+            raise ApiError(415, f"the uploaded file '{form.client_filename}' is not audio or video with sound: "
+                                f"ffprobe found {probed.found}")
+        if self._receiver is None:
+            return  # the client left while the file was probed; on_connection_close cleaned up
         warnings = []
         hf_token = self.service.resolve_hf_token(request.hf_token) if request.diarize else None
         diarize = request.diarize

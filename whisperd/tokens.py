@@ -1,0 +1,125 @@
+"""API tokens: made once, stored as a public prefix plus a salted slow hash, checked per request.
+
+A token reads `wd_<prefix>_<secret>`: the prefix finds the row (and lets an operator tell
+tokens apart in `token list` and in the ledger) without revealing anything that opens the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections import OrderedDict
+from datetime import datetime, timedelta, timezone
+
+from .auth import Identity
+from .ledger import Ledger, TokenRecord, now_iso
+
+PREFIX_BYTES = 4  # 8 hex digits: enough to find a row, useless to a guesser
+SECRET_BYTES = 24  # 192 bits: no guessing, whatever the hash costs
+ITERATIONS = 120_000
+ALGORITHM = f"pbkdf2_sha256${ITERATIONS}"
+TOKEN_FORMAT = re.compile(r"^wd_([0-9a-f]{8})_([0-9a-f]{48})$")
+NAME_FORMAT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+LAST_USE_EVERY_SECONDS = 60.0  # at most one ledger write a minute per token, not one per request
+CACHE_SIZE = 1024
+
+
+def new_token() -> tuple[str, str]:
+    """(token, prefix) for a fresh token."""
+    prefix = secrets.token_hex(PREFIX_BYTES)
+    return f"wd_{prefix}_{secrets.token_hex(SECRET_BYTES)}", prefix
+
+
+def hash_token(token: str, salt: bytes, algorithm: str = ALGORITHM) -> str:
+    name, _, rounds = algorithm.partition("$")
+    if name != "pbkdf2_sha256" or not rounds.isdigit():
+        raise ValueError(f"unknown token hash algorithm {algorithm!r}")
+    return hashlib.pbkdf2_hmac("sha256", token.encode(), salt, int(rounds)).hex()
+
+
+def hashed_for_storage(token: str) -> tuple[str, str, str]:
+    """(algorithm, salt hex, hash hex) to keep in the ledger instead of the token."""
+    salt = secrets.token_bytes(16)
+    return ALGORITHM, salt.hex(), hash_token(token, salt)
+
+
+def expiry(days: float | None) -> str | None:
+    if days is None:
+        return None
+    at = datetime.now(timezone.utc) + timedelta(days=days)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def prefix_of(token: str) -> str | None:
+    match = TOKEN_FORMAT.match(token)
+    return match.group(1) if match else None
+
+
+class LedgerTokens:
+    """The default validator: tokens made by `whisperd.py token create`, looked up in the ledger.
+
+    The slow hash runs once per token and process; after that a request costs one indexed
+    read (so a revocation or expiry takes effect at once, in every worker) and a SHA-256.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        # sha256(token) -> the stored hash it was verified against; keyed by a digest so
+        # that the cache never holds a usable token.
+        self._verified: OrderedDict[bytes, str] = OrderedDict()
+        self._touched: dict[int, float] = {}
+
+    async def __call__(self, token: str) -> Identity | None:
+        prefix = prefix_of(token)
+        if prefix is None:
+            return None
+        record = await self.ledger.token_by_prefix(prefix)
+        if record is None or not record.in_force(now_iso()):
+            return None
+        if not await self._matches(token, record):
+            return None
+        await self._record_use(record)
+        return Identity(record.name, admin=record.admin)
+
+    async def _matches(self, token: str, record: TokenRecord) -> bool:
+        key = hashlib.sha256(token.encode()).digest()
+        known = self._verified.get(key)
+        if known is not None and hmac.compare_digest(known, record.hash):
+            self._verified.move_to_end(key)
+            return True
+        loop = asyncio.get_running_loop()
+        try:
+            computed = await loop.run_in_executor(None, hash_token, token, bytes.fromhex(record.salt), record.algorithm)
+        except ValueError:
+            return False
+        if not hmac.compare_digest(computed, record.hash):
+            return False
+        self._verified[key] = record.hash
+        while len(self._verified) > CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return True
+
+    async def _record_use(self, record: TokenRecord) -> None:
+        now = time.monotonic()
+        last = self._touched.get(record.id)
+        if last is not None and now - last < LAST_USE_EVERY_SECONDS:
+            return
+        self._touched[record.id] = now
+        if record.last_used_at and _age_seconds(record.last_used_at) < LAST_USE_EVERY_SECONDS:
+            return  # another worker wrote it a moment ago
+        await self.ledger.touch_token(record.id)
+
+    async def none_exist(self) -> bool:
+        return await self.ledger.live_token_count() == 0
+
+
+def _age_seconds(stamp: str) -> float:
+    try:
+        then = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return float("inf")
+    return (datetime.now(timezone.utc) - then).total_seconds()
