@@ -173,14 +173,15 @@ class Server:
         assert response.status_code == 202, response.text
         return response.json()["job_id"]
 
-    def status(self, job_id: str) -> requests.Response:
-        return self.api("GET", f"/transcription/{job_id}")
+    def status(self, job_id: str, token: str | None = TOKEN) -> requests.Response:
+        return self.api("GET", f"/transcription/{job_id}", token=token)
 
-    def wait_status(self, job_id: str, wanted=("Completed", "Failed"), timeout: float = 30.0) -> dict:
+    def wait_status(self, job_id: str, wanted=("Completed", "Failed"), timeout: float = 30.0,
+                    token: str | None = TOKEN) -> dict:
         deadline = time.monotonic() + timeout
         body = None
         while time.monotonic() < deadline:
-            response = self.status(job_id)
+            response = self.status(job_id, token)
             body = response.json()
             if response.status_code == 200 and body.get("status") in wanted:
                 return body
