@@ -22,7 +22,7 @@ MAX_OUTPUT = 1024 * 1024
 @dataclass
 class ProbeResult:
     ok: bool
-    found: str  # what ffprobe saw, for the client: "wav (audio: pcm_s16le)", "no media it knows"
+    found: str  # what ffprobe saw, for the client: "wav (audio: pcm_s16le)", "nothing it can read as audio or video"
 
 
 def available(ffprobe: str) -> bool:
@@ -41,11 +41,11 @@ def _probe_sync(ffprobe: str, path: Path) -> ProbeResult:
         log.error("cannot run ffprobe (%s): upload not checked", exc.strerror)
         return ProbeResult(True, "unchecked")
     if done.returncode != 0:
-        return ProbeResult(False, "no audio or video format ffprobe knows")
+        return ProbeResult(False, "nothing it can read as audio or video")
     try:
         info = json.loads(done.stdout[:MAX_OUTPUT] or b"{}")
     except ValueError:
-        return ProbeResult(False, "no audio or video format ffprobe knows")
+        return ProbeResult(False, "nothing it can read as audio or video")
     container = (info.get("format") or {}).get("format_name") or "an unknown format"
     streams = [s for s in info.get("streams") or [] if isinstance(s, dict)]
     kinds = ", ".join(f"{s.get('codec_type', '?')}: {s.get('codec_name', '?')}" for s in streams[:4])
