@@ -269,3 +269,11 @@ def test_hf_token_file_readable_by_others_is_warned_about_by_name(make_server):
     quiet.start()
     assert "chmod 600" not in quiet.log()
     assert "hf_" + "y" * 20 not in quiet.log()
+
+
+def test_tokens_work_in_every_worker_process(secure):
+    server = secure(HTTP_WORKER_NUMBER="2")
+    token = server.create_token("alice")
+    assert all(server.api("GET", "/status", token=token).status_code == 200 for _ in range(20))
+    server.cli("token", "revoke", "alice")
+    assert all(server.api("GET", "/status", token=token).status_code == 401 for _ in range(20))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -109,7 +110,18 @@ def _connect_sync(path: str) -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     for pragma in _PRAGMAS:
         conn.execute(pragma)
+    _owner_only(path)
     return conn
+
+
+def _owner_only(path: str) -> None:
+    # Token hashes, prompts and file names are nobody else's business; SQLite gives the
+    # -wal and -shm files the database file's mode.
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            os.chmod(name, 0o600)
+        except FileNotFoundError:
+            continue
 
 
 _PRAGMAS = (
