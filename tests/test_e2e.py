@@ -114,16 +114,18 @@ def test_silence_gives_an_empty_transcript_with_a_warning(real_server, tmp_path)
     assert any("no speech was detected" in w for w in body["warnings"])
 
 
-def test_video_without_sound_fails_with_the_engines_reason(real_server, tmp_path):
+def test_video_without_sound_is_refused_before_it_is_queued(real_server, tmp_path):
+    # The engine would fail on it ("Output file #0 does not contain any stream") after the job
+    # waited its turn; the upload probe refuses it at once and says why.
     video = tmp_path / "silent-film.mp4"
     subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
                     "testsrc=duration=1:size=64x64:rate=5", "-c:v", "mpeg4", "-y", str(video)], check=True)
     server = real_server()
-    job_id = server.submit_ok(video, diarize="false")
-    status = server.wait_status(job_id, timeout=120)
-    assert status["status"] == "Failed"
-    assert status["data"] == "Output file #0 does not contain any stream"
-    assert server.job_files() == []
+    response = server.submit(video, diarize="false")
+    assert response.status_code == 415, response.text
+    assert "'silent-film.mp4' is not audio or video with sound" in response.json()["error"]
+    assert "(video: mpeg4)" in response.json()["error"]
+    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
 
 
 def test_a_failing_optional_stage_still_delivers_the_transcript(real_server):
