@@ -26,6 +26,9 @@ TOKEN_FORMAT = re.compile(r"^wd_([0-9a-f]{8})_([0-9a-f]{48})$")
 NAME_FORMAT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 LAST_USE_EVERY_SECONDS = 60.0  # at most one ledger write a minute per token, not one per request
 CACHE_SIZE = 1024
+# Slow hashes at once per process: a flood of wrong tokens for a known prefix then queues here
+# instead of taking every executor thread (which the upload probe needs too).
+CONCURRENT_HASHES = 2
 
 
 def new_token() -> tuple[str, str]:
@@ -72,6 +75,7 @@ class LedgerTokens:
         # that the cache never holds a usable token.
         self._verified: OrderedDict[bytes, str] = OrderedDict()
         self._touched: dict[int, float] = {}
+        self._hashing = asyncio.Semaphore(CONCURRENT_HASHES)
 
     async def __call__(self, token: str) -> Identity | None:
         prefix = prefix_of(token)
@@ -93,7 +97,9 @@ class LedgerTokens:
             return True
         loop = asyncio.get_running_loop()
         try:
-            computed = await loop.run_in_executor(None, hash_token, token, bytes.fromhex(record.salt), record.algorithm)
+            async with self._hashing:
+                computed = await loop.run_in_executor(None, hash_token, token, bytes.fromhex(record.salt),
+                                                      record.algorithm)
         except ValueError:
             return False
         if not hmac.compare_digest(computed, record.hash):
