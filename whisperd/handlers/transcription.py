@@ -47,7 +47,7 @@ class SubmitHandler(BaseHandler):
             if int(length) > limit + FORM_OVERHEAD:
                 raise ApiError(413, f"request body of {length} bytes is larger than MAX_FILE_SIZE ({limit} bytes)")
         self._take_upload_slot()
-        self._check_disk(int(length) if length else 0)
+        self._check_disk()
         try:
             boundary = boundary_of(self.request.headers.get("Content-Type"))
         except UploadError as exc:
@@ -69,10 +69,12 @@ class SubmitHandler(BaseHandler):
             self._holds_slot = False
             self.service.uploads_in_flight -= 1
 
-    def _check_disk(self, incoming: int) -> None:
+    def _check_disk(self) -> None:
+        # The floor, not the upload's size: a disk that fills up during the write is refused
+        # with 507 too (uploads.py), and the floor keeps room for the engine's output.
         floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.service.files.free_disk_mb()
-        if free_mb - incoming / 2**20 < floor_mb:
+        if free_mb < floor_mb:
             raise ApiError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
                                 f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
 
