@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import subprocess
@@ -126,6 +127,19 @@ def test_video_without_sound_is_refused_before_it_is_queued(real_server, tmp_pat
     assert "'silent-film.mp4' is not audio or video with sound" in response.json()["error"]
     assert "(video: mpeg4)" in response.json()["error"]
     assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+
+
+def test_audio_with_a_good_header_and_garbage_fails_with_the_engines_reason(real_server, tmp_path):
+    # The header passes the upload probe; the engine cannot decode what follows it.
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(JFK.read_bytes()[:8192] + random.Random(4).randbytes(200_000))
+    server = real_server()
+    job_id = server.submit_ok(broken, diarize="false")
+    status = server.wait_status(job_id, timeout=120)
+    assert status["status"] == "Failed"
+    reason = status["data"]
+    assert reason and "\n" not in reason and "Traceback" not in reason and "/" not in reason, reason
+    assert server.job_files() == []
 
 
 def test_a_failing_optional_stage_still_delivers_the_transcript(real_server):
