@@ -1,0 +1,160 @@
+"""Runs the benchmarks, prints one table and writes bench/results/latest.json (use bench/run.sh).
+
+    python -m bench [--quick] [--only upload ledger scheduling engine]
+
+Every figure is an absolute latency or a ratio against a baseline measured in this same run, so
+that a loaded or slower machine moves both sides; the machine and its load average are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import engine_cost, ledger_load, scheduling, upload
+from .common import REPO, machine, write_noop_engine
+
+BENCHMARKS = ("upload", "ledger", "scheduling", "engine")
+RESULTS = REPO / "bench" / "results"
+
+
+def _row(bench: str, figure: str, value: str, baseline: str = "", ratio: str = "", goal: str = "",
+         met: bool | None = None) -> dict:
+    return {"bench": bench, "figure": figure, "value": value, "baseline": baseline, "ratio": ratio, "goal": goal,
+            "met": met}
+
+
+def upload_rows(r: dict) -> list[dict]:
+    rows = []
+    for mib in r["sizes_mib"]:
+        name = f"upload-{mib}mib.bin"
+        ours, raw, peer = r["whisperd"][name], r["raw_socket"][name], r["fastapi_uploadfile"][name]
+        big = mib == max(r["sizes_mib"])
+        vs_peer = ours["mib_per_s"] / peer["mib_per_s"]
+        rows += [
+            _row(f"1 upload {mib} MiB", "throughput vs raw socket", f"{ours['mib_per_s']:.0f} MiB/s",
+                 f"raw {raw['mib_per_s']:.0f} MiB/s", f"{ours['mib_per_s'] / raw['mib_per_s']:.2f}x", "report"),
+            _row("", "throughput vs FastAPI+UploadFile", f"{ours['mib_per_s']:.0f} MiB/s",
+                 f"FastAPI {peer['mib_per_s']:.0f} MiB/s", f"{vs_peer:.2f}x", ">= 2x" if big else "",
+                 vs_peer >= 2 if big else None),
+            _row("", "server RSS growth", f"{ours['rss_growth_mib']:.1f} MiB",
+                 f"raw {raw['rss_growth_mib']:.1f}, FastAPI {peer['rss_growth_mib']:.1f} MiB", "",
+                 "<= 32 MiB" if big else "", ours["rss_growth_mib"] <= 32 if big else None),
+        ]
+    return rows
+
+
+def ledger_rows(r: dict) -> list[dict]:
+    hello = {run["connections"]: run for run in r["runs"] if run["endpoint"] == "tornado_hello"}
+    rows = []
+    for run in r["runs"]:
+        c = run["connections"]
+        if run["endpoint"] == "tornado_hello":
+            continue
+        path = "GET /transcription/{id}" if run["endpoint"] == "job" else "GET /status"
+        judged = c == 1  # latency goal: one request at a time; with 8 the p99 is mostly waiting in line
+        rows.append(_row(
+            f"2 {r['jobs'] // 1000}k-job ledger" if not rows else "",
+            f"{path}, {run['workers']} worker(s), {c} conn",
+            f"p50 {run['p50_ms']:.2f} / p99 {run['p99_ms']:.2f} ms, {run['rps']:.0f} req/s",
+            f"bare Tornado {hello[c]['rps']:.0f} req/s, p99 {hello[c]['p99_ms']:.2f} ms",
+            f"{run['rps'] / hello[c]['rps']:.2f}x",
+            "p99 <= 5 ms" if judged else "", run["p99_ms"] <= 5 and not run["errors"] if judged else None))
+    scans = [p for p in r["query_plans"] if p["scans"]]
+    status_plan = r["query_plans"][-1]["plan"]
+    rows.append(_row("", "status reads scan the table?", "no" if not scans else f"{len(scans)} scan(s)",
+                     "; ".join(status_plan), "", "no scan", not scans))
+    return rows
+
+
+def scheduling_rows(r: dict) -> list[dict]:
+    lat = r["start_latency"]
+    rows = [_row(f"3 submit -> engine", f"202 -> first instruction ({lat['jobs']} jobs)",
+                 f"median {lat['median_ms']:.1f} / p99 {lat['p99_ms']:.1f} ms",
+                 f"spawn -> first instr. {lat['baseline_spawn_to_first_instruction_median_ms']:.1f} ms",
+                 f"+{lat['scheduler_share_median_ms']:.1f} ms", "median <= 20 ms", lat["median_ms"] <= 20)]
+    for key, label in (("sequential", "sequential"), ("concurrent", "6 concurrent")):
+        q = r[key]
+        rows.append(_row(f"4 queue, {q['jobs']} jobs" if key == "sequential" else "", f"{label}: jobs/s end to end",
+                         f"{q['jobs_per_s']:.0f} jobs/s, +{q['overhead_ms_per_job']:.1f} ms/job",
+                         f"engine alone {q['baseline_direct_jobs_per_s']:.0f} jobs/s", f"{q['ratio_to_direct']:.2f}x",
+                         "<= 10 ms/job", q["overhead_ms_per_job"] <= 10))
+    return rows
+
+
+def engine_rows(r: dict) -> list[dict]:
+    if "skipped" in r:
+        return [_row("5 engine cost", "skipped", r["skipped"])]
+    return [
+        _row("5 engine (jfk.flac, tiny.en)", "WhisperX CLI wall per job", f"{r['cli_wall_s']:.2f} s",
+             f"warm transcribe {r['warm_transcribe_s']:.2f} s", f"{r['cli_to_warm_ratio']:.1f}x", "report"),
+        _row("", "interpreter / import / load model",
+             f"{r['interpreter_startup_s']:.2f} / {r['import_whisperx_asr_s']:.2f} / {r['load_model_s']:.2f} s",
+             f"first transcribe {r['first_transcribe_s']:.2f} s"),
+        _row("", "a persistent engine would save", f"{r['persistent_engine_saves_s_per_job']:.2f} s/job"),
+    ]
+
+
+def print_table(rows: list[dict], out=sys.stdout) -> None:
+    header = _row("benchmark", "figure", "value", "baseline (same run)", "ratio", "goal")
+    cols = list(header)[:-1]
+    cells = [[str(r[c]) for c in cols] + [{True: "met", False: "MISSED", None: ""}[r["met"]]] for r in rows]
+    head = [header[c] for c in cols] + ["met?"]
+    widths = [max(len(line[i]) for line in cells + [head]) for i in range(len(head))]
+    for line in [head, ["-" * w for w in widths]] + cells:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip(), file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and counts (CI smoke, < 2 min)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
+    parser.add_argument("--no-profile", action="store_true", help="skip the pyinstrument pass of the upload path")
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
+              "machine": machine(), "load_avg_1m": {}, "seconds": {}, "results": {}}
+    # On the repository's disk, not a tmpfs /tmp: the uploads are written where whisperd writes them.
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=RESULTS))
+    try:
+        engine = write_noop_engine(work)
+        runners = {
+            "upload": lambda: upload.run(work, engine, args.quick, not args.no_profile),
+            "ledger": lambda: ledger_load.run(work, engine, args.quick),
+            "scheduling": lambda: scheduling.run(work, engine, args.quick),
+            "engine": lambda: engine_cost.run(work, args.quick),
+        }
+        for name in args.only:
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            report["load_avg_1m"][f"before_{name}"] = os.getloadavg()[0]
+            report["results"][name] = runners[name]()
+            report["seconds"][name] = round(time.perf_counter() - start, 1)
+        report["load_avg_1m"]["at_end"] = os.getloadavg()[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    makers = {"upload": upload_rows, "ledger": ledger_rows, "scheduling": scheduling_rows, "engine": engine_rows}
+    rows = [row for name in args.only for row in makers[name](report["results"][name])]
+    report["table"] = rows
+    m = report["machine"]
+    print(f"\nwhisperd benchmarks{' (quick)' if args.quick else ''}: {m['cores']} cores, {m['ram_gib']} GiB, {m['cpu']}; "
+          f"load average {min(report['load_avg_1m'].values()):.1f}-{max(report['load_avg_1m'].values()):.1f}; "
+          f"{sum(report['seconds'].values()):.0f} s\n")
+    print_table(rows)
+    target = RESULTS / "latest.json"
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(target)
+    print(f"\nwrote {target.relative_to(REPO)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

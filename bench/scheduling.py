@@ -1,0 +1,120 @@
+"""#3 Submit → engine start latency, and #4 queue throughput, both with the noop engine.
+
+Baselines, measured in the same run: the noop engine started directly with subprocess (spawn →
+its first instruction, and the wall time of N runs one by one or 6 at a time). What whisperd
+adds on top of them is the service's share.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import sqlite3
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .common import AUTH, Whisperd, median, pct, small_upload
+
+AUDIO = os.urandom(4096)  # the noop engine never reads it
+FIELDS = {"diarize": "false", "response_format": "json"}
+
+
+def _submit(conn: http.client.HTTPConnection) -> str:
+    body, ctype = small_upload(AUDIO, **FIELDS)
+    conn.request("POST", "/transcription", body=body, headers={**AUTH, "Content-Type": ctype})
+    response = conn.getresponse()
+    data = response.read()
+    if response.status != 202:
+        raise RuntimeError(f"submit answered {response.status}: {data[:200]!r}")
+    return response.getheader("Location").rsplit("/", 1)[1]
+
+
+def direct_runs(engine: Path, work: Path, count: int, parallel: int) -> tuple[float, list[float]]:
+    """(wall seconds for `count` engine runs, `parallel` at a time; spawn → first instruction of each)."""
+    log = work / f"direct-{parallel}.log"
+    log.unlink(missing_ok=True)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "FAKE_WHISPERX_LOG": str(log)}
+    audio = work / "direct.wav"
+    audio.write_bytes(AUDIO)
+
+    def one(n: int) -> float:
+        out = work / "direct-out" / str(n)
+        out.mkdir(parents=True, exist_ok=True)
+        spawned = time.time()
+        subprocess.run([str(engine), str(audio), "--output_dir", str(out)], env=env, check=True)
+        return spawned
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        spawned = list(pool.map(one, range(count)))
+    wall = time.perf_counter() - start
+    started = [float(x) for x in log.read_text().split()]
+    return wall, [s - p for s, p in zip(sorted(started), sorted(spawned))]
+
+
+def start_latency(work: Path, engine: Path, jobs: int) -> dict:
+    """#3: one job at a time on an idle queue: the 202's arrival → the engine's first instruction."""
+    root = work / "latency"
+    root.mkdir(parents=True, exist_ok=True)
+    _, spawn = direct_runs(engine, work, 20, 1)
+    latencies = []
+    with Whisperd(root, engine) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        for n in range(jobs):
+            job_id = _submit(conn)
+            accepted = time.time()
+            server.wait_status(job_id, "Completed", conn=conn)
+            latencies.append(server.engine_starts()[n] - accepted)
+        conn.close()
+    ms = [1000 * x for x in latencies]
+    spawn_ms = [1000 * x for x in spawn]
+    return {
+        "jobs": jobs,
+        "median_ms": round(median(ms), 2), "p99_ms": round(pct(ms, 99), 2),
+        "baseline_spawn_to_first_instruction_median_ms": round(median(spawn_ms), 2),
+        "scheduler_share_median_ms": round(median(ms) - median(spawn_ms), 2),
+    }
+
+
+def throughput(work: Path, engine: Path, jobs: int, concurrent: int) -> dict:
+    """#4: `jobs` submitted at once from 4 client connections, until the last one is Completed."""
+    root = work / f"queue-{concurrent}"
+    root.mkdir(parents=True, exist_ok=True)
+    env = {"ENABLE_CONCURRENCY": "true" if concurrent > 1 else "false", "MAX_CONCURRENT_JOBS": str(concurrent)}
+    direct_wall, _ = direct_runs(engine, work, jobs, concurrent)
+    with Whisperd(root, engine, env) as server:
+        def client(count: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            for _ in range(count):
+                _submit(conn)
+            conn.close()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(client, [jobs // 4 + (i < jobs % 4) for i in range(4)]))
+        db = sqlite3.connect(server.env["WHISPER_DB_PATH"], timeout=10)
+        while db.execute("SELECT count(*) FROM jobs WHERE status IN ('Queued', 'Processing')").fetchone()[0]:
+            time.sleep(0.01)
+        wall = time.perf_counter() - start
+        done = db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()
+        db.close()
+    if dict(done).get("Completed") != jobs:
+        raise RuntimeError(f"expected {jobs} Completed jobs, the ledger says {done}")
+    return {
+        "jobs": jobs, "concurrent": concurrent,
+        "jobs_per_s": round(jobs / wall, 1),
+        "baseline_direct_jobs_per_s": round(jobs / direct_wall, 1),
+        "ratio_to_direct": round(direct_wall / wall, 3),
+        "overhead_ms_per_job": round(1000 * (wall - direct_wall) / jobs, 2),
+    }
+
+
+def run(work: Path, engine: Path, quick: bool) -> dict:
+    jobs = 100 if quick else 1000
+    return {
+        "start_latency": start_latency(work, engine, 50 if quick else 200),
+        "sequential": throughput(work, engine, jobs, 1),
+        "concurrent": throughput(work, engine, jobs, 6),
+    }
