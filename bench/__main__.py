@@ -41,6 +41,9 @@ def upload_rows(r: dict) -> list[dict]:
         rows += [
             _row(f"1 upload {mib} MiB", "throughput vs raw socket", f"{ours['mib_per_s']:.0f} MiB/s",
                  f"raw {raw['mib_per_s']:.0f} MiB/s", f"{ours['mib_per_s'] / raw['mib_per_s']:.2f}x", "report"),
+            _row("", "server CPU per MiB vs FastAPI", f"{ours['cpu_ms_per_mib']:.2f} ms",
+                 f"FastAPI {peer['cpu_ms_per_mib']:.2f}, raw {raw['cpu_ms_per_mib']:.2f} ms",
+                 f"{peer['cpu_ms_per_mib'] / ours['cpu_ms_per_mib']:.2f}x less", "report"),
             _row("", "throughput vs FastAPI+UploadFile", f"{ours['mib_per_s']:.0f} MiB/s",
                  f"FastAPI {peer['mib_per_s']:.0f} MiB/s", f"{vs_peer:.2f}x", ">= 2x" if big else "",
                  vs_peer >= 2 if big else None),
@@ -83,7 +86,8 @@ def scheduling_rows(r: dict) -> list[dict]:
     for key, label in (("sequential", "sequential"), ("concurrent", "6 concurrent")):
         q = r[key]
         rows.append(_row(f"4 queue, {q['jobs']} jobs" if key == "sequential" else "", f"{label}: jobs/s end to end",
-                         f"{q['jobs_per_s']:.0f} jobs/s, +{q['overhead_ms_per_job']:.1f} ms/job",
+                         f"{q['jobs_per_s']:.0f} jobs/s, +{q['overhead_ms_per_job']:.1f} ms/job "
+                         f"(server CPU {q['server_cpu_ms_per_job']:.1f} ms/job)",
                          f"engine alone {q['baseline_direct_jobs_per_s']:.0f} jobs/s", f"{q['ratio_to_direct']:.2f}x",
                          "<= 10 ms/job", q["overhead_ms_per_job"] <= 10))
     return rows
@@ -138,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             report["results"][name] = runners[name]()
             report["seconds"][name] = round(time.perf_counter() - start, 1)
         report["load_avg_1m"]["at_end"] = os.getloadavg()[0]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        print(f"bench: failed; the servers' logs and data are kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     makers = {"upload": upload_rows, "ledger": ledger_rows, "scheduling": scheduling_rows, "engine": engine_rows}
     rows = [row for name in args.only for row in makers[name](report["results"][name])]
     report["table"] = rows

@@ -61,7 +61,8 @@ def run(work: Path, quick: bool) -> dict:
         if not (out / "jfk.json").exists():
             raise RuntimeError("the WhisperX CLI wrote no jfk.json")
     startup = median([_wall([str(python), "-c", "pass"]) for _ in range(5)])
-    probe = subprocess.run([str(python), "-I", str(REPO / "bench" / "engine_probe.py"), str(model_dir), str(JFK), "3"],
+    probe = subprocess.run([str(python), "-I", str(REPO / "bench" / "engine_probe.py"), str(model_dir), str(JFK),
+                            "1" if quick else "3"],
                            env=env, check=True, capture_output=True, text=True)
     parts = json.loads(probe.stdout.strip().splitlines()[-1])
     cli_s = median(cli)

@@ -123,7 +123,7 @@ def wrk(port: int, paths: list[str], connections: int, seconds: float, script: P
 
 def run(work: Path, engine: Path, quick: bool) -> dict:
     total, queued = 100_000, 2_000
-    seconds = 2 if quick else 8
+    seconds = 1 if quick else 8
     root = work / "ledger"
     root.mkdir(parents=True, exist_ok=True)
     ids = fill(root / "whisperd.db", total, queued)

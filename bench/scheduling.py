@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import AUTH, Whisperd, median, pct, small_upload
+from .common import AUTH, Whisperd, cpu_seconds, median, pct, small_upload
 
 AUDIO = os.urandom(4096)  # the noop engine never reads it
 FIELDS = {"diarize": "false", "response_format": "json"}
@@ -91,6 +91,7 @@ def throughput(work: Path, engine: Path, jobs: int, concurrent: int) -> dict:
                 _submit(conn)
             conn.close()
 
+        cpu_before = cpu_seconds(server.proc.pid)
         start = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(client, [jobs // 4 + (i < jobs % 4) for i in range(4)]))
@@ -98,6 +99,7 @@ def throughput(work: Path, engine: Path, jobs: int, concurrent: int) -> dict:
         while db.execute("SELECT count(*) FROM jobs WHERE status IN ('Queued', 'Processing')").fetchone()[0]:
             time.sleep(0.01)
         wall = time.perf_counter() - start
+        cpu = cpu_seconds(server.proc.pid) - cpu_before
         done = db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall()
         db.close()
     if dict(done).get("Completed") != jobs:
@@ -108,6 +110,8 @@ def throughput(work: Path, engine: Path, jobs: int, concurrent: int) -> dict:
         "baseline_direct_jobs_per_s": round(jobs / direct_wall, 1),
         "ratio_to_direct": round(direct_wall / wall, 3),
         "overhead_ms_per_job": round(1000 * (wall - direct_wall) / jobs, 2),
+        # The server's own CPU (its threads included, the engines not): what a busy machine does not inflate.
+        "server_cpu_ms_per_job": round(1000 * cpu / jobs, 2),
     }
 
 

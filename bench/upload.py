@@ -3,7 +3,8 @@
 The client sends the file with sendfile(2) (the kernel copies it), so it costs the servers
 little CPU on 2 shared cores; every server writes the body to a new file on the same disk.
 Throughput = file size / (first byte sent .. response read); RSS growth = peak VmRSS of the
-server process during the upload minus VmRSS just before it.
+server process during the upload minus VmRSS just before it; CPU = the server process's user +
+system time per MiB, which a busy machine does not inflate as it does wall time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import REPO, RssSampler, TOKEN, Whisperd, free_port, median, multipart, stop_process, wait_http
+from .common import REPO, RssSampler, cpu_seconds, TOKEN, Whisperd, free_port, median, multipart, stop_process, wait_http
 
 MIB = 1024 * 1024
 
@@ -55,10 +56,12 @@ def post_file(port: int, path: Path, fields: dict[str, str]) -> tuple[float, int
 
 
 def measure(pid: int, port: int, path: Path, repeats: int, fields: dict[str, str], sink: Path) -> dict:
-    seconds, growth = [], []
+    seconds, growth, cpu = [], [], []
     for _ in range(repeats):
+        cpu_before = cpu_seconds(pid)
         with RssSampler(pid) as rss:
             elapsed, status = post_file(port, path, fields)
+        cpu.append(cpu_seconds(pid) - cpu_before)
         if status not in (200, 202):
             raise RuntimeError(f"upload answered HTTP {status}")
         seconds.append(elapsed)
@@ -67,7 +70,7 @@ def measure(pid: int, port: int, path: Path, repeats: int, fields: dict[str, str
         sink.mkdir(parents=True, exist_ok=True)
     size_mib = path.stat().st_size / MIB
     return {"mib_per_s": round(size_mib / median(seconds), 1), "rss_growth_mib": round(max(growth), 1),
-            "seconds": [round(s, 3) for s in seconds]}
+            "cpu_ms_per_mib": round(1000 * median(cpu) / size_mib, 2), "seconds": [round(s, 3) for s in seconds]}
 
 
 def _peer(kind: str, work: Path, repeats: int, files: list[Path]) -> dict:
@@ -102,7 +105,8 @@ def profile(work: Path, engine: Path, path: Path, out: Path) -> None:
     """One upload to whisperd under pyinstrument; the text report goes to `out`."""
     root = work / "whisperd-profile"
     root.mkdir(parents=True, exist_ok=True)
-    with Whisperd(root, engine, wrap=["-m", "pyinstrument", "-r", "text", "-o", str(out)]) as server:
+    wrap = ["-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(out)]
+    with Whisperd(root, engine, wrap=wrap) as server:
         post_file(server.port, path, {"diarize": "false", "response_format": "json"})
         time.sleep(0.5)  # let the noop job finish so the profile is of the upload, not a shutdown
 
