@@ -47,6 +47,7 @@ def upload_rows(r: dict) -> list[dict]:
             _row("", "throughput vs FastAPI+UploadFile", f"{ours['mib_per_s']:.0f} MiB/s",
                  f"FastAPI {peer['mib_per_s']:.0f} MiB/s", f"{vs_peer:.2f}x", ">= 2x" if big else "",
                  vs_peer >= 2 if big else None),
+            _row("", "of which the ffprobe check", f"{r['ffprobe_ms'][name]:.0f} ms per upload"),
             _row("", "server RSS growth", f"{ours['rss_growth_mib']:.1f} MiB",
                  f"raw {raw['rss_growth_mib']:.1f}, FastAPI {peer['rss_growth_mib']:.1f} MiB", "",
                  "<= 32 MiB" if big else "", ours["rss_growth_mib"] <= 32 if big else None),
@@ -87,7 +88,7 @@ def scheduling_rows(r: dict) -> list[dict]:
         q = r[key]
         rows.append(_row(f"4 queue, {q['jobs']} jobs" if key == "sequential" else "", f"{label}: jobs/s end to end",
                          f"{q['jobs_per_s']:.0f} jobs/s, +{q['overhead_ms_per_job']:.1f} ms/job "
-                         f"(server CPU {q['server_cpu_ms_per_job']:.1f} ms/job)",
+                         f"(server CPU {q['server_cpu_ms_per_job']:.1f}, ffprobe {q['ffprobe_ms_per_upload']:.0f} ms/job)",
                          f"engine alone {q['baseline_direct_jobs_per_s']:.0f} jobs/s", f"{q['ratio_to_direct']:.2f}x",
                          "<= 10 ms/job", q["overhead_ms_per_job"] <= 10))
     return rows

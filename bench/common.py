@@ -9,6 +9,7 @@ import platform
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import threading
@@ -17,8 +18,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
-TOKEN = "bench-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def machine() -> dict:
@@ -173,6 +172,12 @@ class Whisperd:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Whisperd":
+        # A real (admin) API token, as deployed: each request pays the ledger lookup that checks it.
+        created = subprocess.run(
+            [sys.executable, str(REPO / "whisperd.py"), "token", "create", "--name", f"bench{self.port}", "--admin"],
+            cwd=REPO, env=self.env, capture_output=True, text=True, check=True)
+        self.token = created.stdout.split()[-1]
+        self.auth = {"Authorization": f"Bearer {self.token}"}
         self.log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, *self.wrap, str(REPO / "whisperd.py")], cwd=REPO, env=self.env,
@@ -202,7 +207,7 @@ class Whisperd:
                 headers: dict[str, str] | None = None, conn: http.client.HTTPConnection | None = None):
         own = conn is None
         conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request(method, path, body=body, headers={**AUTH, **(headers or {})})
+        conn.request(method, path, body=body, headers={**self.auth, **(headers or {})})
         response = conn.getresponse()
         data = response.read()
         if own:
@@ -230,6 +235,26 @@ def multipart(fields: dict[str, str], filename: str, file_size: int, boundary: s
              f"Content-Type: application/octet-stream\r\n\r\n").encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     return head, tail, f"multipart/form-data; boundary={boundary}"
+
+
+def probe_ms(path: Path, runs: int = 10) -> float:
+    """Median wall time of the server's own upload check (whisperd.probe: ffprobe) on one file."""
+    import asyncio
+
+    from whisperd import probe
+
+    def once() -> float:
+        start = time.perf_counter()
+        asyncio.run(probe.probe("ffprobe", path))
+        return 1000 * (time.perf_counter() - start)
+
+    return round(median([once() for _ in range(runs)]), 1)
+
+
+def wav_header(data_bytes: int, rate: int = 16000) -> bytes:
+    """A 16-bit mono PCM WAV header: with any bytes after it, the file passes the server's ffprobe check."""
+    return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", data_bytes))
 
 
 def small_upload(audio: bytes, **fields: str) -> tuple[bytes, str]:

@@ -23,7 +23,7 @@ import aiosqlite
 
 from whisperd import ledger as ledger_module
 
-from .common import REPO, TOKEN, Whisperd, free_port, stop_process, wait_http
+from .common import REPO, Whisperd, free_port, stop_process, wait_http
 
 # wrk runs this: walk the paths in order (pre-shuffled), and print the summary as one JSON line.
 WRK_SCRIPT = """
@@ -60,9 +60,9 @@ def fill(db_path: Path, total: int, queued: int) -> dict[str, list[str]]:
         finished = None if status == "Queued" else at
         delivered = at if status == "Completed" else None
         error = {"Failed": "fake failure", "Canceled": "canceled by the client"}.get(status)
-        rows.append((job_id, "anyone", status, at, at if finished else None, finished, delivered, "clip.flac",
+        rows.append((job_id, "bench", status, at, at if finished else None, finished, delivered, "clip.flac",
                      123456, "en", "tiny.en", "txt", 0, "", "cpu", "0", 1 if finished else 0, error))
-        events.append((job_id, at, "accepted", "anyone", "clip.flac, 123456 bytes"))
+        events.append((job_id, at, "accepted", "bench", "clip.flac, 123456 bytes"))
         ids[status].append(job_id)
     conn = sqlite3.connect(db_path, isolation_level=None)
     conn.execute("BEGIN")
@@ -110,11 +110,11 @@ def query_plans(db_path: Path, job_id: str) -> list[dict]:
     return plans
 
 
-def wrk(port: int, paths: list[str], connections: int, seconds: float, script: Path) -> dict:
+def wrk(port: int, paths: list[str], connections: int, seconds: float, script: Path, token: str = "none") -> dict:
     script.write_text(WRK_SCRIPT % ", ".join(json.dumps(p) for p in paths))
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script),
-         "-H", f"Authorization: Bearer {TOKEN}", f"http://127.0.0.1:{port}/"],
+         "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}/"],
         capture_output=True, text=True, check=True, timeout=seconds + 60,
     ).stdout
     line = next(line for line in out.splitlines() if line.startswith("WRK "))
@@ -155,6 +155,6 @@ def run(work: Path, engine: Path, quick: bool) -> dict:
             assert status == 200 and body["queue_position"] == queued - 1, (status, body)
             for name, paths in (("job", job_paths), ("status", ["/status"])):
                 for connections in (1, 8):
-                    figures = wrk(server.port, paths, connections, seconds, work / "wrk.lua")
+                    figures = wrk(server.port, paths, connections, seconds, work / "wrk.lua", server.token)
                     result["runs"].append({"endpoint": name, "workers": workers, "connections": connections, **figures})
     return result

@@ -15,15 +15,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import AUTH, Whisperd, cpu_seconds, median, pct, small_upload
+from .common import Whisperd, cpu_seconds, probe_ms, wav_header, median, pct, small_upload
 
-AUDIO = os.urandom(4096)  # the noop engine never reads it
+AUDIO = wav_header(4096) + os.urandom(4096)  # passes the server's ffprobe check; the noop engine never reads it
 FIELDS = {"diarize": "false", "response_format": "json"}
 
 
-def _submit(conn: http.client.HTTPConnection) -> str:
+def _submit(conn: http.client.HTTPConnection, auth: dict[str, str]) -> str:
     body, ctype = small_upload(AUDIO, **FIELDS)
-    conn.request("POST", "/transcription", body=body, headers={**AUTH, "Content-Type": ctype})
+    conn.request("POST", "/transcription", body=body, headers={**auth, "Content-Type": ctype})
     response = conn.getresponse()
     data = response.read()
     if response.status != 202:
@@ -63,7 +63,7 @@ def start_latency(work: Path, engine: Path, jobs: int) -> dict:
     with Whisperd(root, engine) as server:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         for n in range(jobs):
-            job_id = _submit(conn)
+            job_id = _submit(conn, server.auth)
             accepted = time.time()
             server.wait_status(job_id, "Completed", conn=conn)
             latencies.append(server.engine_starts()[n] - accepted)
@@ -84,11 +84,13 @@ def throughput(work: Path, engine: Path, jobs: int, concurrent: int) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     env = {"ENABLE_CONCURRENCY": "true" if concurrent > 1 else "false", "MAX_CONCURRENT_JOBS": str(concurrent)}
     direct_wall, _ = direct_runs(engine, work, jobs, concurrent)
+    clip = work / "clip.wav"
+    clip.write_bytes(AUDIO)
     with Whisperd(root, engine, env) as server:
         def client(count: int) -> None:
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
             for _ in range(count):
-                _submit(conn)
+                _submit(conn, server.auth)
             conn.close()
 
         cpu_before = cpu_seconds(server.proc.pid)
@@ -112,6 +114,8 @@ def throughput(work: Path, engine: Path, jobs: int, concurrent: int) -> dict:
         "overhead_ms_per_job": round(1000 * (wall - direct_wall) / jobs, 2),
         # The server's own CPU (its threads included, the engines not): what a busy machine does not inflate.
         "server_cpu_ms_per_job": round(1000 * cpu / jobs, 2),
+        # Every upload is checked by ffprobe before it is queued (a process of its own, not in the CPU above).
+        "ffprobe_ms_per_upload": probe_ms(clip),
     }
 
 

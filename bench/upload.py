@@ -17,26 +17,30 @@ import sys
 import time
 from pathlib import Path
 
-from .common import REPO, RssSampler, cpu_seconds, TOKEN, Whisperd, free_port, median, multipart, stop_process, wait_http
+from .common import (REPO, RssSampler, Whisperd, cpu_seconds, free_port, median, multipart, probe_ms, stop_process,
+                     wait_http, wav_header)
 
 MIB = 1024 * 1024
 
 
 def make_file(path: Path, size: int) -> Path:
-    # Random bytes, like compressed audio: the multipart parser's boundary search sees '\r' at
-    # the rate a real upload has.
+    # A WAV header (the server probes uploads with ffprobe) over random bytes, like compressed
+    # audio: the multipart parser's boundary search sees '\r' at the rate a real upload has.
+    header = wav_header(size - 44)
     with open(path, "wb") as out:
-        for _ in range(size // MIB):
+        out.write(header)
+        out.write(os.urandom(MIB - len(header)))
+        for _ in range(size // MIB - 1):
             out.write(os.urandom(MIB))
     return path
 
 
-def post_file(port: int, path: Path, fields: dict[str, str]) -> tuple[float, int]:
+def post_file(port: int, path: Path, fields: dict[str, str], token: str = "none") -> tuple[float, int]:
     """(seconds, HTTP status) for one multipart POST of `path` as the field `file`."""
     size = path.stat().st_size
     head, tail, ctype = multipart(fields, "big.flac", size)
     request = (
-        f"POST /transcription HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"POST /transcription HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: {ctype}\r\nContent-Length: {len(head) + size + len(tail)}\r\n\r\n"
     ).encode()
     with socket.create_connection(("127.0.0.1", port)) as sock, open(path, "rb") as body:
@@ -55,12 +59,13 @@ def post_file(port: int, path: Path, fields: dict[str, str]) -> tuple[float, int
     return elapsed, status
 
 
-def measure(pid: int, port: int, path: Path, repeats: int, fields: dict[str, str], sink: Path) -> dict:
+def measure(pid: int, port: int, path: Path, repeats: int, fields: dict[str, str], sink: Path,
+            token: str = "none") -> dict:
     seconds, growth, cpu = [], [], []
     for _ in range(repeats):
         cpu_before = cpu_seconds(pid)
         with RssSampler(pid) as rss:
-            elapsed, status = post_file(port, path, fields)
+            elapsed, status = post_file(port, path, fields, token)
         cpu.append(cpu_seconds(pid) - cpu_before)
         if status not in (200, 202):
             raise RuntimeError(f"upload answered HTTP {status}")
@@ -98,7 +103,7 @@ def _whisperd(work: Path, engine: Path, repeats: int, files: list[Path]) -> dict
     fields = {"diarize": "false", "response_format": "json"}
     with Whisperd(root, engine) as server:
         sink = root / "tmp"  # each job's upload lands here; cleared between runs like the others
-        return {f.name: measure(server.proc.pid, server.port, f, repeats, fields, sink) for f in files}
+        return {f.name: measure(server.proc.pid, server.port, f, repeats, fields, sink, server.token) for f in files}
 
 
 def profile(work: Path, engine: Path, path: Path, out: Path) -> None:
@@ -107,7 +112,7 @@ def profile(work: Path, engine: Path, path: Path, out: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     wrap = ["-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(out)]
     with Whisperd(root, engine, wrap=wrap) as server:
-        post_file(server.port, path, {"diarize": "false", "response_format": "json"})
+        post_file(server.port, path, {"diarize": "false", "response_format": "json"}, server.token)
         time.sleep(0.5)  # let the noop job finish so the profile is of the upload, not a shutdown
     _prune(out, 0.02)
 
@@ -133,6 +138,8 @@ def run(work: Path, engine: Path, quick: bool, do_profile: bool = True) -> dict:
     repeats = 3
     files = [make_file(work / f"upload-{mib}mib.bin", mib * MIB) for mib in sizes]
     result = {
+        # whisperd checks each upload with ffprobe before queueing it: a fixed cost per upload.
+        "ffprobe_ms": {f.name: probe_ms(f) for f in files},
         "whisperd": _whisperd(work, engine, repeats, files),
         "raw_socket": _peer("raw", work, repeats, files),
         "fastapi_uploadfile": _peer("fastapi", work, repeats, files),
