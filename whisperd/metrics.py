@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,13 @@ _dir: str | None = None
 
 
 def setup(directory: str) -> None:
-    """Call once in the parent, before any worker forks: empties the directory of the last run."""
+    """Call once in the parent, before any worker forks: drops the last run's files."""
     global _dir
     path = Path(directory)
-    if path.is_dir():
-        shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
+    # Only prometheus-client's own files: the directory is configurable and may hold others.
+    for stale in path.glob("*.db"):
+        stale.unlink()
     # prometheus-client picks its value storage from this variable when a metric is made.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     from prometheus_client import Counter, Histogram, values
