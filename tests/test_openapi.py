@@ -73,7 +73,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_off_the_document(make_server,
         "--request-timeout", "90",
         "--no-color",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=280)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=280, cwd=tmp_path)
     report.write_text(done.stdout + done.stderr)
     assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
     assert " 500 " not in server.log()

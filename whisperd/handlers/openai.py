@@ -6,7 +6,6 @@ and deletion after delivery); only the request fields and the answer's shape dif
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -51,30 +50,13 @@ class OpenAIError(ApiError):
 
 
 class OpenAIErrorsMixin(BaseHandler):
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            message = exc.message
-            for name, value in exc.headers.items():
-                self.set_header(name, value)
-        elif status_code == 405:
-            message = f"method {self.request.method} is not allowed here; allowed: {', '.join(self.allowed_methods)}"
-            self.set_header("Allow", ", ".join(self.allowed_methods))
-        elif status_code >= 500:
-            message = "internal server error (see the server log)"
-        else:
-            message = self._reason or "request refused"
+    def error_body(self, message: str, exc: BaseException | None) -> dict[str, Any]:
+        status = self.get_status()
         code = getattr(exc, "code", None)
-        if status_code == 401:
+        if status == 401:
             code = code or "invalid_api_key"
-        error = {
-            "message": message,
-            "type": ERROR_TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error"),
-            "param": getattr(exc, "param", None),
-            "code": code,
-        }
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps({"error": error}, ensure_ascii=False))
+        error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return {"error": {"message": message, "type": error_type, "param": getattr(exc, "param", None), "code": code}}
 
 
 class ModelsHandler(OpenAIErrorsMixin):
