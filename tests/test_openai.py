@@ -247,3 +247,11 @@ def test_openai_jobs_belong_to_the_caller_and_show_in_the_ledger(server):
 def test_preflight_is_open(server):
     response = server.api("OPTIONS", "/v1/audio/transcriptions", token=None)
     assert response.status_code == 200 and response.headers["Allow"] == "OPTIONS, POST"
+
+
+def test_a_file_without_sound_is_415_in_openai_shape(server):
+    notes = server.root / "notes.wav"
+    notes.write_text("this is text, not audio\n" * 50)
+    response = post(server, {"model": "whisper-1"}, audio=notes)
+    assert "not audio" in openai_error(response, 415)["message"]
+    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
