@@ -12,7 +12,7 @@ an ffmpeg-style line (followed by a blank line) ending stderr.
 Behaviour is picked by FAKE_WHISPERX_MODE (default "ok") or, for one job, by "fake:<mode>"
 anywhere in --initial_prompt:
 
-  ok          write the outputs, exit 0
+  ok          write the outputs, exit 0 (segments carry words unless --no_align is given)
   slow        print "Progress: X%..." lines for FAKE_WHISPERX_SLOW_SECONDS (default 5), then ok
   fail        traceback-like stderr ending "RuntimeError: fake engine failure", exit 1, no output
   hang        ignore SIGTERM and sleep until killed
@@ -267,6 +267,17 @@ def make_result(path, args):
     if args.diarize:
         segments[0]["speaker"] = "SPEAKER_00"
         segments[1]["speaker"] = "SPEAKER_01"
+    if not args.no_align:
+        # Aligned output carries word times, except for digits (as WhisperX leaves them).
+        for segment in segments:
+            tokens = segment["text"].split()
+            step = (segment["end"] - segment["start"]) / len(tokens)
+            segment["words"] = [
+                {"word": token} if token.isdigit() else
+                {"word": token, "start": round(segment["start"] + i * step, 3),
+                 "end": round(segment["start"] + (i + 1) * step, 3), "score": 0.9}
+                for i, token in enumerate(tokens)
+            ]
     return {"segments": segments, "language": language_code(args)}
 
 

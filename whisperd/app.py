@@ -7,7 +7,10 @@ import logging
 from tornado.httpserver import HTTPServer
 from tornado.web import Application, RequestHandler
 
+from . import metrics
 from .handlers.base import NotFoundHandler
+from .handlers.ops import HealthHandler, MetricsHandler, OpenApiHandler
+from .handlers.openai import ModelsHandler, OpenAITranscriptionHandler
 from .handlers.status import StatusHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
 from .service import Service
@@ -21,20 +24,29 @@ CHUNK_SIZE = 1024 * 1024  # 64 KiB chunks cost ~25% upload throughput (DESIGN.md
 def log_request(handler: RequestHandler) -> None:
     """Method, path, status, time: never headers, query strings or form fields (secrets live there)."""
     status = handler.get_status()
+    metrics.request_done(type(handler).__name__, handler.request.method or "", status)
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     access_log.log(level, "%d %s %s %.1fms", status, handler.request.method, handler.request.path,
                    1000.0 * handler.request.request_time())
 
 
+# The OpenAPI document (openapi.json) describes exactly these; a test keeps the two in step.
+ROUTES = [
+    (r"/transcription/?", SubmitHandler),
+    (rf"/transcription/{JOB_ID}/result/?", ResultHandler),
+    (rf"/transcription/{JOB_ID}/?", JobHandler),
+    (r"/status/?", StatusHandler),
+    (r"/v1/audio/transcriptions/?", OpenAITranscriptionHandler),
+    (r"/v1/models/?", ModelsHandler),
+    (r"/openapi.json", OpenApiHandler),
+    (r"/health/?", HealthHandler),
+    (r"/metrics/?", MetricsHandler),
+]
+
+
 def make_app(service: Service) -> Application:
-    routes = [
-        (r"/transcription/?", SubmitHandler),
-        (rf"/transcription/{JOB_ID}/result/?", ResultHandler),
-        (rf"/transcription/{JOB_ID}/?", JobHandler),
-        (r"/status/?", StatusHandler),
-    ]
     return Application(
-        [(pattern, handler, {"service": service}) for pattern, handler in routes],
+        [(pattern, handler, {"service": service}) for pattern, handler in ROUTES],
         default_handler_class=NotFoundHandler,
         default_handler_args={"service": service},
         log_function=log_request,

@@ -98,7 +98,7 @@ def _device_index(value: Any) -> str:
 # Relative paths in the file are taken from the file's own directory, so the shipped
 # configuration works from any working directory.
 PATH_SETTINGS = ("WHISPER_CMD", "WHISPER_MODELS_DIR", "WHISPER_OUTPUT_DIR", "WHISPER_TMP_FILES",
-                 "WHISPER_HF_TOKEN_FILE", "WHISPER_DB_PATH")
+                 "WHISPER_HF_TOKEN_FILE", "WHISPER_DB_PATH", "WHISPER_METRICS_DIR")
 
 # name -> (default, converter). Every variable of the spec's table is here, with its default.
 SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
@@ -144,6 +144,9 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "WHISPER_FFPROBE": ("ffprobe", _text),
     "WHISPER_MAX_PENDING_UPLOADS": (32, _int(1)),  # uploads in flight per worker process
     "WHISPER_MIN_FREE_DISK_MB": (500, _int(0)),  # below this, uploads are refused with 507
+    "WHISPER_OPENAI_MODEL": ("", _text),  # what "whisper-1" runs; empty: WHISPER_DEFAULT_MODEL
+    "WHISPER_METRICS_AUTH": (False, parse_bool),  # false: /metrics answers loopback callers only
+    "WHISPER_METRICS_DIR": ("", _text),  # empty: metrics/ beside the ledger
 }
 
 
@@ -189,6 +192,9 @@ class Config:
     WHISPER_FFPROBE: str
     WHISPER_MAX_PENDING_UPLOADS: int
     WHISPER_MIN_FREE_DISK_MB: int
+    WHISPER_OPENAI_MODEL: str
+    WHISPER_METRICS_AUTH: bool
+    WHISPER_METRICS_DIR: str
     conf_path: str | None = None
 
     @property
@@ -207,6 +213,16 @@ class Config:
         if self.WHISPER_DB_PATH:
             return self.WHISPER_DB_PATH
         return str(Path(self.WHISPER_TMP_FILES).resolve().parent / "whisperd.db")
+
+    @property
+    def openai_model(self) -> str:
+        return self.WHISPER_OPENAI_MODEL or self.WHISPER_DEFAULT_MODEL
+
+    @property
+    def metrics_dir(self) -> str:
+        if self.WHISPER_METRICS_DIR:
+            return self.WHISPER_METRICS_DIR
+        return str(Path(self.db_path).resolve().parent / "metrics")
 
     def __repr__(self) -> str:  # the HF token must never reach a log through repr()
         shown = {f.name: getattr(self, f.name) for f in fields(self)}

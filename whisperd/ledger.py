@@ -518,6 +518,23 @@ class Ledger:
         found = {row[0]: row[1] for row in rows}
         return {"Queued": found.get("Queued", 0), "Processing": found.get("Processing", 0)}
 
+    async def status_counts(self) -> dict[str, int]:
+        """Rows per status, every status present (0 when none): the metrics' jobs gauge."""
+        rows = await self._fetch_all("SELECT status, count(*) FROM jobs GROUP BY status")
+        found = {row[0]: row[1] for row in rows}
+        return {status: found.get(status, 0) for status in ACTIVE + TERMINAL}
+
+    async def check_writable(self) -> None:
+        """Take the write lock and let it go: raises when the ledger cannot be written."""
+        async def work(conn, now):
+            # Rewriting the header's unused user_version is a real write to the main file
+            # (a temp table would only prove that /tmp is writable).
+            async with conn.execute("PRAGMA user_version") as cursor:
+                (version,) = await cursor.fetchone()
+            await conn.execute(f"PRAGMA user_version = {int(version)}")
+
+        await self._write(work)
+
     async def cancel_requests(self) -> list[str]:
         rows = await self._fetch_all(
             "SELECT id FROM jobs WHERE status='Processing' AND cancel_requested=1 AND worker=?",

@@ -7,7 +7,7 @@ import os
 import time
 from typing import Callable
 
-from . import capabilities
+from . import capabilities, metrics
 from .config import Config
 from .engine import EngineOptions, EngineProcess, EngineResult, build_argv, build_env
 from .faults import crash_point
@@ -27,6 +27,10 @@ class RunningJob:
         self.job = job
         self.engine: EngineProcess | None = None
         self.stop_reason: str | None = None
+        self.t_start: float | None = None
+
+    def ended(self, status: str) -> None:
+        metrics.job_finished(status, None if self.t_start is None else time.monotonic() - self.t_start)
 
     async def stop(self, because: str) -> None:
         self.stop_reason = self.stop_reason or because
@@ -56,6 +60,8 @@ class JobRunner:
 
     async def _run(self, running: RunningJob) -> None:
         job = running.job
+        metrics.job_started(job.created_at, job.started_at)
+        running.t_start = time.monotonic()
         audio = self.files.audio_path(job.id)
         if audio is None:
             await self._fail(job, "the uploaded audio is missing from the server's disk")
@@ -112,6 +118,7 @@ class JobRunner:
         timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
         result = await engine.run(progress, timeout)
         running.engine = None
+        metrics.engine_exited(result.returncode, result.signal)
         log.info("job %s: engine ended: code %s signal %s %s", job.id, result.returncode, result.signal,
                  result.killed_because or "")
         return result
@@ -121,6 +128,7 @@ class JobRunner:
         because = result.killed_because or running.stop_reason
         if because == "canceled":
             await self.ledger.mark_canceled(job.id, "engine stopped while processing")
+            running.ended("Canceled")
             self.files.remove_all(job.id)
         elif because == "shutdown":
             await self.ledger.requeue(job.id, "server shutting down; the job will run again at the next start")
@@ -143,6 +151,7 @@ class JobRunner:
                 engine_result["language"] = language  # keep the canonical copy truthful
                 write_engine_result(opts.output_dir, engine_result)
             await self.ledger.complete(job.id, language)
+            running.ended("Completed")
 
     async def _warn(self, job: Job, warning: str) -> None:
         if warning not in job.warnings:
@@ -153,6 +162,7 @@ class JobRunner:
     async def _fail(self, job: Job, reason: str) -> None:
         log.warning("job %s failed: %s", job.id, reason)
         await self.ledger.fail(job.id, reason)
+        metrics.job_finished("Failed", metrics.seconds_since(job.started_at))
         self.files.remove_all(job.id)
 
 

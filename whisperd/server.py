@@ -15,7 +15,7 @@ from pathlib import Path
 from tornado.netutil import bind_sockets
 from tornado.process import Subprocess
 
-from . import capabilities, config as config_module, ledger as ledger_module, probe
+from . import capabilities, config as config_module, ledger as ledger_module, metrics, probe
 from .app import make_app, make_server
 from .auth import load_validator
 from .config import Config
@@ -134,6 +134,7 @@ async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> 
     service = Service(config, offline)
     await service.start()
     Subprocess.initialize()
+    lag_watch = asyncio.ensure_future(metrics.watch_loop_lag())
     server = make_server(make_app(service), service)
     server.add_sockets(sockets)
     log.info("whisperd listening on http://%s:%s (engine %s, %s)", config.WHISPER_API_HOST,
@@ -150,6 +151,7 @@ async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> 
     server.stop()
     await server.close_all_connections()
     Subprocess.uninitialize()
+    lag_watch.cancel()
     log.info("stopped")
     return 0
 
@@ -172,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"whisperd: {exc}", file=sys.stderr)
         return 1
+    try:
+        metrics.setup(config.metrics_dir)
+    except OSError as exc:
+        print(f"whisperd: cannot prepare WHISPER_METRICS_DIR={config.metrics_dir}: {exc.strerror}", file=sys.stderr)
+        return 1
     offline = capabilities.decide_offline(config.WHISPER_OFFLINE)
     workers = config.worker_processes
 
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                                               f"{host}:{os.getpid()}")
         for job_id, engine_pid in report.engine_pids.items():
             kill_orphan_group(engine_pid, job_id)
+        metrics.process_died(pid)
 
     log.info("starting %d worker processes", workers)
     return run_workers(workers, child, died)

@@ -158,6 +158,10 @@ class Service:
 
     async def result_of(self, job: Job, response_format: str) -> dict[str, Any]:
         """The result body of a Completed job whose files are still here, or JobError."""
+        return build_response(await self.engine_result_of(job), response_format, job.warnings)
+
+    async def engine_result_of(self, job: Job) -> dict[str, Any]:
+        """WhisperX's JSON of a Completed job whose files are still here, or JobError."""
         if job.status in ("Queued", "Processing"):
             raise JobError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
         if job.status == "Failed":
@@ -169,10 +173,9 @@ class Service:
         if job.expired_at:
             raise JobError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         try:
-            result = load_engine_result(self.files.output_dir(job.id))
+            return load_engine_result(self.files.output_dir(job.id))
         except EngineOutputError:
             raise JobError(410, f"the result files of job {job.id} are gone") from None
-        return build_response(result, response_format, job.warnings)
 
     async def mark_delivered(self, job: Job, actor: str) -> None:
         """After the result went out: record it and delete every file of the job."""

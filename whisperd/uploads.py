@@ -29,6 +29,7 @@ class UploadError(Exception):
 @dataclass
 class ReceivedForm:
     fields: dict[str, str] = field(default_factory=dict)
+    lists: dict[str, list[str]] = field(default_factory=dict)  # the fields allowed to repeat
     file_path: Path | None = None
     file_bytes: int = 0
     client_filename: str = "upload"
@@ -49,8 +50,10 @@ def boundary_of(content_type: str | None) -> bytes:
 class MultipartReceiver:
     """Feeds body chunks to python-multipart; the `file` part goes straight into `directory`."""
 
-    def __init__(self, boundary: bytes, directory: Path, max_file_size: int, file_field: str = "file") -> None:
+    def __init__(self, boundary: bytes, directory: Path, max_file_size: int, file_field: str = "file",
+                 repeatable: frozenset[str] = frozenset()) -> None:
         self.directory = directory
+        self.repeatable = repeatable
         self.max_file_size = max_file_size
         self.file_field = file_field
         self.form = ReceivedForm()
@@ -164,7 +167,7 @@ class MultipartReceiver:
             self._file = open(path, "wb")  # small sequential writes: fine on the IOLoop
             self.form.file_path = path
             self._part_is_file = True
-        elif name in self.form.fields:
+        elif name in self.form.fields and name not in self.repeatable:
             raise UploadError(400, f"form field '{name}' is given more than once")
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -189,7 +192,10 @@ class MultipartReceiver:
         if self._part_is_file:
             self.close_file()
         elif self._part_name is not None:
-            self.form.fields[self._part_name] = _text(bytes(self._value), f"form field '{self._part_name}'")
+            value = _text(bytes(self._value), f"form field '{self._part_name}'")
+            if self._part_name in self.repeatable:
+                self.form.lists.setdefault(self._part_name, []).append(value)
+            self.form.fields[self._part_name] = value
 
     def _on_end(self) -> None:
         self._ended = True

@@ -79,7 +79,11 @@ class BaseHandler(RequestHandler):
         else:
             message = self._reason or HTTPStatus(status_code).phrase
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps({"error": message}, ensure_ascii=False))
+        self.finish(json.dumps(self.error_body(message, exc), ensure_ascii=False))
+
+    def error_body(self, message: str, exc: BaseException | None) -> dict[str, Any]:
+        """The JSON of an error; the OpenAI-compatible handlers answer in OpenAI's shape instead."""
+        return {"error": message}
 
     def job_or_404(self, job, job_id: str):
         """Unknown jobs and jobs of other identities look the same: 404."""

@@ -5,17 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tornado.iostream import StreamClosedError
-from tornado.web import stream_request_body
-
 from ..config import OUTPUT_FORMATS
 from ..forms import parse_job_request
-from ..jobfiles import is_job_id, new_job_id
-from ..ledger import Job, NewJob
-from ..probe import probe
+from ..jobfiles import is_job_id
+from ..ledger import Job
 from ..service import JobError
-from ..uploads import FORM_OVERHEAD, MultipartReceiver, UploadError, boundary_of
+from ..uploads import UploadError
 from .base import ApiError, BaseHandler
+from .upload import UploadHandler, deliver
 
 log = logging.getLogger("whisperd.http")
 
@@ -24,102 +21,19 @@ def job_urls(job_id: str) -> dict[str, str]:
     return {"job_id": job_id, "status_url": f"/transcription/{job_id}"}
 
 
-@stream_request_body
-class SubmitHandler(BaseHandler):
+class SubmitHandler(UploadHandler):
     allowed_methods = ("OPTIONS", "POST", "GET", "DELETE")  # as the spec's preflight answer lists
 
-    _receiver: MultipartReceiver | None = None
-    _job_id: str | None = None
-    _committed = False
-    _holds_slot = False
-
-    async def prepare(self) -> None:
-        await super().prepare()
-        if self.request.method != "POST":
-            return
-        if self.service.draining:
-            raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
-        limit = self.service.config.MAX_FILE_SIZE
-        length = self.request.headers.get("Content-Length")
-        if length is not None:
-            if not length.isdigit():
-                raise ApiError(400, "Content-Length is not a number")
-            if int(length) > limit + FORM_OVERHEAD:
-                raise ApiError(413, f"request body of {length} bytes is larger than MAX_FILE_SIZE ({limit} bytes)")
-        self._take_upload_slot()
-        self._check_disk()
-        try:
-            boundary = boundary_of(self.request.headers.get("Content-Type"))
-        except UploadError as exc:
-            raise ApiError(exc.status, exc.message) from None
-        self._job_id = new_job_id()
-        staging = self.service.files.staging_dir(self._job_id)
-        self._receiver = MultipartReceiver(boundary, staging, limit)
-
-    def _take_upload_slot(self) -> None:
-        cap = self.service.config.WHISPER_MAX_PENDING_UPLOADS
-        if self.service.uploads_in_flight >= cap:
-            raise ApiError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
-                           {"Retry-After": "5"})
-        self.service.uploads_in_flight += 1
-        self._holds_slot = True
-
-    def _release_upload_slot(self) -> None:
-        if self._holds_slot:
-            self._holds_slot = False
-            self.service.uploads_in_flight -= 1
-
-    def _check_disk(self) -> None:
-        # The floor, not the upload's size: a disk that fills up during the write is refused
-        # with 507 too (uploads.py), and the floor keeps room for the engine's output.
-        floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
-        free_mb = self.service.files.free_disk_mb()
-        if free_mb < floor_mb:
-            raise ApiError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
-                                f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
-
-    def on_finish(self) -> None:
-        self._release_upload_slot()
-
-    def data_received(self, chunk: bytes) -> None:
-        if self._receiver is None or self._finished:
-            return
-        try:
-            self._receiver.feed(chunk)
-        except UploadError as exc:
-            self._discard()
-            # Answer now and close: the rest of an oversized or broken body is not worth reading.
-            self.send_error(exc.status, exc_info=(ApiError, ApiError(exc.status, exc.message), None))
-
-    def on_connection_close(self) -> None:
-        self._release_upload_slot()
-        if not self._committed:
-            self._discard()
-
-    def _discard(self) -> None:
-        if self._receiver is not None:
-            self._receiver.close_file()
-            self._receiver = None
-        if self._job_id is not None and not self._committed:
-            self.service.files.remove_all(self._job_id)
-
     async def post(self) -> None:
-        if self._finished or self._receiver is None:
+        if not self.upload_pending:
             return
+        form = self.received_form()
         try:
-            form = self._receiver.finish()
             request = parse_job_request(form.fields, self.service.config, self.service.offline)
         except UploadError as exc:
-            self._discard()
-            raise ApiError(exc.status, exc.message) from None
-        assert form.file_path is not None
-        probed = await probe(self.service.config.WHISPER_FFPROBE, form.file_path)
-        if not probed.ok:
-            self._discard()
-            raise ApiError(415, f"the uploaded file '{form.client_filename}' is not audio or video with sound: "
-                                f"ffprobe found {probed.found}")
-        if self._receiver is None:
-            return  # the client left while the file was probed; on_connection_close cleaned up
+            self.refuse(ApiError(exc.status, exc.message))
+        if not await self.probe_upload(form):
+            return
         warnings = []
         hf_token = self.service.resolve_hf_token(request.hf_token) if request.diarize else None
         diarize = request.diarize
@@ -130,20 +44,12 @@ class SubmitHandler(BaseHandler):
                 "or the file in WHISPER_HF_TOKEN_FILE)"
             )
             log.warning("job %s: diarization requested without a Hugging Face token; running without it", self._job_id)
-        assert self._job_id is not None
-        new_job = NewJob(
-            id=self._job_id, owner=self.identity.name, filename=form.client_filename,
-            upload_bytes=form.file_bytes, language=request.language, model=request.model,
+        new_job = self.new_job(
+            form, language=request.language, model=request.model,
             response_format=request.response_format, diarize=diarize, prompt=request.prompt,
             device=request.device, device_index=request.device_index, warnings=warnings,
         )
-        try:
-            job = await self.service.submit(new_job, hf_token)
-        except Exception:
-            self._discard()
-            raise
-        self._committed = True
-        self._receiver = None
+        job = await self.submit(new_job, hf_token)
         log.info("job %s accepted: %s, %d bytes, %s", job.id, job.filename, job.upload_bytes,
                  "sync" if request.sync else "async")
         if request.sync:
@@ -167,21 +73,7 @@ class SubmitHandler(BaseHandler):
             body = await self.service.result_of(ended, ended.response_format)
         except JobError as exc:
             raise ApiError(exc.status, exc.message) from None
-        await _deliver(self, ended, body)
-
-
-async def _deliver(handler: BaseHandler, job: Job, body: dict[str, Any]) -> None:
-    """Send the result, and only once it is written out, delete every file of the job."""
-    handler.set_status(200)
-    handler.set_header("Content-Type", "application/json; charset=utf-8")
-    handler.write(body)
-    try:
-        await handler.flush()
-    except StreamClosedError:
-        log.info("job %s: client left before the result was sent; result kept", job.id)
-        return
-    await handler.service.mark_delivered(job, handler.identity.name)
-    handler.finish()
+        await deliver(self, ended, body)
 
 
 class _JobLookup(BaseHandler):
@@ -240,4 +132,4 @@ class ResultHandler(_JobLookup):
             body = await self.service.result_of(job, fmt)
         except JobError as exc:
             raise ApiError(exc.status, exc.message) from None
-        await _deliver(self, job, body)
+        await deliver(self, job, body)

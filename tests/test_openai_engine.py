@@ -1,0 +1,74 @@
+"""The official openai client against whisperd running the real WhisperX on real speech (jfk.flac).
+
+Needs scripts/setup-engine.sh (engine venv and models/tiny.en); each transcription takes ~10 s on
+two CPU cores. Like test_engine_real.py, these fail rather than skip when the engine is missing.
+"""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from conftest import JFK, JFK_TEXT, REPO, TOKEN, words
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory):
+    from conftest import Server
+
+    assert JFK.is_file(), f"fixture missing: {JFK}"
+    assert (REPO / "models" / "tiny.en" / "model.bin").is_file(), "models/tiny.en missing: run scripts/setup-engine.sh"
+    root = tmp_path_factory.mktemp("real")
+    server = Server(root, {
+        "WHISPER_CMD": str(REPO / "whisperx.sh"),
+        "WHISPER_MODELS_DIR": str(REPO / "models"),
+        "WHISPER_OPENAI_MODEL": "tiny.en",
+        "MAX_FILE_SIZE": "2000000",
+        "RUST_LOG": "info",
+    }).start()
+    yield server
+    server.stop()
+
+
+def client(server, token=TOKEN):
+    return openai.OpenAI(api_key=token, base_url=server.url("/v1"), max_retries=0, timeout=300)
+
+
+def create(server, **kwargs):
+    with JFK.open("rb") as audio:
+        return client(server).audio.transcriptions.create(model="whisper-1", file=audio, language="en", **kwargs)
+
+
+def test_every_response_format_on_real_speech(real_server):
+    assert words(create(real_server).text) == words(JFK_TEXT)
+    assert words(create(real_server, response_format="text")) == words(JFK_TEXT)
+    srt = create(real_server, response_format="srt")
+    assert srt.startswith("1\n00:00:00,") and words(JFK_TEXT)[-1] in words(srt)
+    vtt = create(real_server, response_format="vtt")
+    assert vtt.startswith("WEBVTT\n\n00:00.") and words(JFK_TEXT)[0] in words(vtt)
+    verbose = create(real_server, response_format="verbose_json", timestamp_granularities=["segment"])
+    assert verbose.language == "english" and words(verbose.text) == words(JFK_TEXT)
+    assert 10.0 < verbose.duration < 11.5
+    assert verbose.segments[0].start < 1.0 and verbose.segments[0].avg_logprob < 0
+    assert real_server.rows("SELECT count(*) AS n FROM jobs WHERE delivered_at IS NOT NULL")[0]["n"] == 5
+    assert real_server.job_files() == []
+
+
+def test_word_timestamps_are_refused_without_an_alignment_model(real_server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        create(real_server, response_format="verbose_json", timestamp_granularities=["word"])
+    assert caught.value.body["code"] == "word_timestamps_unavailable"
+
+
+def test_wrong_token_and_oversized_file_through_the_client(real_server, tmp_path):
+    with pytest.raises(openai.AuthenticationError):
+        with JFK.open("rb") as audio:
+            client(real_server, token="wrong token").audio.transcriptions.create(model="whisper-1", file=audio)
+    big = tmp_path / "big.flac"
+    big.write_bytes(JFK.read_bytes() * 3)  # 3.5 MB: over MAX_FILE_SIZE (2 MB) and its form allowance
+    with pytest.raises(openai.APIStatusError) as caught:
+        with big.open("rb") as audio:
+            client(real_server).audio.transcriptions.create(model="whisper-1", file=audio)
+    assert caught.value.status_code == 413

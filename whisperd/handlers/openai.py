@@ -1,0 +1,221 @@
+"""OpenAI-compatible API: POST /v1/audio/transcriptions and GET /v1/models, with OpenAI's error shape.
+
+A transcription here is an ordinary whisperd job (same upload path, queue, ledger, owner
+and deletion after delivery); only the request fields and the answer's shape differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .. import capabilities
+from ..formats import render
+from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
+from ..ledger import Job
+from ..models import installed_models, local_model_dir
+from ..service import JobError
+from .base import ApiError, BaseHandler
+from .upload import UploadHandler, deliver
+
+log = logging.getLogger("whisperd.http")
+
+ALIAS = "whisper-1"
+GRANULARITIES_FIELD = "timestamp_granularities[]"
+FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature",
+          GRANULARITIES_FIELD, "timestamp_granularities", "stream")
+# format -> (engine format rendered, Content-Type); json and verbose_json are built here.
+PLAIN_FORMATS = {
+    "text": ("txt", "text/plain; charset=utf-8"),
+    "srt": ("srt", "application/x-subrip; charset=utf-8"),
+    "vtt": ("vtt", "text/vtt; charset=utf-8"),
+}
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+# What the job row records as its format, for a later GET /transcription/<id>/result.
+JOB_FORMAT = {"json": "json", "verbose_json": "json", "text": "txt", "srt": "srt", "vtt": "vtt"}
+# OpenAI's error types by status; the client library picks its exception class from the status.
+ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error", 503: "server_error", 504: "server_error"}
+
+
+class OpenAIError(ApiError):
+    """An ApiError that also names the offending parameter and a machine-readable code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, headers)
+        self.param = param
+        self.code = code
+
+
+class OpenAIErrorsMixin(BaseHandler):
+    def error_body(self, message: str, exc: BaseException | None) -> dict[str, Any]:
+        status = self.get_status()
+        code = getattr(exc, "code", None)
+        if status == 401:
+            code = code or "invalid_api_key"
+        error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return {"error": {"message": message, "type": error_type, "param": getattr(exc, "param", None), "code": code}}
+
+
+class ModelsHandler(OpenAIErrorsMixin):
+    def get(self) -> None:
+        names = installed_models(self.service.config.WHISPER_MODELS_DIR)
+        self.send_json({
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "whisperd"}
+                     for name in [ALIAS] + names],
+        })
+
+
+class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
+    allowed_methods = ("OPTIONS", "POST")
+    repeatable_fields = frozenset({GRANULARITIES_FIELD})
+
+    async def post(self) -> None:
+        if not self.upload_pending:
+            return
+        form = self.received_form()
+        try:
+            request = self._parse(form.fields, form.lists.get(GRANULARITIES_FIELD, []))
+        except OpenAIError as exc:
+            self.refuse(exc)
+        if not await self.probe_upload(form):
+            return
+        new_job = self.new_job(
+            form, language=request["language"], model=request["model"],
+            response_format=JOB_FORMAT[request["response_format"]], diarize=False,
+            prompt=request["prompt"], device=self.service.config.WHISPER_DEVICE,
+            device_index=self.service.config.WHISPER_DEVICE_INDEX,
+        )
+        job = await self.submit(new_job, None)
+        log.info("job %s accepted (OpenAI API): %s, %d bytes", job.id, job.filename, job.upload_bytes)
+        ended = await self.service.wait_finished(job.id, self.service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None)
+        if ended is None or not ended.finished:
+            # OpenAI's API has no "come back later"; the job goes on and stays fetchable by id.
+            raise OpenAIError(
+                504, f"the transcription is still {ended.status if ended else 'Queued'} after "
+                     f"SYNC_REQUEST_TIMEOUT_SECONDS; it keeps running: fetch it later from "
+                     f"/transcription/{job.id}/result", code="timeout",
+                # a retry would upload and queue the same audio again
+                headers={"x-should-retry": "false", "Location": f"/transcription/{job.id}"},
+            )
+        try:
+            result = await self.service.engine_result_of(ended)
+        except JobError as exc:
+            raise OpenAIError(exc.status, exc.message, code="transcription_failed") from None
+        await self._answer(ended, result, request)
+
+    def _parse(self, fields: dict[str, str], granularities: list[str]) -> dict[str, Any]:
+        config = self.service.config
+        unknown = sorted(set(fields) - set(FIELDS))
+        if unknown:
+            raise OpenAIError(400, f"unsupported form field '{unknown[0]}'", param=unknown[0], code="unknown_parameter")
+        if fields.get("stream", "false").strip().lower() not in ("false", "0", ""):
+            raise OpenAIError(400, "streamed transcriptions are not supported by this server", param="stream")
+
+        model = fields.get("model", "").strip()
+        if not model:
+            raise OpenAIError(400, "'model' is required: use whisper-1 or a name from GET /v1/models", param="model")
+        engine_model = config.openai_model if model == ALIAS else model
+        if local_model_dir(config.WHISPER_MODELS_DIR, engine_model) is None:
+            if model == ALIAS and not self.service.offline:
+                pass  # the configured default may be one the engine downloads on first use
+            else:
+                have = ", ".join([ALIAS] + installed_models(config.WHISPER_MODELS_DIR))
+                raise OpenAIError(400, f"model '{model[:100]}' is not available on this server; available: {have}",
+                                  param="model", code="model_not_found")
+
+        language = fields.get("language", "").strip().lower() or AUTO
+        if language != AUTO and language not in WHISPER_LANGUAGES:
+            raise OpenAIError(400, f"'language' must be an ISO-639-1 code Whisper knows, such as en or fr; "
+                                   f"got {language[:40]!r}", param="language")
+
+        prompt = fields.get("prompt", "")
+        if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
+            raise OpenAIError(400, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters", param="prompt")
+
+        response_format = fields.get("response_format", "").strip().lower() or "json"
+        if response_format not in RESPONSE_FORMATS:
+            raise OpenAIError(400, f"'response_format' must be one of {', '.join(RESPONSE_FORMATS)}; "
+                                   f"got {response_format[:40]!r}", param="response_format")
+
+        temperature = fields.get("temperature", "").strip()
+        if temperature:
+            try:
+                value = float(temperature)
+            except ValueError:
+                value = -1.0
+            if not 0.0 <= value <= 1.0:
+                raise OpenAIError(400, f"'temperature' must be a number from 0 to 1; got {temperature[:40]!r}",
+                                  param="temperature")
+
+        if "timestamp_granularities" in fields and not granularities:
+            granularities = [fields["timestamp_granularities"]]
+        wanted = {g.strip().lower() for g in granularities if g.strip()} or {"segment"}
+        if not wanted <= {"segment", "word"}:
+            raise OpenAIError(400, "'timestamp_granularities[]' takes segment and/or word",
+                              param=GRANULARITIES_FIELD)
+        if "word" in wanted:
+            if response_format != "verbose_json":
+                raise OpenAIError(400, "word timestamps need response_format=verbose_json", param=GRANULARITIES_FIELD)
+            aligned, why_not = capabilities.alignment_available(
+                None if language == AUTO else language, config.WHISPER_MODELS_DIR, self.service.offline)
+            if not aligned:
+                raise OpenAIError(400, "word timestamps are unavailable on this server: " + why_not.split(": ", 1)[-1]
+                                  + (" (send 'language' to use an installed alignment model)" if language == AUTO else ""),
+                                  param=GRANULARITIES_FIELD, code="word_timestamps_unavailable")
+        return {"model": engine_model, "language": language, "prompt": prompt,
+                "response_format": response_format, "granularities": wanted}
+
+    async def _answer(self, job: Job, result: dict[str, Any], request: dict[str, Any]) -> None:
+        response_format = request["response_format"]
+        if response_format in PLAIN_FORMATS:
+            engine_format, content_type = PLAIN_FORMATS[response_format]
+            await deliver(self, job, render(result, engine_format), content_type)
+            return
+        text = "".join(segment["text"] for segment in result["segments"]).strip()
+        if response_format == "json":
+            await deliver(self, job, {"text": text})
+            return
+        await deliver(self, job, verbose_json(result, text, request["granularities"], job.warnings))
+
+
+def verbose_json(result: dict[str, Any], text: str, granularities: set[str], warnings: list[str]) -> dict[str, Any]:
+    """OpenAI's verbose_json from WhisperX's JSON: segments keep every field WhisperX wrote."""
+    segments = result["segments"]
+    language = result.get("language") or ""
+    body: dict[str, Any] = {
+        "task": "transcribe",
+        "language": LANGUAGE_NAMES.get(language, language),
+        # WhisperX does not report the audio's length; the end of speech is the nearest it knows.
+        "duration": max((float(s["end"]) for s in segments), default=0.0),
+        "text": text,
+    }
+    if "segment" in granularities:
+        body["segments"] = [
+            {"id": index, **{k: v for k, v in segment.items() if k != "words"}}
+            for index, segment in enumerate(segments)
+        ]
+    if "word" in granularities:
+        body["words"] = [word for segment in segments for word in _timed_words(segment)]
+    if warnings:
+        body["warnings"] = warnings
+    return body
+
+
+def _timed_words(segment: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI's words always carry times; WhisperX leaves some (digits) untimed: borrow the neighbours'."""
+    words = [w for w in segment.get("words") or [] if isinstance(w, dict) and "word" in w]
+    out = []
+    for index, word in enumerate(words):
+        start = word.get("start")
+        end = word.get("end")
+        if start is None:
+            start = out[-1]["end"] if out else segment["start"]
+        if end is None:
+            later = next((w["start"] for w in words[index + 1:] if w.get("start") is not None), None)
+            end = later if later is not None else segment["end"]
+        out.append({"word": str(word["word"]).strip(), "start": start, "end": end})
+    return out

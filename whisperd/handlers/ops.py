@@ -1,0 +1,77 @@
+"""Operations endpoints: /health for load balancers, /metrics for Prometheus, /openapi.json."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+from pathlib import Path
+
+from .. import metrics
+from ..config import REPO_DIR
+from .base import ApiError, BaseHandler
+
+OPENAPI_PATH = REPO_DIR / "openapi.json"
+LEDGER_CHECK_SECONDS = 3.0
+
+
+class HealthHandler(BaseHandler):
+    requires_auth = False  # probes carry no token; the answer holds nothing secret
+    # One probe at a time per process. It is never cancelled: a write cut off between BEGIN
+    # and ROLLBACK would leave the shared writer connection inside a transaction.
+    _probe: asyncio.Task | None = None
+
+    async def get(self) -> None:
+        checks = {"process": "ok", "ledger": "ok", "engine": "ok"}
+        failing = None
+        probe = HealthHandler._probe
+        if probe is None or probe.done():
+            probe = HealthHandler._probe = asyncio.ensure_future(self.service.ledger.check_writable())
+            probe.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved here
+        try:
+            await asyncio.wait_for(asyncio.shield(probe), LEDGER_CHECK_SECONDS)
+        except asyncio.TimeoutError:
+            checks["ledger"] = failing = f"ledger not writable: no write lock within {LEDGER_CHECK_SECONDS:g} s"
+        except Exception as exc:  # any failure to write is the finding, whatever its kind
+            checks["ledger"] = failing = f"ledger not writable: {exc.__class__.__name__}: {exc}"[:300]
+        command = Path(self.service.config.WHISPER_CMD)
+        if not command.is_file() or not os.access(command, os.X_OK):
+            checks["engine"] = "engine command (WHISPER_CMD) is missing or not executable"
+            failing = failing or checks["engine"]
+        if failing:
+            self.send_json({"status": "fail", "error": failing, "checks": checks}, 503)
+        else:
+            self.send_json({"status": "ok", "checks": checks})
+
+
+class MetricsHandler(BaseHandler):
+    async def prepare(self) -> None:
+        if self.service.config.WHISPER_METRICS_AUTH:
+            await super().prepare()
+        elif self.request.method != "OPTIONS" and not _loopback(self.request.remote_ip):
+            raise ApiError(403, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
+                                "to scrape it from elsewhere with a Bearer token")
+
+    async def get(self) -> None:
+        counts = await self.service.ledger.status_counts()
+        self.set_header("Content-Type", metrics.CONTENT_TYPE)
+        self.finish(metrics.exposition(counts))
+
+
+class OpenApiHandler(BaseHandler):
+    requires_auth = False  # a client generator needs the document before it has a token
+    _document: bytes | None = None
+
+    def get(self) -> None:
+        if OpenApiHandler._document is None:
+            OpenApiHandler._document = OPENAPI_PATH.read_bytes()
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Cache-Control", "public, max-age=300")
+        self.finish(OpenApiHandler._document)
+
+
+def _loopback(address: str | None) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,152 @@
+"""Prometheus metrics, summed across worker processes through prometheus-client's multiprocess mode.
+
+Every process writes its counters and histograms to files in one directory; a scrape of any
+worker reads them all. Until setup() runs (unit tests, admin commands) every hook is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LAG_INTERVAL_SECONDS = 0.5
+_DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+_m: dict[str, Any] = {}
+_dir: str | None = None
+
+
+def setup(directory: str) -> None:
+    """Call once in the parent, before any worker forks: drops the last run's files."""
+    global _dir
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    # Only prometheus-client's own files: the directory is configurable and may hold others.
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    # prometheus-client picks its value storage from this variable when a metric is made.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    from prometheus_client import Counter, Histogram, values
+
+    values.ValueClass = values.get_value_class()
+    _dir = str(path)
+    _m.update(
+        started=Counter("whisperd_jobs_started_total", "Engine runs started (a retried job counts again)"),
+        finished=Counter("whisperd_jobs_finished_total", "Jobs that reached an end state", ["status"]),
+        failed=Counter("whisperd_jobs_failed_total", "Jobs that ended Failed"),
+        duration=Histogram("whisperd_job_duration_seconds", "Time from engine start to the job's end",
+                           buckets=_DURATION_BUCKETS),
+        queue_wait=Histogram("whisperd_job_queue_wait_seconds", "Time a job waited in the queue before it ran",
+                             buckets=_DURATION_BUCKETS),
+        exits=Counter("whisperd_engine_exits_total", "Engine process endings by exit code or signal", ["code"]),
+        upload_bytes=Counter("whisperd_upload_bytes_total", "Bytes of audio accepted into jobs"),
+        uploads=Counter("whisperd_uploads_total", "Uploads accepted into jobs"),
+        requests=Counter("whisperd_http_requests_total", "HTTP requests answered",
+                         ["handler", "method", "status"]),
+        lag=Histogram("whisperd_ioloop_lag_seconds", "How late the IOLoop ran a timer (blocking work shows here)",
+                      buckets=_LAG_BUCKETS),
+    )
+
+
+def enabled() -> bool:
+    return _dir is not None
+
+
+def process_died(pid: int) -> None:
+    """A dead worker's counters stay counted; only its live-gauge files go."""
+    if _dir is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, _dir)
+
+
+# -- hooks the rest of the code calls
+
+
+def job_started(created_at: str, started_at: str | None) -> None:
+    if not _m:
+        return
+    _m["started"].inc()
+    if started_at:
+        _m["queue_wait"].observe(max(0.0, _seconds_between(created_at, started_at)))
+
+
+def job_finished(status: str, seconds: float | None) -> None:
+    if not _m:
+        return
+    _m["finished"].labels(status).inc()
+    if status == "Failed":
+        _m["failed"].inc()
+    if seconds is not None:
+        _m["duration"].observe(seconds)
+
+
+def engine_exited(returncode: int | None, signal_number: int | None) -> None:
+    if not _m:
+        return
+    code = str(returncode) if returncode is not None else f"signal:{signal_number}" if signal_number else "none"
+    _m["exits"].labels(code).inc()
+
+
+def upload_received(size: int) -> None:
+    if _m:
+        _m["uploads"].inc()
+        _m["upload_bytes"].inc(size)
+
+
+def request_done(handler: str, method: str, status: int) -> None:
+    if _m:
+        _m["requests"].labels(handler, method, str(status)).inc()
+
+
+async def watch_loop_lag() -> None:
+    """Runs for the life of a worker: sleeps a fixed interval and records how late it woke."""
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(LAG_INTERVAL_SECONDS)
+        if _m:
+            _m["lag"].observe(max(0.0, loop.time() - before - LAG_INTERVAL_SECONDS))
+
+
+def exposition(status_counts: dict[str, int]) -> bytes:
+    """The text a scrape gets: every process's files, plus the ledger's view of the queue."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    if _dir is not None:
+        MultiProcessCollector(registry, _dir)
+
+    class LedgerCollector:
+        # Read from the shared ledger at scrape time, so every worker reports the same numbers.
+        def collect(self):
+            jobs = GaugeMetricFamily("whisperd_jobs", "Jobs in the ledger by status", labels=["status"])
+            for status, count in status_counts.items():
+                jobs.add_metric([status], count)
+            yield jobs
+            yield GaugeMetricFamily("whisperd_queue_depth", "Jobs waiting to run",
+                                    value=status_counts.get("Queued", 0))
+
+    registry.register(LedgerCollector())
+    return generate_latest(registry)
+
+
+def seconds_since(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    return max(0.0, (datetime.now(timezone.utc) - _parse(iso)).total_seconds())
+
+
+def _parse(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _seconds_between(earlier: str, later: str) -> float:
+    return (_parse(later) - _parse(earlier)).total_seconds()
