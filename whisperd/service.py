@@ -63,6 +63,7 @@ class Service:
         self.draining = False
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._retention: PeriodicCallback | None = None
+        self._retention_lock = asyncio.Lock()  # stop() waits for a pass in flight before closing the ledger
 
     async def start(self) -> None:
         await self.ledger.open()
@@ -77,14 +78,18 @@ class Service:
         if self._retention is not None:
             self._retention.stop()
         await self.scheduler.shutdown(grace_seconds)
+        await self._retention_lock.acquire()
         for events in self._waiters.values():
             for event in events:
                 event.set()
         await self.ledger.close()
 
     async def run_retention(self) -> None:
+        if self._retention_lock.locked():
+            return  # a pass is running (or the service is stopping)
         try:
-            await expire_old_jobs(self.ledger, self.files, self.config.WHISPER_JOB_RETENTION_HOURS)
+            async with self._retention_lock:
+                await expire_old_jobs(self.ledger, self.files, self.config.WHISPER_JOB_RETENTION_HOURS)
         except Exception:  # retried at the next interval; the failure is logged
             log.exception("retention pass failed")
 
