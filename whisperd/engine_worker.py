@@ -1,0 +1,338 @@
+"""A long-lived WhisperX engine: imports WhisperX once, keeps models loaded, runs jobs sent as JSON lines.
+
+This file runs inside the engine's venv (stdlib + WhisperX, no Tornado, nothing from the
+server package), started by `whisperx.sh --whisperd-worker`. Protocol, one JSON object a line:
+
+  in  (stdin):  {"op": "job", "id": ..., "audio": ..., "output_dir": ..., "model": ..., ...}
+                {"op": "load", "model": ..., "device": ..., ...}      preload a model
+  out (stdout): {"event": "hello", "pid": N}                           imports done, ready
+                {"event": "progress", "id": ..., "percent": 42.0}
+                {"event": "done", "id": ..., "files": [...], "language": "en", "word_times": ...}
+                {"event": "error", "id": ..., "reason": "one line"}
+                {"event": "models", "loaded": [...]}                   after every load/unload
+
+End of stdin ends the worker at once. A job mirrors `whisperx.transcribe.transcribe_task` step by step (same options, same writer), so
+its JSON file is the CLI's. Settings come from the environment:
+WHISPERD_WORKER_MAX_MODELS, WHISPERD_WORKER_IDLE_SECONDS, WHISPERD_WORKER_JOBS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+# The protocol owns the real stdout; anything WhisperX, pyannote or a C library prints lands on
+# stderr instead of corrupting it.
+_PROTOCOL = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+_WRITE_LOCK = threading.Lock()
+
+
+def emit(**message) -> None:
+    line = json.dumps(message, ensure_ascii=False)
+    with _WRITE_LOCK:
+        _PROTOCOL.write(line + "\n")
+        _PROTOCOL.flush()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKey:
+    model: str
+    model_dir: str | None
+    device: str
+    device_index: int
+    compute_type: str
+    threads: int
+
+    @classmethod
+    def of(cls, spec: dict) -> "ModelKey":
+        return cls(spec["model"], spec.get("model_dir"), spec.get("device", "cpu"), int(spec.get("device_index", 0)),
+                   spec.get("compute_type") or "default", int(spec.get("threads") or 0))
+
+    def name(self) -> str:
+        return os.path.basename(self.model.rstrip("/")) or self.model
+
+
+class Models:
+    """The loaded pipelines, least recently used first; at most `limit`, dropped after `idle` seconds."""
+
+    def __init__(self, limit: int, idle: float, inter_threads: int) -> None:
+        self.limit = max(1, limit)
+        self.idle = idle
+        self.inter_threads = max(1, inter_threads)
+        self._loaded: OrderedDict[ModelKey, tuple[object, float]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._busy: dict[ModelKey, int] = {}
+
+    def acquire(self, key: ModelKey):
+        with self._lock:
+            if key in self._loaded:
+                pipeline, _ = self._loaded.pop(key)
+            else:
+                pipeline = _load_pipeline(key, self.inter_threads)
+                while len(self._loaded) >= self.limit:
+                    self._loaded.popitem(last=False)
+                gc.collect()
+            self._loaded[key] = (pipeline, time.monotonic())
+            self._busy[key] = self._busy.get(key, 0) + 1
+            loaded = [k.name() for k in self._loaded]
+        emit(event="models", loaded=loaded)
+        return pipeline
+
+    def release(self, key: ModelKey) -> None:
+        with self._lock:
+            self._busy[key] -= 1
+            if key in self._loaded:
+                self._loaded[key] = (self._loaded[key][0], time.monotonic())
+
+    def drop_idle(self) -> None:
+        if self.idle <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            stale = [k for k, (_, used) in self._loaded.items()
+                     if now - used >= self.idle and not self._busy.get(k)]
+            for key in stale:
+                del self._loaded[key]
+            loaded = [k.name() for k in self._loaded]
+        if stale:
+            gc.collect()
+            emit(event="models", loaded=loaded)
+
+
+def _load_pipeline(key: ModelKey, inter_threads: int):
+    import numpy as np
+    from whisperx.asr import WhisperModel, load_model
+
+    threads = key.threads if key.threads > 0 else 4  # the CLI's faster_whisper_threads default
+    compute_type = key.compute_type
+    if compute_type == "default":
+        compute_type = "float16" if key.device == "cuda" else "float32"
+    # Built here rather than by load_model so that several jobs can decode at once
+    # (CTranslate2 inter_threads) from one copy of the weights.
+    whisper = WhisperModel(key.model, device=key.device, device_index=key.device_index, compute_type=compute_type,
+                           download_root=key.model_dir, cpu_threads=threads, num_workers=inter_threads)
+    # The CLI's asr_options with its default flags; the prompt is set per job.
+    asr_options = {
+        "beam_size": 5, "patience": 1.0, "length_penalty": 1.0,
+        "temperatures": tuple(np.arange(0, 1.0 + 1e-6, 0.2)),
+        "compression_ratio_threshold": 2.4, "log_prob_threshold": -1.0, "no_speech_threshold": 0.6,
+        "condition_on_previous_text": False, "initial_prompt": None, "hotwords": None,
+        "suppress_tokens": [-1], "suppress_numerals": False,
+    }
+    return load_model(key.model, device=key.device, device_index=key.device_index, download_root=key.model_dir,
+                      compute_type=compute_type, language=None, asr_options=asr_options, vad_method="pyannote",
+                      vad_options={"chunk_size": 30, "vad_onset": 0.5, "vad_offset": 0.363}, model=whisper,
+                      threads=threads)
+
+
+def _language(job: dict) -> str | None:
+    from whisperx.utils import LANGUAGES, TO_LANGUAGE_CODE
+
+    language = job.get("language")
+    if language:
+        language = language.lower()
+        if language not in LANGUAGES:
+            if language not in TO_LANGUAGE_CODE:
+                raise ValueError(f"Unsupported language: {language}")
+            language = TO_LANGUAGE_CODE[language]
+    if job["model"].endswith(".en"):  # as the CLI: judged on the --model string
+        language = "en"
+    return language
+
+
+def run_job(job: dict, models: Models) -> dict:
+    from faster_whisper.tokenizer import Tokenizer
+    from whisperx.asr import FasterWhisperPipeline
+    from whisperx.audio import HOP_LENGTH, load_audio
+    from whisperx.utils import get_writer
+
+    language = _language(job)
+    align_language = language or "en"
+    key = ModelKey.of(job)
+    base = models.acquire(key)
+    try:
+        whisper = base.model
+        tokenizer = None
+        if language is not None:
+            tokenizer = Tokenizer(whisper.hf_tokenizer, whisper.model.is_multilingual, task="transcribe",
+                                  language=language)
+        # A pipeline of the job's own over the shared weights: the prompt and the tokenizer are
+        # per job, and two jobs at once must not share the pipeline's mutable state.
+        timer = _WordTimer(whisper, language) if job.get("word_times", True) and not job.get("align") else None
+        pipeline = FasterWhisperPipeline(
+            model=timer or whisper, vad=base.vad_model, vad_params=base._vad_params,
+            options=dataclasses.replace(base.options, initial_prompt=job.get("prompt") or None),
+            tokenizer=tokenizer, language=language, suppress_numerals=False,
+        )
+        if timer is not None:
+            preprocess = pipeline.preprocess
+
+            def measured(item):
+                timer.frames.append(item["inputs"].shape[0] // HOP_LENGTH)
+                return preprocess(item)
+
+            pipeline.preprocess = measured
+
+        def progress(percent: float) -> None:
+            emit(event="progress", id=job["id"], percent=round(float(percent), 2))
+
+        audio = load_audio(job["audio"])
+        result = pipeline.transcribe(audio, batch_size=int(job.get("batch_size") or 8), chunk_size=30,
+                                     print_progress=False, verbose=False, progress_callback=progress)
+        detected = result["language"]
+        word_times = None
+        if job.get("align") and result["segments"]:
+            result = _align(result, audio, align_language, job)
+            word_times = "wav2vec2"
+        elif timer is not None and result["segments"]:
+            timer.apply(result["segments"])
+            word_times = "faster-whisper"
+        if job.get("diarize"):
+            result = _diarize(result, job)
+    finally:
+        models.release(key)
+    if word_times == "faster-whisper":
+        # Marked so a reader knows these times are the decoder's cross-attention, not wav2vec2.
+        result["word_timestamps"] = word_times
+    result["language"] = align_language  # what the CLI writes (the detected one goes in "done")
+    os.makedirs(job["output_dir"], exist_ok=True)
+    writer = get_writer("json", job["output_dir"])
+    writer(result, job["audio"], {"highlight_words": False, "max_line_count": None, "max_line_width": None})
+    stem = os.path.splitext(os.path.basename(job["audio"]))[0]
+    return {"files": [os.path.join(job["output_dir"], stem + ".json")], "language": detected,
+            "word_times": word_times}
+
+
+def _align(result: dict, audio, language: str, job: dict) -> dict:
+    from whisperx.alignment import align, load_align_model
+
+    model, metadata = load_align_model(language, job.get("device", "cpu"), model_dir=job.get("model_dir"))
+    aligned = align(result["segments"], model, metadata, audio, job.get("device", "cpu"),
+                    interpolate_method="nearest", return_char_alignments=False, print_progress=False)
+    return aligned
+
+
+class _WordTimer:
+    """Stands in for the shared WhisperModel inside one job's pipeline to time words as it decodes.
+
+    Each batch's encoder output is aligned against the text just decoded from it (faster-whisper's
+    cross-attention alignment), so word times cost one small align pass and no second encode.
+    Segments stay exactly as transcribed: only a "words" list is added to each.
+    """
+
+    def __init__(self, whisper, language: str | None) -> None:
+        self._whisper = whisper
+        self._language = language
+        self.frames: list[int] = []  # content frames of each chunk, in the order preprocess saw them
+        self.words: list[list[dict]] = []
+        self._encoded = None
+
+    def __getattr__(self, name):
+        return getattr(self._whisper, name)
+
+    def encode(self, features):
+        self._encoded = self._whisper.encode(features)
+        return self._encoded
+
+    def generate_segment_batched(self, features, tokenizer, options, encoder_output=None):
+        from faster_whisper.transcribe import merge_punctuations
+        from whisperx.asr import WhisperModel
+
+        out = WhisperModel.generate_segment_batched(self, features, tokenizer, options)
+        count = features.shape[0]
+        frames, self.frames = self.frames[:count], self.frames[count:]
+        tokens = [tokenizer.encode(text) for text in out["text"]]
+        found = self._whisper.find_alignment(tokenizer, tokens, self._encoded, frames) if any(tokens) else []
+        for index in range(count):
+            words = found[index] if index < len(found) else []
+            merge_punctuations(words, options.prepend_punctuations, options.append_punctuations)
+            self.words.append([w for w in words if w["word"].strip()])
+        return out
+
+    def apply(self, segments: list[dict]) -> None:
+        for segment, words in zip(segments, self.words):
+            segment["words"] = [{"word": w["word"].strip(),
+                                 "start": round(segment["start"] + float(w["start"]), 3),
+                                 "end": round(segment["start"] + float(w["end"]), 3),
+                                 "score": round(float(w["probability"]), 3)} for w in words]
+
+
+def _diarize(result: dict, job: dict) -> dict:
+    from whisperx.diarize import DiarizationPipeline, assign_word_speakers
+
+    pipeline = DiarizationPipeline(model_name="pyannote/speaker-diarization-community-1",
+                                   token=job.get("hf_token"), device=job.get("device", "cpu"),
+                                   cache_dir=job.get("model_dir"))
+    return assign_word_speakers(pipeline(job["audio"]), result)
+
+
+def short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    lines = [line for line in text if line.strip()]
+    message = lines[-1] if lines else ""
+    return (f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__)[:500]
+
+
+def main() -> int:
+    jobs = max(1, int(os.environ.get("WHISPERD_WORKER_JOBS", "1")))
+    models = Models(int(os.environ.get("WHISPERD_WORKER_MAX_MODELS", "1")),
+                    float(os.environ.get("WHISPERD_WORKER_IDLE_SECONDS", "0")), jobs)
+    import whisperx.asr  # noqa: F401  the 7 s this process exists to pay once
+
+    executor = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="job")
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while not stop.wait(1.0):
+            models.drop_idle()
+
+    threading.Thread(target=sweep, name="idle", daemon=True).start()
+    emit(event="hello", pid=os.getpid(), jobs=jobs)
+
+    def handle(message: dict) -> None:
+        op = message.get("op")
+        if op == "load":
+            try:
+                key = ModelKey.of(message)
+                models.acquire(key)
+                models.release(key)
+            except Exception as exc:  # reported to the server, which shows it in /status
+                traceback.print_exc()
+                emit(event="load_error", reason=short_reason(exc))
+            return
+        job_id = message.get("id")
+        try:
+            outcome = run_job(message, models)
+        except Exception as exc:  # one job's failure is reported as its result; the worker lives on
+            traceback.print_exc()
+            emit(event="error", id=job_id, reason=short_reason(exc))
+            return
+        emit(event="done", id=job_id, **outcome)
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            emit(event="error", id=None, reason="the worker got a line that is not JSON")
+            continue
+        executor.submit(handle, message)
+    # End of input means the server is gone (or stopping us): nobody will read what a running
+    # job writes, so leave now rather than finish it.
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
