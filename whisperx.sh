@@ -3,7 +3,7 @@
 #
 # The venv is $WHISPERX_VENV when set, else the one named after the hash of the
 # engine-requirements.txt beside this script (the same rule as setup-engine.sh).
-# All arguments go to WhisperX unchanged.
+# All arguments go to WhisperX unchanged (except --whisperd-worker, below).
 
 if [ -n "${WHISPERX_VENV:-}" ]; then
     venv=${WHISPERX_VENV%/}
@@ -18,6 +18,14 @@ if [ ! -x "$venv/bin/python" ]; then
     # One line, and the last on stderr: the server reports the last line as the job's reason.
     echo "whisperx.sh: engine not installed: run scripts/setup-engine.sh" >&2
     exit 127
+fi
+
+# --whisperd-worker (first argument): the server's long-lived engine (whisperd/engine_worker.py)
+# from the same venv instead of the one-shot CLI.
+if [ "${1:-}" = "--whisperd-worker" ]; then
+    shift
+    here=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
+    exec "$venv/bin/python" "$here/whisperd/engine_worker.py" "$@"
 fi
 
 # exec, not a child: the server's TERM/KILL to the process group and the exit status then

@@ -69,6 +69,7 @@ class Server:
             "WHISPER_API_HOST": "127.0.0.1",
             "WHISPER_API_PORT": str(self.port),
             "WHISPER_CMD": str(FAKE_ENGINE),
+            "WHISPER_ENGINE": "cli",  # the worker's own tests ask for it (test_worker.py)
             "WHISPER_MODELS_DIR": str(models),
             "WHISPER_TMP_FILES": str(root / "tmp"),
             "WHISPER_OUTPUT_DIR": str(root / "output"),

@@ -27,6 +27,14 @@ anywhere in --initial_prompt:
 With no --language and a multilingual model it prints "Detected language: <code> (0.97) ..." on
 stdout like the real one, the code taken from FAKE_WHISPERX_DETECT (default "en").
 
+Called as `fake_whisperx.py --whisperd-worker` it is a fake engine worker instead, speaking
+whisperd/engine_worker.py's JSON-lines protocol with the same modes per job (crash and hang
+take the whole worker down or hang it; grandchild leaves a sleep in its group and answers
+after FAKE_WHISPERX_SLOW_SECONDS). FAKE_WHISPERX_WORKER_START = ok (default), hang (never says
+hello) or fail (exits 1 with a message) picks how it starts; FAKE_WHISPERX_WORKER_DELAY
+seconds (default 0) pass before hello; loading a model takes FAKE_WHISPERX_LOAD_SECONDS (0.2).
+It logs {"worker": true, pid, pgid, ...} at start and {"worker_job": ..., mode, ...} per job.
+
 With FAKE_WHISPERX_LOG set, each run first appends one JSON line to that file: pid, pgid,
 sid, argv, t_start, mode, cwd, hf_token_sha256 (of $HF_TOKEN, null when unset; the token
 itself is never written) and grandchild_pid (null unless mode is grandchild).
@@ -159,11 +167,11 @@ def slow_seconds():
     return float(os.environ.get("FAKE_WHISPERX_SLOW_SECONDS", "5"))
 
 
-def write_log(mode, grandchild_pid=None):
+def write_log(mode, grandchild_pid=None, **extra):
     path = os.environ.get("FAKE_WHISPERX_LOG")
     if not path:
         return
-    token = os.environ.get("HF_TOKEN")
+    token = extra.pop("hf_token", None) or os.environ.get("HF_TOKEN")
     record = {
         "pid": os.getpid(),
         "pgid": os.getpgid(0),
@@ -174,6 +182,7 @@ def write_log(mode, grandchild_pid=None):
         "cwd": os.getcwd(),
         "hf_token_sha256": hashlib.sha256(token.encode()).hexdigest() if token is not None else None,
         "grandchild_pid": grandchild_pid,
+        **extra,
     }
     # One write() on an O_APPEND descriptor keeps lines whole when runs overlap.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -392,7 +401,98 @@ def main():
     return 0
 
 
+class _Emitter:
+    def __init__(self):
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+
+    def __call__(self, **message):
+        self.out.write(json.dumps(message) + "\n")
+        self.out.flush()
+
+
+def worker_job(message, emit, loaded):
+    """One job of the fake worker: the same modes as a CLI run, answered as protocol events."""
+    mode = pick_mode(message.get("prompt"))
+    grandchild = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL) if mode == "grandchild" else None
+    job = {k: v for k, v in message.items() if k != "hf_token"}
+    write_log(mode, grandchild.pid if grandchild else None, worker_job=job, hf_token=message.get("hf_token"))
+    name = os.path.basename(message["model"].rstrip("/"))
+    if name not in loaded:
+        time.sleep(float(os.environ.get("FAKE_WHISPERX_LOAD_SECONDS", "0.2")))
+        loaded[:] = [name]
+        emit(event="models", loaded=list(loaded))
+    job_id = message["id"]
+    if mode == "hang":  # the whole worker ignores SIGTERM in this mode (see worker_main)
+        while True:
+            time.sleep(3600)
+    if mode == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(10)
+    audio = message["audio"]
+    try:
+        with open(audio, "rb") as handle:
+            empty = handle.read(1) == b""
+    except OSError as exc:
+        return emit(event="error", id=job_id, reason=f"RuntimeError: Failed to load audio: {exc.strerror}")
+    if empty:
+        return emit(event="error", id=job_id, reason=f"RuntimeError: Failed to load audio: {os.path.basename(audio)}:"
+                                                     " Invalid data found when processing input")
+    if mode == "fail":
+        return emit(event="error", id=job_id, reason="RuntimeError: fake engine failure")
+    if mode == "failstage" and (message.get("align") or message.get("diarize")):
+        return emit(event="error", id=job_id, reason="LocalEntryNotFoundError: cannot find the requested files")
+    if mode in ("slow", "grandchild"):
+        for step in range(1, 11):
+            time.sleep(slow_seconds() / 10)
+            emit(event="progress", id=job_id, percent=10.0 * step)
+    else:
+        emit(event="progress", id=job_id, percent=100.0)
+    args = argparse.Namespace(model=message["model"], diarize=message.get("diarize", False),
+                              language=message.get("language"))
+    result = make_result(audio, args)
+    os.makedirs(message["output_dir"], exist_ok=True)
+    stem = os.path.splitext(os.path.basename(audio))[0]
+    path = os.path.join(message["output_dir"], f"{stem}.json")
+    if mode != "noout":
+        with open(path, "w", encoding="utf-8") as out:
+            out.write('{"segments": [{"text": " Fake transcr' if mode == "garbage" else render(result, "json"))
+    emit(event="done", id=job_id, files=[path], language=message.get("language") or "en", word_times=None)
+
+
+def worker_main():
+    emit = _Emitter()
+    os.dup2(2, 1)  # like the real worker: stray prints must not reach the protocol
+    start = os.environ.get("FAKE_WHISPERX_WORKER_START", "ok")
+    write_log("worker-" + start, worker=True, env_jobs=os.environ.get("WHISPERD_WORKER_JOBS"))
+    time.sleep(float(os.environ.get("FAKE_WHISPERX_WORKER_DELAY", "0")))
+    if start == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        while True:
+            time.sleep(3600)
+    if start == "fail":
+        print("ModuleNotFoundError: No module named 'whisperx' (fake)", file=sys.stderr, flush=True)
+        return 1
+    if os.environ.get("FAKE_WHISPERX_MODE") == "hang":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    emit(event="hello", pid=os.getpid(), jobs=int(os.environ.get("WHISPERD_WORKER_JOBS", "1")))
+    loaded = []
+    import threading
+
+    for line in sys.stdin:
+        message = json.loads(line)
+        if message.get("op") == "load":
+            name = os.path.basename(message["model"].rstrip("/"))
+            time.sleep(float(os.environ.get("FAKE_WHISPERX_LOAD_SECONDS", "0.2")))
+            loaded[:] = [name]
+            emit(event="models", loaded=list(loaded))
+        elif message.get("op") == "job":
+            threading.Thread(target=worker_job, args=(message, emit, loaded), daemon=True).start()
+    os._exit(0)
+
+
 T_START = time.time()
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--whisperd-worker"]:
+        sys.exit(worker_main())
     sys.exit(main())

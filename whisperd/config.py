@@ -147,6 +147,14 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "WHISPER_OPENAI_MODEL": ("", _text),  # what "whisper-1" runs; empty: WHISPER_DEFAULT_MODEL
     "WHISPER_METRICS_AUTH": (False, parse_bool),  # false: /metrics answers loopback callers only
     "WHISPER_METRICS_DIR": ("", _text),  # empty: metrics/ beside the ledger
+    # The warm engine (docs/warm-engine.md).
+    "WHISPER_ENGINE": ("worker", _choice("worker", "cli")),
+    "WHISPER_WORKER_CMD": ("", _text),  # empty: WHISPER_CMD --whisperd-worker
+    "WHISPER_WORKER_MAX_MODELS": (1, _int(1)),
+    "WHISPER_PRELOAD_MODEL": (True, parse_bool),
+    "WHISPER_MODEL_IDLE_SECONDS": (1800.0, _float(0)),  # 0: never unload
+    "WHISPER_WORKER_START_SECONDS": (120.0, _float(0.1)),
+    "WHISPER_WORD_TIMES": (True, parse_bool),
 }
 
 
@@ -195,6 +203,13 @@ class Config:
     WHISPER_OPENAI_MODEL: str
     WHISPER_METRICS_AUTH: bool
     WHISPER_METRICS_DIR: str
+    WHISPER_ENGINE: str
+    WHISPER_WORKER_CMD: str
+    WHISPER_WORKER_MAX_MODELS: int
+    WHISPER_PRELOAD_MODEL: bool
+    WHISPER_MODEL_IDLE_SECONDS: float
+    WHISPER_WORKER_START_SECONDS: float
+    WHISPER_WORD_TIMES: bool
     conf_path: str | None = None
 
     @property

@@ -62,6 +62,7 @@ class EngineResult:
     stderr_tail: list[str] = field(default_factory=list)
     killed_because: str | None = None  # "canceled", "timeout", "shutdown"
     detected_language: str | None = None
+    retry: bool = False  # the engine worker died under the job: run it again (poison rules apply)
 
     @property
     def ok(self) -> bool:

@@ -15,6 +15,7 @@ from .jobfiles import JobFiles
 from .languages import AUTO
 from .ledger import Job, Ledger
 from .results import EngineOutputError, load_engine_result, write_engine_result
+from .worker_client import EngineWorker, WorkerJob, job_message
 
 log = logging.getLogger("whisperd.runner")
 PROGRESS_EVERY_SECONDS = 1.0
@@ -25,7 +26,7 @@ class RunningJob:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.engine: EngineProcess | None = None
+        self.engine: EngineProcess | WorkerJob | None = None
         self.stop_reason: str | None = None
         self.t_start: float | None = None
 
@@ -40,8 +41,9 @@ class RunningJob:
 
 class JobRunner:
     def __init__(self, config: Config, ledger: Ledger, files: JobFiles, offline: bool,
-                 notify: Callable[[str], None], threads: int | None) -> None:
+                 notify: Callable[[str], None], threads: int | None, worker: EngineWorker | None = None) -> None:
         self.config = config
+        self.worker = worker  # None: the spec's CLI per job (WHISPER_ENGINE=cli)
         self.ledger = ledger
         self.files = files
         self.offline = offline
@@ -82,7 +84,7 @@ class JobRunner:
             diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads,
         )
         result = await self._attempt(running, opts)
-        if not result.ok and running.stop_reason is None and (opts.align or opts.diarize):
+        if not result.ok and not result.retry and running.stop_reason is None and (opts.align or opts.diarize):
             stages = " and ".join(s for s, on in (("alignment", opts.align), ("diarization", opts.diarize)) if on)
             await self._warn(job, f"{stages} failed ({_public(result.reason(), opts)}); "
                                   f"the transcript was made again without {stages}")
@@ -96,6 +98,8 @@ class JobRunner:
             return EngineResult(None, killed_because=running.stop_reason)
         self.files.remove_output(job.id)
         opts.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.worker is not None:
+            return await self._on_worker(running, opts)
         engine = EngineProcess(build_argv(self.config, opts), build_env(opts), self.config.WHISPER_KILL_GRACE_SECONDS)
         try:
             pid = engine.start()
@@ -106,6 +110,27 @@ class JobRunner:
         log.info("job %s: engine started, pid %s", job.id, pid)
         await self.ledger.set_engine_pid(job.id, pid)
         crash_point("engine-started")
+        timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
+        result = await engine.run(self._progress(job), timeout)
+        running.engine = None
+        metrics.engine_exited(result.returncode, result.signal)
+        log.info("job %s: engine ended: code %s signal %s %s", job.id, result.returncode, result.signal,
+                 result.killed_because or "")
+        return result
+
+    async def _on_worker(self, running: RunningJob, opts: EngineOptions) -> EngineResult:
+        job = running.job
+        engine = WorkerJob(self.worker, job.id, job_message(self.config, opts))
+        running.engine = engine
+        timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
+        result = await engine.run(self._progress(job), timeout)
+        running.engine = None
+        metrics.engine_exited(result.returncode, result.signal)  # a worker's answer: 0 done, 1 error
+        log.info("job %s: worker answered: code %s %s", job.id, result.returncode,
+                 result.killed_because or ("worker died" if result.retry else ""))
+        return result
+
+    def _progress(self, job: Job):
         last = 0.0
 
         async def progress(percent: float) -> None:
@@ -115,13 +140,7 @@ class JobRunner:
                 last = now
                 await self.ledger.set_progress(job.id, percent, "transcribing")
 
-        timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
-        result = await engine.run(progress, timeout)
-        running.engine = None
-        metrics.engine_exited(result.returncode, result.signal)
-        log.info("job %s: engine ended: code %s signal %s %s", job.id, result.returncode, result.signal,
-                 result.killed_because or "")
-        return result
+        return progress
 
     async def _record(self, running: RunningJob, opts: EngineOptions, result: EngineResult) -> None:
         job = running.job
@@ -136,6 +155,13 @@ class JobRunner:
         elif because == "timeout":
             limit = self.config.WHISPER_JOB_TIMEOUT_SECONDS
             await self._fail(job, f"the engine ran longer than WHISPER_JOB_TIMEOUT_SECONDS ({limit:g} s) and was stopped")
+        elif result.retry and job.attempts < self.config.WHISPER_MAX_ATTEMPTS:
+            # The worker died under this job (or under a neighbour's cancel): run it again.
+            await self.ledger.requeue(job.id, f"the engine worker died: {_public(result.reason(), opts)}")
+            self.files.remove_output(job.id)
+        elif result.retry:
+            await self._fail(job, f"gave up after {job.attempts} attempts: the engine worker died each time "
+                                  f"({_public(result.reason(), opts)})")
         elif not result.ok:
             await self._fail(job, _public(result.reason(), opts))
         else:

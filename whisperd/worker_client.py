@@ -1,0 +1,344 @@
+"""The server's side of the warm engine: starts, feeds, watches and restarts one engine worker process.
+
+The worker (whisperd/engine_worker.py, in the engine venv) speaks JSON lines on its stdin and
+stdout. It runs in its own session; stopping it means TERM then KILL to its whole group. A
+cancel or a time-out kills it (a job cannot be interrupted safely inside CTranslate2) and a fresh
+one is started at once; a crash ends the jobs it was running with `retry` set and the worker comes
+back after a growing pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shlex
+import signal
+import time
+from collections import deque
+from typing import Any
+
+from tornado.iostream import StreamClosedError
+from tornado.process import Subprocess
+
+from .config import Config
+from .engine import PASSED_ENV, PASSED_PREFIXES, EngineOptions, EngineResult, ProgressCallback, _NOISE
+from .languages import AUTO
+from .models import local_model_dir
+
+log = logging.getLogger("whisperd.worker")
+BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
+
+
+class WorkerUnavailable(Exception):
+    """The worker could not be started; the message is the reason a job shows."""
+
+
+def worker_argv(config: Config) -> list[str]:
+    if config.WHISPER_WORKER_CMD:
+        return shlex.split(config.WHISPER_WORKER_CMD)
+    return [config.WHISPER_CMD, "--whisperd-worker"]
+
+
+def model_spec(config: Config, model: str, device: str, device_index: str, threads: int | None) -> dict[str, Any]:
+    local = local_model_dir(config.WHISPER_MODELS_DIR, model)
+    compute_type = config.WHISPER_CPU_COMPUTE_TYPE if device == "cpu" else config.WHISPER_CUDA_COMPUTE_TYPE
+    return {"model": str(local) if local else model, "model_dir": config.WHISPER_MODELS_DIR, "device": device,
+            "device_index": int(device_index), "compute_type": compute_type or "default", "threads": threads or 0}
+
+
+class WorkerJob:
+    """One job sent to the worker; the runner stops it the way it stops a CLI engine."""
+
+    def __init__(self, worker: "EngineWorker", job_id: str, message: dict[str, Any]) -> None:
+        self.worker = worker
+        self.job_id = job_id
+        self.message = message
+        self.killed_because: str | None = None
+        self.on_progress: ProgressCallback | None = None
+        self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker.pid
+
+    async def run(self, on_progress: ProgressCallback | None = None, timeout: float | None = None) -> EngineResult:
+        self.on_progress = on_progress
+        try:
+            await self.worker.submit(self)
+        except WorkerUnavailable as exc:
+            return EngineResult(127, stderr_tail=[str(exc)])
+        try:
+            if timeout:
+                await asyncio.wait_for(asyncio.shield(self.outcome), timeout)
+        except asyncio.TimeoutError:
+            await self.stop("timeout")
+        result: EngineResult = await self.outcome
+        result.killed_because = self.killed_because
+        return result
+
+    async def stop(self, because: str) -> None:
+        if self.outcome.done():
+            return
+        self.killed_because = self.killed_because or because
+        await self.worker.kill(f"job {self.job_id} {because}")
+
+    def finish(self, result: EngineResult) -> None:
+        if not self.outcome.done():
+            self.outcome.set_result(result)
+
+
+class EngineWorker:
+    """The one long-lived engine process of this server process, and its life cycle."""
+
+    def __init__(self, config: Config, offline: bool, jobs: int, threads: int | None) -> None:
+        self.config = config
+        self.offline = offline
+        self.jobs = jobs
+        self.threads = threads
+        self.state = "stopped"  # starting, ready, restarting, failed, stopped
+        self.reason: str | None = None
+        self.loaded: list[str] = []
+        self.started_at: float | None = None
+        self.restarts = 0
+        self.proc: Subprocess | None = None
+        self._inflight: dict[str, WorkerJob] = {}
+        self._stderr: deque[str] = deque(maxlen=40)
+        self._ready: asyncio.Future | None = None
+        self._starting: asyncio.Task | None = None
+        self._failures = 0
+        self._closed = False
+        self._killing: int | None = None  # the pid kill() is stopping: its exit is no crash
+        self._exits: dict[int, asyncio.Future] = {}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """What /status shows under "engine"."""
+        return {"mode": "worker", "state": self.state, "pid": self.pid, "loaded_models": list(self.loaded),
+                "running_jobs": len(self._inflight), "restarts": self.restarts, "reason": self.reason}
+
+    def healthy(self) -> bool:
+        return self.state in ("ready", "starting", "restarting") and self._failures < len(BACKOFF_SECONDS)
+
+    # -- life cycle
+
+    def start(self) -> asyncio.Task:
+        """Start (or join the start under way); the task ends when the worker said hello."""
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self._start())
+            # A failed start is reported through state and reason, and to the job that waited.
+            self._starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return self._starting
+
+    async def _start(self) -> None:
+        if self._failures:
+            self.state = "restarting"
+            await asyncio.sleep(BACKOFF_SECONDS[min(self._failures, len(BACKOFF_SECONDS)) - 1])
+        if self._closed:
+            raise WorkerUnavailable("the server is stopping")
+        self.state = "starting"
+        self._stderr.clear()
+        argv = worker_argv(self.config)
+        try:
+            proc = Subprocess(argv, stdin=Subprocess.STREAM, stdout=Subprocess.STREAM, stderr=Subprocess.STREAM,
+                              env=self._env(), start_new_session=True, close_fds=True)
+        except OSError as exc:
+            self._failures += 1
+            self.state, self.reason = "failed", f"the engine worker could not be started ({exc.strerror})"
+            log.error("cannot start the engine worker %s: %s", argv, exc)
+            raise WorkerUnavailable(self.reason) from None
+        self.proc = proc
+        self._ready = asyncio.get_running_loop().create_future()
+        exit_future = proc.wait_for_exit(raise_error=False)
+        self._exits[proc.pid] = exit_future
+        asyncio.ensure_future(self._read_stdout(proc))
+        asyncio.ensure_future(self._read_stderr(proc))
+        asyncio.ensure_future(self._watch(proc, exit_future))
+        log.info("engine worker starting, pid %s", proc.pid)
+        limit = self.config.WHISPER_WORKER_START_SECONDS
+        try:
+            said_hello = await asyncio.wait_for(asyncio.shield(self._ready), limit)
+        except asyncio.TimeoutError:
+            self.reason = f"the engine worker did not start within WHISPER_WORKER_START_SECONDS ({limit:g} s)"
+            log.error("%s: killing it", self.reason)
+            self._failures += 1
+            await self._stop_process(proc)
+            raise WorkerUnavailable(self.reason) from None
+        if not said_hello:
+            self._failures += 1
+            self.state = "failed"
+            self.reason = f"the engine worker ended while starting: {self._last_stderr() or 'no message'}"
+            log.error("%s", self.reason)
+            raise WorkerUnavailable(self.reason)
+        self.started_at = time.monotonic()
+        if self.config.WHISPER_PRELOAD_MODEL:
+            spec = model_spec(self.config, self.config.WHISPER_DEFAULT_MODEL, self.config.WHISPER_DEVICE,
+                              self.config.WHISPER_DEVICE_INDEX, self.threads)
+            self._send({"op": "load", **spec})
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k in PASSED_ENV or k.startswith(PASSED_PREFIXES)}
+        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+        env["PYTHONUNBUFFERED"] = "1"
+        env["WHISPERD_WORKER_JOBS"] = str(self.jobs)
+        env["WHISPERD_WORKER_MAX_MODELS"] = str(self.config.WHISPER_WORKER_MAX_MODELS)
+        env["WHISPERD_WORKER_IDLE_SECONDS"] = str(self.config.WHISPER_MODEL_IDLE_SECONDS)
+        if self.offline:
+            env["HF_HUB_OFFLINE"] = "1"
+            env["TRANSFORMERS_OFFLINE"] = "1"
+        return env
+
+    async def submit(self, job: WorkerJob) -> None:
+        if self.state != "ready" or self.pid is None:
+            await self.start()
+        if self.proc is None or self.proc.returncode is not None:
+            raise WorkerUnavailable(self.reason or "the engine worker is not running")
+        self._inflight[job.job_id] = job
+        self._send({"op": "job", "id": job.job_id, **job.message})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc is not None
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())
+        except StreamClosedError:
+            log.warning("engine worker's stdin is closed; it is ending")
+
+    async def kill(self, why: str) -> None:
+        """Stop the worker's whole group; jobs it ran end; a fresh worker starts right away."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        log.warning("killing engine worker pid %s: %s", proc.pid, why)
+        self._killing = proc.pid
+        await self._stop_process(proc)
+        if not self._closed:
+            self.start()
+
+    async def _stop_process(self, proc: Subprocess) -> None:
+        _killpg(proc.pid, signal.SIGTERM)
+        exit_future = self._exits[proc.pid]
+        try:
+            await asyncio.wait_for(asyncio.shield(exit_future), self.config.WHISPER_KILL_GRACE_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("engine worker pid %s ignored SIGTERM: killing its group", proc.pid)
+        _killpg(proc.pid, signal.SIGKILL)
+        await exit_future
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            await self._stop_process(self.proc)
+        self.state = "stopped"
+
+    # -- the process's output
+
+    async def _watch(self, proc: Subprocess, exit_future: asyncio.Future) -> None:
+        status = await exit_future
+        _killpg(proc.pid, signal.SIGKILL)  # whatever it left in its group goes too
+        self._exits.pop(proc.pid, None)
+        if self.proc is proc:
+            self.proc = None
+            self.loaded = []
+        how = f"signal {signal.Signals(-status).name}" if status is not None and status < 0 else f"exit status {status}"
+        reason = self._last_stderr() or f"the engine worker ended ({how})"
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(False)
+        inflight = list(self._inflight.values())
+        self._inflight.clear()
+        for job in inflight:
+            job.finish(EngineResult(None if status and status < 0 else status,
+                                    -status if status and status < 0 else None,
+                                    [reason], retry=job.killed_because is None))
+        if self._closed or self._killing == proc.pid:
+            return  # kill() starts the next one itself
+        if self.state == "ready":  # a death while starting is _start's to report
+            self._failures += 1
+            self.restarts += 1
+            self.state, self.reason = "restarting", f"the engine worker died ({reason})"
+            log.error("engine worker pid %s died (%s); restarting", proc.pid, how)
+            self.start()
+
+    async def _read_stdout(self, proc: Subprocess) -> None:
+        try:
+            while True:
+                line = await proc.stdout.read_until(b"\n", max_bytes=16 * 1024 * 1024)
+                self._on_message(line)
+        except StreamClosedError:
+            return
+
+    async def _read_stderr(self, proc: Subprocess) -> None:
+        try:
+            while True:
+                line = (await proc.stderr.read_until(b"\n", max_bytes=1024 * 1024)).decode("utf-8", "replace")
+                if line.strip():
+                    self._stderr.append(line.rstrip())
+                    log.debug("worker: %s", line.rstrip())
+        except StreamClosedError:
+            return
+
+    def _last_stderr(self) -> str | None:
+        for line in reversed(self._stderr):
+            if not _NOISE.search(line):
+                return line.strip()[:500]
+        return None
+
+    def _on_message(self, raw: bytes) -> None:
+        try:
+            message = json.loads(raw)
+        except json.JSONDecodeError:
+            log.warning("engine worker wrote a line that is not JSON: %r", raw[:200])
+            return
+        event = message.get("event")
+        if event == "hello":
+            self.state, self.reason, self._failures = "ready", None, 0
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(True)
+            return
+        if event == "models":
+            self.loaded = list(message.get("loaded") or [])
+            return
+        if event == "load_error":
+            self.reason = f"preloading the default model failed: {message.get('reason')}"
+            log.error("engine worker: %s", self.reason)
+            return
+        job = self._inflight.get(message.get("id"))
+        if job is None:
+            return
+        if event == "progress" and job.on_progress is not None:
+            outcome = job.on_progress(min(100.0, float(message.get("percent", 0))))
+            if asyncio.iscoroutine(outcome):
+                asyncio.ensure_future(outcome)
+        elif event == "done":
+            del self._inflight[job.job_id]
+            job.finish(EngineResult(0, detected_language=message.get("language")))
+        elif event == "error":
+            del self._inflight[job.job_id]
+            job.finish(EngineResult(1, stderr_tail=[str(message.get("reason") or "the engine worker failed")]))
+
+
+def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
+    """The job line: the CLI's options as JSON; the HF token only here, never on a command line."""
+    message = model_spec(config, opts.model, opts.device, opts.device_index, opts.threads)
+    message.update({
+        "audio": str(opts.audio), "output_dir": str(opts.output_dir),
+        "language": None if opts.language == AUTO else opts.language,
+        "prompt": opts.prompt, "align": opts.align, "diarize": opts.diarize,
+        "word_times": config.WHISPER_WORD_TIMES,
+    })
+    if opts.diarize and opts.hf_token:
+        message["hf_token"] = opts.hf_token
+    return message
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return
+
