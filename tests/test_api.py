@@ -410,6 +410,8 @@ def test_cancel_finished_job_is_409(server):
 def test_status_endpoint_has_the_specs_shape(make_server):
     server = make_server(WHISPER_JOB_RETENTION_HOURS="24", WHISPER_CLEANUP_INTERVAL_HOURS="6")
     body = server.api("GET", "/status").json()
+    # One key beyond the spec's, the engine's state (the warm engine's is tested in test_worker.py).
+    assert body.pop("engine") == {"mode": "cli", "state": "ready", "loaded_models": []}
     assert body == {
         "server": {"host": "127.0.0.1", "port": str(server.port), "timeout": 480, "keepalive": 480, "worker_number": 1},
         "processing": {"concurrent_mode": False, "max_concurrent_jobs": 6, "device": "cpu", "device_index": "0",

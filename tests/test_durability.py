@@ -72,7 +72,9 @@ def test_graceful_stop_requeues_running_jobs_and_exits_0(make_server):
     server = make_server(FAKE_WHISPERX_SLOW_SECONDS="30", WHISPER_SHUTDOWN_GRACE_SECONDS="1")
     job_id = server.submit_ok(diarize="false", prompt="fake:slow")
     server.wait_status(job_id, ("Processing",))
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # the engine logs itself a moment after the job turns Processing
+    while not server.engine_runs() and time.monotonic() < deadline:
+        time.sleep(0.05)
     (run,) = server.engine_runs()
     assert server.stop(signal.SIGTERM) == 0
     assert not alive(run["pid"])

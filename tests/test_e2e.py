@@ -26,13 +26,15 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return jiwer.wer(normalise(reference), normalise(hypothesis))
 
 
-@pytest.fixture
-def real_server(make_server):
+@pytest.fixture(params=["cli", "worker"])
+def real_server(make_server, request):
+    """A server on the real WhisperX; every test runs once per engine (WHISPER_ENGINE)."""
     assert JFK.is_file(), f"the shared fixture {JFK} is missing"
     assert (REPO / "models" / "tiny.en" / "model.bin").is_file(), "run scripts/setup-engine.sh first"
 
     def start(**env):
         settings = dict(
+            WHISPER_ENGINE=request.param,
             WHISPER_CMD=str(REPO / "whisperx.sh"),
             WHISPER_MODELS_DIR=str(REPO / "models"),
             WHISPER_DEVICE="cpu",
@@ -152,3 +154,18 @@ def test_a_failing_optional_stage_still_delivers_the_transcript(real_server):
     assert word_error_rate(JFK_TEXT, body["text"]) <= 0.10
     assert any("failed" in w and "made again without" in w for w in body["warnings"]), body["warnings"]
     assert "hf_not_a_real_token" not in server.log()
+
+
+def test_both_engines_give_the_same_transcript(make_server):
+    common = dict(WHISPER_CMD=str(REPO / "whisperx.sh"), WHISPER_MODELS_DIR=str(REPO / "models"),
+                  WHISPER_DEVICE="cpu", WHISPER_OFFLINE="true", SYNC_REQUEST_TIMEOUT_SECONDS="300")
+    bodies = {}
+    for engine in ("cli", "worker"):
+        server = make_server(WHISPER_ENGINE=engine, **common)
+        response = server.submit(JFK, sync="true", diarize="false", response_format="tsv", timeout=300)
+        assert response.status_code == 200, response.text
+        bodies[engine] = response.json()
+        server.stop()
+    assert bodies["cli"]["segments"] == bodies["worker"]["segments"]
+    assert bodies["cli"]["text"] == bodies["worker"]["text"]
+    assert bodies["cli"]["language"] == bodies["worker"]["language"] == "en"

@@ -277,10 +277,11 @@ def _diarize(result: dict, job: dict) -> dict:
 
 
 def short_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    lines = [line for line in text if line.strip()]
-    message = lines[-1] if lines else ""
-    return (f"{exc.__class__.__name__}: {message}" if message else exc.__class__.__name__)[:500]
+    """The line the CLI's traceback would end with, so both engines give a job the same reason."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1:  # e.g. ffmpeg's whole report inside a RuntimeError: its last line says it
+        return lines[-1].strip()[:500]
+    return (f"{exc.__class__.__name__}: {lines[0]}" if lines else exc.__class__.__name__)[:500]
 
 
 def main() -> int:

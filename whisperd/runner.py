@@ -72,6 +72,9 @@ class JobRunner:
         language = None if job.language == AUTO else job.language
         align, why_not = capabilities.alignment_available(language, self.config.WHISPER_MODELS_DIR, self.offline)
         if not align:
+            if self.worker is not None and self.config.WHISPER_WORD_TIMES:
+                why_not = why_not.replace("segment times come from the transcription itself",
+                                          "word times come from Whisper's own cross-attention (faster-whisper)")
             await self._warn(job, why_not)
         diarize = job.diarize
         if diarize:
