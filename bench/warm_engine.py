@@ -2,15 +2,15 @@
 """Benchmark of the warm engine: jfk.flac N times through HTTP with WHISPER_ENGINE=worker and =cli,
 and the pure in-process `model.transcribe` of the same file with the model already loaded.
 
-Usage: /work/main/.venv/bin/python bench/warm_engine.py [--jobs 10] [--skip-cli]
-Prints the three per-job times and the ratios (worker / in-process, cli / worker).
+Usage: /work/main/.venv/bin/python bench/warm_engine.py [--jobs 10] [--cli-jobs N]
+The three run round robin (one of each per round) so a machine whose load changes treats them
+alike. Prints the three per-job medians and the ratios (worker / in-process, cli / worker).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import subprocess
@@ -25,17 +25,16 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import JFK, Server  # noqa: E402  the test harness's real-server launcher
 
 IN_PROCESS = r"""
-import json, sys, time
+import sys, time
 import whisperx
 from whisperx.audio import load_audio
 model = whisperx.load_model(sys.argv[1], device="cpu", compute_type="int8", language="en")
-times = []
-for _ in range(int(sys.argv[3])):
+print("ready", flush=True)
+for _ in sys.stdin:
     audio = load_audio(sys.argv[2])
     started = time.perf_counter()
     model.transcribe(audio, batch_size=8)
-    times.append(time.perf_counter() - started)
-print(json.dumps(times))
+    print(time.perf_counter() - started, flush=True)
 """
 
 
@@ -58,7 +57,7 @@ def peak_rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def through_http(engine: str, jobs: int, root: Path) -> tuple[list[float], float | None]:
+def start_server(engine: str, root: Path) -> Server:
     server = Server(root / engine, {
         "WHISPER_ENGINE": engine, "WHISPER_CMD": str(REPO / "whisperx.sh"),
         "WHISPER_MODELS_DIR": str(REPO / "models"), "SYNC_REQUEST_TIMEOUT_SECONDS": "600",
@@ -66,43 +65,64 @@ def through_http(engine: str, jobs: int, root: Path) -> tuple[list[float], float
     })
     server.root.mkdir(parents=True, exist_ok=True)
     server.start()
-    try:
-        if engine == "worker":  # the one-time start and preload are not what a job costs
-            deadline = time.monotonic() + 300
-            while server.api("GET", "/status").json()["engine"]["loaded_models"] == []:
-                assert time.monotonic() < deadline, server.log()
-                time.sleep(0.2)
-        times = []
-        for _ in range(jobs):
-            started = time.perf_counter()
-            response = server.submit(JFK, sync="true", diarize="false", timeout=600)
-            times.append(time.perf_counter() - started)
-            assert response.status_code == 200 and "fellow Americans" in response.json()["text"], response.text
-        pid = server.api("GET", "/status").json()["engine"].get("pid")
-        return times, peak_rss_mb(pid)
-    finally:
-        server.stop()
+    if engine == "worker":  # the one-time start and preload are not what a job costs
+        deadline = time.monotonic() + 300
+        while server.api("GET", "/status").json()["engine"]["loaded_models"] == []:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.2)
+    return server
+
+
+def http_job(server: Server) -> float:
+    started = time.perf_counter()
+    response = server.submit(JFK, sync="true", diarize="false", timeout=600)
+    took = time.perf_counter() - started
+    assert response.status_code == 200 and "fellow Americans" in response.json()["text"], response.text
+    return took
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10)
-    parser.add_argument("--skip-cli", action="store_true")
+    parser.add_argument("--cli-jobs", type=int, default=None, help="CLI jobs (default: --jobs; each costs ~9 s)")
     args = parser.parse_args()
+    cli_jobs = args.jobs if args.cli_jobs is None else args.cli_jobs
+    pure: list[float] = []
+    worker: list[float] = []
+    cli: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-warm-") as tmp:
         root = Path(tmp)
-        pure = json.loads(subprocess.run([venv_python(), "-c", IN_PROCESS, str(REPO / "models" / "tiny.en"), str(JFK),
-                                          str(args.jobs)], capture_output=True, text=True, check=True).stdout
-                          .strip().splitlines()[-1])
-        worker, worker_rss = through_http("worker", args.jobs, root)
-        cli = [] if args.skip_cli else through_http("cli", args.jobs, root)[0]
+        baseline = subprocess.Popen([venv_python(), "-c", IN_PROCESS, str(REPO / "models" / "tiny.en"), str(JFK)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    text=True, bufsize=1)
+        servers = {engine: start_server(engine, root) for engine in ("worker", "cli")}
+        try:
+            assert baseline.stdout.readline().strip() == "ready"
+            # Round robin, so that the three see the same machine: the load here comes and goes.
+            for number in range(max(args.jobs, cli_jobs)):
+                if number < args.jobs:
+                    baseline.stdin.write("go\n")
+                    baseline.stdin.flush()
+                    pure.append(float(baseline.stdout.readline()))
+                    worker.append(http_job(servers["worker"]))
+                if number < cli_jobs:
+                    cli.append(http_job(servers["cli"]))
+                print(f"  round {number + 1}: in-process {pure[-1]:.3f}  worker {worker[-1]:.3f}"
+                      + (f"  cli {cli[-1]:.3f}" if number < cli_jobs else ""), file=sys.stderr, flush=True)
+            worker_rss = peak_rss_mb(servers["worker"].api("GET", "/status").json()["engine"]["pid"])
+        finally:
+            for server in servers.values():
+                server.stop()
+            baseline.stdin.close()
+            baseline.wait(30)
     median = statistics.median
-    print(f"jfk.flac, {args.jobs} jobs back to back, medians (s/job):")
-    print(f"  in-process model.transcribe (model loaded): {median(pure):.3f}   (min {min(pure):.3f})")
-    print(f"  worker through HTTP:                        {median(worker):.3f}   (min {min(worker):.3f})"
-          + (f", worker peak RSS {worker_rss:.0f} MB" if worker_rss else ""))
+    print(f"jfk.flac, back to back, round robin; medians in s/job ({len(pure)} in-process, {len(worker)} worker, "
+          f"{len(cli)} cli):")
+    print(f"  in-process model.transcribe (model loaded): {median(pure):.3f}  (min {min(pure):.3f})")
+    print(f"  worker through HTTP (sync):                 {median(worker):.3f}  (min {min(worker):.3f})"
+          + (f"  worker peak RSS {worker_rss:.0f} MB" if worker_rss else ""))
     if cli:
-        print(f"  cli through HTTP:                           {median(cli):.3f}   (min {min(cli):.3f})")
+        print(f"  cli through HTTP (sync):                    {median(cli):.3f}  (min {min(cli):.3f})")
     print(f"worker / in-process = {median(worker) / median(pure):.2f} (goal <= 1.3)")
     if cli:
         print(f"cli / worker        = {median(cli) / median(worker):.1f} (goal >= 6)")
