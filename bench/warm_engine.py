@@ -34,7 +34,7 @@ for _ in sys.stdin:
     audio = load_audio(sys.argv[2])
     started = time.perf_counter()
     model.transcribe(audio, batch_size=8)
-    print(time.perf_counter() - started, flush=True)
+    print("took", time.perf_counter() - started, flush=True)
 """
 
 
@@ -73,6 +73,14 @@ def start_server(engine: str, root: Path) -> Server:
     return server
 
 
+def _answer(process: subprocess.Popen, word: str) -> str:
+    """The baseline's next line starting with `word` (WhisperX logs to stdout too)."""
+    for line in process.stdout:
+        if line.startswith(word):
+            return line
+    raise RuntimeError("the in-process baseline ended early")
+
+
 def http_job(server: Server) -> float:
     started = time.perf_counter()
     response = server.submit(JFK, sync="true", diarize="false", timeout=600)
@@ -97,13 +105,13 @@ def main() -> int:
                                     text=True, bufsize=1)
         servers = {engine: start_server(engine, root) for engine in ("worker", "cli")}
         try:
-            assert baseline.stdout.readline().strip() == "ready"
+            _answer(baseline, "ready")
             # Round robin, so that the three see the same machine: the load here comes and goes.
             for number in range(max(args.jobs, cli_jobs)):
                 if number < args.jobs:
                     baseline.stdin.write("go\n")
                     baseline.stdin.flush()
-                    pure.append(float(baseline.stdout.readline()))
+                    pure.append(float(_answer(baseline, "took").split()[1]))
                     worker.append(http_job(servers["worker"]))
                 if number < cli_jobs:
                     cli.append(http_job(servers["cli"]))
