@@ -186,10 +186,13 @@ def run_job(job: dict, models: Models) -> dict:
         def progress(percent: float) -> None:
             emit(event="progress", id=job["id"], percent=round(float(percent), 2))
 
+        timings = {"started": time.perf_counter()}
         audio = load_audio(job["audio"])
+        timings["load_audio"] = time.perf_counter()
         result = pipeline.transcribe(audio, batch_size=int(job.get("batch_size") or 8), chunk_size=30,
                                      print_progress=False, verbose=False, progress_callback=progress)
         detected = result["language"]
+        timings["transcribe"] = time.perf_counter()
         word_times = None
         if job.get("align") and result["segments"]:
             result = _align(result, audio, align_language, job)
@@ -209,7 +212,12 @@ def run_job(job: dict, models: Models) -> dict:
     writer = get_writer("json", job["output_dir"])
     writer(result, job["audio"], {"highlight_words": False, "max_line_count": None, "max_line_width": None})
     stem = os.path.splitext(os.path.basename(job["audio"]))[0]
-    return {"files": [os.path.join(job["output_dir"], stem + ".json")], "language": detected,
+    timings["rest"] = time.perf_counter()  # word times, alignment, diarization, writing
+    steps = list(timings.items())
+    seconds = {name: round(at - steps[i][1], 3) for i, (name, at) in enumerate(steps[1:])}
+    if timer is not None:
+        seconds["of_which_word_times"] = round(timer.seconds, 3)
+    return {"files": [os.path.join(job["output_dir"], stem + ".json")], "language": detected, "seconds": seconds,
             "word_times": word_times}
 
 
@@ -236,6 +244,7 @@ class _WordTimer:
         self.frames: list[int] = []  # content frames of each chunk, in the order preprocess saw them
         self.words: list[list[dict]] = []
         self._encoded = None
+        self.seconds = 0.0  # spent aligning words, inside the transcription's time
 
     def __getattr__(self, name):
         return getattr(self._whisper, name)
@@ -249,6 +258,7 @@ class _WordTimer:
         from whisperx.asr import WhisperModel
 
         out = WhisperModel.generate_segment_batched(self, features, tokenizer, options)
+        started = time.perf_counter()
         count = features.shape[0]
         frames, self.frames = self.frames[:count], self.frames[count:]
         tokens = [tokenizer.encode(text) for text in out["text"]]
@@ -257,6 +267,7 @@ class _WordTimer:
             words = found[index] if index < len(found) else []
             merge_punctuations(words, options.prepend_punctuations, options.append_punctuations)
             self.words.append([w for w in words if w["word"].strip()])
+        self.seconds += time.perf_counter() - started
         return out
 
     def apply(self, segments: list[dict]) -> None:

@@ -316,6 +316,7 @@ class EngineWorker:
                 asyncio.ensure_future(outcome)
         elif event == "done":
             del self._inflight[job.job_id]
+            log.info("job %s: worker done in %s", job.job_id, message.get("seconds"))
             job.finish(EngineResult(0, detected_language=message.get("language")))
         elif event == "error":
             del self._inflight[job.job_id]
