@@ -10,6 +10,7 @@ alike. Prints the three per-job medians and the ratios (worker / in-process, cli
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import os
 import statistics
@@ -61,7 +62,7 @@ def start_server(engine: str, root: Path) -> Server:
     server = Server(root / engine, {
         "WHISPER_ENGINE": engine, "WHISPER_CMD": str(REPO / "whisperx.sh"),
         "WHISPER_MODELS_DIR": str(REPO / "models"), "SYNC_REQUEST_TIMEOUT_SECONDS": "600",
-        "ENABLE_AUTHORIZATION": "false", "RUST_LOG": "warn",
+        "ENABLE_AUTHORIZATION": "false", "RUST_LOG": "info",
     })
     server.root.mkdir(parents=True, exist_ok=True)
     server.start()
@@ -118,6 +119,8 @@ def main() -> int:
                 print(f"  round {number + 1}: in-process {pure[-1]:.3f}  worker {worker[-1]:.3f}"
                       + (f"  cli {cli[-1]:.3f}" if number < cli_jobs else ""), file=sys.stderr, flush=True)
             worker_rss = peak_rss_mb(servers["worker"].api("GET", "/status").json()["engine"]["pid"])
+            inside = [ast.literal_eval(line.split("worker done in ", 1)[1])
+                      for line in servers["worker"].log().splitlines() if "worker done in " in line]
         finally:
             for server in servers.values():
                 server.stop()
@@ -131,6 +134,9 @@ def main() -> int:
           + (f"  worker peak RSS {worker_rss:.0f} MB" if worker_rss else ""))
     if cli:
         print(f"  cli through HTTP (sync):                    {median(cli):.3f}  (min {min(cli):.3f})")
+    if inside:
+        print("  inside the worker, medians: " + ", ".join(
+            f"{name} {median(job[name] for job in inside):.3f}" for name in inside[-1]))
     print(f"worker / in-process = {median(worker) / median(pure):.2f} (goal <= 1.3)")
     if cli:
         print(f"cli / worker        = {median(cli) / median(worker):.1f} (goal >= 6)")

@@ -70,13 +70,21 @@ class EngineResult:
 
     def reason(self) -> str:
         """A short cause a user can read: the engine's last meaningful line, not a traceback."""
-        for line in reversed(self.stderr_tail):
-            if not _NOISE.search(line):
-                return line.strip()[:500]
+        line = last_meaningful_line(self.stderr_tail)
+        if line:
+            return line
         if self.signal is not None:
             name = signal.Signals(self.signal).name if self.signal in signal.valid_signals() else str(self.signal)
             return f"the engine was killed by signal {name}"
         return f"the engine exited with status {self.returncode} and printed no error"
+
+
+def last_meaningful_line(lines) -> str | None:
+    """The last line of engine output that says something (not a progress bar or a known warning)."""
+    for line in reversed(list(lines)):
+        if not _NOISE.search(line):
+            return line.strip()[:500]
+    return None
 
 
 def build_argv(config: Config, opts: EngineOptions) -> list[str]:

@@ -11,8 +11,8 @@ server package), started by `whisperx.sh --whisperd-worker`. Protocol, one JSON 
                 {"event": "error", "id": ..., "reason": "one line"}
                 {"event": "models", "loaded": [...]}                   after every load/unload
 
-End of stdin ends the worker at once. A job mirrors `whisperx.transcribe.transcribe_task` step by step (same options, same writer), so
-its JSON file is the CLI's. Settings come from the environment:
+End of stdin ends the worker at once. A job mirrors `whisperx.transcribe.transcribe_task` step
+by step (same options, same writer), so its JSON file is the CLI's. Settings come from the environment:
 WHISPERD_WORKER_MAX_MODELS, WHISPERD_WORKER_IDLE_SECONDS, WHISPERD_WORKER_JOBS.
 """
 

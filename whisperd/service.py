@@ -59,7 +59,9 @@ class Service:
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0
         threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
-        self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" else None
+        # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
+        self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
+            else None
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
         self.draining = False

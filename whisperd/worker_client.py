@@ -23,7 +23,8 @@ from tornado.iostream import StreamClosedError
 from tornado.process import Subprocess
 
 from .config import Config
-from .engine import PASSED_ENV, PASSED_PREFIXES, EngineOptions, EngineResult, ProgressCallback, _NOISE
+from .engine import (PASSED_ENV, PASSED_PREFIXES, EngineOptions, EngineResult, ProgressCallback,
+                     last_meaningful_line)
 from .languages import AUTO
 from .models import local_model_dir
 
@@ -283,10 +284,7 @@ class EngineWorker:
             return
 
     def _last_stderr(self) -> str | None:
-        for line in reversed(self._stderr):
-            if not _NOISE.search(line):
-                return line.strip()[:500]
-        return None
+        return last_meaningful_line(self._stderr)
 
     def _on_message(self, raw: bytes) -> None:
         try:
