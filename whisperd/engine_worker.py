@@ -29,12 +29,16 @@ import traceback
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-# The protocol owns the real stdout; anything WhisperX, pyannote or a C library prints lands on
-# stderr instead of corrupting it.
-_PROTOCOL = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-os.dup2(2, 1)
-sys.stdout = sys.stderr
+_PROTOCOL = sys.stdout  # main() swaps in a private copy of the real stdout
 _WRITE_LOCK = threading.Lock()
+
+
+def _claim_stdout() -> None:
+    """The protocol owns the real stdout; what WhisperX, pyannote or a C library prints goes to stderr."""
+    global _PROTOCOL
+    _PROTOCOL = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
 
 
 def emit(**message) -> None:
@@ -296,6 +300,7 @@ def short_reason(exc: BaseException) -> str:
 
 
 def main() -> int:
+    _claim_stdout()
     jobs = max(1, int(os.environ.get("WHISPERD_WORKER_JOBS", "1")))
     models = Models(int(os.environ.get("WHISPERD_WORKER_MAX_MODELS", "1")),
                     float(os.environ.get("WHISPERD_WORKER_IDLE_SECONDS", "0")), jobs)
