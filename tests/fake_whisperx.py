@@ -448,7 +448,7 @@ def worker_job(message, emit, loaded):
     else:
         emit(event="progress", id=job_id, percent=100.0)
     args = argparse.Namespace(model=message["model"], diarize=message.get("diarize", False),
-                              language=message.get("language"))
+                              language=message.get("language"), no_align=not message.get("align"))
     result = make_result(audio, args)
     os.makedirs(message["output_dir"], exist_ok=True)
     stem = os.path.splitext(os.path.basename(audio))[0]
@@ -457,6 +457,15 @@ def worker_job(message, emit, loaded):
         with open(path, "w", encoding="utf-8") as out:
             out.write('{"segments": [{"text": " Fake transcr' if mode == "garbage" else render(result, "json"))
     emit(event="done", id=job_id, files=[path], language=message.get("language") or "en", word_times=None)
+
+
+def answered(message, emit, loaded):
+    """Like the real worker: a job that raises is reported as its error, never left unanswered."""
+    try:
+        worker_job(message, emit, loaded)
+    except Exception as exc:  # the fake's own bug: say so on the job, as the real worker would
+        emit(event="error", id=message.get("id"), reason=f"{exc.__class__.__name__}: {exc}")
+        raise
 
 
 def worker_main():
@@ -486,7 +495,7 @@ def worker_main():
             loaded[:] = [name]
             emit(event="models", loaded=list(loaded))
         elif message.get("op") == "job":
-            threading.Thread(target=worker_job, args=(message, emit, loaded), daemon=True).start()
+            threading.Thread(target=answered, args=(message, emit, loaded), daemon=True).start()
     os._exit(0)
 
 

@@ -122,11 +122,21 @@ def test_a_worker_that_hangs_at_start_is_killed_and_the_job_fails(worker_server)
     assert engine["state"] in ("failed", "restarting", "starting") and "did not start" in engine["reason"]
 
 
-def test_a_worker_that_cannot_start_fails_jobs_with_its_reason(worker_server):
+def test_a_worker_that_cannot_start_fails_jobs_with_its_reason_and_health(worker_server):
     server = worker_server(FAKE_WHISPERX_WORKER_START="fail")
     job_id = server.submit_ok(diarize="false")
     status = server.wait_status(job_id, timeout=20)
     assert status["status"] == "Failed" and "No module named 'whisperx'" in status["data"], status
+    health = server.api("GET", "/health", token=None)
+    assert health.status_code == 503, health.text
+    assert "engine worker cannot start" in health.json()["checks"]["engine"]
+
+
+def test_health_is_ok_with_a_ready_worker(worker_server):
+    server = worker_server()
+    wait_for(lambda: engine_status(server)["state"] == "ready", what="ready")
+    health = server.api("GET", "/health", token=None)
+    assert health.status_code == 200 and health.json()["checks"]["engine"] == "ok", health.text
 
 
 def test_engine_failures_are_the_jobs_alone(worker_server):

@@ -38,6 +38,11 @@ class HealthHandler(BaseHandler):
         if not command.is_file() or not os.access(command, os.X_OK):
             checks["engine"] = "engine command (WHISPER_CMD) is missing or not executable"
             failing = failing or checks["engine"]
+        else:
+            engine_ok, why = self.service.engine_healthy()
+            if not engine_ok:
+                checks["engine"] = f"engine worker cannot start: {why}"
+                failing = failing or checks["engine"]
         if failing:
             self.send_json({"status": "fail", "error": failing, "checks": checks}, 503)
         else:
