@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .urlpolicy import HostPolicy
+
 REPO_DIR = Path(__file__).resolve().parent.parent
 OUTPUT_FORMATS = ("txt", "srt", "vtt", "tsv", "json", "aud")
 DEVICES = ("cuda", "cpu")
@@ -95,6 +97,12 @@ def _device_index(value: Any) -> str:
     return str(_int(0)(value))
 
 
+def _host_policy(value: Any) -> str:
+    text = _text(value)
+    HostPolicy.parse(text)  # a bad entry stops start-up here, with the entry named
+    return text
+
+
 # Relative paths in the file are taken from the file's own directory, so the shipped
 # configuration works from any working directory.
 PATH_SETTINGS = ("WHISPER_CMD", "WHISPER_MODELS_DIR", "WHISPER_OUTPUT_DIR", "WHISPER_TMP_FILES",
@@ -155,7 +163,16 @@ SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "WHISPER_MODEL_IDLE_SECONDS": (1800.0, _float(0)),  # 0: never unload
     "WHISPER_WORKER_START_SECONDS": (120.0, _float(0.1)),
     "WHISPER_WORD_TIMES": (True, parse_bool),
+    # Webhooks (docs/web.md): no secret, no callback_url accepted.
+    "WHISPER_WEBHOOK_SECRET": (None, _optional_text),
+    "WHISPER_WEBHOOK_ALLOWED_HOSTS": ("public", _host_policy),
+    "WHISPER_WEBHOOK_MAX_ATTEMPTS": (5, _int(1)),
+    "WHISPER_WEBHOOK_BACKOFF_SECONDS": (2.0, _float(0)),
+    "WHISPER_WEBHOOK_TIMEOUT_SECONDS": (10.0, _float(0.1)),
 }
+
+# Never shown by repr() or in a start-up error.
+SECRET_SETTINGS = ("HF_TOKEN", "WHISPER_WEBHOOK_SECRET")
 
 
 @dataclass(frozen=True)
@@ -210,6 +227,11 @@ class Config:
     WHISPER_MODEL_IDLE_SECONDS: float
     WHISPER_WORKER_START_SECONDS: float
     WHISPER_WORD_TIMES: bool
+    WHISPER_WEBHOOK_SECRET: str | None
+    WHISPER_WEBHOOK_ALLOWED_HOSTS: str
+    WHISPER_WEBHOOK_MAX_ATTEMPTS: int
+    WHISPER_WEBHOOK_BACKOFF_SECONDS: float
+    WHISPER_WEBHOOK_TIMEOUT_SECONDS: float
     conf_path: str | None = None
 
     @property
@@ -239,10 +261,11 @@ class Config:
             return self.WHISPER_METRICS_DIR
         return str(Path(self.db_path).resolve().parent / "metrics")
 
-    def __repr__(self) -> str:  # the HF token must never reach a log through repr()
+    def __repr__(self) -> str:  # secrets must never reach a log through repr()
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        if shown.get("HF_TOKEN"):
-            shown["HF_TOKEN"] = "<set>"
+        for name in SECRET_SETTINGS:
+            if shown.get(name):
+                shown[name] = "<set>"
         return f"Config({shown})"
 
 
@@ -279,6 +302,6 @@ def load(environ: Mapping[str, str] | None = None, conf_path: str | None = None)
             if name in PATH_SETTINGS and origin != "environment" and values[name]:
                 values[name] = str((path.parent / values[name]).resolve()) if not Path(values[name]).is_absolute() else values[name]
         except ValueError as exc:
-            shown = "<hidden>" if name == "HF_TOKEN" else repr(raw)
+            shown = "<hidden>" if name in SECRET_SETTINGS else repr(raw)
             raise ConfigError(f"{name}={shown} (from {origin}): {exc}") from None
     return Config(**values, conf_path=str(path) if path.is_file() else None)

@@ -8,10 +8,11 @@ from .config import DEVICES, OUTPUT_FORMATS, Config, parse_bool
 from .languages import AUTO, WHISPER_LANGUAGES
 from .models import installed_models, is_valid_name, local_model_dir
 from .uploads import UploadError
+from .urlpolicy import PolicyError, check_url
 
 FIELDS = (
     "file", "language", "model", "diarize", "prompt", "hf_token", "response_format",
-    "device", "device_index", "sync",
+    "device", "device_index", "sync", "callback_url",
 )
 
 
@@ -26,6 +27,7 @@ class JobRequest:
     device: str
     device_index: str
     sync: bool
+    callback_url: str | None = None
 
 
 def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
@@ -68,6 +70,16 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
     if not device_index.isdigit() or len(device_index) > 3:
         raise UploadError(400, f"'device_index' must be a whole number >= 0, got {device_index[:40]!r}")
 
+    callback_url = fields.get("callback_url", "").strip() or None
+    if callback_url is not None:
+        if not config.WHISPER_WEBHOOK_SECRET:
+            raise UploadError(400, "this server sends no webhooks (WHISPER_WEBHOOK_SECRET is not set); "
+                                   "leave out 'callback_url' and poll the status URL")
+        try:
+            check_url(callback_url)
+        except PolicyError as exc:
+            raise UploadError(400, str(exc)) from None
+
     return JobRequest(
         language=language,
         model=model,
@@ -78,4 +90,5 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         device=_closed(fields, "device", config.WHISPER_DEVICE, DEVICES),
         device_index=str(int(device_index)),
         sync=_bool(fields, "sync", config.DEFAULT_SYNC_MODE),
+        callback_url=callback_url,
     )

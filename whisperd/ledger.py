@@ -59,6 +59,7 @@ class Job:
     detected_language: str | None = None
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    callback_url: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "Job":
@@ -93,6 +94,7 @@ class NewJob:
     device: str
     device_index: str
     warnings: list[str] = field(default_factory=list)
+    callback_url: str | None = None
 
 
 # --- schema -------------------------------------------------------------------------------
@@ -325,12 +327,12 @@ class Ledger:
         async def work(conn, now):
             await conn.execute(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
-                " model, response_format, diarize, prompt, device, device_index, warnings)"
-                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " model, response_format, diarize, prompt, device, device_index, warnings, callback_url)"
+                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id, job.owner, now, job.filename, job.upload_bytes, job.language,
                     job.model, job.response_format, int(job.diarize), job.prompt, job.device,
-                    job.device_index, json.dumps(job.warnings),
+                    job.device_index, json.dumps(job.warnings), job.callback_url,
                 ),
             )
             await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)

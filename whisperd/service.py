@@ -23,6 +23,7 @@ from .runner import JobRunner
 from .scheduler import Scheduler
 from .tokens import LedgerTokens
 from .worker_client import EngineWorker
+from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
@@ -64,6 +65,7 @@ class Service:
             else None
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
+        self.webhooks = WebhookSender(config, self.ledger)
         self.draining = False
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._retention: PeriodicCallback | None = None
@@ -90,6 +92,7 @@ class Service:
         for events in self._waiters.values():
             for event in events:
                 event.set()
+        await self.webhooks.stop()
         await self.ledger.close()
 
     def engine_status(self) -> dict[str, Any]:
@@ -144,8 +147,35 @@ class Service:
     # -- waiting
 
     def notify(self, job_id: str) -> None:
+        """A job changed state here: wake its waiters and, if it ended, send its webhook."""
         for event in self._waiters.get(job_id, ()):
             event.set()
+        if self.webhooks.enabled:
+            asyncio.ensure_future(self._after_change(job_id))
+
+    async def _after_change(self, job_id: str) -> None:
+        try:
+            job = await self.ledger.get(job_id)
+        except Exception:  # the ledger is closing at shutdown
+            log.warning("job %s: could not read its end for the webhook", job_id)
+            return
+        if job is not None and job.finished:
+            self.webhooks.job_ended(job)
+
+    async def wait_change(self, job_id: str, timeout: float) -> None:
+        """Sleep until the job changes state in this process, or `timeout` seconds pass."""
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
 
     async def wait_finished(self, job_id: str, timeout: float | None) -> Job | None:
         """Wait for the job to end; returns it as it stands when it ended or the wait ran out."""

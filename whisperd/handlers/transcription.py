@@ -11,6 +11,7 @@ from ..jobfiles import is_job_id
 from ..ledger import Job
 from ..service import JobError
 from ..uploads import UploadError
+from ..urlpolicy import PolicyError
 from .base import ApiError, BaseHandler
 from .upload import UploadHandler, deliver
 
@@ -34,6 +35,13 @@ class SubmitHandler(UploadHandler):
             self.refuse(ApiError(exc.status, exc.message))
         if not await self.probe_upload(form):
             return
+        if request.callback_url:
+            try:
+                await self.service.webhooks.check_destination(request.callback_url)
+            except PolicyError as exc:
+                self.refuse(ApiError(400, str(exc)))
+            if not self.upload_pending:
+                return  # the client left while its callback host was looked up
         warnings = []
         hf_token = self.service.resolve_hf_token(request.hf_token) if request.diarize else None
         diarize = request.diarize
@@ -48,6 +56,7 @@ class SubmitHandler(UploadHandler):
             form, language=request.language, model=request.model,
             response_format=request.response_format, diarize=diarize, prompt=request.prompt,
             device=request.device, device_index=request.device_index, warnings=warnings,
+            callback_url=request.callback_url,
         )
         job = await self.submit(new_job, hf_token)
         log.info("job %s accepted: %s, %d bytes, %s", job.id, job.filename, job.upload_bytes,
@@ -76,6 +85,25 @@ class SubmitHandler(UploadHandler):
         await deliver(self, ended, body)
 
 
+async def status_body(service, job: Job) -> dict[str, Any]:
+    """GET /transcription/{id}'s body for a job that is not canceled or expired."""
+    body: dict[str, Any] = {"status": job.status}
+    if job.status == "Queued":
+        body["queue_position"] = await service.queue_position(job)
+    elif job.status == "Processing":
+        body["progress"] = job.progress
+        body["stage"] = job.stage
+    if job.status == "Failed":
+        body["data"] = job.error
+    elif job.delivered_at:
+        body["data"] = f"result delivered at {job.delivered_at}; its files are deleted"
+    elif job.warnings:
+        body["data"] = "; ".join(job.warnings)
+    if job.warnings:
+        body["warnings"] = job.warnings
+    return body
+
+
 class _JobLookup(BaseHandler):
     async def _job(self, job_id: str) -> Job:
         job = await self.service.ledger.get(job_id) if is_job_id(job_id) else None
@@ -91,21 +119,7 @@ class JobHandler(_JobLookup):
             raise ApiError(410, f"job {job.id} was canceled at {job.finished_at}")
         if job.expired_at:
             raise ApiError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
-        body: dict[str, Any] = {"status": job.status}
-        if job.status == "Queued":
-            body["queue_position"] = await self.service.queue_position(job)
-        elif job.status == "Processing":
-            body["progress"] = job.progress
-            body["stage"] = job.stage
-        if job.status == "Failed":
-            body["data"] = job.error
-        elif job.delivered_at:
-            body["data"] = f"result delivered at {job.delivered_at}; its files are deleted"
-        elif job.warnings:
-            body["data"] = "; ".join(job.warnings)
-        if job.warnings:
-            body["warnings"] = job.warnings
-        self.send_json(body)
+        self.send_json(await status_body(self.service, job))
 
     async def delete(self, job_id: str) -> None:
         await self._job(job_id)

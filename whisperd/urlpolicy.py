@@ -1,0 +1,144 @@
+"""Which callback URLs the server may call: http(s) only, to hosts the allow-list admits.
+
+Without a policy, anyone who can submit a job could make the server send requests to its own
+loopback or to hosts on its private network (SSRF). The check runs twice: at submission, for
+a clear 400, and at send time on the very addresses the connection then uses, so a name that
+resolves to a public address at submission and to 127.0.0.1 later (DNS rebinding) is refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from tornado.netutil import DefaultLoopResolver, Resolver
+
+PUBLIC = "public"  # every globally routable address, and nothing private, loopback or reserved
+MAX_URL_CHARS = 2000
+_HOST_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class PolicyError(Exception):
+    """The URL or address may not be called; the message says why and what would be allowed."""
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    public: bool = False
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    names: tuple[str, ...] = ()  # exact names, or "*.example.com" for any name under it
+    text: str = field(default="", compare=False)
+
+    @classmethod
+    def parse(cls, text: str) -> "HostPolicy":
+        """Comma- or space-separated: 'public', IPs or CIDR networks, host names, '*.domain'."""
+        public, networks, names = False, [], []
+        for entry in re.split(r"[,\s]+", text.strip().lower()):
+            if not entry:
+                continue
+            if entry == PUBLIC:
+                public = True
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+                continue
+            except ValueError:
+                pass
+            if not _HOST_NAME.match(entry):
+                raise ValueError(f"{entry!r} is not 'public', an IP address, a CIDR network or a host name")
+            names.append(entry)
+        return cls(public, tuple(networks), tuple(names), text)
+
+    def describe(self) -> str:
+        parts = (["public addresses"] if self.public else []) + [str(n) for n in self.networks] + list(self.names)
+        return ", ".join(parts) or "nothing"
+
+    def allows_name(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        for name in self.names:
+            if name.startswith("*.") and host.endswith(name[1:]):
+                return True
+            if host == name:
+                return True
+        return False
+
+    def allows_ip(self, address: IPAddress) -> bool:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+        if any(address in network for network in self.networks):
+            return True
+        return self.public and address.is_global and not address.is_multicast
+
+    def check_ip(self, host: str, address: IPAddress) -> None:
+        if not self.allows_ip(address):
+            what = (f"callback address {address} is" if host.strip("[]") == str(address)
+                    else f"callback host {host} resolves to {address}, which is")
+            raise PolicyError(
+                f"{what} not allowed by WHISPER_WEBHOOK_ALLOWED_HOSTS (allowed: {self.describe()}); "
+                "private, loopback and link-local addresses are refused by default"
+            )
+
+
+def check_url(url: str) -> tuple[str, str, int]:
+    """The URL's (scheme, host, port) when its form is acceptable; PolicyError otherwise."""
+    if len(url) > MAX_URL_CHARS:
+        raise PolicyError(f"callback_url is longer than {MAX_URL_CHARS} characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise PolicyError("callback_url is not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise PolicyError("callback_url must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise PolicyError("callback_url has no host")
+    if parts.username is not None or parts.password is not None:
+        raise PolicyError("callback_url must not contain user:password@; check the X-Whisperd-Signature instead")
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        raise PolicyError("callback_url must not contain spaces or control characters")
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+def literal_ip(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+
+
+async def resolve_checked(policy: HostPolicy, host: str, port: int,
+                          family: socket.AddressFamily = socket.AF_UNSPEC) -> list[tuple[int, Any]]:
+    """Resolve `host` and return its addresses, or PolicyError if any of them is not allowed.
+
+    One refused address refuses the host: a name that answers with a public and a private
+    address would otherwise let the connection pick the private one.
+    """
+    if policy.allows_name(host):
+        return await DefaultLoopResolver().resolve(host, port, family)
+    address = literal_ip(host)
+    if address is not None:
+        policy.check_ip(host, address)
+        return await DefaultLoopResolver().resolve(str(address), port, family)
+    try:
+        found = await DefaultLoopResolver().resolve(host, port, family)
+    except (socket.gaierror, OSError) as exc:
+        raise OSError(f"cannot resolve callback host {host}: {exc.strerror or exc}") from None
+    for _family, sockaddr in found:
+        policy.check_ip(host, ipaddress.ip_address(sockaddr[0].split("%")[0]))
+    return found
+
+
+class CheckingResolver(Resolver):
+    """The resolver the webhook HTTP client connects through: it only ever sees checked addresses."""
+
+    def initialize(self, policy: HostPolicy) -> None:  # type: ignore[override]
+        self.policy = policy
+
+    async def resolve(self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC):  # type: ignore[override]
+        return await resolve_checked(self.policy, host, port, family)
