@@ -11,6 +11,8 @@ from . import metrics
 from .handlers.base import NotFoundHandler
 from .handlers.ops import HealthHandler, MetricsHandler, OpenApiHandler
 from .handlers.openai import ModelsHandler, OpenAITranscriptionHandler
+from .handlers.events import JobEventsHandler
+from .handlers.models import ModelsHandler as PageModelsHandler
 from .handlers.status import StatusHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
 from .service import Service
@@ -43,10 +45,16 @@ ROUTES = [
     (r"/metrics/?", MetricsHandler),
 ]
 
+# The web page's own calls (docs/web.md); openapi.json does not describe them yet.
+WEB_ROUTES = [
+    (rf"/transcription/{JOB_ID}/events/?", JobEventsHandler),
+    (r"/models/?", PageModelsHandler),
+]
+
 
 def make_app(service: Service) -> Application:
     return Application(
-        [(pattern, handler, {"service": service}) for pattern, handler in ROUTES],
+        [(pattern, handler, {"service": service}) for pattern, handler in ROUTES + WEB_ROUTES],
         default_handler_class=NotFoundHandler,
         default_handler_args={"service": service},
         log_function=log_request,
