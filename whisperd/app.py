@@ -15,6 +15,7 @@ from .handlers.events import JobEventsHandler
 from .handlers.models import ModelsHandler as PageModelsHandler
 from .handlers.status import StatusHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
+from .handlers.web import WebFileHandler
 from .service import Service
 from .uploads import FORM_OVERHEAD
 
@@ -49,6 +50,8 @@ ROUTES = [
 WEB_ROUTES = [
     (rf"/transcription/{JOB_ID}/events/?", JobEventsHandler),
     (r"/models/?", PageModelsHandler),
+    (r"/()", WebFileHandler),
+    (r"/static/(.+)", WebFileHandler),
 ]
 
 
