@@ -128,12 +128,16 @@ function setupToken() {
 
 // -- choosing a file --------------------------------------------------------------------------
 
+function size(bytes) {
+  return bytes >= 1048576 ? `${(bytes / 1048576).toFixed(1)} MB` : `${Math.max(1, Math.round(bytes / 1024))} KB`;
+}
+
 function setupDrop() {
   const drop = $("drop");
   const input = $("file");
   const show = () => {
     const file = input.files[0];
-    $("file-name").textContent = file ? `${file.name} (${(file.size / 1048576).toFixed(1)} MB)` : "No file chosen";
+    $("file-name").textContent = file ? `${file.name} (${size(file.size)})` : "No file chosen";
   };
   input.addEventListener("change", show);
   for (const name of ["dragenter", "dragover"]) {
@@ -191,6 +195,7 @@ function startJob(event) {
   $("job").hidden = false;
   $("start").disabled = true;
   $("cancel").disabled = false;
+  $("cancel").hidden = false;
   $("job-id").textContent = "";
   setBar($("upload-bar"), $("upload-text"), 0, "0%");
   setBar($("engine-bar"), $("engine-text"), 0, "—");
@@ -238,6 +243,7 @@ function startJob(event) {
 function endJob() {
   $("start").disabled = false;
   $("cancel").disabled = true;
+  $("cancel").hidden = true; // nothing left to cancel
   if (state.stream) state.stream.abort();
   state.stream = null;
   clearTimeout(state.polling);
