@@ -287,3 +287,39 @@ def test_send_time_check_refuses_a_host_that_now_resolves_to_loopback(receiver):
     assert hook.calls == []
     assert [e for e, _ in ledger.events] == ["webhook-refused"]
     assert "resolves to 127.0.0.1" in ledger.events[0][1] or "resolves to ::1" in ledger.events[0][1]
+
+
+# -- across restarts ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_notice_interrupted_by_kill_9_is_sent_after_the_restart_once(make_server, receiver, workers):
+    hook = receiver(503)
+    server = make_server(**dict(LOOPBACK, WHISPER_WEBHOOK_BACKOFF_SECONDS="30", HTTP_WORKER_NUMBER=workers))
+    job_id = server.submit_ok(diarize="false", callback_url=hook.url())
+    webhook_events(server, job_id, 1)  # the first attempt failed; the retry waits 30 s
+    server.kill9()
+    hook.replies = [200]
+    server.start()
+    events = webhook_events(server, job_id, 4)
+    assert [e["event"] for e in events] == ["webhook-retry", "webhook-pending", "webhook-resumed", "webhook-delivered"]
+    assert len(hook.calls) == 2
+    assert len({json.loads(c["body"])["job_id"] for c in hook.calls}) == 1
+    server.stop()
+    server.start()  # delivered: a further start sends nothing
+    time.sleep(0.5)
+    assert len(hook.calls) == 2
+
+
+def test_a_graceful_stop_leaves_the_notice_for_the_next_start(make_server, receiver):
+    hook = receiver(503)
+    server = make_server(**dict(LOOPBACK, WHISPER_WEBHOOK_BACKOFF_SECONDS="30"))
+    job_id = server.submit_ok(diarize="false", callback_url=hook.url())
+    webhook_events(server, job_id, 1)
+    assert server.stop() == 0
+    events = webhook_events(server, job_id, 2)
+    assert events[1]["event"] == "webhook-interrupted"
+    hook.replies = [200]
+    server.start()
+    assert webhook_events(server, job_id, 5)[-1]["event"] == "webhook-delivered"
+    assert SECRET not in server.log()

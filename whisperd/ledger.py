@@ -22,6 +22,8 @@ from .config import REPO_DIR
 MIGRATIONS_DIR = REPO_DIR / "migrations"
 ACTIVE = ("Queued", "Processing")
 TERMINAL = ("Completed", "Failed", "Canceled")
+# A job_events row with one of these ends a job's webhook; without one, a start sends it again.
+WEBHOOK_DONE = ("webhook-delivered", "webhook-failed", "webhook-refused")
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -179,6 +181,7 @@ class Recovery:
     poisoned: list[str] = field(default_factory=list)
     live_jobs: set[str] = field(default_factory=set)
     engine_pids: dict[str, int] = field(default_factory=dict)
+    webhooks_pending: list[str] = field(default_factory=list)
 
 
 def prepare(path: str, max_attempts: int, actor: str) -> Recovery:
@@ -191,6 +194,7 @@ def prepare(path: str, max_attempts: int, actor: str) -> Recovery:
     try:
         migrate(conn)
         report = _take_back(conn, "1=1", (), max_attempts, actor, "server restarted while processing")
+        report.webhooks_pending = _mark_pending_webhooks(conn, actor)
         report.live_jobs = {
             row[0]
             for row in conn.execute(
@@ -251,6 +255,31 @@ def _take_back(conn: sqlite3.Connection, where: str, params: tuple, max_attempts
         conn.execute("ROLLBACK")
         raise
     return report
+
+
+def _mark_pending_webhooks(conn: sqlite3.Connection, actor: str) -> list[str]:
+    """Finished jobs whose notice never went out (the server died first): send them again.
+
+    Only here, once per server start and before any worker exists, so a delivery still under
+    way in a live worker is never taken for an abandoned one.
+    """
+    done = ", ".join(f"'{event}'" for event in WEBHOOK_DONE)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        ids = [row[0] for row in conn.execute(
+            "SELECT id FROM jobs WHERE callback_url IS NOT NULL AND expired_at IS NULL"
+            f" AND status IN ('Completed', 'Failed', 'Canceled') AND NOT EXISTS (SELECT 1 FROM job_events e"
+            f" WHERE e.job_id = jobs.id AND e.event IN ({done})) ORDER BY seq"
+        )]
+        stamp = now_iso()
+        for job_id in ids:
+            _event(conn, job_id, stamp, "webhook-pending", actor,
+                   "the server restarted before the notice was delivered; it is sent again")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return ids
 
 
 def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: str | None, detail: str | None) -> None:
@@ -549,6 +578,22 @@ class Ledger:
             "SELECT at, event, actor, detail FROM job_events WHERE job_id=? ORDER BY id", (job_id,)
         )
         return [dict(row) for row in rows]
+
+    async def claim_pending_webhooks(self) -> list[Job]:
+        """Take the notices the start marked pending; each goes to exactly one worker."""
+
+        async def work(conn, now):
+            async with conn.execute(
+                "SELECT j.* FROM jobs j JOIN job_events p ON p.job_id = j.id AND p.event = 'webhook-pending'"
+                " WHERE NOT EXISTS (SELECT 1 FROM job_events r WHERE r.job_id = j.id AND r.id > p.id"
+                " AND r.event = 'webhook-resumed') ORDER BY j.seq",
+            ) as cursor:
+                jobs = [Job.from_row(row) for row in await cursor.fetchall()]
+            for job in jobs:
+                await self._add_event(conn, job.id, now, "webhook-resumed", "sending the notice again")
+            return jobs
+
+        return await self._write(work)
 
     async def add_event(self, job_id: str, event: str, detail: str | None = None) -> None:
         async def work(conn, now):

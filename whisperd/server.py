@@ -124,6 +124,8 @@ def recover(config: Config) -> None:
         log.warning("requeued %d job(s) left Processing by the previous run", len(report.requeued))
     if report.poisoned:
         log.error("failed %d job(s) that crashed %d times", len(report.poisoned), config.WHISPER_MAX_ATTEMPTS)
+    if report.webhooks_pending:
+        log.warning("%d webhook notice(s) the previous run left unsent are sent again", len(report.webhooks_pending))
     files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
     removed = files.sweep(report.live_jobs)
     if removed:

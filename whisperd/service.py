@@ -75,6 +75,7 @@ class Service:
         await self.ledger.open()
         if self.worker is not None:
             self.worker.start()  # in the background: imports and the default model load while we serve
+        await self.webhooks.resume(await self.ledger.claim_pending_webhooks())
         self.scheduler.start()
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
         self._retention = PeriodicCallback(self.run_retention, interval_ms)

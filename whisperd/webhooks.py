@@ -3,6 +3,8 @@
 Delivery runs on the IOLoop (Tornado's AsyncHTTPClient) and never blocks a request. Every
 attempt is a job_events row: webhook-delivered, webhook-retry, webhook-failed or
 webhook-refused, with the URL shown without its query (it may hold the receiver's token).
+A notice not delivered or given up when the server stops or dies is sent again at its next
+start (ledger.prepare marks it webhook-pending; one worker claims it): at least once.
 """
 
 from __future__ import annotations
@@ -75,6 +77,14 @@ class WebhookSender:
         task = asyncio.ensure_future(self._deliver(job))
         self._tasks[job.id] = task
         task.add_done_callback(lambda _t, job_id=job.id: self._tasks.pop(job_id, None))
+
+    async def resume(self, jobs: list[Job]) -> None:
+        """Notices a previous run left unsent (the start marked them pending)."""
+        for job in jobs:
+            if self.enabled:
+                self.job_ended(job)
+            else:
+                await self._record(job, "webhook-failed", "not sent: WHISPER_WEBHOOK_SECRET is no longer set")
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -155,7 +165,8 @@ class WebhookSender:
                 await self._record(job, "webhook-retry", f"{of}: {outcome}; next attempt in {delay:g} s")
                 await asyncio.sleep(delay)
         except asyncio.CancelledError:
-            await self._record(job, "webhook-failed", f"to {where}: the server stopped before the notice went out")
+            # Not final: the next start finds no webhook-delivered/failed row and sends it again.
+            await self._record(job, "webhook-interrupted", f"to {where}: the server stopped; the notice is sent again at the next start")
         except Exception:
             log.exception("job %s: webhook delivery broke", job.id)
 
