@@ -275,3 +275,26 @@ def test_jfk_through_the_page_on_the_real_engine(make_server, open_page):
     assert srt == render(canonical, "srt") and srt.startswith("1\n00:00:0")
     page.screenshot(path=str(ARTIFACTS / "web-page-real-engine.png"), full_page=True)
     assert server.job_files() == [] and page.errors == []
+
+
+def test_speakers_are_shown_beside_their_words(make_server, open_page):
+    # The fake server cannot diarize offline, so the result the page fetches is swapped for a
+    # diarized one on its way in (the page still fetches it, once).
+    server = make_server()
+    page = open_page(server)
+    diarized = {"segments": [
+        {"start": 0.5, "end": 2.25, "text": " Hello there.", "speaker": "SPEAKER_00"},
+        {"start": 2.5, "end": 61.0, "text": " General Kenobi.", "speaker": "SPEAKER_01"},
+    ], "language": "en"}
+    text = json.dumps(diarized, ensure_ascii=False)
+    body = json.dumps({"text": text, "language": "en", "segments": diarized["segments"]})
+    page.route("**/result?response_format=json", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=body))
+    start_job(page, server.default_audio)
+    rows = page.locator("#transcript li")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0).locator(".speaker")).to_have_text("SPEAKER_00")
+    expect(rows.nth(1)).to_contain_text("0:02.5 – 1:01.0")
+    expect(rows.nth(1)).to_contain_text("SPEAKER_01General Kenobi.")
+    assert download(page, "txt") == "[SPEAKER_00]: Hello there.\n[SPEAKER_01]: General Kenobi.\n"
+    assert download(page, "srt") == render(diarized, "srt")

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ SIGNATURE_HEADER = "X-Whisperd-Signature"
 TIMESTAMP_HEADER = "X-Whisperd-Timestamp"
 STOP_GRACE_SECONDS = 2.0  # at shutdown, a delivery already under way may finish this long
 MAX_RESPONSE_BYTES = 64 * 1024  # a receiver has nothing to tell us beyond its status code
+REMEMBERED_JOBS = 10_000
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -55,7 +57,7 @@ class WebhookSender:
         self.timeout = config.WHISPER_WEBHOOK_TIMEOUT_SECONDS
         self._client: SimpleAsyncHTTPClient | None = None
         self._tasks: dict[str, asyncio.Task] = {}
-        self._started: set[str] = set()
+        self._started: OrderedDict[str, None] = OrderedDict()  # recent ids: a job's end is sent once
 
     @property
     def enabled(self) -> bool:
@@ -73,7 +75,9 @@ class WebhookSender:
         """Start delivering the job's end, once per job in this process."""
         if not job.callback_url or not self.enabled or job.id in self._started:
             return
-        self._started.add(job.id)
+        self._started[job.id] = None
+        if len(self._started) > REMEMBERED_JOBS:
+            self._started.popitem(last=False)
         task = asyncio.ensure_future(self._deliver(job))
         self._tasks[job.id] = task
         task.add_done_callback(lambda _t, job_id=job.id: self._tasks.pop(job_id, None))
