@@ -42,10 +42,11 @@ class Receiver:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                self.send_response(reply)
-                self.send_header("Content-Length", "2")
+                answer = b"x" * 300_000 if reply == "big" else b"ok"  # "big": a 200 with a large body
+                self.send_response(200 if reply == "big" else reply)
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(answer)
 
             def log_message(self, *args):
                 pass
@@ -175,6 +176,15 @@ def test_failed_and_canceled_jobs_are_posted_with_their_reason(make_server, rece
     assert calls["/canceled"]["status"] == "Canceled"
     assert calls["/canceled"]["error"] == "canceled by the client"
     server.api("DELETE", f"/transcription/{running}")
+
+
+def test_a_receivers_long_answer_is_read_and_dropped(make_server, receiver):
+    hook = receiver("big")
+    server = make_server(**LOOPBACK)
+    job_id = server.submit_ok(diarize="false", callback_url=hook.url())
+    (event,) = webhook_events(server, job_id, 1)
+    assert event["event"] == "webhook-delivered", event
+    assert len(hook.calls) == 1
 
 
 def test_no_webhook_for_a_job_without_callback_url(make_server, receiver):

@@ -31,7 +31,7 @@ log = logging.getLogger("whisperd.webhooks")
 SIGNATURE_HEADER = "X-Whisperd-Signature"
 TIMESTAMP_HEADER = "X-Whisperd-Timestamp"
 STOP_GRACE_SECONDS = 2.0  # at shutdown, a delivery already under way may finish this long
-MAX_RESPONSE_BYTES = 64 * 1024  # a receiver has nothing to tell us beyond its status code
+MAX_RESPONSE_BYTES = 1024 * 1024  # read and dropped: only the receiver's status code matters
 REMEMBERED_JOBS = 10_000
 
 
@@ -45,6 +45,10 @@ def shown_url(url: str) -> str:
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path or '/'}"
+
+
+def _discard(_chunk: bytes) -> None:
+    pass
 
 
 class WebhookSender:
@@ -144,6 +148,7 @@ class WebhookSender:
                 request = HTTPRequest(
                     job.callback_url, method="POST", body=body, headers=headers, follow_redirects=False,
                     connect_timeout=self.timeout, request_timeout=self.timeout,
+                    streaming_callback=_discard,
                 )
                 of = f"attempt {attempt} of {self.max_attempts} to {where}"
                 try:
