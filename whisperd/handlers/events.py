@@ -10,7 +10,7 @@ from tornado.iostream import StreamClosedError
 
 from ..jobfiles import is_job_id
 from ..ledger import Job
-from .base import ApiError, BaseHandler
+from .base import BaseHandler
 from .transcription import status_body
 
 # Progress is written to the ledger (at most once a second) by whichever worker runs the job,
@@ -46,8 +46,8 @@ class JobEventsHandler(BaseHandler):
         quiet_since = loop.time()
         while not self._closed:
             current = await self.service.ledger.get(job.id)
-            if current is None:
-                raise ApiError(404, f"no job with id {job_id!r}")
+            if current is None:  # rows are never deleted; a stream already under way just ends
+                break
             body = _gone(current) or await status_body(self.service, current)
             ended = current.finished or current.expired_at is not None
             if body != last:

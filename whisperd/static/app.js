@@ -459,7 +459,7 @@ async function fetchResult() {
     $("transcript").append(item);
   }
   $("result").hidden = false;
-  $("result-title").focus?.();
+  $("result-title").focus(); // screen readers and keyboard users land on the transcript
 }
 
 function again() {
