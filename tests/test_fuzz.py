@@ -68,7 +68,8 @@ def api_requests(draw, wav: bytes, token: str) -> dict:
     method = draw(st.sampled_from(["GET", "POST", "DELETE", "OPTIONS", "PUT", "PATCH"]))
     job_id = quote(draw(JOB_ID), safe="")
     path = draw(st.sampled_from(["/transcription", "/transcription", "/transcription/{id}", "/transcription/{id}/result", "/status",
-                                 "/{id}", "/transcription/{id}/result/{id}"])).replace("{id}", job_id)
+                                 "/{id}", "/transcription/{id}/result/{id}",
+                                 "/transcription/{id}/events", "/models", "/", "/static/{id}"])).replace("{id}", job_id)
     if draw(st.booleans()):
         path += "?" + draw(st.sampled_from(["response_format=", "response_format=srt", "response_format=%00", "x=1"]))
         path += quote(draw(st.text(max_size=10)), safe="")

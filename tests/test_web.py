@@ -298,3 +298,17 @@ def test_speakers_are_shown_beside_their_words(make_server, open_page):
     expect(rows.nth(1)).to_contain_text("SPEAKER_01General Kenobi.")
     assert download(page, "txt") == "[SPEAKER_00]: Hello there.\n[SPEAKER_01]: General Kenobi.\n"
     assert download(page, "srt") == render(diarized, "srt")
+
+
+def test_real_tokens_own_their_jobs_and_a_revoked_token_is_refused(make_server, open_page):
+    server = make_server(WHISPER_API_ALLOW_ANY_TOKEN="false")
+    alice = server.create_token("alice")
+    page = open_page(server, token=alice)
+    start_job(page, server.default_audio)
+    expect(page.locator("#result")).to_be_visible()
+    (row,) = server.rows("SELECT owner FROM jobs")
+    assert row["owner"] == "alice"
+    assert server.cli("token", "revoke", "alice").returncode == 0
+    page.click("#token-save")
+    expect(page.locator("#messages")).to_contain_text("The server refused the token (HTTP 401): ")
+    assert page.errors == []
