@@ -44,12 +44,12 @@ ROUTES = [
     (r"/openapi.json", OpenApiHandler),
     (r"/health/?", HealthHandler),
     (r"/metrics/?", MetricsHandler),
-]
-
-# The web page's own calls (docs/web.md); openapi.json does not describe them yet.
-WEB_ROUTES = [
     (rf"/transcription/{JOB_ID}/events/?", JobEventsHandler),
     (r"/models/?", PageModelsHandler),
+]
+
+# The web page's files: not API, so not in openapi.json.
+WEB_ROUTES = [
     (r"/()", WebFileHandler),
     (r"/static/(.+)", WebFileHandler),
 ]
