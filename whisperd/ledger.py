@@ -414,46 +414,40 @@ class Ledger:
 
         await self._write(work)
 
-    async def complete(self, job_id: str, detected_language: str | None) -> bool:
+    async def _transition(self, sql: str, job_id: str, event: str, detail: str | None,
+                          actor: str | None = None, **params: Any) -> bool:
+        """One guarded UPDATE of a job (:id, :now and params bound by name) plus its event row,
+        both or neither; False when the guard in the SQL did not match (nothing changed)."""
+
         async def work(conn, now):
-            cursor = await conn.execute(
-                "UPDATE jobs SET status='Completed', finished_at=?, detected_language=?,"
-                " progress=100, stage='done', engine_pid=NULL WHERE id=? AND status='Processing'",
-                (now, detected_language, job_id),
-            )
+            cursor = await conn.execute(sql, {"id": job_id, "now": now, **params})
             if cursor.rowcount:
-                await self._add_event(conn, job_id, now, "completed", f"language {detected_language}")
+                await self._add_event(conn, job_id, now, event, detail, actor=actor)
             return bool(cursor.rowcount)
 
         return await self._write(work)
+
+    async def complete(self, job_id: str, detected_language: str | None) -> bool:
+        return await self._transition(
+            "UPDATE jobs SET status='Completed', finished_at=:now, detected_language=:language,"
+            " progress=100, stage='done', engine_pid=NULL WHERE id=:id AND status='Processing'",
+            job_id, "completed", f"language {detected_language}", language=detected_language,
+        )
 
     async def fail(self, job_id: str, reason: str) -> bool:
-        async def work(conn, now):
-            cursor = await conn.execute(
-                "UPDATE jobs SET status='Failed', finished_at=?, error=?, engine_pid=NULL,"
-                " stage=NULL WHERE id=? AND status IN ('Queued', 'Processing')",
-                (now, reason, job_id),
-            )
-            if cursor.rowcount:
-                await self._add_event(conn, job_id, now, "failed", reason)
-            return bool(cursor.rowcount)
-
-        return await self._write(work)
+        return await self._transition(
+            "UPDATE jobs SET status='Failed', finished_at=:now, error=:reason, engine_pid=NULL,"
+            " stage=NULL WHERE id=:id AND status IN ('Queued', 'Processing')",
+            job_id, "failed", reason, reason=reason,
+        )
 
     async def requeue(self, job_id: str, reason: str) -> bool:
         """Put a Processing job back at its original place in the queue."""
-
-        async def work(conn, now):
-            cursor = await conn.execute(
-                "UPDATE jobs SET status='Queued', started_at=NULL, worker=NULL, engine_pid=NULL,"
-                " progress=NULL, stage=NULL WHERE id=? AND status='Processing'",
-                (job_id,),
-            )
-            if cursor.rowcount:
-                await self._add_event(conn, job_id, now, "requeued", reason)
-            return bool(cursor.rowcount)
-
-        return await self._write(work)
+        return await self._transition(
+            "UPDATE jobs SET status='Queued', started_at=NULL, worker=NULL, engine_pid=NULL,"
+            " progress=NULL, stage=NULL WHERE id=:id AND status='Processing'",
+            job_id, "requeued", reason,
+        )
 
     async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]:
         """Cancel a Queued job at once; flag a Processing one for its runner to stop.
@@ -486,33 +480,19 @@ class Ledger:
 
     async def mark_canceled(self, job_id: str, detail: str) -> bool:
         """The runner stopped a Processing job whose cancel was requested."""
-
-        async def work(conn, now):
-            cursor = await conn.execute(
-                "UPDATE jobs SET status='Canceled', finished_at=?, error='canceled by the client',"
-                " engine_pid=NULL, stage=NULL WHERE id=? AND status='Processing'",
-                (now, job_id),
-            )
-            if cursor.rowcount:
-                await self._add_event(conn, job_id, now, "canceled", detail)
-            return bool(cursor.rowcount)
-
-        return await self._write(work)
+        return await self._transition(
+            "UPDATE jobs SET status='Canceled', finished_at=:now, error='canceled by the client',"
+            " engine_pid=NULL, stage=NULL WHERE id=:id AND status='Processing'",
+            job_id, "canceled", detail,
+        )
 
     async def mark_delivered(self, job_id: str, actor: str) -> bool:
         """Record that the result went out; only the first caller wins (no double delivery)."""
-
-        async def work(conn, now):
-            cursor = await conn.execute(
-                "UPDATE jobs SET delivered_at=? WHERE id=? AND status='Completed'"
-                " AND delivered_at IS NULL AND expired_at IS NULL",
-                (now, job_id),
-            )
-            if cursor.rowcount:
-                await self._add_event(conn, job_id, now, "delivered", "files deleted", actor=actor)
-            return bool(cursor.rowcount)
-
-        return await self._write(work)
+        return await self._transition(
+            "UPDATE jobs SET delivered_at=:now WHERE id=:id AND status='Completed'"
+            " AND delivered_at IS NULL AND expired_at IS NULL",
+            job_id, "delivered", "files deleted", actor=actor,
+        )
 
     async def expire(self, cutoff_iso: str, limit: int = 500) -> list[str]:
         """Mark finished jobs older than the cutoff as expired; returns their ids."""

@@ -7,8 +7,9 @@ import logging
 import math
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tornado.ioloop import PeriodicCallback
 
@@ -163,14 +164,13 @@ class Service:
         if job is not None and job.finished:
             self.webhooks.job_ended(job)
 
-    async def wait_change(self, job_id: str, timeout: float) -> None:
-        """Sleep until the job changes state in this process, or `timeout` seconds pass."""
+    @contextmanager
+    def _watching(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event that notify(job_id) sets, registered before the caller first looks."""
         event = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(event)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+            yield event
         finally:
             waiters = self._waiters.get(job_id)
             if waiters is not None:
@@ -178,13 +178,19 @@ class Service:
                 if not waiters:
                     del self._waiters[job_id]
 
+    async def wait_change(self, job_id: str, timeout: float) -> None:
+        """Sleep until the job changes state in this process, or `timeout` seconds pass."""
+        with self._watching(job_id) as event:
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
     async def wait_finished(self, job_id: str, timeout: float | None) -> Job | None:
         """Wait for the job to end; returns it as it stands when it ended or the wait ran out."""
         loop = asyncio.get_running_loop()
         deadline = None if not timeout else loop.time() + timeout
-        event = asyncio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
-        try:
+        with self._watching(job_id) as event:
             while True:
                 job = await self.ledger.get(job_id)
                 if job is None or job.finished or self.draining:
@@ -197,12 +203,6 @@ class Service:
                 except asyncio.TimeoutError:
                     pass
                 event.clear()
-        finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[job_id]
 
     # -- reading
 
