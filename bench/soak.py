@@ -77,12 +77,7 @@ def soak(jobs: int, clients: int, restart_every: int | None) -> dict:
         list(pool.map(submit, range(jobs)))
     stop.set()
     restarting.set()
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        left = server.rows("SELECT count(*) AS n FROM jobs WHERE status IN ('Queued','Processing')")[0]["n"]
-        if left == 0:
-            break
-        time.sleep(0.5)
+    server.wait_drained(600, poll=0.5)
     elapsed = time.monotonic() - started
     statuses = {r["id"]: r["status"] for r in server.rows("SELECT id, status FROM jobs")}
     lost = [job_id for job_id in acked if statuses.get(job_id) != "Completed"]

@@ -189,6 +189,15 @@ class Server:
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} never reached {wanted}: last {body}\n{self.log()[-3000:]}")
 
+    def wait_drained(self, timeout: float, poll: float = 0.2) -> bool:
+        """Wait until no job is Queued or Processing; False if the time ran out first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.rows("SELECT count(*) AS n FROM jobs WHERE status IN ('Queued', 'Processing')")[0]["n"] == 0:
+                return True
+            time.sleep(poll)
+        return False
+
     # -- looking inside
 
     def engine_runs(self) -> list[dict]:

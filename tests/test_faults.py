@@ -213,12 +213,7 @@ def test_many_clients_on_many_workers_every_job_runs_once_in_order(make_server):
     try:
         with ThreadPoolExecutor(20) as pool:
             list(pool.map(client, plan))
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            left = server.rows("SELECT count(*) AS n FROM jobs WHERE status IN ('Queued', 'Processing')")[0]["n"]
-            if left == 0:
-                break
-            time.sleep(0.2)
+        server.wait_drained(120)
     finally:
         stop.set()
         watcher.join()
