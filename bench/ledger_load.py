@@ -21,7 +21,7 @@ from unittest import mock
 
 import aiosqlite
 
-from whisperd import ledger as ledger_module
+from whisperd.ledger import sqlite as ledger_module
 
 from .common import REPO, Whisperd, free_port, stop_process, wait_http
 
@@ -87,7 +87,7 @@ async def _traced_reads(db_path: Path, job_id: str) -> list[str]:
         return conn
 
     with mock.patch.object(ledger_module.aiosqlite, "connect", traced_connect):
-        ledger = ledger_module.Ledger(str(db_path), "bench")
+        ledger = ledger_module.SQLiteLedger(str(db_path), "bench")
         await ledger.open()
         statements.clear()  # the PRAGMAs of opening are not part of a request
         try:

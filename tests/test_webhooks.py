@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import free_port
-from whisperd.ledger import Job
+from whisperd.jobs import Job
 from whisperd.urlpolicy import HostPolicy, PolicyError, check_url, resolve_checked
 
 SECRET = "webhook-secret-for-tests-0123456789"

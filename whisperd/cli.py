@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sqlite3
+import asyncio
 import sys
 
 from . import config as config_module, ledger, server, tokens
+from .jobs import now_iso
 
 
 def main(argv: list[str]) -> int:
@@ -30,19 +31,26 @@ def main(argv: list[str]) -> int:
     except config_module.ConfigError as exc:
         print(f"whisperd: configuration error: {exc}", file=sys.stderr)
         return 2
+    handler = {"create": _create, "list": _list, "revoke": _revoke}[args.token_command]
     try:
-        conn = ledger.open_admin(config.db_path)
-    except (sqlite3.Error, OSError) as exc:
-        print(f"whisperd: cannot open the ledger WHISPER_DB_PATH={config.db_path}: {exc}", file=sys.stderr)
+        return asyncio.run(_with_ledger(config, handler, args))
+    except ledger.LedgerUnavailable as exc:
+        print(f"whisperd: {exc}", file=sys.stderr)
         return 1
+
+
+async def _with_ledger(config, handler, args: argparse.Namespace) -> int:
+    """Run one admin command against a migrated ledger; the server need not run."""
+    ledger.prepare_schema(config)
+    store = ledger.open_ledger(config, "cli")
+    await store.open()
     try:
-        handler = {"create": _create, "list": _list, "revoke": _revoke}[args.token_command]
-        return handler(conn, args)
+        return await handler(store, args)
     finally:
-        conn.close()
+        await store.close()
 
 
-def _create(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+async def _create(store: ledger.Ledger, args: argparse.Namespace) -> int:
     if not tokens.NAME_FORMAT.match(args.name):
         print("whisperd: --name must be 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit",
               file=sys.stderr)
@@ -54,7 +62,7 @@ def _create(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     algorithm, salt, digest = tokens.hashed_for_storage(token)
     expires_at = tokens.expiry(args.expires_in)
     try:
-        ledger.insert_token(conn, args.name, prefix, algorithm, salt, digest, args.admin, expires_at)
+        await store.insert_token(args.name, prefix, algorithm, salt, digest, args.admin, expires_at)
     except ledger.TokenNameTaken:
         print(f"whisperd: a token named {args.name!r} already exists; revoke it first "
               f"(python whisperd.py token revoke {args.name}) or choose another name", file=sys.stderr)
@@ -66,12 +74,12 @@ def _create(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     return 0
 
 
-def _list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    records = ledger.list_tokens(conn)
+async def _list(store: ledger.Ledger, args: argparse.Namespace) -> int:
+    records = await store.list_tokens()
     if not records:
         print("no tokens; create one with: python whisperd.py token create --name NAME")
         return 0
-    now = ledger.now_iso()
+    now = now_iso()
     rows = [("NAME", "PREFIX", "ADMIN", "CREATED", "EXPIRES", "LAST USED", "STATE")]
     for r in records:
         state = "revoked " + r.revoked_at if r.revoked_at else ("in force" if r.in_force(now) else "expired")
@@ -83,8 +91,8 @@ def _list(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     return 0
 
 
-def _revoke(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    if not ledger.revoke_token(conn, args.name):
+async def _revoke(store: ledger.Ledger, args: argparse.Namespace) -> int:
+    if not await store.revoke_token(args.name):
         print(f"whisperd: no token in force is named {args.name!r} (see: python whisperd.py token list)",
               file=sys.stderr)
         return 1

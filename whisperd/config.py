@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -103,136 +103,142 @@ def _host_policy(value: Any) -> str:
     return text
 
 
-# Relative paths in the file are taken from the file's own directory, so the shipped
-# configuration works from any working directory.
-PATH_SETTINGS = ("WHISPER_CMD", "WHISPER_MODELS_DIR", "WHISPER_OUTPUT_DIR", "WHISPER_TMP_FILES",
-                 "WHISPER_HF_TOKEN_FILE", "WHISPER_DB_PATH", "WHISPER_METRICS_DIR")
-
-# name -> (default, converter). Every variable of the spec's table is here, with its default.
-SETTINGS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
-    "WHISPER_CMD": ("/home/llm/whisper_api/whisperx.sh", _text),
-    "WHISPER_MODELS_DIR": ("/models", _text),
-    "WHISPER_OUTPUT_DIR": ("/home/llm/whisper_api/output", _text),
-    "WHISPER_OUTPUT_FORMAT": ("txt", _choice(*OUTPUT_FORMATS)),
-    "WHISPER_DEVICE": ("cuda", _choice(*DEVICES)),
-    "WHISPER_DEVICE_INDEX": ("0", _device_index),
-    "WHISPER_TMP_FILES": ("/home/llm/whisper_api/tmp", _text),
-    "WHISPER_API_HOST": ("127.0.0.1", _text),
-    "WHISPER_API_PORT": (8181, _int(0)),
-    "WHISPER_API_TIMEOUT": (480, _int(1)),
-    "WHISPER_API_KEEPALIVE": (480, _int(1)),
-    "HTTP_WORKER_NUMBER": (0, _int(0)),
-    "WHISPER_JOB_RETENTION_HOURS": (48.0, _float(0)),
-    "WHISPER_CLEANUP_INTERVAL_HOURS": (1.0, _float(0.0001)),
-    "MAX_FILE_SIZE": (536870912, _int(1)),
-    "ENABLE_CONCURRENCY": (False, parse_bool),
-    "MAX_CONCURRENT_JOBS": (6, _int(1)),
-    "ENABLE_AUTHORIZATION": (True, parse_bool),
-    "SYNC_REQUEST_TIMEOUT_SECONDS": (1800.0, _float(0)),
-    "DEFAULT_SYNC_MODE": (False, parse_bool),
-    "RUST_LOG": ("info", _choice(*LOG_LEVELS)),
-    "HF_TOKEN": (None, _optional_text),
-    "WHISPER_HF_TOKEN_FILE": ("/home/llm/whisper_api/hf_token.txt", _text),
-    # Beyond the spec (documented in the README).
-    "WHISPER_DB_PATH": ("", _text),  # empty: whisperd.db beside WHISPER_TMP_FILES
-    "WHISPER_DEFAULT_MODEL": ("large-v3", _text),
-    "WHISPER_DEFAULT_LANGUAGE": ("fr", _text),
-    "WHISPER_DEFAULT_DIARIZE": (True, parse_bool),
-    "WHISPER_CPU_COMPUTE_TYPE": ("int8", _text),
-    "WHISPER_CUDA_COMPUTE_TYPE": ("", _text),  # empty: the engine's own default
-    "WHISPER_OFFLINE": ("auto", _choice("auto", "true", "false")),
-    "WHISPER_KILL_GRACE_SECONDS": (5.0, _float(0)),
-    "WHISPER_JOB_TIMEOUT_SECONDS": (0.0, _float(0)),  # 0: no limit
-    "WHISPER_MAX_ATTEMPTS": (3, _int(1)),
-    "WHISPER_MAX_PROMPT_CHARS": (4000, _int(0)),
-    "WHISPER_SHUTDOWN_GRACE_SECONDS": (10.0, _float(0)),
-    # Security (docs/security.md).
-    "WHISPER_API_ALLOW_ANY_TOKEN": (False, parse_bool),  # the spec's dummy check; warned at start
-    "WHISPER_TOKEN_VALIDATOR": ("", _validator_spec),  # module:function, for a site's own scheme
-    "WHISPER_FFPROBE": ("ffprobe", _text),
-    "WHISPER_MAX_PENDING_UPLOADS": (32, _int(1)),  # uploads in flight per worker process
-    "WHISPER_MIN_FREE_DISK_MB": (500, _int(0)),  # below this, uploads are refused with 507
-    "WHISPER_OPENAI_MODEL": ("", _text),  # what "whisper-1" runs; empty: WHISPER_DEFAULT_MODEL
-    "WHISPER_METRICS_AUTH": (False, parse_bool),  # false: /metrics answers loopback callers only
-    "WHISPER_METRICS_DIR": ("", _text),  # empty: metrics/ beside the ledger
-    # The warm engine (docs/warm-engine.md).
-    "WHISPER_ENGINE": ("worker", _choice("worker", "cli")),
-    "WHISPER_WORKER_CMD": ("", _text),  # empty: WHISPER_CMD --whisperd-worker
-    "WHISPER_WORKER_MAX_MODELS": (1, _int(1)),
-    "WHISPER_PRELOAD_MODEL": (True, parse_bool),
-    "WHISPER_MODEL_IDLE_SECONDS": (1800.0, _float(0)),  # 0: never unload
-    "WHISPER_WORKER_START_SECONDS": (120.0, _float(0.1)),
-    "WHISPER_WORD_TIMES": (True, parse_bool),
-    # Webhooks (docs/web.md): no secret, no callback_url accepted.
-    "WHISPER_WEBHOOK_SECRET": (None, _optional_text),
-    "WHISPER_WEBHOOK_ALLOWED_HOSTS": ("public", _host_policy),
-    "WHISPER_WEBHOOK_MAX_ATTEMPTS": (5, _int(1)),
-    "WHISPER_WEBHOOK_BACKOFF_SECONDS": (2.0, _float(0)),
-    "WHISPER_WEBHOOK_TIMEOUT_SECONDS": (10.0, _float(0.1)),
-}
-
-# Never shown by repr() or in a start-up error.
-SECRET_SETTINGS = ("HF_TOKEN", "WHISPER_WEBHOOK_SECRET")
-
-
 @dataclass(frozen=True)
-class Config:
-    WHISPER_CMD: str
-    WHISPER_MODELS_DIR: str
-    WHISPER_OUTPUT_DIR: str
-    WHISPER_OUTPUT_FORMAT: str
-    WHISPER_DEVICE: str
-    WHISPER_DEVICE_INDEX: str
-    WHISPER_TMP_FILES: str
-    WHISPER_API_HOST: str
-    WHISPER_API_PORT: int
-    WHISPER_API_TIMEOUT: int
-    WHISPER_API_KEEPALIVE: int
-    HTTP_WORKER_NUMBER: int
-    WHISPER_JOB_RETENTION_HOURS: float
-    WHISPER_CLEANUP_INTERVAL_HOURS: float
-    MAX_FILE_SIZE: int
-    ENABLE_CONCURRENCY: bool
-    MAX_CONCURRENT_JOBS: int
-    ENABLE_AUTHORIZATION: bool
-    SYNC_REQUEST_TIMEOUT_SECONDS: float
-    DEFAULT_SYNC_MODE: bool
-    RUST_LOG: str
-    HF_TOKEN: str | None
-    WHISPER_HF_TOKEN_FILE: str
-    WHISPER_DB_PATH: str
-    WHISPER_DEFAULT_MODEL: str
-    WHISPER_DEFAULT_LANGUAGE: str
-    WHISPER_DEFAULT_DIARIZE: bool
-    WHISPER_CPU_COMPUTE_TYPE: str
-    WHISPER_CUDA_COMPUTE_TYPE: str
-    WHISPER_OFFLINE: str
-    WHISPER_KILL_GRACE_SECONDS: float
-    WHISPER_JOB_TIMEOUT_SECONDS: float
-    WHISPER_MAX_ATTEMPTS: int
-    WHISPER_MAX_PROMPT_CHARS: int
-    WHISPER_SHUTDOWN_GRACE_SECONDS: float
-    WHISPER_API_ALLOW_ANY_TOKEN: bool
-    WHISPER_TOKEN_VALIDATOR: str
-    WHISPER_FFPROBE: str
-    WHISPER_MAX_PENDING_UPLOADS: int
-    WHISPER_MIN_FREE_DISK_MB: int
-    WHISPER_OPENAI_MODEL: str
-    WHISPER_METRICS_AUTH: bool
-    WHISPER_METRICS_DIR: str
-    WHISPER_ENGINE: str
-    WHISPER_WORKER_CMD: str
-    WHISPER_WORKER_MAX_MODELS: int
-    WHISPER_PRELOAD_MODEL: bool
-    WHISPER_MODEL_IDLE_SECONDS: float
-    WHISPER_WORKER_START_SECONDS: float
-    WHISPER_WORD_TIMES: bool
-    WHISPER_WEBHOOK_SECRET: str | None
-    WHISPER_WEBHOOK_ALLOWED_HOSTS: str
-    WHISPER_WEBHOOK_MAX_ATTEMPTS: int
-    WHISPER_WEBHOOK_BACKOFF_SECONDS: float
-    WHISPER_WEBHOOK_TIMEOUT_SECONDS: float
-    conf_path: str | None = None
+class Setting:
+    """One configuration variable, declared once: everything else (Config, the start-up error,
+    docs/configuration.md, `whisperd.py config`) is derived from this."""
+
+    name: str
+    default: Any
+    convert: Callable[[Any], Any]
+    help: str
+    secret: bool = False  # never shown by repr(), in a start-up error or by `whisperd.py config`
+    path: bool = False  # relative in the file: taken from the file's own directory
+
+
+# Every variable of the spec's table is here, with its default; then ours.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("WHISPER_CMD", "/home/llm/whisper_api/whisperx.sh", _text,
+            "the WhisperX command (whisperx.sh runs it from the engine venv; WHISPERX_VENV overrides the venv)", path=True),
+    Setting("WHISPER_MODELS_DIR", "/models", _text,
+            "models directory; <dir>/<model> holding a CTranslate2 model is used as is", path=True),
+    Setting("WHISPER_OUTPUT_DIR", "/home/llm/whisper_api/output", _text,
+            "engine output, one directory per job", path=True),
+    Setting("WHISPER_OUTPUT_FORMAT", "txt", _choice(*OUTPUT_FORMATS),
+            "default response_format"),
+    Setting("WHISPER_DEVICE", "cuda", _choice(*DEVICES),
+            "default device"),
+    Setting("WHISPER_DEVICE_INDEX", "0", _device_index,
+            "default device_index"),
+    Setting("WHISPER_TMP_FILES", "/home/llm/whisper_api/tmp", _text,
+            "uploads, one directory per job", path=True),
+    Setting("WHISPER_API_HOST", "127.0.0.1", _text,
+            "bind address"),
+    Setting("WHISPER_API_PORT", 8181, _int(0),
+            "port"),
+    Setting("WHISPER_API_TIMEOUT", 480, _int(1),
+            "seconds a request body may take to arrive"),
+    Setting("WHISPER_API_KEEPALIVE", 480, _int(1),
+            "seconds an idle connection is kept"),
+    Setting("HTTP_WORKER_NUMBER", 0, _int(0),
+            "worker processes (0 = cores; at most the cores)"),
+    Setting("WHISPER_JOB_RETENTION_HOURS", 48.0, _float(0),
+            "finished jobs older than this lose their files"),
+    Setting("WHISPER_CLEANUP_INTERVAL_HOURS", 1.0, _float(0.0001),
+            "how often retention runs"),
+    Setting("MAX_FILE_SIZE", 536870912, _int(1),
+            "largest upload, bytes"),
+    Setting("ENABLE_CONCURRENCY", False, parse_bool,
+            "run several jobs at once"),
+    Setting("MAX_CONCURRENT_JOBS", 6, _int(1),
+            "how many, with concurrency"),
+    Setting("ENABLE_AUTHORIZATION", True, parse_bool,
+            "require Authorization: Bearer …"),
+    Setting("SYNC_REQUEST_TIMEOUT_SECONDS", 1800.0, _float(0),
+            "longest sync wait (0 = no limit)"),
+    Setting("DEFAULT_SYNC_MODE", False, parse_bool,
+            "sync when the field is missing"),
+    Setting("RUST_LOG", "info", _choice(*LOG_LEVELS),
+            "error, warn, info, debug, trace"),
+    Setting("HF_TOKEN", None, _optional_text,
+            "Hugging Face token for diarization", secret=True),
+    Setting("WHISPER_HF_TOKEN_FILE", "/home/llm/whisper_api/hf_token.txt", _text,
+            "file with the token (keep it chmod 600; start-up warns otherwise)", path=True),
+    # Beyond the spec (documented in the README).
+    Setting("WHISPER_DB_PATH", "", _text,
+            "the ledger", path=True),
+    Setting("WHISPER_DEFAULT_MODEL", "large-v3", _text,
+            "default model"),
+    Setting("WHISPER_DEFAULT_LANGUAGE", "fr", _text,
+            "default language"),
+    Setting("WHISPER_DEFAULT_DIARIZE", True, parse_bool,
+            "default diarize"),
+    Setting("WHISPER_CPU_COMPUTE_TYPE", "int8", _text,
+            "--compute_type on the CPU"),
+    Setting("WHISPER_CUDA_COMPUTE_TYPE", "", _text,
+            "--compute_type on CUDA"),
+    Setting("WHISPER_OFFLINE", "auto", _choice("auto", "true", "false"),
+            "true: never download (HF_HUB_OFFLINE=1 for the engine; a model not installed is refused with 400 listing the installed ones); auto: probe the hub once at start"),
+    Setting("WHISPER_KILL_GRACE_SECONDS", 5.0, _float(0),
+            "TERM → KILL grace when stopping an engine"),
+    Setting("WHISPER_JOB_TIMEOUT_SECONDS", 0.0, _float(0),
+            "per-job time limit (0 = none)"),
+    Setting("WHISPER_MAX_ATTEMPTS", 3, _int(1),
+            "engine starts before a job that keeps dying is failed as poison"),
+    Setting("WHISPER_MAX_PROMPT_CHARS", 4000, _int(0),
+            "longest prompt"),
+    Setting("WHISPER_SHUTDOWN_GRACE_SECONDS", 10.0, _float(0),
+            "how long running jobs may finish at SIGTERM"),
+    # Security (docs/security.md).
+    Setting("WHISPER_API_ALLOW_ANY_TOKEN", False, parse_bool,
+            "accept any well-formed token (the original behaviour); warned at start"),
+    Setting("WHISPER_TOKEN_VALIDATOR", "", _validator_spec,
+            "module:function that checks tokens instead of the ledger"),
+    Setting("WHISPER_FFPROBE", "ffprobe", _text,
+            "the ffprobe used to check uploads"),
+    Setting("WHISPER_MAX_PENDING_UPLOADS", 32, _int(1),
+            "uploads in flight per worker process before 429"),
+    Setting("WHISPER_MIN_FREE_DISK_MB", 500, _int(0),
+            "free space kept on the upload/output disks; below it, 507"),
+    Setting("WHISPER_OPENAI_MODEL", "", _text,
+            "the model whisper-1 runs on /v1/audio/transcriptions"),
+    Setting("WHISPER_METRICS_AUTH", False, parse_bool,
+            "false: /metrics answers loopback callers only, without a token; true: a Bearer token from anywhere"),
+    Setting("WHISPER_METRICS_DIR", "", _text,
+            "prometheus-client's multiprocess files", path=True),
+    # The warm engine (docs/warm-engine.md).
+    Setting("WHISPER_ENGINE", "worker", _choice("worker", "cli"),
+            "worker or cli"),
+    Setting("WHISPER_WORKER_CMD", "", _text,
+            "the worker command (empty: WHISPER_CMD --whisperd-worker); split like a shell would"),
+    Setting("WHISPER_WORKER_MAX_MODELS", 1, _int(1),
+            "loaded models kept (least recently used goes first)"),
+    Setting("WHISPER_PRELOAD_MODEL", True, parse_bool,
+            "load WHISPER_DEFAULT_MODEL on WHISPER_DEVICE when the worker starts"),
+    Setting("WHISPER_MODEL_IDLE_SECONDS", 1800.0, _float(0),
+            "unload a model unused this long (0 = never)"),
+    Setting("WHISPER_WORKER_START_SECONDS", 120.0, _float(0.1),
+            "a worker that has not said hello by then is killed (the job waiting for it fails with that reason)"),
+    Setting("WHISPER_WORD_TIMES", True, parse_bool,
+            "faster-whisper word times when alignment is unavailable"),
+    # Webhooks (docs/web.md): no secret, no callback_url accepted.
+    Setting("WHISPER_WEBHOOK_SECRET", None, _optional_text,
+            "HMAC-SHA256 key for X-Whisperd-Signature; callback_url is refused without it", secret=True),
+    Setting("WHISPER_WEBHOOK_ALLOWED_HOSTS", "public", _host_policy,
+            "where notices may go: public, IPs, CIDR networks, host names, *.domain"),
+    Setting("WHISPER_WEBHOOK_MAX_ATTEMPTS", 5, _int(1),
+            "attempts per notice, the first included"),
+    Setting("WHISPER_WEBHOOK_BACKOFF_SECONDS", 2.0, _float(0),
+            "delay before the first retry; doubles each time"),
+    Setting("WHISPER_WEBHOOK_TIMEOUT_SECONDS", 10.0, _float(0.1),
+            "connect and response time limit of one attempt"),
+)
+
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+class _Derived:
+    """Values computed from the settings (the settings themselves are the dataclass fields)."""
 
     @property
     def max_running(self) -> int:
@@ -261,12 +267,22 @@ class Config:
             return self.WHISPER_METRICS_DIR
         return str(Path(self.db_path).resolve().parent / "metrics")
 
+    def origin(self, name: str) -> str:
+        """Where a setting's value came from: "default", "environment" or the file's path."""
+        return self.origins.get(name, "default")
+
     def __repr__(self) -> str:  # secrets must never reach a log through repr()
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name in SECRET_SETTINGS:
-            if shown.get(name):
-                shown[name] = "<set>"
+        shown = {s.name: ("<set>" if s.secret and getattr(self, s.name) else getattr(self, s.name)) for s in SETTINGS}
         return f"Config({shown})"
+
+
+Config = make_dataclass(
+    "Config",
+    [(s.name, Any) for s in SETTINGS]
+    + [("conf_path", str | None, field(default=None)), ("origins", dict, field(default_factory=dict))],
+    bases=(_Derived,), frozen=True, repr=False,
+)
+Config.__doc__ = "The effective configuration: one attribute per Setting, plus where each value came from."
 
 
 def _read_conf(path: Path) -> dict[str, Any]:
@@ -289,19 +305,23 @@ def load(environ: Mapping[str, str] | None = None, conf_path: str | None = None)
     if path.is_file() or explicit:
         file_values = _read_conf(path)
     values: dict[str, Any] = {}
-    for name, (default, convert) in SETTINGS.items():
+    origins: dict[str, str] = {}
+    for setting in SETTINGS:
+        name = setting.name
         if name in environ:
             raw, origin = environ[name], "environment"
         elif name in file_values:
             raw, origin = file_values[name], str(path)
         else:
-            values[name] = default
+            values[name] = setting.default
             continue
         try:
-            values[name] = convert(raw)
-            if name in PATH_SETTINGS and origin != "environment" and values[name]:
-                values[name] = str((path.parent / values[name]).resolve()) if not Path(values[name]).is_absolute() else values[name]
+            value = setting.convert(raw)
         except ValueError as exc:
-            shown = "<hidden>" if name in SECRET_SETTINGS else repr(raw)
+            shown = "<hidden>" if setting.secret else repr(raw)
             raise ConfigError(f"{name}={shown} (from {origin}): {exc}") from None
-    return Config(**values, conf_path=str(path) if path.is_file() else None)
+        if setting.path and origin != "environment" and value and not Path(value).is_absolute():
+            value = str((path.parent / value).resolve())
+        values[name] = value
+        origins[name] = origin
+    return Config(**values, conf_path=str(path) if path.is_file() else None, origins=origins)

@@ -13,7 +13,8 @@ from .engine import EngineOptions, EngineProcess, EngineResult, build_argv, buil
 from .faults import crash_point
 from .jobfiles import JobFiles
 from .languages import AUTO
-from .ledger import Job, Ledger
+from .jobs import Job
+from .ledger import Ledger
 from .results import EngineOutputError, load_engine_result, write_engine_result
 from .worker_client import EngineWorker, WorkerJob, job_message
 

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import stat
 import sys
 from pathlib import Path
@@ -96,27 +95,22 @@ def check_auth(config: Config) -> None:
                     " and remove this setting")
 
 
-def check_tokens(config: Config) -> None:
+def check_tokens(config: Config, live_tokens: int) -> None:
     """After the ledger is migrated: warn when the ledger's tokens are in use and there are none."""
     if not config.ENABLE_AUTHORIZATION or config.WHISPER_TOKEN_VALIDATOR or config.WHISPER_API_ALLOW_ANY_TOKEN:
         return
-    conn = ledger_module.open_admin(config.db_path)
-    try:
-        live = ledger_module.count_live_tokens(conn)
-    finally:
-        conn.close()
-    if not live:
+    if not live_tokens:
         log.warning("no API token exists: every request will be refused with 401 until one is created with"
                     " `python whisperd.py token create --name NAME`")
 
 
-def recover(config: Config) -> None:
+def recover(config: Config) -> ledger_module.Recovery:
     """Bring the ledger and the disk back to a consistent state after whatever happened last."""
     actor = f"{socket.gethostname()}:{os.getpid()}"
     try:
-        report = ledger_module.prepare(config.db_path, config.WHISPER_MAX_ATTEMPTS, actor)
-    except (sqlite3.Error, OSError) as exc:
-        raise StartupError(f"cannot open the ledger WHISPER_DB_PATH={config.db_path}: {exc}") from None
+        report = ledger_module.prepare(config, actor)
+    except ledger_module.LedgerUnavailable as exc:
+        raise StartupError(str(exc)) from None
     for job_id, pid in report.engine_pids.items():
         if kill_orphan_group(pid, job_id):
             log.warning("stopped engine pid %d left running by the previous server (job %s)", pid, job_id)
@@ -130,6 +124,7 @@ def recover(config: Config) -> None:
     removed = files.sweep(report.live_jobs)
     if removed:
         log.info("removed %d file(s) or directories that belonged to no job", len(removed))
+    return report
 
 
 async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> int:
@@ -168,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.RUST_LOG)
     try:
         check_environment(config)
-        recover(config)
-        check_tokens(config)
+        report = recover(config)
+        check_tokens(config, report.live_tokens)
         try:
             sockets = bind_sockets(config.WHISPER_API_PORT, config.WHISPER_API_HOST)
         except OSError as exc:
@@ -194,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     host = socket.gethostname()
 
     def died(pid: int) -> None:
-        report = ledger_module.release_worker(config.db_path, f"{host}:{pid}", config.WHISPER_MAX_ATTEMPTS,
-                                              f"{host}:{os.getpid()}")
+        report = ledger_module.release_worker(config, f"{host}:{pid}", f"{host}:{os.getpid()}")
         for job_id, engine_pid in report.engine_pids.items():
             kill_orphan_group(engine_pid, job_id)
         metrics.process_died(pid)

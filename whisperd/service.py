@@ -17,7 +17,8 @@ from .auth import Authenticator, accept_any_token, load_validator
 from .config import Config
 from .faults import crash_point
 from .jobfiles import JobFiles
-from .ledger import Job, Ledger, NewJob
+from .jobs import Job, NewJob
+from .ledger import Ledger, open_ledger
 from .results import EngineOutputError, build_response, load_engine_result
 from .retention import expire_old_jobs
 from .runner import JobRunner
@@ -56,7 +57,7 @@ class Service:
         self.config = config
         self.offline = offline
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
-        self.ledger = Ledger(config.db_path, self.actor)
+        self.ledger = open_ledger(config, self.actor)
         self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0

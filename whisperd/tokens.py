@@ -16,7 +16,8 @@ from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 
 from .auth import Identity
-from .ledger import Ledger, TokenRecord, now_iso
+from .jobs import TokenRecord, now_iso
+from .ledger import Ledger
 
 PREFIX_BYTES = 4  # 8 hex digits: enough to find a row, useless to a guesser
 SECRET_BYTES = 24  # 192 bits: no guessing, whatever the hash costs

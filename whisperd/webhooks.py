@@ -24,7 +24,8 @@ from tornado.httpclient import HTTPRequest
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from .config import Config
-from .ledger import Job, Ledger
+from .jobs import Job
+from .ledger import Ledger
 from .urlpolicy import CheckingResolver, HostPolicy, PolicyError, check_url, resolve_checked
 
 log = logging.getLogger("whisperd.webhooks")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 from http import HTTPStatus
 from typing import Any
 
 from tornado.web import HTTPError, RequestHandler
 
 from ..auth import AuthError, Identity
+from ..ledger import LedgerBusy
 from ..service import Service
 
 log = logging.getLogger("whisperd.http")
@@ -66,8 +66,8 @@ class BaseHandler(RequestHandler):
             message = exc.message
             for name, value in exc.headers.items():
                 self.set_header(name, value)
-        elif isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-            # Held past busy_timeout by someone else (an operator's sqlite3 session, say).
+        elif isinstance(exc, LedgerBusy):
+            # Held past the wait limit by someone else (an operator's sqlite3 session, say).
             self.set_status(503)
             self.set_header("Retry-After", "5")
             message = "the job ledger is busy; try again in a moment"

@@ -9,7 +9,7 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 
 from ..jobfiles import is_job_id
-from ..ledger import Job
+from ..jobs import Job
 from .base import BaseHandler
 from .transcription import status_body
 

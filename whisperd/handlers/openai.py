@@ -12,7 +12,7 @@ from typing import Any
 from .. import capabilities
 from ..formats import render
 from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
-from ..ledger import Job
+from ..jobs import Job
 from ..models import installed_models, local_model_dir
 from ..service import JobError
 from .base import ApiError, BaseHandler

@@ -8,7 +8,7 @@ from typing import Any
 from ..config import OUTPUT_FORMATS
 from ..forms import parse_job_request
 from ..jobfiles import is_job_id
-from ..ledger import Job
+from ..jobs import Job
 from ..service import JobError
 from ..uploads import UploadError
 from ..urlpolicy import PolicyError

@@ -10,7 +10,7 @@ from tornado.web import stream_request_body
 
 from .. import metrics
 from ..jobfiles import new_job_id
-from ..ledger import Job, NewJob
+from ..jobs import Job, NewJob
 from ..probe import probe
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, UploadError, boundary_of
 from .base import ApiError, BaseHandler

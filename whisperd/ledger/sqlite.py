@@ -1,8 +1,4 @@
-"""The job ledger: every job and every change of its state, in one SQLite file (WAL).
-
-The rest of the code never writes SQL: it calls this narrow interface, so a different
-backend (PostgreSQL with SKIP LOCKED claims) can stand behind it later.
-"""
+"""The SQLite ledger (the embedded default): every job and every change of its state, in one WAL file."""
 
 from __future__ import annotations
 
@@ -10,93 +6,19 @@ import asyncio
 import json
 import os
 import sqlite3
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 import aiosqlite
 
-from .config import REPO_DIR
+from ..config import REPO_DIR
+from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, TokenRecord, now_iso
+from .errors import LedgerBusy, LedgerUnavailable, TokenNameTaken
+from .recovery import Recovery
 
-MIGRATIONS_DIR = REPO_DIR / "migrations"
-ACTIVE = ("Queued", "Processing")
-TERMINAL = ("Completed", "Failed", "Canceled")
-# A job_events row with one of these ends a job's webhook; without one, a start sends it again.
-WEBHOOK_DONE = ("webhook-delivered", "webhook-failed", "webhook-refused")
+MIGRATIONS_DIR = REPO_DIR / "migrations" / "sqlite"
 BUSY_TIMEOUT_MS = 10_000
-
-
-def now_iso() -> str:
-    """UTC, millisecond precision, sortable as text."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-@dataclass
-class Job:
-    seq: int
-    id: str
-    owner: str
-    status: str
-    created_at: str
-    filename: str
-    upload_bytes: int
-    language: str
-    model: str
-    response_format: str
-    diarize: bool
-    prompt: str
-    device: str
-    device_index: str
-    started_at: str | None = None
-    finished_at: str | None = None
-    delivered_at: str | None = None
-    expired_at: str | None = None
-    attempts: int = 0
-    worker: str | None = None
-    engine_pid: int | None = None
-    cancel_requested: bool = False
-    progress: float | None = None
-    stage: str | None = None
-    detected_language: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None
-    callback_url: str | None = None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "Job":
-        data = dict(row)
-        data["diarize"] = bool(data["diarize"])
-        data["cancel_requested"] = bool(data["cancel_requested"])
-        data["warnings"] = json.loads(data["warnings"] or "[]")
-        return cls(**data)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in TERMINAL
-
-    @property
-    def files_gone(self) -> bool:
-        return bool(self.delivered_at or self.expired_at)
-
-
-@dataclass
-class NewJob:
-    """What a submission asks for; the ledger adds status, times and order."""
-
-    id: str
-    owner: str
-    filename: str
-    upload_bytes: int
-    language: str
-    model: str
-    response_format: str
-    diarize: bool
-    prompt: str
-    device: str
-    device_index: str
-    warnings: list[str] = field(default_factory=list)
-    callback_url: str | None = None
 
 
 # --- schema -------------------------------------------------------------------------------
@@ -173,17 +95,6 @@ def _split_sql(script: str) -> Iterable[str]:
             buffer = ""
 
 
-@dataclass
-class Recovery:
-    """What start-up found in the ledger after the previous run."""
-
-    requeued: list[str] = field(default_factory=list)
-    poisoned: list[str] = field(default_factory=list)
-    live_jobs: set[str] = field(default_factory=set)
-    engine_pids: dict[str, int] = field(default_factory=dict)
-    webhooks_pending: list[str] = field(default_factory=list)
-
-
 def prepare(path: str, max_attempts: int, actor: str) -> Recovery:
     """Create or migrate the ledger and take back jobs a dead process left Processing.
 
@@ -195,6 +106,10 @@ def prepare(path: str, max_attempts: int, actor: str) -> Recovery:
         migrate(conn)
         report = _take_back(conn, "1=1", (), max_attempts, actor, "server restarted while processing")
         report.webhooks_pending = _mark_pending_webhooks(conn, actor)
+        report.live_tokens = conn.execute(
+            "SELECT count(*) FROM api_tokens WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
+            (now_iso(),),
+        ).fetchone()[0]
         report.live_jobs = {
             row[0]
             for row in conn.execute(
@@ -282,6 +197,17 @@ def _mark_pending_webhooks(conn: sqlite3.Connection, actor: str) -> list[str]:
     return ids
 
 
+@contextmanager
+def _busy_as_ledger_busy():
+    """SQLite's "database is locked" past busy_timeout becomes the backend-neutral LedgerBusy."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise LedgerBusy(str(exc)) from exc
+        raise
+
+
 def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: str | None, detail: str | None) -> None:
     conn.execute(
         "INSERT INTO job_events (job_id, at, event, actor, detail) VALUES (?, ?, ?, ?, ?)",
@@ -292,7 +218,7 @@ def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: st
 # --- the asynchronous interface ---------------------------------------------------------
 
 
-class Ledger:
+class SQLiteLedger:
     """One writer connection (serialised by a lock) and one reader connection per process."""
 
     def __init__(self, path: str, actor: str) -> None:
@@ -323,16 +249,18 @@ class Ledger:
 
     async def _write(self, work) -> Any:
         """Run `work(conn, now)` inside BEGIN IMMEDIATE ... COMMIT, one writer at a time."""
-        assert self._writer is not None, "ledger is not open"
+        if self._writer is None:
+            raise LedgerUnavailable("ledger is not open")
         async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                result = await work(self._writer, now_iso())
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
-            return result
+            with _busy_as_ledger_busy():
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    result = await work(self._writer, now_iso())
+                except BaseException:
+                    await self._writer.execute("ROLLBACK")
+                    raise
+                await self._writer.execute("COMMIT")
+                return result
 
     async def _add_event(self, conn, job_id, at, event, detail=None, actor=None) -> None:
         await conn.execute(
@@ -347,8 +275,10 @@ class Ledger:
     async def _fetch_all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         # One call on the reader's thread: a cursor left open across an await would hold a read
         # transaction, and every other read on this connection would see its old snapshot.
-        assert self._reader is not None, "ledger is not open"
-        return list(await self._reader.execute_fetchall(sql, params))
+        if self._reader is None:
+            raise LedgerUnavailable("ledger is not open")
+        with _busy_as_ledger_busy():
+            return list(await self._reader.execute_fetchall(sql, params))
 
     # -- the interface
 
@@ -601,76 +531,43 @@ class Ledger:
         await self._write(work)
 
 
-@dataclass
-class TokenRecord:
-    id: int
-    name: str
-    prefix: str
-    algorithm: str
-    salt: str
-    hash: str
-    admin: bool
-    created_at: str
-    expires_at: str | None
-    last_used_at: str | None
-    revoked_at: str | None
+    async def insert_token(self, name: str, prefix: str, algorithm: str, salt: str, digest: str,
+                           admin: bool, expires_at: str | None) -> str:
+        """Store a new token's row; returns its creation time. TokenNameTaken if the name is in force."""
 
-    @classmethod
-    def from_row(cls, row: sqlite3.Row | dict[str, Any]) -> "TokenRecord":
-        data = dict(row)
-        data["admin"] = bool(data["admin"])
-        return cls(**data)
+        async def work(conn, now):
+            try:
+                await conn.execute(
+                    "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, prefix, algorithm, salt, digest, int(admin), now, expires_at),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "name" in str(exc):
+                    raise TokenNameTaken(name) from None
+                raise
+            return now
 
-    def in_force(self, at_iso: str) -> bool:
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > at_iso)
+        return await self._write(work)
 
+    async def list_tokens(self) -> list[TokenRecord]:
+        rows = await self._fetch_all("SELECT * FROM api_tokens ORDER BY revoked_at IS NOT NULL, name, id")
+        return [TokenRecord.from_row(row) for row in rows]
 
-# --- token administration, synchronous: the command line uses these without a server -------
+    async def revoke_token(self, name: str) -> bool:
+        """Revoke the token in force with this name; False when there is none."""
 
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "UPDATE api_tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL", (now, name))
+            return bool(cursor.rowcount)
 
-class TokenNameTaken(Exception):
-    """A token in force already has this name."""
+        return await self._write(work)
 
 
 def open_admin(path: str) -> sqlite3.Connection:
-    """A plain connection to a migrated ledger, for the admin commands."""
+    """A plain connection to a migrated ledger (created if missing)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = _connect_sync(path)
     migrate(conn)
     return conn
-
-
-def insert_token(conn: sqlite3.Connection, name: str, prefix: str, algorithm: str, salt: str, digest: str,
-                 admin: bool, expires_at: str | None) -> str:
-    """Store a new token's row; returns its creation time."""
-    stamp = now_iso()
-    try:
-        conn.execute(
-            "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, prefix, algorithm, salt, digest, int(admin), stamp, expires_at),
-        )
-    except sqlite3.IntegrityError as exc:
-        if "name" in str(exc):
-            raise TokenNameTaken(name) from None
-        raise
-    return stamp
-
-
-def list_tokens(conn: sqlite3.Connection) -> list[TokenRecord]:
-    rows = conn.execute("SELECT * FROM api_tokens ORDER BY revoked_at IS NOT NULL, name, id").fetchall()
-    return [TokenRecord.from_row(row) for row in rows]
-
-
-def revoke_token(conn: sqlite3.Connection, name: str) -> int:
-    """Revoke the token in force with this name; returns how many rows changed (0 or 1)."""
-    cursor = conn.execute("UPDATE api_tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL", (now_iso(), name))
-    return cursor.rowcount
-
-
-def count_live_tokens(conn: sqlite3.Connection) -> int:
-    row = conn.execute(
-        "SELECT count(*) FROM api_tokens WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
-        (now_iso(),),
-    ).fetchone()
-    return int(row[0])
