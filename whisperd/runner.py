@@ -72,7 +72,10 @@ class JobRunner:
         token = self.files.read_token(job.id)
         language = None if job.language == AUTO else job.language
         align, why_not = capabilities.alignment_available(language, self.config.WHISPER_MODELS_DIR, self.offline)
-        if not align:
+        if job.task == "translate":
+            # The English text has no source-language speech to align to (the CLI turns it off too).
+            align, why_not = False, None
+        if why_not:
             if self.worker is not None and self.config.WHISPER_WORD_TIMES:
                 why_not = why_not.replace("segment times come from the transcription itself",
                                           "word times come from Whisper's own cross-attention (faster-whisper)")
@@ -85,7 +88,7 @@ class JobRunner:
         opts = EngineOptions(
             audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=job.language,
             device=job.device, device_index=job.device_index, prompt=job.prompt, align=align,
-            diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads,
+            diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads, task=job.task,
         )
         result = await self._attempt(running, opts)
         if not result.ok and not result.retry and running.stop_reason is None and (opts.align or opts.diarize):
