@@ -116,6 +116,11 @@ def test_what_a_model_can_do_is_read_from_its_files_not_its_name(multi):
     add_model(server, "my-english", vocabulary=51864)  # no ".en" in the name, English-only vocabulary
     add_model(server, "large-v3", vocabulary=51866, languages=LANGUAGES + ("yue",))
     assert_refused(server.submit(model="my-english", task="translate"), "my-english", "English-only")
+    # Nothing to detect with an English-only model: the engine is told English.
+    job_id = server.submit_ok(model="my-english", language="auto", diarize="false")
+    assert server.wait_status(job_id)["detected_language"] == "en"
+    argv = argv_of(server)
+    assert argv[argv.index("--language") + 1] == "en"
     assert_refused(server.submit(model="base", language="yue"), "base", "'yue'")
     job_id = server.submit_ok(model="large-v3", language="yue", diarize="false")
     assert server.wait_status(job_id)["status"] == "Completed"
