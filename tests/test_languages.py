@@ -47,22 +47,34 @@ def client(server) -> openai.OpenAI:
 # -- the task and the detected language through the CLI engine -------------------------------------
 
 
-def test_translate_with_detection_reaches_the_cli_and_the_status_and_result_say_the_language(multi):
+def test_translate_reaches_the_cli_and_the_status_and_result_say_the_language(multi):
     server = multi()
-    job_id = server.submit_ok(model="base", language="auto", task="translate", diarize="false",
+    job_id = server.submit_ok(model="base", language="de", task="translate", diarize="false",
                               response_format="json")
     status = server.wait_status(job_id)
     assert status["status"] == "Completed"
-    assert status["task"] == "translate" and status["detected_language"] == "es"
+    assert status["task"] == "translate" and status["detected_language"] == "de"
     argv = argv_of(server)
     assert argv[argv.index("--task") + 1] == "translate"
-    assert "--language" not in argv and "--no_align" in argv
+    assert argv[argv.index("--language") + 1] == "de" and "--no_align" in argv
     # No "alignment skipped" warning: a translation is never aligned, there is nothing to skip.
     assert "warnings" not in status
     result = server.api("GET", f"/transcription/{job_id}/result").json()
-    assert result["language"] == "es" and "Fake translation of" in result["text"]
+    assert result["language"] == "de" and "Fake translation of" in result["text"]
     (row,) = server.rows("SELECT task, language, detected_language FROM jobs")
-    assert (row["task"], row["language"], row["detected_language"]) == ("translate", "auto", "es")
+    assert (row["task"], row["language"], row["detected_language"]) == ("translate", "de", "de")
+
+
+def test_detection_reaches_the_cli_and_translating_unknown_speech_there_is_refused(multi):
+    server = multi()
+    job_id = server.submit_ok(model="base", language="auto", diarize="false")
+    assert server.wait_status(job_id)["detected_language"] == "es"
+    assert "--language" not in argv_of(server)
+    assert server.api("GET", f"/transcription/{job_id}/result").json()["language"] == "es"
+    # WhisperX's CLI drops --task without --language: it would transcribe, so it is not asked to.
+    response = server.submit(model="base", language="auto", task="translate")
+    assert_refused(response, "WHISPER_ENGINE=worker", "send 'language'")
+    assert len(server.engine_runs()) == 1
 
 
 def test_a_transcription_with_a_language_on_a_multilingual_model(multi):
@@ -168,9 +180,12 @@ def translate(server, **kwargs):
         return client(server).audio.translations.create(file=audio, **kwargs)
 
 
+WORKER = dict(WHISPER_ENGINE="worker", WHISPER_KILL_GRACE_SECONDS="0.5")
+
+
 @openai_translations
 def test_openai_translations_run_the_translate_task_and_answer_every_format(multi):
-    server = multi(WHISPER_OPENAI_TRANSLATE_MODEL="base")
+    server = multi(WHISPER_OPENAI_TRANSLATE_MODEL="base", **WORKER)
     size = server.default_audio.stat().st_size
     assert translate(server, model="whisper-1").text == f"Fake translation of {size} bytes. Second segment."
     assert translate(server, model="base", response_format="text").startswith("Fake translation of")
@@ -178,10 +193,9 @@ def test_openai_translations_run_the_translate_task_and_answer_every_format(mult
     verbose = translate(server, model="base", response_format="verbose_json", prompt="Names: Ada")
     assert verbose.task == "translate" and verbose.language == "english" and verbose.duration == 4.0
     assert verbose.segments[0].text == f" Fake translation of {size} bytes."
-    runs = [run["argv"] for run in server.engine_runs()]
-    assert all(argv[argv.index("--task") + 1] == "translate" and "--language" not in argv for argv in runs)
-    assert all(argv[argv.index("--model") + 1].endswith("/models/base") for argv in runs)
-    assert runs[-1][runs[-1].index("--initial_prompt") + 1] == "Names: Ada"
+    jobs = [run["worker_job"] for run in server.engine_runs() if "worker_job" in run]
+    assert len(jobs) == 4 and all(j["task"] == "translate" and j["language"] is None for j in jobs)
+    assert all(j["model"].endswith("/models/base") for j in jobs) and jobs[-1]["prompt"] == "Names: Ada"
     rows = server.rows("SELECT task, language, delivered_at FROM jobs")
     assert len(rows) == 4 and all(r["task"] == "translate" and r["language"] == "auto" and r["delivered_at"]
                                   for r in rows)
@@ -189,7 +203,7 @@ def test_openai_translations_run_the_translate_task_and_answer_every_format(mult
 
 @openai_translations
 def test_openai_translations_refuse_what_openai_does_not_take_and_english_only_models(multi):
-    server = multi()  # whisper-1 runs tiny.en here for both routes
+    server = multi(**WORKER)  # whisper-1 runs tiny.en here for both routes
     with pytest.raises(openai.BadRequestError) as caught:
         translate(server, model="whisper-1")
     body = caught.value.body
@@ -209,3 +223,13 @@ def test_openai_translations_refuse_what_openai_does_not_take_and_english_only_m
             client(server).audio.transcriptions.create(model="tiny.en", file=audio, language="de")
     assert caught.value.body["code"] == "model_cannot_transcribe" and "English-only" in caught.value.body["message"]
     assert server.rows("SELECT id FROM jobs") == []
+
+
+@openai_translations
+def test_openai_translations_on_the_cli_engine_are_refused_with_the_reason(multi):
+    server = multi(WHISPER_OPENAI_TRANSLATE_MODEL="base")
+    with pytest.raises(openai.BadRequestError) as caught:
+        translate(server, model="whisper-1")
+    assert caught.value.body["code"] == "translation_needs_worker_engine"
+    assert "WHISPER_ENGINE=worker" in caught.value.body["message"]
+    assert server.rows("SELECT id FROM jobs") == [] and server.engine_runs() == []

@@ -4,7 +4,7 @@ tolerance), translation to English (keywords), through the warm worker, the CLI 
 translations route with the official client.
 
 Robot speech is hard for a small model; the tolerances are what base achieves on these sentences
-with a margin (measured: es 0.0, de 0.0-0.1, it ~0.3). French is left out: base hears espeak's
+with a margin (measured through the warm worker: es 0.00, de 0.17, it 0.31). French is left out: base hears espeak's
 French as Spanish.
 """
 
@@ -115,8 +115,10 @@ def test_openai_translations_route_on_real_italian_speech(warm_server, speech):
 
 
 def test_translates_spanish_through_the_cli_engine(make_server, speech):
+    # WhisperX's CLI translates only when told the language (without --language it drops --task and
+    # transcribes: measured); the server therefore refuses auto+translate on this engine.
     server = make_server(**real_env("cli"))
-    status, result = run(server, speech["es"], language="auto", task="translate")
+    status, result = run(server, speech["es"], language="es", task="translate")
     assert status["detected_language"] == "es" and result["language"] == "es"
     text = "".join(s["text"] for s in result["segments"])
     assert SPEECH["es"][3] <= keywords(text), text

@@ -315,7 +315,8 @@ def test_real_tokens_own_their_jobs_and_a_revoked_token_is_refused(make_server, 
 
 
 def test_the_page_offers_translation_and_only_the_chosen_models_languages(make_server, open_page):
-    server = make_server(start=False, FAKE_WHISPERX_DETECT="es")
+    # The warm engine: it detects the language of speech it translates (the CLI is told it).
+    server = make_server(start=False, FAKE_WHISPERX_DETECT="es", WHISPER_ENGINE="worker")
     base = server.root / "models" / "base"
     base.mkdir(parents=True)
     (base / "model.bin").write_bytes(b"fake")

@@ -47,6 +47,17 @@ def _closed(fields: dict[str, str], name: str, default: str, allowed: tuple[str,
     return value
 
 
+def cli_cannot_translate(config: Config, language: str, task: str) -> str | None:
+    """WhisperX 3.8.6's command line drops --task unless --language is given (its load_model builds the
+    translating tokenizer only for a known language, and transcribe() then defaults to transcribing),
+    so through the CLI engine a translation needs the spoken language; the warm worker detects it."""
+    if task == "translate" and language == AUTO and config.WHISPER_ENGINE == "cli":
+        return ("translating speech of unknown language needs the warm engine (WHISPER_ENGINE=worker): "
+                "the WhisperX command line this server runs translates only when told the spoken language; "
+                "send 'language'")
+    return None
+
+
 def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> JobRequest:
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
@@ -64,7 +75,8 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         raise UploadError(400, f"model '{model}' is not installed and this server cannot download models; installed: {have}")
 
     task = _closed(fields, "task", "transcribe", TASKS)
-    why_not = refusal(model_info(config.WHISPER_MODELS_DIR, model), language, task)
+    why_not = refusal(model_info(config.WHISPER_MODELS_DIR, model), language, task) or \
+        cli_cannot_translate(config, language, task)
     if why_not:
         raise UploadError(400, why_not)
 

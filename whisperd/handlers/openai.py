@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import capabilities
 from ..formats import render
+from ..forms import cli_cannot_translate
 from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
 from ..jobs import Job
 from ..models import catalog, installed_models, local_model_dir, model_info, refusal
@@ -149,6 +150,10 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
                            f"{'TRANSLATE_' if self.task == 'translate' else ''}MODEL, or send a model's name)"
             raise OpenAIError(400, why_not, param="language" if self.task == "transcribe" else "model",
                               code="model_cannot_" + self.task)
+        why_not = cli_cannot_translate(config, language, self.task)
+        if why_not:
+            raise OpenAIError(400, why_not.replace("; send 'language'", " (OpenAI's translations take no language)"),
+                              code="translation_needs_worker_engine")
 
         prompt = fields.get("prompt", "")
         if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
