@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the WhisperX engine venv and the tiny.en model that whisperx.sh and the tests use.
+# Installs the WhisperX engine venv and the tiny.en model that whisperx.sh and the tests use,
+# then the multilingual Whisper base beside it (scripts/setup-models.sh).
 #
 # The venv lives outside the repository, named after the hash of engine-requirements.txt, so
 # every clone on a machine shares one 8 GB install and a changed pin set gets a fresh venv.
@@ -38,6 +39,7 @@ model_present() {
 # Fast path: both halves already done, so nothing below (python, pip, locks) needs to run.
 if [ -f "$marker" ] && model_present; then
     say "engine already installed"
+    PYTHON="$venv/bin/python" "$script_dir/setup-models.sh"
     printf '%s\n' "$venv"
     exit 0
 fi
@@ -125,5 +127,6 @@ if ! model_present; then
     mv -T "$staging" "$model_dir"
 fi
 
+PYTHON="$venv/bin/python" "$script_dir/setup-models.sh"
 say "engine ready; whisperx.sh will use it"
 printf '%s\n' "$venv"

@@ -24,7 +24,8 @@ anywhere in --initial_prompt:
   failstage   fail like alignment or diarization does (exit 1, no output) when --diarize is
               given or --no_align is absent; otherwise ok
 
-With no --language and a multilingual model it prints "Detected language: <code> (0.97) ..." on
+With --task translate the first segment says "Fake translation of <N> bytes." instead (and, as
+the real CLI, nothing is aligned). With no --language and a multilingual model it prints "Detected language: <code> (0.97) ..." on
 stdout like the real one, the code taken from FAKE_WHISPERX_DETECT (default "en").
 
 Called as `fake_whisperx.py --whisperd-worker` it is a fake engine worker instead, speaking
@@ -269,8 +270,9 @@ def language_code(args):
 
 def make_result(path, args):
     size = os.path.getsize(path)
+    made = "translation" if getattr(args, "task", "transcribe") == "translate" else "transcript"
     segments = [
-        {"text": f" Fake transcript of {size} bytes.", "start": 0.0, "end": 2.5, "avg_logprob": -0.25},
+        {"text": f" Fake {made} of {size} bytes.", "start": 0.0, "end": 2.5, "avg_logprob": -0.25},
         {"text": " Second segment.", "start": 2.5, "end": 4.0, "avg_logprob": -0.5},
     ]
     if args.diarize:
@@ -374,6 +376,8 @@ def main():
         check_audio(args.audio)
         return 0
 
+    if args.task == "translate":
+        args.no_align = True  # as the real CLI: a translation cannot be aligned
     results = transcribe(args, slow_seconds() if mode == "slow" else 0.0)
 
     if mode == "grandchild":
@@ -447,8 +451,10 @@ def worker_job(message, emit, loaded):
             emit(event="progress", id=job_id, percent=10.0 * step)
     else:
         emit(event="progress", id=job_id, percent=100.0)
-    args = argparse.Namespace(model=message["model"], diarize=message.get("diarize", False),
-                              language=message.get("language"), no_align=not message.get("align"))
+    task = message.get("task") or "transcribe"
+    args = argparse.Namespace(model=message["model"], diarize=message.get("diarize", False), task=task,
+                              language=message.get("language"),
+                              no_align=not message.get("align") or task == "translate")
     result = make_result(audio, args)
     os.makedirs(message["output_dir"], exist_ok=True)
     stem = os.path.splitext(os.path.basename(audio))[0]
@@ -456,7 +462,9 @@ def worker_job(message, emit, loaded):
     if mode != "noout":
         with open(path, "w", encoding="utf-8") as out:
             out.write('{"segments": [{"text": " Fake transcr' if mode == "garbage" else render(result, "json"))
-    emit(event="done", id=job_id, files=[path], language=message.get("language") or "en", word_times=None)
+    detected = message.get("language") or ("en" if message["model"].endswith(".en")
+                                           else os.environ.get("FAKE_WHISPERX_DETECT", "en"))
+    emit(event="done", id=job_id, files=[path], language=detected, word_times=None)
 
 
 def answered(message, emit, loaded):

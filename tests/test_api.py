@@ -103,7 +103,7 @@ def test_async_submit_poll_result_then_everything_is_deleted(server):
 
 
 def test_engine_gets_the_specs_arguments_and_its_own_output_dir(server):
-    job_id = server.submit_ok(language="de", model="tiny.en", prompt="Names: Ada, Alan", diarize="false",
+    job_id = server.submit_ok(language="en", model="tiny.en", prompt="Names: Ada, Alan", diarize="false",
                               device="cpu", device_index="1", response_format="vtt")
     server.wait_status(job_id)
     (run,) = server.engine_runs()
@@ -112,7 +112,8 @@ def test_engine_gets_the_specs_arguments_and_its_own_output_dir(server):
     assert argv[0].endswith("fake_whisperx.py")
     assert argv[1].endswith("/" + job_id + "/audio.wav")
     assert option("--model").endswith("/models/tiny.en")
-    assert option("--language") == "de"
+    assert option("--language") == "en"
+    assert "--task" not in argv  # a transcription: the CLI's default task
     assert option("--output_dir").endswith("/" + job_id)
     assert option("--output_format") == "json"
     assert option("--device") == "cpu" and option("--device_index") == "1"

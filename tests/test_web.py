@@ -312,3 +312,38 @@ def test_real_tokens_own_their_jobs_and_a_revoked_token_is_refused(make_server, 
     page.click("#token-save")
     expect(page.locator("#messages")).to_contain_text("The server refused the token (HTTP 401): ")
     assert page.errors == []
+
+
+def test_the_page_offers_translation_and_only_the_chosen_models_languages(make_server, open_page):
+    # The warm engine: it detects the language of speech it translates (the CLI is told it).
+    server = make_server(start=False, FAKE_WHISPERX_DETECT="es", WHISPER_ENGINE="worker")
+    base = server.root / "models" / "base"
+    base.mkdir(parents=True)
+    (base / "model.bin").write_bytes(b"fake")
+    # A multilingual vocabulary (51865 tokens) that knows three languages.
+    specials = ["<|startoftranscript|>", "<|en|>", "<|es|>", "<|de|>", "<|translate|>"]
+    (base / "vocabulary.txt").write_text("\n".join([f"t{i}" for i in range(51865 - len(specials))] + specials) + "\n")
+    server.start()
+    page = open_page(server, token=None)
+    page.fill("#token", TOKEN)
+    page.click("#token-save")
+    expect(page.locator("#model option")).to_have_count(2)
+    # tiny.en (the default) is English-only: English alone, and no translation.
+    assert page.locator("#language option").all_inner_texts() == ["en"]
+    assert page.locator('#task option[value="translate"]').is_disabled()
+    page.select_option("#model", "base")
+    assert page.locator("#language option").all_inner_texts() == ["auto (detect)", "de", "en", "es"]
+    assert page.locator("#language").input_value() == "en"  # the choice survives when the model knows it
+    page.select_option("#language", "auto")
+    page.select_option("#task", "translate")
+    start_job(page, server.default_audio)
+    expect(page.locator("#result")).to_be_visible()
+    expect(page.locator("#transcript li").nth(0)).to_contain_text("Fake translation of")
+    expect(page.locator("#result-meta")).to_contain_text("language es")
+    (row,) = server.rows("SELECT model, language, task FROM jobs")
+    assert (row["model"], row["language"], row["task"]) == ("base", "auto", "translate")
+    # Back to the English-only model: translation is taken away again.
+    page.select_option("#model", "tiny.en")
+    assert page.locator("#task").input_value() == "transcribe"
+    assert page.locator("#language option").all_inner_texts() == ["en"]
+    assert page.errors == []

@@ -58,7 +58,9 @@ def test_models_lists_installed_models_and_defaults(server):
     assert server.api("GET", "/models", token=None).status_code == 401
     body = server.api("GET", "/models").json()
     assert body["models"] == ["tiny.en"]
-    assert body["defaults"] == {"model": "tiny.en", "language": "en", "response_format": "txt", "diarize": True}
+    assert body["defaults"] == {"model": "tiny.en", "language": "en", "response_format": "txt", "diarize": True,
+                                "task": "transcribe"}
+    assert [m["name"] for m in body["model_info"]] == ["tiny.en"] and body["model_info"][0]["multilingual"] is False
     assert body["formats"] == ["txt", "srt", "vtt", "tsv", "json", "aud"]
     assert body["languages"][0] == "auto" and "fr" in body["languages"]
     assert body["can_download"] is False and body["webhooks"] is False

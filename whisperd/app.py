@@ -10,7 +10,7 @@ from tornado.web import Application, RequestHandler
 from . import metrics
 from .handlers.base import NotFoundHandler
 from .handlers.ops import HealthHandler, MetricsHandler, OpenApiHandler
-from .handlers.openai import ModelsHandler, OpenAITranscriptionHandler
+from .handlers.openai import ModelsHandler, OpenAITranscriptionHandler, OpenAITranslationHandler
 from .handlers.events import JobEventsHandler
 from .handlers.models import ModelsHandler as PageModelsHandler
 from .handlers.status import StatusHandler
@@ -40,6 +40,7 @@ ROUTES = [
     (rf"/transcription/{JOB_ID}/?", JobHandler),
     (r"/status/?", StatusHandler),
     (r"/v1/audio/transcriptions/?", OpenAITranscriptionHandler),
+    (r"/v1/audio/translations/?", OpenAITranslationHandler),
     (r"/v1/models/?", ModelsHandler),
     (r"/openapi.json", OpenApiHandler),
     (r"/health/?", HealthHandler),

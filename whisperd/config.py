@@ -232,6 +232,9 @@ SETTINGS: tuple[Setting, ...] = (
             "delay before the first retry; doubles each time"),
     Setting("WHISPER_WEBHOOK_TIMEOUT_SECONDS", 10.0, _float(0.1),
             "connect and response time limit of one attempt"),
+    # Languages (issue 16, docs/models.md).
+    Setting("WHISPER_OPENAI_TRANSLATE_MODEL", "", _text,
+            "the model whisper-1 runs on /v1/audio/translations (empty: the one it runs for transcriptions)"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -260,6 +263,10 @@ class _Derived:
     @property
     def openai_model(self) -> str:
         return self.WHISPER_OPENAI_MODEL or self.WHISPER_DEFAULT_MODEL
+
+    @property
+    def openai_translate_model(self) -> str:
+        return self.WHISPER_OPENAI_TRANSLATE_MODEL or self.openai_model
 
     @property
     def metrics_dir(self) -> str:

@@ -53,6 +53,7 @@ class EngineOptions:
     hf_token: str | None
     offline: bool
     threads: int | None = None
+    task: str = "transcribe"  # or "translate": English text from any language
 
 
 @dataclass
@@ -98,6 +99,8 @@ def build_argv(config: Config, opts: EngineOptions) -> list[str]:
     ]
     if opts.language != AUTO:
         argv += ["--language", opts.language]
+    if opts.task != "transcribe":
+        argv += ["--task", opts.task]
     argv += [
         "--output_dir", str(opts.output_dir),
         "--output_format", "json",  # the canonical result; every format is rendered from it

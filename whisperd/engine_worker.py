@@ -162,17 +162,19 @@ def run_job(job: dict, models: Models) -> dict:
 
     language = _language(job)
     align_language = language or "en"
+    task = job.get("task") or "transcribe"
     key = ModelKey.of(job)
     base = models.acquire(key)
     try:
         whisper = base.model
         tokenizer = None
         if language is not None:
-            tokenizer = Tokenizer(whisper.hf_tokenizer, whisper.model.is_multilingual, task="transcribe",
+            tokenizer = Tokenizer(whisper.hf_tokenizer, whisper.model.is_multilingual, task=task,
                                   language=language)
         # A pipeline of the job's own over the shared weights: the prompt and the tokenizer are
         # per job, and two jobs at once must not share the pipeline's mutable state.
         timer = _WordTimer(whisper, language) if job.get("word_times", True) and not job.get("align") else None
+        align = job.get("align") and task == "transcribe"  # as the CLI: a translation cannot be aligned
         pipeline = FasterWhisperPipeline(
             model=timer or whisper, vad=base.vad_model, vad_params=base._vad_params,
             options=dataclasses.replace(base.options, initial_prompt=job.get("prompt") or None),
@@ -194,11 +196,11 @@ def run_job(job: dict, models: Models) -> dict:
         audio = load_audio(job["audio"])
         timings["load_audio"] = time.perf_counter()
         result = pipeline.transcribe(audio, batch_size=int(job.get("batch_size") or 8), chunk_size=30,
-                                     print_progress=False, verbose=False, progress_callback=progress)
+                                     task=task, print_progress=False, verbose=False, progress_callback=progress)
         detected = result["language"]
         timings["transcribe"] = time.perf_counter()
         word_times = None
-        if job.get("align") and result["segments"]:
+        if align and result["segments"]:
             result = _align(result, audio, align_language, job)
             word_times = "wav2vec2"
         elif timer is not None and result["segments"]:

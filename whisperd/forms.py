@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from .config import DEVICES, OUTPUT_FORMATS, Config, parse_bool
 from .languages import AUTO, WHISPER_LANGUAGES
-from .models import installed_models, is_valid_name, local_model_dir
+from .models import TASKS, installed_models, is_valid_name, local_model_dir, model_info, refusal
 from .uploads import UploadError
 from .urlpolicy import PolicyError, check_url
 
 FIELDS = (
     "file", "language", "model", "diarize", "prompt", "hf_token", "response_format",
-    "device", "device_index", "sync", "callback_url",
+    "device", "device_index", "sync", "callback_url", "task",
 )
 
 
@@ -28,6 +28,7 @@ class JobRequest:
     device_index: str
     sync: bool
     callback_url: str | None = None
+    task: str = "transcribe"
 
 
 def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
@@ -46,6 +47,17 @@ def _closed(fields: dict[str, str], name: str, default: str, allowed: tuple[str,
     return value
 
 
+def cli_cannot_translate(config: Config, language: str, task: str) -> str | None:
+    """WhisperX 3.8.6's command line drops --task unless --language is given (its load_model builds the
+    translating tokenizer only for a known language, and transcribe() then defaults to transcribing),
+    so through the CLI engine a translation needs the spoken language; the warm worker detects it."""
+    if task == "translate" and language == AUTO and config.WHISPER_ENGINE == "cli":
+        return ("translating speech of unknown language needs the warm engine (WHISPER_ENGINE=worker): "
+                "the WhisperX command line this server runs translates only when told the spoken language; "
+                "send 'language'")
+    return None
+
+
 def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> JobRequest:
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
@@ -61,6 +73,12 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
     if offline and local_model_dir(config.WHISPER_MODELS_DIR, model) is None:
         have = ", ".join(installed_models(config.WHISPER_MODELS_DIR)) or "none"
         raise UploadError(400, f"model '{model}' is not installed and this server cannot download models; installed: {have}")
+
+    task = _closed(fields, "task", "transcribe", TASKS)
+    why_not = refusal(model_info(config.WHISPER_MODELS_DIR, model), language, task) or \
+        cli_cannot_translate(config, language, task)
+    if why_not:
+        raise UploadError(400, why_not)
 
     prompt = fields.get("prompt", "")
     if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
@@ -91,4 +109,5 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         device_index=str(int(device_index)),
         sync=_bool(fields, "sync", config.DEFAULT_SYNC_MODE),
         callback_url=callback_url,
+        task=task,
     )

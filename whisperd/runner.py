@@ -13,6 +13,7 @@ from .engine import EngineOptions, EngineProcess, EngineResult, build_argv, buil
 from .faults import crash_point
 from .jobfiles import JobFiles
 from .languages import AUTO
+from .models import model_info
 from .jobs import Job
 from .ledger import Ledger
 from .results import EngineOutputError, load_engine_result, write_engine_result
@@ -70,9 +71,16 @@ class JobRunner:
             await self._fail(job, "the uploaded audio is missing from the server's disk")
             return
         token = self.files.read_token(job.id)
-        language = None if job.language == AUTO else job.language
+        engine_language = job.language
+        if engine_language == AUTO and not model_info(self.config.WHISPER_MODELS_DIR, job.model).multilingual:
+            # An English-only model has nothing to detect (CTranslate2 refuses to), whatever its name.
+            engine_language = "en"
+        language = None if engine_language == AUTO else engine_language
         align, why_not = capabilities.alignment_available(language, self.config.WHISPER_MODELS_DIR, self.offline)
-        if not align:
+        if job.task == "translate":
+            # The English text has no source-language speech to align to (the CLI turns it off too).
+            align, why_not = False, None
+        if why_not:
             if self.worker is not None and self.config.WHISPER_WORD_TIMES:
                 why_not = why_not.replace("segment times come from the transcription itself",
                                           "word times come from Whisper's own cross-attention (faster-whisper)")
@@ -83,9 +91,9 @@ class JobRunner:
             if not diarize:
                 await self._warn(job, why_not)
         opts = EngineOptions(
-            audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=job.language,
+            audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=engine_language,
             device=job.device, device_index=job.device_index, prompt=job.prompt, align=align,
-            diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads,
+            diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads, task=job.task,
         )
         result = await self._attempt(running, opts)
         if not result.ok and not result.retry and running.stop_reason is None and (opts.align or opts.diarize):

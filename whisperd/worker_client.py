@@ -328,7 +328,7 @@ def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
         "audio": str(opts.audio), "output_dir": str(opts.output_dir),
         "language": None if opts.language == AUTO else opts.language,
         "prompt": opts.prompt, "align": opts.align, "diarize": opts.diarize,
-        "word_times": config.WHISPER_WORD_TIMES,
+        "word_times": config.WHISPER_WORD_TIMES, "task": opts.task,
     })
     if opts.diarize and opts.hf_token:
         message["hf_token"] = opts.hf_token

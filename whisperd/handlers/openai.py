@@ -1,7 +1,8 @@
-"""OpenAI-compatible API: POST /v1/audio/transcriptions and GET /v1/models, with OpenAI's error shape.
+"""OpenAI-compatible API: POST /v1/audio/transcriptions and /v1/audio/translations, GET /v1/models,
+with OpenAI's error shape.
 
-A transcription here is an ordinary whisperd job (same upload path, queue, ledger, owner
-and deletion after delivery); only the request fields and the answer's shape differ.
+A transcription or translation here is an ordinary whisperd job (same upload path, queue, ledger,
+owner and deletion after delivery); only the request fields and the answer's shape differ.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from typing import Any
 
 from .. import capabilities
 from ..formats import render
+from ..forms import cli_cannot_translate
 from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
 from ..jobs import Job
-from ..models import installed_models, local_model_dir
+from ..models import catalog, installed_models, local_model_dir, model_info, refusal
 from ..service import JobError
 from .base import ApiError, BaseHandler
 from .upload import UploadHandler, deliver
@@ -24,6 +26,8 @@ ALIAS = "whisper-1"
 GRANULARITIES_FIELD = "timestamp_granularities[]"
 FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature",
           GRANULARITIES_FIELD, "timestamp_granularities", "stream")
+# OpenAI's translations take no language (the speech's is detected) and give no word times.
+TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature")
 # format -> (engine format rendered, Content-Type); json and verbose_json are built here.
 PLAIN_FORMATS = {
     "text": ("txt", "text/plain; charset=utf-8"),
@@ -61,17 +65,23 @@ class OpenAIErrorsMixin(BaseHandler):
 
 class ModelsHandler(OpenAIErrorsMixin):
     def get(self) -> None:
-        names = installed_models(self.service.config.WHISPER_MODELS_DIR)
-        self.send_json({
-            "object": "list",
-            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "whisperd"}
-                     for name in [ALIAS] + names],
-        })
+        config = self.service.config
+        models = catalog(config.WHISPER_MODELS_DIR, self.service.engine_status()["loaded_models"])
+        # Beyond OpenAI's four fields (clients keep what they do not know): what each model can do,
+        # its size on disk, whether the engine holds it now; whisper-1 names the models it runs.
+        data = [{"id": ALIAS, "object": "model", "created": 0, "owned_by": "whisperd",
+                 "transcriptions_model": config.openai_model, "translations_model": config.openai_translate_model}]
+        for entry in models:
+            data.append({"id": entry["name"], "object": "model", "created": 0, "owned_by": "whisperd",
+                         **{k: v for k, v in entry.items() if k != "name"}})
+        self.send_json({"object": "list", "data": data})
 
 
 class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
     allowed_methods = ("OPTIONS", "POST")
     repeatable_fields = frozenset({GRANULARITIES_FIELD})
+    task = "transcribe"
+    fields = FIELDS
 
     async def post(self) -> None:
         if not self.upload_pending:
@@ -87,15 +97,16 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
             form, language=request["language"], model=request["model"],
             response_format=JOB_FORMAT[request["response_format"]], diarize=False,
             prompt=request["prompt"], device=self.service.config.WHISPER_DEVICE,
-            device_index=self.service.config.WHISPER_DEVICE_INDEX,
+            device_index=self.service.config.WHISPER_DEVICE_INDEX, task=self.task,
         )
         job = await self.submit(new_job, None)
-        log.info("job %s accepted (OpenAI API): %s, %d bytes", job.id, job.filename, job.upload_bytes)
+        log.info("job %s accepted (OpenAI API, %s): %s, %d bytes", job.id, self.task, job.filename, job.upload_bytes)
         ended = await self.service.wait_finished(job.id, self.service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None)
         if ended is None or not ended.finished:
             # OpenAI's API has no "come back later"; the job goes on and stays fetchable by id.
             raise OpenAIError(
-                504, f"the transcription is still {ended.status if ended else 'Queued'} after "
+                504, f"the {'translation' if self.task == 'translate' else 'transcription'} is still "
+                     f"{ended.status if ended else 'Queued'} after "
                      f"SYNC_REQUEST_TIMEOUT_SECONDS; it keeps running: fetch it later from "
                      f"/transcription/{job.id}/result", code="timeout",
                 # a retry would upload and queue the same audio again
@@ -109,7 +120,7 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
 
     def _parse(self, fields: dict[str, str], granularities: list[str]) -> dict[str, Any]:
         config = self.service.config
-        unknown = sorted(set(fields) - set(FIELDS))
+        unknown = sorted(set(fields) - set(self.fields))
         if unknown:
             raise OpenAIError(400, f"unsupported form field '{unknown[0]}'", param=unknown[0], code="unknown_parameter")
         if fields.get("stream", "false").strip().lower() not in ("false", "0", ""):
@@ -118,7 +129,8 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         model = fields.get("model", "").strip()
         if not model:
             raise OpenAIError(400, "'model' is required: use whisper-1 or a name from GET /v1/models", param="model")
-        engine_model = config.openai_model if model == ALIAS else model
+        alias_model = config.openai_translate_model if self.task == "translate" else config.openai_model
+        engine_model = alias_model if model == ALIAS else model
         if local_model_dir(config.WHISPER_MODELS_DIR, engine_model) is None:
             if model == ALIAS and not self.service.offline:
                 pass  # the configured default may be one the engine downloads on first use
@@ -131,6 +143,17 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         if language != AUTO and language not in WHISPER_LANGUAGES:
             raise OpenAIError(400, f"'language' must be an ISO-639-1 code Whisper knows, such as en or fr; "
                                    f"got {language[:40]!r}", param="language")
+        why_not = refusal(model_info(config.WHISPER_MODELS_DIR, engine_model), language, self.task)
+        if why_not:
+            if model == ALIAS:
+                why_not += f" (whisper-1 runs '{engine_model}' here: set WHISPER_OPENAI_" \
+                           f"{'TRANSLATE_' if self.task == 'translate' else ''}MODEL, or send a model's name)"
+            raise OpenAIError(400, why_not, param="language" if self.task == "transcribe" else "model",
+                              code="model_cannot_" + self.task)
+        why_not = cli_cannot_translate(config, language, self.task)
+        if why_not:
+            raise OpenAIError(400, why_not.replace("; send 'language'", " (OpenAI's translations take no language)"),
+                              code="translation_needs_worker_engine")
 
         prompt = fields.get("prompt", "")
         if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
@@ -179,15 +202,25 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         if response_format == "json":
             await deliver(self, job, {"text": text})
             return
-        await deliver(self, job, verbose_json(result, text, request["granularities"], job.warnings))
+        await deliver(self, job, verbose_json(result, text, request["granularities"], job.warnings, job.task))
 
 
-def verbose_json(result: dict[str, Any], text: str, granularities: set[str], warnings: list[str]) -> dict[str, Any]:
+class OpenAITranslationHandler(OpenAITranscriptionHandler):
+    """POST /v1/audio/translations: English text from speech in any language Whisper knows."""
+
+    repeatable_fields = frozenset()
+    task = "translate"
+    fields = TRANSLATION_FIELDS
+
+
+def verbose_json(result: dict[str, Any], text: str, granularities: set[str], warnings: list[str],
+                 task: str = "transcribe") -> dict[str, Any]:
     """OpenAI's verbose_json from WhisperX's JSON: segments keep every field WhisperX wrote."""
     segments = result["segments"]
-    language = result.get("language") or ""
+    # A translation is English whatever was spoken (OpenAI says "english" there too).
+    language = "en" if task == "translate" else result.get("language") or ""
     body: dict[str, Any] = {
-        "task": "transcribe",
+        "task": task,
         "language": LANGUAGE_NAMES.get(language, language),
         # WhisperX does not report the audio's length; the end of speech is the nearest it knows.
         "duration": max((float(s["end"]) for s in segments), default=0.0),

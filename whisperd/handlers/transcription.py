@@ -56,7 +56,7 @@ class SubmitHandler(UploadHandler):
             form, language=request.language, model=request.model,
             response_format=request.response_format, diarize=diarize, prompt=request.prompt,
             device=request.device, device_index=request.device_index, warnings=warnings,
-            callback_url=request.callback_url,
+            callback_url=request.callback_url, task=request.task,
         )
         job = await self.submit(new_job, hf_token)
         log.info("job %s accepted: %s, %d bytes, %s", job.id, job.filename, job.upload_bytes,
@@ -93,6 +93,10 @@ async def status_body(service, job: Job) -> dict[str, Any]:
     elif job.status == "Processing":
         body["progress"] = job.progress
         body["stage"] = job.stage
+    if job.detected_language:
+        body["detected_language"] = job.detected_language  # the spoken language, also for a translation
+    if job.task != "transcribe":
+        body["task"] = job.task  # a plain transcription's status keeps the spec's shape
     if job.status == "Failed":
         body["data"] = job.error
     elif job.delivered_at:

@@ -88,13 +88,30 @@ function fillSelect(select, values, chosen, label = (v) => v) {
   }));
 }
 
+// What the chosen model can do: its own languages only, and translation only when it is multilingual.
+// A model the server would download by name (not installed) is offered every language.
+function showModelAbilities(info) {
+  const chosen = $("model").value;
+  const model = (info.model_info || []).find((m) => m.name === chosen);
+  const languages = model ? (model.multilingual ? ["auto", ...model.languages] : model.languages) : info.languages;
+  const previous = $("language").value || info.defaults.language;
+  const language = languages.includes(previous) ? previous : languages[0];
+  fillSelect($("language"), languages, language, (v) => (v === "auto" ? "auto (detect)" : v));
+  const translate = $("task").querySelector('option[value="translate"]');
+  translate.disabled = Boolean(model && !model.tasks.includes("translate"));
+  if (translate.disabled && $("task").value === "translate") $("task").value = "transcribe";
+  $("task").title = translate.disabled ? `${chosen} is English-only: it cannot translate` : "";
+}
+
 async function loadOptions() {
   try {
     const info = await api("GET", "/models");
     const models = info.models.length ? [...info.models] : [info.defaults.model];
     if (!models.includes(info.defaults.model)) models.unshift(info.defaults.model);
     fillSelect($("model"), models, info.defaults.model);
-    fillSelect($("language"), info.languages, info.defaults.language, (v) => (v === "auto" ? "auto (detect)" : v));
+    $("language").replaceChildren();
+    showModelAbilities(info);
+    $("model").onchange = () => showModelAbilities(info);
     fillSelect($("response_format"), info.formats, info.defaults.response_format);
     $("diarize").checked = info.defaults.diarize;
     $("token-state").textContent = token() ? "Token accepted. It stays in this tab only." : "The server needs no token.";
@@ -185,6 +202,7 @@ function startJob(event) {
   const form = new FormData();
   form.append("language", $("language").value);
   form.append("model", $("model").value);
+  form.append("task", $("task").value);
   form.append("response_format", $("response_format").value);
   form.append("diarize", $("diarize").checked ? "true" : "false");
   if ($("prompt").value) form.append("prompt", $("prompt").value);
