@@ -13,6 +13,7 @@ from .urlpolicy import PolicyError, check_url
 FIELDS = (
     "file", "language", "model", "diarize", "prompt", "hf_token", "response_format",
     "device", "device_index", "sync", "callback_url",
+    "upload", "url",  # instead of file: a finished resumable upload's id, or a URL to fetch (issue 17)
 )
 
 
@@ -28,6 +29,8 @@ class JobRequest:
     device_index: str
     sync: bool
     callback_url: str | None = None
+    upload: str | None = None  # a finished tus upload's id
+    url: str | None = None  # media to fetch
 
 
 def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
@@ -80,6 +83,16 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         except PolicyError as exc:
             raise UploadError(400, str(exc)) from None
 
+    upload = fields.get("upload", "").strip() or None
+    url = fields.get("url", "").strip() or None
+    if upload is not None and url is not None:
+        raise UploadError(400, "give one source of audio: 'file', 'upload' or 'url', not several")
+    if url is not None:
+        try:
+            check_url(url, "url", "put a token the media's server accepts in the URL's query instead, or upload the file")
+        except PolicyError as exc:
+            raise UploadError(400, str(exc)) from None
+
     return JobRequest(
         language=language,
         model=model,
@@ -91,4 +104,6 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         device_index=str(int(device_index)),
         sync=_bool(fields, "sync", config.DEFAULT_SYNC_MODE),
         callback_url=callback_url,
+        upload=upload,
+        url=url,
     )
