@@ -59,10 +59,12 @@ def shown(url: str) -> str:
 class _Body(httputil.HTTPMessageDelegate):
     """Receives one response: the status and headers, and (for a 200 only) the body into a file."""
 
-    def __init__(self, fetcher: "MediaFetcher", sink: BinaryIO, url: str) -> None:
+    def __init__(self, fetcher: "MediaFetcher", sink: BinaryIO, url: str, stream) -> None:
         self.fetcher = fetcher
         self.sink = sink
         self.url = url
+        self.stream = stream
+        self.error: FetchError | None = None
         self.code = 0
         self.headers = httputil.HTTPHeaders()
         self.received = 0
@@ -74,23 +76,30 @@ class _Body(httputil.HTTPMessageDelegate):
         self.headers = headers
         length = headers.get("Content-Length", "")
         if self.code == 200 and length.isdigit() and int(length) > self.fetcher.max_bytes:
-            raise FetchError(413, f"the media at {shown(self.url)} is {length} bytes, larger than "
-                                  f"MAX_FILE_SIZE ({self.fetcher.max_bytes} bytes)")
+            self._stop(FetchError(413, f"the media at {shown(self.url)} is {length} bytes, larger than "
+                                       f"MAX_FILE_SIZE ({self.fetcher.max_bytes} bytes)"))
 
     def data_received(self, chunk: bytes) -> None:  # type: ignore[override]
         self.last_read = asyncio.get_running_loop().time()
-        if self.code != 200:
+        if self.code != 200 or self.error is not None:
             return  # a redirect's or an error's body: not ours to keep
         self.received += len(chunk)
         if self.received > self.fetcher.max_bytes:
-            raise FetchError(413, f"the media at {shown(self.url)} is larger than MAX_FILE_SIZE "
-                                  f"({self.fetcher.max_bytes} bytes); the fetch was stopped there")
+            self._stop(FetchError(413, f"the media at {shown(self.url)} is larger than MAX_FILE_SIZE "
+                                       f"({self.fetcher.max_bytes} bytes); the fetch was stopped there"))
+            return
         try:
             self.sink.write(chunk)  # small sequential writes, as for uploads
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise FetchError(507, "the server's upload disk is full; try again later") from None
-            raise
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self._stop(FetchError(507 if full else 500, "the server's upload disk is full; try again later" if full
+                                  else f"could not write the fetched media: {exc.strerror}"))
+
+    def _stop(self, error: FetchError) -> None:
+        # Raising here would be logged by Tornado as an uncaught error: hang up instead, and
+        # let _get() raise the reason once the read ends.
+        self.error = error
+        self.stream.close()
 
 
 class MediaFetcher:
@@ -119,8 +128,12 @@ class MediaFetcher:
             check_url(url, FIELD, CREDENTIALS_HINT)  # a redirect's target too
             name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or "download"
             path = directory / ("audio" + safe_suffix(name))
-            with path.open("wb") as sink:
-                body = await self._get(url, sink, deadline)
+            try:
+                with path.open("wb") as sink:
+                    body = await self._get(url, sink, deadline)
+            except BaseException:
+                path.unlink(missing_ok=True)  # refused, broken, cancelled: no partial file stays
+                raise
             if body.code in (301, 302, 303, 307, 308):
                 path.unlink(missing_ok=True)
                 location = body.headers.get("Location")
@@ -135,6 +148,7 @@ class MediaFetcher:
                 status = 400 if 400 <= body.code < 500 else 502
                 raise FetchError(status, f"the media's server answered HTTP {body.code} for {shown(url)}")
             if body.received == 0:
+                path.unlink(missing_ok=True)
                 raise FetchError(400, f"the media at {shown(url)} is empty")
             return path, body.received, display_name(name)
         raise AssertionError("unreachable")
@@ -161,7 +175,7 @@ class MediaFetcher:
         connection = HTTP1Connection(stream, True, HTTP1ConnectionParameters(
             no_keep_alive=True, max_header_size=MAX_HEADER_BYTES, max_body_size=2 * self.max_bytes + 1,
             decompress=False, chunk_size=256 * 1024))
-        body = _Body(self, sink, url)
+        body = _Body(self, sink, url, stream)
         headers = httputil.HTTPHeaders({"Host": parts.netloc, "User-Agent": "whisperd-fetch/1",
                                         "Accept": "audio/*, video/*, */*;q=0.5", "Accept-Encoding": "identity",
                                         "Connection": "close"})
@@ -186,15 +200,17 @@ class MediaFetcher:
                 complete = await reading
             except StreamClosedError:
                 complete = False
-        except FetchError:
-            raise
         except (OSError, StreamClosedError, httputil.HTTPInputError) as exc:
+            if body.error is not None:
+                raise body.error from None
             raise FetchError(502, f"fetching {shown(url)} broke: {_why(exc)}") from None
         except asyncio.CancelledError:
             stream.close()
             raise
         finally:
             stream.close()
+        if body.error is not None:
+            raise body.error
         if timed_out:
             raise FetchError(504, timed_out)
         if not complete or not body.code:
