@@ -62,7 +62,10 @@ def test_options_advertises_the_protocol_and_extensions_without_a_token(server):
         assert header in response.headers["Access-Control-Expose-Headers"]
     for header in ("Authorization", "Upload-Offset", "Upload-Checksum", "Tus-Resumable"):
         assert header in response.headers["Access-Control-Allow-Headers"]
-    assert "PATCH" in response.headers["Access-Control-Allow-Methods"]
+    assert "POST" in response.headers["Access-Control-Allow-Methods"]
+    one = server.api("OPTIONS", "/uploads/0b6d1d9c-2a7f-4d0c-9a39-8f7f51d5a111", token=None)
+    assert one.status_code == 204 and one.headers["Tus-Version"] == "1.0.0"
+    assert set(one.headers["Access-Control-Allow-Methods"].split(", ")) == {"OPTIONS", "HEAD", "PATCH", "DELETE"}
 
 
 def test_tuspy_uploads_in_chunks_with_checksums_and_the_upload_becomes_a_job_once(server):

@@ -235,6 +235,8 @@ SETTINGS: tuple[Setting, ...] = (
     # Large and remote media, issue 17 (docs/large-media.md).
     Setting("WHISPER_UPLOAD_EXPIRY_HOURS", 24.0, _float(0.0001),
             "a resumable upload (/uploads) not finished and used within this is deleted by retention"),
+    Setting("WHISPER_FETCH_ENABLED", True, parse_bool,
+            "accept url= (the server fetches the media); false: url= is refused with 400"),
     Setting("WHISPER_FETCH_ALLOWED_HOSTS", "", _host_policy,
             "url= may fetch from public addresses and from these: IPs, CIDR networks, host names, *.domain"),
     Setting("WHISPER_FETCH_CONNECT_TIMEOUT_SECONDS", 10.0, _float(0.1),

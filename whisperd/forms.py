@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import DEVICES, OUTPUT_FORMATS, Config, parse_bool
+from .fetch import CREDENTIALS_HINT, FIELD
 from .languages import AUTO, WHISPER_LANGUAGES
 from .models import installed_models, is_valid_name, local_model_dir
 from .uploads import UploadError
@@ -88,8 +89,11 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
     if upload is not None and url is not None:
         raise UploadError(400, "give one source of audio: 'file', 'upload' or 'url', not several")
     if url is not None:
+        if not config.WHISPER_FETCH_ENABLED:
+            raise UploadError(400, "this server does not fetch URLs (WHISPER_FETCH_ENABLED=false); upload the file "
+                                   "instead ('file', or a resumable upload at /uploads)")
         try:
-            check_url(url, "url", "put a token the media's server accepts in the URL's query instead, or upload the file")
+            check_url(url, FIELD, CREDENTIALS_HINT)
         except PolicyError as exc:
             raise UploadError(400, str(exc)) from None
 

@@ -97,14 +97,8 @@ class _Writing:
         return self.received
 
 
-@stream_request_body
-class TusHandler(BaseHandler):
-    """POST /uploads creates; HEAD, PATCH and DELETE /uploads/{id} report, append and terminate."""
-
-    allowed_methods = ("OPTIONS", "POST", "HEAD", "PATCH", "DELETE")
-    _writing: _Writing | None = None
-    _upload: UploadRecord | None = None
-    _refused = False
+class _TusBase(BaseHandler):
+    """What /uploads and /uploads/{id} share: the tus headers, discovery, the version check."""
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -134,20 +128,33 @@ class TusHandler(BaseHandler):
         if version != TUS_VERSION:
             raise ApiError(412, f"send 'Tus-Resumable: {TUS_VERSION}' (got {str(version)[:20]!r}): the only "
                                 "tus version this server speaks", {"Tus-Version": TUS_VERSION})
-        if method == "POST":
+
+    def _check_disk(self, needed: int) -> None:
+        floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
+        free_mb = self.service.files.free_disk_mb()
+        if free_mb - needed / 2**20 < floor_mb:
+            raise ApiError(507, f"the server is short of disk space for this upload ({free_mb:.0f} MB free, keeps "
+                                f"at least WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
+
+
+@stream_request_body  # a body sent here anyway is refused in prepare(), never buffered
+class UploadsHandler(_TusBase):
+    """POST /uploads: the creation extension."""
+
+    allowed_methods = ("OPTIONS", "POST")
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.request.method == "POST":
             length = self.request.headers.get("Content-Length", "0")
             if length not in ("", "0") or "Transfer-Encoding" in self.request.headers:
                 raise ApiError(400, "POST /uploads takes no body here (creation-with-upload is not offered): "
                                     "create the upload, then PATCH its bytes")
-        elif method == "PATCH":
-            await self._begin_patch()
 
-    # -- creation
+    def data_received(self, chunk: bytes) -> None:
+        pass
 
-    async def post(self, upload_id: str | None = None) -> None:
-        if upload_id:
-            raise ApiError(405, "POST creates an upload at /uploads; send PATCH to /uploads/{id}",
-                           {"Allow": "OPTIONS, HEAD, PATCH, DELETE"})
+    async def post(self) -> None:
         config = self.service.config
         if self.service.draining:
             raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
@@ -182,12 +189,20 @@ class TusHandler(BaseHandler):
         self.set_status(201)
         self.finish()
 
-    def _check_disk(self, needed: int) -> None:
-        floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
-        free_mb = self.service.files.free_disk_mb()
-        if free_mb - needed / 2**20 < floor_mb:
-            raise ApiError(507, f"the server is short of disk space for this upload ({free_mb:.0f} MB free, keeps "
-                                f"at least WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
+
+@stream_request_body
+class UploadHandler(_TusBase):
+    """/uploads/{id}: HEAD reports the offset, PATCH appends, DELETE terminates."""
+
+    allowed_methods = ("OPTIONS", "HEAD", "PATCH", "DELETE")
+    _writing: _Writing | None = None
+    _upload: UploadRecord | None = None
+    _refused = False
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.request.method == "PATCH":
+            await self._begin_patch()
 
     # -- core: HEAD and PATCH
 
@@ -206,7 +221,7 @@ class TusHandler(BaseHandler):
         if upload.job_id is None:
             self.set_header("Upload-Expires", http_date(upload.expires_at))
 
-    async def head(self, upload_id: str | None = None) -> None:
+    async def head(self, upload_id: str) -> None:
         upload = await self._own(upload_id)
         self._describe(upload)
         if upload.metadata:
@@ -215,8 +230,7 @@ class TusHandler(BaseHandler):
         self.finish()
 
     async def _begin_patch(self) -> None:
-        upload_id = self.path_args[0] if self.path_args else None
-        upload = await self._own(upload_id)
+        upload = await self._own(self.path_args[0])
         content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != OFFSET_TYPE:
             raise ApiError(415, f"PATCH needs 'Content-Type: {OFFSET_TYPE}' (got {content_type[:40] or 'none'!r})")
@@ -285,7 +299,7 @@ class TusHandler(BaseHandler):
             self._writing = None
         self.send_error(status, exc_info=(ApiError, ApiError(status, message), None))
 
-    async def patch(self, upload_id: str | None = None) -> None:
+    async def patch(self, upload_id: str) -> None:
         writing, upload = self._writing, self._upload
         if self._refused or writing is None or upload is None:
             return
@@ -333,7 +347,7 @@ class TusHandler(BaseHandler):
 
     # -- termination
 
-    async def delete(self, upload_id: str | None = None) -> None:
+    async def delete(self, upload_id: str) -> None:
         upload = await self._own(upload_id)
         if upload.job_id is not None:
             raise ApiError(409, f"upload {upload.id} already became job {upload.job_id}; cancel the job instead")
