@@ -6,7 +6,8 @@ server package), started by `whisperx.sh --whisperd-worker`. Protocol, one JSON 
   in  (stdin):  {"op": "job", "id": ..., "audio": ..., "output_dir": ..., "model": ..., ...}
                 {"op": "load", "model": ..., "device": ..., ...}      preload a model
   out (stdout): {"event": "hello", "pid": N}                           imports done, ready
-                {"event": "progress", "id": ..., "percent": 42.0}
+                {"event": "progress", "id": ..., "percent": 42.0, "stage": "transcribing"}
+                              (stage: loading audio, detecting speech, transcribing, aligning, diarizing)
                 {"event": "done", "id": ..., "files": [...], "language": "en", "word_times": ...}
                 {"event": "error", "id": ..., "reason": "one line"}
                 {"event": "models", "loaded": [...]}                   after every load/unload
@@ -188,23 +189,29 @@ def run_job(job: dict, models: Models) -> dict:
             pipeline.preprocess = measured
 
         def progress(percent: float) -> None:
-            emit(event="progress", id=job["id"], percent=round(float(percent), 2))
+            emit(event="progress", id=job["id"], percent=round(float(percent), 2), stage="transcribing")
 
+        # A long recording spends minutes before the first transcribed batch (decoding, then voice
+        # activity detection over the whole file): say so, or its progress looks stuck at 0.
+        emit(event="progress", id=job["id"], percent=0.0, stage="loading audio")
         timings = {"started": time.perf_counter()}
         audio = load_audio(job["audio"])
         timings["load_audio"] = time.perf_counter()
+        emit(event="progress", id=job["id"], percent=0.0, stage="detecting speech")
         result = pipeline.transcribe(audio, batch_size=int(job.get("batch_size") or 8), chunk_size=30,
                                      print_progress=False, verbose=False, progress_callback=progress)
         detected = result["language"]
         timings["transcribe"] = time.perf_counter()
         word_times = None
         if job.get("align") and result["segments"]:
+            emit(event="progress", id=job["id"], percent=100.0, stage="aligning")
             result = _align(result, audio, align_language, job)
             word_times = "wav2vec2"
         elif timer is not None and result["segments"]:
             timer.apply(result["segments"])
             word_times = "faster-whisper"
         if job.get("diarize"):
+            emit(event="progress", id=job["id"], percent=100.0, stage="diarizing")
             result = _diarize(result, job)
     finally:
         models.release(key)
