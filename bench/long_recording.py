@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from conftest import Server  # noqa: E402  the test harness's real-server launcher
-from bench.common import rss_kib  # noqa: E402
+from bench.common import cpu_seconds, rss_kib  # noqa: E402
 
 SENTENCES = [
     "Good morning everyone, let us start the weekly planning meeting.",
@@ -107,13 +107,18 @@ def main() -> int:
                 assert time.monotonic() < deadline, server.log()
                 time.sleep(0.5)
             engine_pid = server.api("GET", "/status").json()["engine"]["pid"]
-            peaks = {"server": 0, "engine": 0}
+            peaks = {"server": 0, "engine": 0, "engine_cpu": 0.0}
             stop = threading.Event()
+            cpu_before = cpu_seconds(engine_pid)
 
             def sample() -> None:
                 while not stop.wait(0.2):
                     peaks["server"] = max(peaks["server"], rss_kib(server.proc.pid))
                     peaks["engine"] = max(peaks["engine"], rss_kib(engine_pid))
+                    try:
+                        peaks["engine_cpu"] = cpu_seconds(engine_pid) - cpu_before
+                    except (OSError, IndexError):
+                        pass
 
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
@@ -148,10 +153,15 @@ def main() -> int:
             data = result.json()
             spoken = " ".join(segment.get("text", "") for segment in data.get("segments", []))
             say(f"job: Completed in {took:.0f} s wall for {seconds:.0f} s of audio "
-                f"({seconds / took:.1f}x real time, 2 shared cores)")
-            moves = [f"{p:.0f}%@{t:.0f}s" for t, p, _s in progress if p is not None]
-            say(f"progress: {len(moves)} distinct values while Processing: " + ", ".join(moves[:6])
-                + (" ... " + ", ".join(moves[-3:]) if len(moves) > 9 else ", ".join([""] + moves[6:]) if moves[6:] else ""))
+                f"({seconds / took:.1f}x real time on a shared machine); engine CPU {peaks['engine_cpu']:.0f} s "
+                f"({seconds / max(peaks['engine_cpu'], 1):.1f}x real time per CPU second)")
+            stages: dict[str, list[str]] = {}
+            for t, p, stage in progress:
+                stages.setdefault(stage or "?", []).append(f"{p or 0:.0f}%@{t:.0f}s")
+            say(f"progress: {len(progress)} distinct (stage, percent) values seen while Processing (polled every 2 s)")
+            for stage, moves in stages.items():
+                shown = moves if len(moves) <= 8 else moves[:4] + ["..."] + moves[-3:]
+                say(f"  {stage}: {len(moves)} values: " + ", ".join(shown))
             say(f"server RSS: {server_before / 1024:.0f} MiB before, peak {peaks['server'] / 1024:.0f} MiB "
                 f"(the HTTP process; the file streamed to disk)")
             say(f"engine worker RSS: peak {peaks['engine'] / 1024:.0f} MiB")

@@ -174,8 +174,12 @@ def run_job(job: dict, models: Models) -> dict:
         # A pipeline of the job's own over the shared weights: the prompt and the tokenizer are
         # per job, and two jobs at once must not share the pipeline's mutable state.
         timer = _WordTimer(whisper, language) if job.get("word_times", True) and not job.get("align") else None
+        def vad_progress(percent: float) -> None:
+            emit(event="progress", id=job["id"], percent=round(float(percent), 2), stage="detecting speech")
+
         pipeline = FasterWhisperPipeline(
-            model=timer or whisper, vad=base.vad_model, vad_params=base._vad_params,
+            model=timer or whisper, vad=_VadWithProgress.wrap(base.vad_model, vad_progress),
+            vad_params=base._vad_params,
             options=dataclasses.replace(base.options, initial_prompt=job.get("prompt") or None),
             tokenizer=tokenizer, language=language, suppress_numerals=False,
         )
@@ -230,6 +234,36 @@ def run_job(job: dict, models: Models) -> dict:
         seconds["of_which_word_times"] = round(timer.seconds, 3)
     return {"files": [os.path.join(job["output_dir"], stem + ".json")], "language": detected, "seconds": seconds,
             "word_times": word_times}
+
+
+class _VadWithProgress:
+    """The shared pyannote VAD, reporting how far it is through the file.
+
+    Voice activity detection runs over the whole recording before the first word is transcribed:
+    for two hours on a CPU, many minutes. WhisperX does not pass pyannote's progress hook on, so
+    this calls the segmentation model with one. Anything unexpected: the plain VAD, no progress.
+    """
+
+    def __init__(self, vad, report) -> None:
+        self.vad = vad
+        self.report = report
+
+    @classmethod
+    def wrap(cls, vad, report):
+        segmentation = getattr(getattr(vad, "vad_pipeline", None), "_segmentation", None)
+        return cls(vad, report) if callable(segmentation) else vad
+
+    def __call__(self, audio, **kwargs):
+        last = [0.0]
+
+        def hook(*_args, completed: int = 0, total: int = 0, **_kwargs) -> None:
+            if total and completed:
+                now = time.monotonic()
+                if now - last[0] >= 1.0 or completed >= total:
+                    last[0] = now
+                    self.report(min(100.0, 100.0 * completed / total))
+
+        return self.vad.vad_pipeline._segmentation(audio, hook=hook)
 
 
 def _align(result: dict, audio, language: str, job: dict) -> dict:
