@@ -3,7 +3,9 @@
 WhisperX (tiny.en, warm engine, CPU), with the server's memory, the progress and the result size.
 
 Usage: /work/main/.venv/bin/python bench/long_recording.py [--minutes 120] [--via tus|multipart]
+       /work/main/.venv/bin/python bench/long_recording.py --upload-only-mib 512
 The audio is made here with espeak-ng and sox (a minute of sentences and pauses, repeated).
+--upload-only-mib: only a tus upload of that many MiB (the fake engine), for the server's peak memory.
 Prints the figures; bench/results/long-recording.txt keeps the run written down in docs/large-media.md.
 """
 
@@ -75,12 +77,50 @@ def tus_upload(server: Server, path: Path, chunk: int = 8 * 2**20) -> str:
     return location.rstrip("/").rsplit("/", 1)[1]
 
 
+def upload_only(mib: int) -> str:
+    """A tus upload of `mib` MiB in 8 MiB PATCHes: the HTTP process's peak memory and the rate."""
+    with tempfile.TemporaryDirectory(prefix="bench-tus-") as tmp:
+        root = Path(tmp)
+        big = root / "big.wav"
+        with big.open("wb") as out:
+            out.write(b"RIFF" + b"\0" * 4092)
+            for _ in range(mib):
+                out.write(b"\0" * 2**20)
+        server = Server(root / "srv", {"MAX_FILE_SIZE": str(2**31), "ENABLE_AUTHORIZATION": "false"})
+        server.root.mkdir(parents=True, exist_ok=True)
+        server.start()
+        try:
+            before = rss_kib(server.proc.pid)
+            peak = [before]
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.wait(0.05):
+                    peak[0] = max(peak[0], rss_kib(server.proc.pid))
+
+            thread = threading.Thread(target=sample, daemon=True)
+            thread.start()
+            started = time.perf_counter()
+            tus_upload(server, big)
+            took = time.perf_counter() - started
+            stop.set()
+            thread.join()
+        finally:
+            server.stop()
+    return (f"tus upload of {mib} MiB in 8 MiB PATCHes: {mib / took:.0f} MiB/s; HTTP process RSS "
+            f"{before / 1024:.0f} MiB before, peak {peak[0] / 1024:.0f} MiB")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upload-only-mib", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=120.0)
     parser.add_argument("--via", choices=("tus", "multipart"), default="tus")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "long-recording.txt"))
     args = parser.parse_args()
+    if args.upload_only_mib:
+        print(upload_only(args.upload_only_mib))
+        return 0
     lines: list[str] = []
 
     def say(text: str) -> None:
