@@ -219,7 +219,7 @@ class Server:
         found = []
         for root in (Path(self.env["WHISPER_TMP_FILES"]), Path(self.env["WHISPER_OUTPUT_DIR"])):
             if root.exists():
-                found += [str(p) for p in root.rglob("*") if p.name != ".incoming"]
+                found += [str(p) for p in root.rglob("*") if p.name not in (".incoming", ".uploads")]
         return found
 
     def log(self) -> str:

@@ -15,6 +15,7 @@ from .handlers.events import JobEventsHandler
 from .handlers.models import ModelsHandler as PageModelsHandler
 from .handlers.status import StatusHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
+from .handlers.tus import UploadHandler, UploadsHandler
 from .handlers.web import WebFileHandler
 from .service import Service
 from .uploads import FORM_OVERHEAD
@@ -47,6 +48,8 @@ ROUTES = [
     (r"/metrics/?", MetricsHandler),
     (rf"/transcription/{JOB_ID}/events/?", JobEventsHandler),
     (r"/models/?", PageModelsHandler),
+    (r"/uploads/?", UploadsHandler),
+    (rf"/uploads/{JOB_ID}/?", UploadHandler),
 ]
 
 # The web page's files: not API, so not in openapi.json.

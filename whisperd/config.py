@@ -235,6 +235,19 @@ SETTINGS: tuple[Setting, ...] = (
     # Languages (issue 16, docs/models.md).
     Setting("WHISPER_OPENAI_TRANSLATE_MODEL", "", _text,
             "the model whisper-1 runs on /v1/audio/translations (empty: the one it runs for transcriptions)"),
+    # Large and remote media, issue 17 (docs/large-media.md).
+    Setting("WHISPER_UPLOAD_EXPIRY_HOURS", 24.0, _float(0.0001),
+            "a resumable upload (/uploads) not finished and used within this is deleted by retention"),
+    Setting("WHISPER_FETCH_ENABLED", True, parse_bool,
+            "accept url= (the server fetches the media); false: url= is refused with 400"),
+    Setting("WHISPER_FETCH_ALLOWED_HOSTS", "", _host_policy,
+            "url= may fetch from public addresses and from these: IPs, CIDR networks, host names, *.domain"),
+    Setting("WHISPER_FETCH_CONNECT_TIMEOUT_SECONDS", 10.0, _float(0.1),
+            "url=: time limit to connect to the media's server"),
+    Setting("WHISPER_FETCH_READ_TIMEOUT_SECONDS", 30.0, _float(0.1),
+            "url=: the longest silence from the media's server before the fetch is given up"),
+    Setting("WHISPER_FETCH_TIMEOUT_SECONDS", 900.0, _float(1),
+            "url=: the whole fetch (redirects included) must end within this"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}

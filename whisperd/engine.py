@@ -135,7 +135,7 @@ def build_env(opts: EngineOptions, environ: dict[str, str] | None = None) -> dic
     return env
 
 
-ProgressCallback = Callable[[float], Awaitable[None] | None]
+ProgressCallback = Callable[[float, str], Awaitable[None] | None]  # (percent, stage)
 
 
 class EngineProcess:
@@ -201,7 +201,7 @@ class EngineProcess:
                 self.detected_language = detected.group(1)
             match = _PROGRESS.search(line)
             if match and on_progress is not None:
-                outcome = on_progress(min(100.0, float(match.group(1))))
+                outcome = on_progress(min(100.0, float(match.group(1))), "transcribing")
                 if asyncio.iscoroutine(outcome):
                     asyncio.ensure_future(outcome)
 

@@ -6,7 +6,8 @@ server package), started by `whisperx.sh --whisperd-worker`. Protocol, one JSON 
   in  (stdin):  {"op": "job", "id": ..., "audio": ..., "output_dir": ..., "model": ..., ...}
                 {"op": "load", "model": ..., "device": ..., ...}      preload a model
   out (stdout): {"event": "hello", "pid": N}                           imports done, ready
-                {"event": "progress", "id": ..., "percent": 42.0}
+                {"event": "progress", "id": ..., "percent": 42.0, "stage": "transcribing"}
+                              (stage: loading audio, detecting speech, transcribing, aligning, diarizing)
                 {"event": "done", "id": ..., "files": [...], "language": "en", "word_times": ...}
                 {"event": "error", "id": ..., "reason": "one line"}
                 {"event": "models", "loaded": [...]}                   after every load/unload
@@ -175,8 +176,13 @@ def run_job(job: dict, models: Models) -> dict:
         # per job, and two jobs at once must not share the pipeline's mutable state.
         timer = _WordTimer(whisper, language) if job.get("word_times", True) and not job.get("align") else None
         align = job.get("align") and task == "transcribe"  # as the CLI: a translation cannot be aligned
+
+        def vad_progress(percent: float) -> None:
+            emit(event="progress", id=job["id"], percent=round(float(percent), 2), stage="detecting speech")
+
         pipeline = FasterWhisperPipeline(
-            model=timer or whisper, vad=base.vad_model, vad_params=base._vad_params,
+            model=timer or whisper, vad=_VadWithProgress.wrap(base.vad_model, vad_progress),
+            vad_params=base._vad_params,
             options=dataclasses.replace(base.options, initial_prompt=job.get("prompt") or None),
             tokenizer=tokenizer, language=language, suppress_numerals=False,
         )
@@ -190,23 +196,29 @@ def run_job(job: dict, models: Models) -> dict:
             pipeline.preprocess = measured
 
         def progress(percent: float) -> None:
-            emit(event="progress", id=job["id"], percent=round(float(percent), 2))
+            emit(event="progress", id=job["id"], percent=round(float(percent), 2), stage="transcribing")
 
+        # A long recording spends minutes before the first transcribed batch (decoding, then voice
+        # activity detection over the whole file): say so, or its progress looks stuck at 0.
+        emit(event="progress", id=job["id"], percent=0.0, stage="loading audio")
         timings = {"started": time.perf_counter()}
         audio = load_audio(job["audio"])
         timings["load_audio"] = time.perf_counter()
+        emit(event="progress", id=job["id"], percent=0.0, stage="detecting speech")
         result = pipeline.transcribe(audio, batch_size=int(job.get("batch_size") or 8), chunk_size=30,
                                      task=task, print_progress=False, verbose=False, progress_callback=progress)
         detected = result["language"]
         timings["transcribe"] = time.perf_counter()
         word_times = None
         if align and result["segments"]:
+            emit(event="progress", id=job["id"], percent=100.0, stage="aligning")
             result = _align(result, audio, align_language, job)
             word_times = "wav2vec2"
         elif timer is not None and result["segments"]:
             timer.apply(result["segments"])
             word_times = "faster-whisper"
         if job.get("diarize"):
+            emit(event="progress", id=job["id"], percent=100.0, stage="diarizing")
             result = _diarize(result, job)
     finally:
         models.release(key)
@@ -225,6 +237,36 @@ def run_job(job: dict, models: Models) -> dict:
         seconds["of_which_word_times"] = round(timer.seconds, 3)
     return {"files": [os.path.join(job["output_dir"], stem + ".json")], "language": detected, "seconds": seconds,
             "word_times": word_times}
+
+
+class _VadWithProgress:
+    """The shared pyannote VAD, reporting how far it is through the file.
+
+    Voice activity detection runs over the whole recording before the first word is transcribed:
+    for two hours on a CPU, many minutes. WhisperX does not pass pyannote's progress hook on, so
+    this calls the segmentation model with one. Anything unexpected: the plain VAD, no progress.
+    """
+
+    def __init__(self, vad, report) -> None:
+        self.vad = vad
+        self.report = report
+
+    @classmethod
+    def wrap(cls, vad, report):
+        segmentation = getattr(getattr(vad, "vad_pipeline", None), "_segmentation", None)
+        return cls(vad, report) if callable(segmentation) else vad
+
+    def __call__(self, audio, **kwargs):
+        last = [0.0]
+
+        def hook(*_args, completed: int = 0, total: int = 0, **_kwargs) -> None:
+            if total and completed:
+                now = time.monotonic()
+                if now - last[0] >= 1.0 or completed >= total:
+                    last[0] = now
+                    self.report(min(100.0, 100.0 * completed / total))
+
+        return self.vad.vad_pipeline._segmentation(audio, hook=hook)
 
 
 def _align(result: dict, audio, language: str, job: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import DEVICES, OUTPUT_FORMATS, Config, parse_bool
+from .fetch import CREDENTIALS_HINT, FIELD
 from .languages import AUTO, WHISPER_LANGUAGES
 from .models import TASKS, installed_models, is_valid_name, local_model_dir, model_info, refusal
 from .uploads import UploadError
@@ -13,6 +14,7 @@ from .urlpolicy import PolicyError, check_url
 FIELDS = (
     "file", "language", "model", "diarize", "prompt", "hf_token", "response_format",
     "device", "device_index", "sync", "callback_url", "task",
+    "upload", "url",  # instead of file: a finished resumable upload's id, or a URL to fetch (issue 17)
 )
 
 
@@ -29,6 +31,8 @@ class JobRequest:
     sync: bool
     callback_url: str | None = None
     task: str = "transcribe"
+    upload: str | None = None  # a finished tus upload's id
+    url: str | None = None  # media to fetch
 
 
 def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
@@ -98,6 +102,19 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         except PolicyError as exc:
             raise UploadError(400, str(exc)) from None
 
+    upload = fields.get("upload", "").strip() or None
+    url = fields.get("url", "").strip() or None
+    if upload is not None and url is not None:
+        raise UploadError(400, "give one source of audio: 'file', 'upload' or 'url', not several")
+    if url is not None:
+        if not config.WHISPER_FETCH_ENABLED:
+            raise UploadError(400, "this server does not fetch URLs (WHISPER_FETCH_ENABLED=false); upload the file "
+                                   "instead ('file', or a resumable upload at /uploads)")
+        try:
+            check_url(url, FIELD, CREDENTIALS_HINT)
+        except PolicyError as exc:
+            raise UploadError(400, str(exc)) from None
+
     return JobRequest(
         language=language,
         model=model,
@@ -110,4 +127,6 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         sync=_bool(fields, "sync", config.DEFAULT_SYNC_MODE),
         callback_url=callback_url,
         task=task,
+        upload=upload,
+        url=url,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 log = logging.getLogger("whisperd.files")
 
 STAGING = ".incoming"  # uploads in flight; a directory under it never has a job row
+RESUMABLE = ".uploads"  # tus uploads' bytes, one file per upload row; they outlive a restart
 TOKEN_FILE = ".hf_token"
 _SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,10}$")
 
@@ -94,6 +95,34 @@ class JobFiles:
                 handle.write(hf_token)
         os.rename(staged, self.upload_dir(job_id))
 
+    # -- resumable uploads
+
+    def resumable_path(self, upload_id: str) -> Path:
+        return self.tmp_root / RESUMABLE / upload_id
+
+    def create_resumable(self, upload_id: str) -> None:
+        """An empty file for a new upload (its directory made on first use, owner only)."""
+        directory = self.tmp_root / RESUMABLE
+        directory.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.resumable_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+
+    def resumable_ids(self) -> list[str]:
+        """The uploads with bytes on disk (retention compares them with the ledger's rows)."""
+        directory = self.tmp_root / RESUMABLE
+        return [entry.name for entry in directory.iterdir()] if directory.is_dir() else []
+
+    def remove_resumable(self, upload_id: str) -> None:
+        _remove_tree(self.resumable_path(upload_id))
+
+    def stage_resumable(self, upload_id: str, job_id: str, client_name: str) -> Path:
+        """Move a finished upload's bytes into a new job's staging dir (a rename: no copy)."""
+        staged = self.staging_dir(job_id)
+        staged.mkdir(parents=True, exist_ok=True)
+        target = staged / ("audio" + safe_suffix(client_name))
+        os.rename(self.resumable_path(upload_id), target)
+        return target
+
     def remove_output(self, job_id: str) -> None:
         _remove_tree(self.output_dir(job_id))
 
@@ -109,7 +138,8 @@ class JobFiles:
         (self.tmp_root / STAGING).mkdir(parents=True, exist_ok=True)
         for root in (self.tmp_root, self.output_root):
             for entry in root.iterdir():
-                if entry.name == STAGING or entry.name in live_jobs:
+                # Resumable uploads answer to their ledger rows: retention removes the orphans.
+                if entry.name in (STAGING, RESUMABLE) or entry.name in live_jobs:
                     continue
                 _remove_tree(entry)
                 removed.append(str(entry))

@@ -112,3 +112,32 @@ class TokenRecord:
 
     def in_force(self, at_iso: str) -> bool:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > at_iso)
+
+
+@dataclass
+class UploadRecord:
+    """A resumable (tus) upload: how many of its bytes count, whose it is, and the job it became."""
+
+    id: str
+    owner: str
+    upload_length: int
+    upload_offset: int
+    filename: str
+    metadata: str
+    created_at: str
+    updated_at: str
+    expires_at: str
+    finished_at: str | None = None
+    job_id: str | None = None
+    used_at: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> "UploadRecord":
+        return _from_mapping(cls, row)
+
+    @property
+    def complete(self) -> bool:
+        return self.upload_offset == self.upload_length
+
+    def expired(self, at_iso: str) -> bool:
+        return self.job_id is None and self.expires_at <= at_iso

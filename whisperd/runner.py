@@ -144,13 +144,14 @@ class JobRunner:
 
     def _progress(self, job: Job):
         last = 0.0
+        last_stage = ""
 
-        async def progress(percent: float) -> None:
-            nonlocal last
+        async def progress(percent: float, stage: str = "transcribing") -> None:
+            nonlocal last, last_stage
             now = time.monotonic()
-            if now - last >= PROGRESS_EVERY_SECONDS or percent >= 100:
-                last = now
-                await self.ledger.set_progress(job.id, percent, "transcribing")
+            if now - last >= PROGRESS_EVERY_SECONDS or percent >= 100 or stage != last_stage:
+                last, last_stage = now, stage
+                await self.ledger.set_progress(job.id, percent, stage)
 
         return progress
 

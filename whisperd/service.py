@@ -16,11 +16,12 @@ from tornado.ioloop import PeriodicCallback
 from .auth import Authenticator, accept_any_token, load_validator
 from .config import Config
 from .faults import crash_point
+from .fetch import MediaFetcher
 from .jobfiles import JobFiles
 from .jobs import Job, NewJob
 from .ledger import Ledger, open_ledger
 from .results import EngineOutputError, build_response, load_engine_result
-from .retention import expire_old_jobs
+from .retention import expire_old_jobs, expire_uploads
 from .runner import JobRunner
 from .scheduler import Scheduler
 from .tokens import LedgerTokens
@@ -68,6 +69,7 @@ class Service:
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
         self.webhooks = WebhookSender(config, self.ledger)
+        self.fetcher = MediaFetcher(config)
         self.draining = False
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._retention: PeriodicCallback | None = None
@@ -116,6 +118,7 @@ class Service:
         try:
             async with self._retention_lock:
                 await expire_old_jobs(self.ledger, self.files, self.config.WHISPER_JOB_RETENTION_HOURS)
+                await expire_uploads(self.ledger, self.files)
         except Exception:  # retried at the next interval; the failure is logged
             log.exception("retention pass failed")
 

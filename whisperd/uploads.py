@@ -99,10 +99,13 @@ class MultipartReceiver:
             self.close_file()
             raise
 
-    def finish(self) -> ReceivedForm:
+    def finish(self, file_required: bool = True) -> ReceivedForm:
+        """The form; without file_required, a form with no file part is fine (its audio comes from elsewhere)."""
         self.close_file()
         if not self._ended:
             raise UploadError(400, "the multipart body ended before its closing boundary (truncated upload?)")
+        if self.form.file_path is None and not file_required:
+            return self.form
         if self.form.file_path is None:
             raise UploadError(400, f"the form field '{self.file_field}' (the audio file) is missing")
         if self.form.file_bytes == 0:

@@ -1,9 +1,12 @@
-"""Which callback URLs the server may call: http(s) only, to hosts the allow-list admits.
+"""Which URLs the server may call on a client's behalf: http(s) only, to hosts an allow-list admits.
 
-Without a policy, anyone who can submit a job could make the server send requests to its own
-loopback or to hosts on its private network (SSRF). The check runs twice: at submission, for
-a clear 400, and at send time on the very addresses the connection then uses, so a name that
-resolves to a public address at submission and to 127.0.0.1 later (DNS rebinding) is refused.
+One policy for every outgoing request a client can aim (webhooks' callback_url, the media
+fetched by `url=`): without it, anyone who can submit a job could make the server send requests
+to its own loopback or to hosts on its private network (SSRF). The check runs twice: at
+submission, for a clear 400, and at connect time on the very addresses the connection then
+uses, so a name that resolves to a public address at submission and to 127.0.0.1 later (DNS
+rebinding) is refused. Hosts written as bare or octal/hex numbers (http://2130706433/,
+http://0177.0.0.1/) are refused by form: resolvers read them as addresses in ways that differ.
 """
 
 from __future__ import annotations
@@ -34,11 +37,17 @@ class HostPolicy:
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     names: tuple[str, ...] = ()  # exact names, or "*.example.com" for any name under it
     text: str = field(default="", compare=False)
+    setting: str = field(default="WHISPER_WEBHOOK_ALLOWED_HOSTS", compare=False)  # named in refusals
+    subject: str = field(default="callback", compare=False)  # "callback host x resolves to ..."
 
     @classmethod
-    def parse(cls, text: str) -> "HostPolicy":
-        """Comma- or space-separated: 'public', IPs or CIDR networks, host names, '*.domain'."""
-        public, networks, names = False, [], []
+    def parse(cls, text: str, setting: str = "WHISPER_WEBHOOK_ALLOWED_HOSTS", subject: str = "callback",
+              public: bool = False) -> "HostPolicy":
+        """Comma- or space-separated: 'public', IPs or CIDR networks, host names, '*.domain'.
+
+        public=True admits public addresses whatever the text says (the fetch policy: the list
+        only adds hosts)."""
+        networks, names = [], []
         for entry in re.split(r"[,\s]+", text.strip().lower()):
             if not entry:
                 continue
@@ -53,7 +62,7 @@ class HostPolicy:
             if not _HOST_NAME.match(entry):
                 raise ValueError(f"{entry!r} is not 'public', an IP address, a CIDR network or a host name")
             names.append(entry)
-        return cls(public, tuple(networks), tuple(names), text)
+        return cls(public, tuple(networks), tuple(names), text, setting, subject)
 
     def describe(self) -> str:
         parts = (["public addresses"] if self.public else []) + [str(n) for n in self.networks] + list(self.names)
@@ -77,32 +86,44 @@ class HostPolicy:
 
     def check_ip(self, host: str, address: IPAddress) -> None:
         if not self.allows_ip(address):
-            what = (f"callback address {address} is" if host.strip("[]") == str(address)
-                    else f"callback host {host} resolves to {address}, which is")
+            what = (f"{self.subject} address {address} is" if host.strip("[]") == str(address)
+                    else f"{self.subject} host {host} resolves to {address}, which is")
             raise PolicyError(
-                f"{what} not allowed by WHISPER_WEBHOOK_ALLOWED_HOSTS (allowed: {self.describe()}); "
+                f"{what} not allowed by {self.setting} (allowed: {self.describe()}); "
                 "private, loopback and link-local addresses are refused by default"
             )
 
 
-def check_url(url: str) -> tuple[str, str, int]:
-    """The URL's (scheme, host, port) when its form is acceptable; PolicyError otherwise."""
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+
+
+def check_url(url: str, name: str = "callback_url",
+              credentials_hint: str = "check the X-Whisperd-Signature instead") -> tuple[str, str, int]:
+    """The URL's (scheme, host, port) when its form is acceptable; PolicyError otherwise.
+
+    `name` is the form field the client set, named in every refusal."""
     if len(url) > MAX_URL_CHARS:
-        raise PolicyError(f"callback_url is longer than {MAX_URL_CHARS} characters")
+        raise PolicyError(f"{name} is longer than {MAX_URL_CHARS} characters")
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise PolicyError("callback_url is not a valid URL") from None
+        raise PolicyError(f"{name} is not a valid URL") from None
     if parts.scheme not in ("http", "https"):
-        raise PolicyError("callback_url must be an http:// or https:// URL")
+        raise PolicyError(f"{name} must be an http:// or https:// URL")
     if not parts.hostname:
-        raise PolicyError("callback_url has no host")
+        raise PolicyError(f"{name} has no host")
     if parts.username is not None or parts.password is not None:
-        raise PolicyError("callback_url must not contain user:password@; check the X-Whisperd-Signature instead")
+        raise PolicyError(f"{name} must not contain user:password@; {credentials_hint}")
     if any(ch.isspace() or ord(ch) < 32 for ch in url):
-        raise PolicyError("callback_url must not contain spaces or control characters")
-    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+        raise PolicyError(f"{name} must not contain spaces or control characters")
+    host = parts.hostname
+    labels = host.rstrip(".").split(".")
+    if literal_ip(host) is None and all(_NUMERIC_LABEL.match(label) for label in labels):
+        # 2130706433, 0177.0.0.1, 0x7f.1: inet_aton reads these as 127.0.0.1; ipaddress does not.
+        raise PolicyError(f"{name} host {host[:60]!r} is a number but not a dotted-decimal IP address; "
+                          "write IPv4 addresses as four decimal numbers (e.g. 192.0.2.10)")
+    return parts.scheme, host, port or (443 if parts.scheme == "https" else 80)
 
 
 def literal_ip(host: str) -> IPAddress | None:
@@ -128,14 +149,14 @@ async def resolve_checked(policy: HostPolicy, host: str, port: int,
     try:
         found = await DefaultLoopResolver().resolve(host, port, family)
     except (socket.gaierror, OSError) as exc:
-        raise OSError(f"cannot resolve callback host {host}: {exc.strerror or exc}") from None
+        raise OSError(f"cannot resolve {policy.subject} host {host}: {exc.strerror or exc}") from None
     for _family, sockaddr in found:
         policy.check_ip(host, ipaddress.ip_address(sockaddr[0].split("%")[0]))
     return found
 
 
 class CheckingResolver(Resolver):
-    """The resolver the webhook HTTP client connects through: it only ever sees checked addresses."""
+    """The resolver an outgoing HTTP client connects through: it only ever sees checked addresses."""
 
     def initialize(self, policy: HostPolicy) -> None:  # type: ignore[override]
         self.policy = policy

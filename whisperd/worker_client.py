@@ -309,7 +309,8 @@ class EngineWorker:
         if job is None:
             return
         if event == "progress" and job.on_progress is not None:
-            outcome = job.on_progress(min(100.0, float(message.get("percent", 0))))
+            outcome = job.on_progress(min(100.0, float(message.get("percent", 0))),
+                                      str(message.get("stage") or "transcribing")[:40])
             if asyncio.iscoroutine(outcome):
                 asyncio.ensure_future(outcome)
         elif event == "done":

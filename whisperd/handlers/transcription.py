@@ -1,4 +1,4 @@
-"""/transcription: submit (streamed multipart upload), status, result, cancel."""
+"""/transcription: submit (streamed multipart upload, a finished resumable upload, or a URL), status, result, cancel."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Any
 from ..config import OUTPUT_FORMATS
 from ..forms import parse_job_request
 from ..jobfiles import is_job_id
+from ..forms import JobRequest
 from ..jobs import Job
 from ..service import JobError
-from ..uploads import UploadError
+from ..uploads import ReceivedForm, UploadError
 from ..urlpolicy import PolicyError
 from .base import ApiError, BaseHandler
 from .upload import UploadHandler, deliver
@@ -28,11 +29,27 @@ class SubmitHandler(UploadHandler):
     async def post(self) -> None:
         if not self.upload_pending:
             return
-        form = self.received_form()
+        form = self.received_form(file_required=False)
         try:
             request = parse_job_request(form.fields, self.service.config, self.service.offline)
         except UploadError as exc:
             self.refuse(ApiError(exc.status, exc.message))
+        if form.file_path is not None and (request.upload or request.url):
+            self.refuse(ApiError(400, "give one source of audio: 'file', 'upload' or 'url', not several"))
+        if request.upload:
+            await self.stage_resumable(form, request.upload)
+        elif request.url:
+            if not await self.stage_fetched(form, request.url):
+                return  # the client left during the fetch; its files are gone
+        elif form.file_path is None:
+            self.refuse(ApiError(400, "the form field 'file' (the audio file) is missing; or name a finished "
+                                      "resumable upload with 'upload', or media to fetch with 'url'"))
+        await self.intake(form, request)
+
+    async def intake(self, form: ReceivedForm, request: JobRequest) -> None:
+        """A staged file, whatever brought it, becomes a job: probe, webhook check, submit, answer.
+
+        The one path for every source (multipart file, resumable upload, URL)."""
         if not await self.probe_upload(form):
             return
         if request.callback_url:

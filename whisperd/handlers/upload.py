@@ -1,7 +1,13 @@
-"""The streamed audio upload and job submission shared by /transcription and /v1/audio/transcriptions."""
+"""The streamed audio upload and job submission shared by /transcription and /v1/audio/transcriptions.
+
+The audio of a job arrives in the staging dir by one of three ways (a multipart file part, a
+finished resumable upload moved there, a URL fetched there); from then on every source takes
+the same path: probe, then service.submit.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -9,10 +15,12 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from .. import metrics
-from ..jobfiles import new_job_id
-from ..jobs import Job, NewJob
+from ..fetch import FetchError
+from ..jobfiles import is_job_id, new_job_id
+from ..jobs import Job, NewJob, now_iso
 from ..probe import probe
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, UploadError, boundary_of
+from ..urlpolicy import PolicyError
 from .base import ApiError, BaseHandler
 
 log = logging.getLogger("whisperd.http")
@@ -28,6 +36,7 @@ class UploadHandler(BaseHandler):
     _job_id: str | None = None
     _committed = False
     _holds_slot = False
+    _fetching: "asyncio.Future | None" = None
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -89,6 +98,8 @@ class UploadHandler(BaseHandler):
 
     def on_connection_close(self) -> None:
         self._release_upload_slot()
+        if self._fetching is not None:
+            self._fetching.cancel()  # the client left: stop downloading for nobody
         if not self._committed:
             self._discard()
 
@@ -104,14 +115,61 @@ class UploadHandler(BaseHandler):
         """False when the body was already refused (and answered) while streaming."""
         return not self._finished and self._receiver is not None
 
-    def received_form(self) -> ReceivedForm:
+    def received_form(self, file_required: bool = True) -> ReceivedForm:
         """The finished form, or ApiError (and the staged file is gone)."""
         assert self._receiver is not None
         try:
-            return self._receiver.finish()
+            return self._receiver.finish(file_required)
         except UploadError as exc:
             self._discard()
             raise ApiError(exc.status, exc.message) from None
+
+    async def stage_resumable(self, form: ReceivedForm, upload_id: str) -> None:
+        """A finished tus upload becomes this request's staged file (used once), or ApiError."""
+        ledger = self.service.ledger
+        upload = await ledger.get_upload(upload_id) if is_job_id(upload_id) else None
+        if upload is None or upload.owner != self.identity.name or upload.expired(now_iso()):
+            self.refuse(ApiError(404, f"no resumable upload with id {upload_id[:60]!r} (unknown, another "
+                                      "token's, or expired)"))
+        if upload.job_id is not None:
+            self.refuse(ApiError(409, f"upload {upload_id} was already used by job {upload.job_id}; "
+                                      "an upload becomes one job only: upload the file again"))
+        if not upload.complete:
+            self.refuse(ApiError(409, f"upload {upload_id} is not finished: {upload.upload_offset} of "
+                                      f"{upload.upload_length} bytes received; PATCH the rest first"))
+        assert self._job_id is not None
+        if not await ledger.use_upload(upload_id, self._job_id):
+            self.refuse(ApiError(409, f"upload {upload_id} was just used by another request (or expired)"))
+        try:
+            path = self.service.files.stage_resumable(upload_id, self._job_id, upload.filename)
+        except FileNotFoundError:
+            self.refuse(ApiError(410, f"the bytes of upload {upload_id} are gone from the server; upload again"))
+        form.file_path, form.file_bytes, form.client_filename = path, upload.upload_length, upload.filename
+
+    async def stage_fetched(self, form: ReceivedForm, url: str) -> bool:
+        """Download `url` into this request's staging dir, or ApiError; False when the client left."""
+        assert self._job_id is not None
+        fetcher = self.service.fetcher
+        try:
+            await fetcher.check(url)  # refused by policy: a 400 before any connection is made
+            self._fetching = asyncio.ensure_future(fetcher.fetch(url, self.service.files.staging_dir(self._job_id)))
+            path, size, name = await self._fetching
+        except PolicyError as exc:
+            self.refuse(ApiError(400, str(exc)))
+        except FetchError as exc:
+            self.refuse(ApiError(exc.status, exc.message))
+        except asyncio.CancelledError:
+            self._discard()
+            if self.request.connection.stream.closed():  # type: ignore[union-attr]
+                return False
+            raise
+        finally:
+            self._fetching = None
+        if self._finished or self.request.connection.stream.closed():  # type: ignore[union-attr]
+            self._discard()
+            return False
+        form.file_path, form.file_bytes, form.client_filename = path, size, name
+        return True
 
     async def probe_upload(self, form: ReceivedForm) -> bool:
         """ffprobe the staged file: ApiError 415 when it holds no sound; False when the client left meanwhile."""

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import aiosqlite
 
 from ..config import REPO_DIR
-from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, TokenRecord, now_iso
+from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, TokenRecord, UploadRecord, now_iso
 from .errors import LedgerBusy, LedgerUnavailable, TokenNameTaken
 from .recovery import Recovery
 
@@ -561,6 +561,74 @@ class SQLiteLedger:
             cursor = await conn.execute(
                 "UPDATE api_tokens SET revoked_at=? WHERE name=? AND revoked_at IS NULL", (now, name))
             return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    # -- resumable uploads (tus): the rows; the bytes are JobFiles' business
+
+    async def create_upload(self, upload: UploadRecord) -> None:
+        async def work(conn, now):
+            await conn.execute(
+                "INSERT INTO uploads (id, owner, upload_length, upload_offset, filename, metadata,"
+                " created_at, updated_at, expires_at) VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?)",
+                (upload.id, upload.owner, upload.upload_length, upload.filename, upload.metadata,
+                 upload.created_at, upload.created_at, upload.expires_at),
+            )
+
+        await self._write(work)
+
+    async def get_upload(self, upload_id: str) -> UploadRecord | None:
+        row = await self._fetch_one("SELECT * FROM uploads WHERE id=?", (upload_id,))
+        return UploadRecord.from_row(row) if row else None
+
+    async def advance_upload(self, upload_id: str, from_offset: int, to_offset: int) -> bool:
+        """Record that the bytes up to to_offset are on disk; False when the offset moved meanwhile
+        (another PATCH won), the upload was used, or it expired."""
+
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "UPDATE uploads SET upload_offset=:to, updated_at=:now,"
+                " finished_at=CASE WHEN :to = upload_length THEN :now END"
+                " WHERE id=:id AND upload_offset=:from AND job_id IS NULL AND expires_at > :now",
+                {"id": upload_id, "from": from_offset, "to": to_offset, "now": now},
+            )
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def use_upload(self, upload_id: str, job_id: str) -> bool:
+        """Mark a finished upload as becoming this job; only the first caller wins (used once)."""
+
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "UPDATE uploads SET job_id=?, used_at=? WHERE id=? AND job_id IS NULL"
+                " AND upload_offset=upload_length AND expires_at > ?",
+                (job_id, now, upload_id, now),
+            )
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def delete_upload(self, upload_id: str) -> bool:
+        """tus termination: forget an upload not yet used (False: none such)."""
+
+        async def work(conn, now):
+            cursor = await conn.execute("DELETE FROM uploads WHERE id=? AND job_id IS NULL", (upload_id,))
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def expire_uploads(self, at_iso: str, limit: int = 500) -> list[str]:
+        """Delete the rows whose expires_at has passed (used ones too: their bytes became a job's);
+        returns their ids, for their bytes to be deleted."""
+
+        async def work(conn, now):
+            async with conn.execute(
+                "DELETE FROM uploads WHERE id IN (SELECT id FROM uploads WHERE expires_at <= ? LIMIT ?)"
+                " RETURNING id",
+                (at_iso, limit),
+            ) as cursor:
+                return [row[0] for row in await cursor.fetchall()]
 
         return await self._write(work)
 

@@ -1,12 +1,15 @@
 // The whisperd page: token, upload with progress, live status (server-sent events, polling as
 // a fallback), cancel, and the transcript with copy and download in every format.
 import { FORMATS, MIME_TYPES, render } from "./formats.js";
+import { ResumableUpload } from "./tus.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "whisperd.token";
 const POLL_MS = 1000;
+// Larger files go up resumably (tus, /uploads): a dropped connection costs one chunk, not the file.
+const RESUMABLE_FROM = 8 * 1024 * 1024;
 
-const state = { jobId: null, xhr: null, stream: null, polling: null, finished: false, fileName: "" };
+const state = { jobId: null, xhr: null, upload: null, stream: null, polling: null, finished: false, fileName: "" };
 
 // -- messages ---------------------------------------------------------------------------------
 
@@ -206,7 +209,6 @@ function startJob(event) {
   form.append("response_format", $("response_format").value);
   form.append("diarize", $("diarize").checked ? "true" : "false");
   if ($("prompt").value) form.append("prompt", $("prompt").value);
-  form.append("file", file, file.name);
 
   Object.assign(state, { jobId: null, finished: false, fileName: file.name });
   $("result").hidden = true;
@@ -218,20 +220,64 @@ function startJob(event) {
   setBar($("upload-bar"), $("upload-text"), 0, "0%");
   setBar($("engine-bar"), $("engine-text"), 0, "—");
   setStatus(`Uploading ${file.name}…`);
+  if (file.size > RESUMABLE_FROM) {
+    uploadResumably(file, form);
+  } else {
+    form.append("file", file, file.name);
+    sendForm(form, true);
+  }
+}
 
+function showUploaded(sent, total) {
+  const percent = Math.round((100 * sent) / total);
+  setBar($("upload-bar"), $("upload-text"), percent, `${percent}%`);
+}
+
+async function uploadResumably(file, form) {
+  const upload = new ResumableUpload(file, {
+    headers: authHeaders(),
+    onProgress: (sent, total) => {
+      showUploaded(sent, total);
+      setStatus(`Uploading ${file.name} (resumable)…`);
+    },
+    onRetry: (message) => setStatus(message),
+  });
+  state.upload = upload;
+  let uploadId;
+  try {
+    uploadId = await upload.start();
+  } catch (error) {
+    state.upload = null;
+    endJob();
+    if (upload.aborted) {
+      setStatus("Upload canceled.");
+      return;
+    }
+    setStatus("Upload failed.");
+    showMessage(await errorText(error.status, JSON.stringify({ error: error.message })));
+    return;
+  }
+  state.upload = null;
+  setStatus(`Uploaded ${file.name}. Starting the job…`);
+  form.append("upload", uploadId);
+  sendForm(form, false, () => upload.done());
+}
+
+// POST /transcription; withProgress: the form carries the file (upload progress from this request).
+function sendForm(form, withProgress, onAccepted = () => {}) {
   const xhr = new XMLHttpRequest();
   state.xhr = xhr;
   xhr.open("POST", "/transcription");
   for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
-  xhr.upload.addEventListener("progress", (e) => {
-    if (e.lengthComputable) {
-      const percent = Math.round((100 * e.loaded) / e.total);
-      setBar($("upload-bar"), $("upload-text"), percent, `${percent}%`);
-    }
-  });
+  if (withProgress) {
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable) showUploaded(e.loaded, e.total);
+    });
+  }
   xhr.addEventListener("load", async () => {
     state.xhr = null;
     if (xhr.status === 202) {
+      onAccepted();
       setBar($("upload-bar"), $("upload-text"), 100, "100%");
       const body = JSON.parse(xhr.responseText);
       state.jobId = body.job_id;
@@ -352,6 +398,10 @@ async function poll(jobId) {
 
 async function cancelJob() {
   clearMessage();
+  if (state.upload) {
+    state.upload.abort(); // the server deletes what it had of it
+    return;
+  }
   if (state.xhr) {
     state.xhr.abort();
     return;

@@ -1,0 +1,367 @@
+"""/uploads: resumable uploads by tus 1.0.0 (core, creation, termination, expiration, checksum/sha1).
+
+A client creates an upload (POST, Upload-Length), sends its bytes in one or more PATCHes from
+the offset HEAD reports, and names the finished upload in POST /transcription (`upload=<id>`).
+The ledger's upload_offset is the truth: bytes on disk past it do not count and the next PATCH
+writes over them, so a PATCH cut off, a crash, or a restart between two PATCHes loses nothing
+that was acknowledged. A PATCH body goes to disk chunk by chunk, as multipart uploads do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from typing import Any, BinaryIO
+
+from tornado.web import stream_request_body
+
+from ..jobfiles import display_name, is_job_id, new_job_id
+from ..jobs import UploadRecord, now_iso
+from .base import ApiError, BaseHandler
+
+log = logging.getLogger("whisperd.tus")
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = "creation,termination,expiration,checksum"
+CHECKSUM_ALGORITHMS = "sha1"
+OFFSET_TYPE = "application/offset+octet-stream"
+MAX_METADATA_CHARS = 4096
+REQUEST_HEADERS = ("Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
+                   "Upload-Checksum, Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override, X-Requested-With")
+EXPOSED_HEADERS = ("Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires, Tus-Resumable, "
+                   "Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm")
+
+
+def parse_metadata(text: str) -> dict[str, str]:
+    """Upload-Metadata: comma-separated `key base64value` pairs (the value may be absent)."""
+    found: dict[str, str] = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        key, _, encoded = pair.partition(" ")
+        if not key or not key.isascii() or " " in key or key in found:
+            raise ApiError(400, f"Upload-Metadata: bad or repeated key {key[:40]!r}")
+        try:
+            found[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8") if encoded else ""
+        except (binascii.Error, UnicodeDecodeError):
+            raise ApiError(400, f"Upload-Metadata: the value of {key[:40]!r} is not base64 of UTF-8 text") from None
+    return found
+
+
+def http_date(iso: str) -> str:
+    moment = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return format_datetime(moment, usegmt=True)
+
+
+def iso_in(hours: float) -> str:
+    return (datetime.now(timezone.utc) + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _number(value: str | None, name: str) -> int:
+    if value is None or not value.isdigit() or len(value) > 18:
+        raise ApiError(400, f"{name} must be a whole number of bytes >= 0, got {str(value)[:40]!r}")
+    return int(value)
+
+
+class _Writing:
+    """One PATCH's bytes going to disk: the file (locked against a PATCH in another process), the hash."""
+
+    def __init__(self, handle: BinaryIO, start: int, algorithm: str | None, expected: bytes | None) -> None:
+        self.handle = handle
+        self.start = start
+        self.received = 0
+        self.hasher = hashlib.new(algorithm) if algorithm else None
+        self.expected = expected
+
+    def write(self, chunk: bytes) -> None:
+        self.handle.write(chunk)  # small sequential writes, as multipart uploads do
+        self.received += len(chunk)
+        if self.hasher is not None:
+            self.hasher.update(chunk)
+
+    def close(self, keep: bool) -> int:
+        """Close the file; without keep, cut it back to where this PATCH began. Returns the bytes kept."""
+        try:
+            if not keep:
+                self.handle.truncate(self.start)
+                self.received = 0
+            self.handle.flush()
+        finally:
+            self.handle.close()  # closing releases the flock too
+        return self.received
+
+
+class _TusBase(BaseHandler):
+    """What /uploads and /uploads/{id} share: the tus headers, discovery, the version check."""
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Tus-Resumable", TUS_VERSION)
+        self.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
+
+    def options(self, *args: Any) -> None:
+        # Discovery (tus) and the browser's preflight in one answer; neither needs a token.
+        methods = ", ".join(self.allowed_methods)
+        self.set_header("Allow", methods)
+        self.set_header("Access-Control-Allow-Methods", methods)
+        self.set_header("Access-Control-Allow-Headers", REQUEST_HEADERS)
+        self.set_header("Access-Control-Max-Age", "86400")
+        self.set_header("Tus-Version", TUS_VERSION)
+        self.set_header("Tus-Extension", EXTENSIONS)
+        self.set_header("Tus-Max-Size", str(self.service.config.MAX_FILE_SIZE))
+        self.set_header("Tus-Checksum-Algorithm", CHECKSUM_ALGORITHMS)
+        self.set_status(204)
+        self.finish()
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        method = self.request.method
+        if method == "OPTIONS":
+            return
+        version = self.request.headers.get("Tus-Resumable")
+        if version != TUS_VERSION:
+            raise ApiError(412, f"send 'Tus-Resumable: {TUS_VERSION}' (got {str(version)[:20]!r}): the only "
+                                "tus version this server speaks", {"Tus-Version": TUS_VERSION})
+
+    def _check_disk(self, needed: int) -> None:
+        floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
+        free_mb = self.service.files.free_disk_mb()
+        if free_mb - needed / 2**20 < floor_mb:
+            raise ApiError(507, f"the server is short of disk space for this upload ({free_mb:.0f} MB free, keeps "
+                                f"at least WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
+
+
+@stream_request_body  # a body sent here anyway is refused in prepare(), never buffered
+class UploadsHandler(_TusBase):
+    """POST /uploads: the creation extension."""
+
+    allowed_methods = ("OPTIONS", "POST")
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.request.method == "POST":
+            length = self.request.headers.get("Content-Length", "0")
+            if length not in ("", "0") or "Transfer-Encoding" in self.request.headers:
+                raise ApiError(400, "POST /uploads takes no body here (creation-with-upload is not offered): "
+                                    "create the upload, then PATCH its bytes")
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
+
+    async def post(self) -> None:
+        config = self.service.config
+        if self.service.draining:
+            raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
+        if "Upload-Defer-Length" in self.request.headers:
+            raise ApiError(400, "Upload-Defer-Length is not supported: send Upload-Length")
+        length = _number(self.request.headers.get("Upload-Length"), "Upload-Length")
+        if length == 0:
+            raise ApiError(400, "Upload-Length is 0: an empty file is no audio")
+        if length > config.MAX_FILE_SIZE:
+            raise ApiError(413, f"Upload-Length {length} is larger than MAX_FILE_SIZE ({config.MAX_FILE_SIZE} bytes)")
+        metadata_text = self.request.headers.get("Upload-Metadata", "")
+        if len(metadata_text) > MAX_METADATA_CHARS:
+            raise ApiError(400, f"Upload-Metadata is longer than {MAX_METADATA_CHARS} characters")
+        metadata = parse_metadata(metadata_text)
+        self._check_disk(length)
+        stamp = now_iso()
+        upload = UploadRecord(
+            id=new_job_id(), owner=self.identity.name, upload_length=length, upload_offset=0,
+            filename=display_name(metadata.get("filename") or metadata.get("name")), metadata=metadata_text,
+            created_at=stamp, updated_at=stamp, expires_at=iso_in(config.WHISPER_UPLOAD_EXPIRY_HOURS),
+        )
+        await self.service.ledger.create_upload(upload)  # the row first: retention removes bytes without one
+        try:
+            self.service.files.create_resumable(upload.id)
+        except OSError:
+            await self.service.ledger.delete_upload(upload.id)
+            raise
+        log.info("upload %s created: %s, %d bytes expected", upload.id, upload.filename, length)
+        self.set_header("Location", f"/uploads/{upload.id}")
+        self.set_header("Upload-Expires", http_date(upload.expires_at))
+        self.set_header("Upload-Offset", "0")
+        self.set_status(201)
+        self.finish()
+
+
+@stream_request_body
+class UploadHandler(_TusBase):
+    """/uploads/{id}: HEAD reports the offset, PATCH appends, DELETE terminates."""
+
+    allowed_methods = ("OPTIONS", "HEAD", "PATCH", "DELETE")
+    _writing: _Writing | None = None
+    _upload: UploadRecord | None = None
+    _refused = False
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.request.method == "PATCH":
+            await self._begin_patch()
+
+    # -- core: HEAD and PATCH
+
+    async def _own(self, upload_id: str | None) -> UploadRecord:
+        """The caller's upload, or 404 (unknown and another token's look the same), or 410 (expired)."""
+        upload = await self.service.ledger.get_upload(upload_id) if upload_id and is_job_id(upload_id) else None
+        if upload is None or upload.owner != self.identity.name:
+            raise ApiError(404, f"no upload with id {str(upload_id)[:60]!r}")
+        if upload.expired(now_iso()):
+            raise ApiError(410, f"upload {upload.id} expired at {upload.expires_at}; upload the file again")
+        return upload
+
+    def _describe(self, upload: UploadRecord) -> None:
+        self.set_header("Upload-Offset", str(upload.upload_offset))
+        self.set_header("Upload-Length", str(upload.upload_length))
+        if upload.job_id is None:
+            self.set_header("Upload-Expires", http_date(upload.expires_at))
+
+    async def head(self, upload_id: str) -> None:
+        upload = await self._own(upload_id)
+        self._describe(upload)
+        if upload.metadata:
+            self.set_header("Upload-Metadata", upload.metadata)
+        self.set_status(200)
+        self.finish()
+
+    async def _begin_patch(self) -> None:
+        upload = await self._own(self.path_args[0])
+        content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != OFFSET_TYPE:
+            raise ApiError(415, f"PATCH needs 'Content-Type: {OFFSET_TYPE}' (got {content_type[:40] or 'none'!r})")
+        offset = _number(self.request.headers.get("Upload-Offset"), "Upload-Offset")
+        if upload.job_id is not None:
+            raise ApiError(409, f"upload {upload.id} was already used by job {upload.job_id}; it takes no more bytes")
+        if offset != upload.upload_offset:
+            raise ApiError(409, f"Upload-Offset {offset} does not match the upload's offset {upload.upload_offset}: "
+                                "ask HEAD for it and send from there", {"Upload-Offset": str(upload.upload_offset)})
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and offset + int(length) > upload.upload_length:
+            raise ApiError(413, f"this PATCH would take the upload past its Upload-Length ({upload.upload_length} bytes)")
+        algorithm, expected = self._checksum()
+        self._check_disk(0)
+        path = self.service.files.resumable_path(upload.id)
+        try:
+            handle = open(path, "r+b")
+        except FileNotFoundError:
+            raise ApiError(410, f"the bytes of upload {upload.id} are gone from the server; upload again") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ApiError(423, f"another PATCH of upload {upload.id} is in progress; ask HEAD for the offset "
+                                "once it ends") from None
+        # Bytes past the recorded offset (from a PATCH cut off before it was recorded) do not count.
+        handle.truncate(offset)
+        handle.seek(offset)
+        self._upload = upload
+        self._writing = _Writing(handle, offset, algorithm, expected)
+
+    def _checksum(self) -> tuple[str | None, bytes | None]:
+        header = self.request.headers.get("Upload-Checksum")
+        if header is None:
+            return None, None
+        algorithm, _, encoded = header.strip().partition(" ")
+        if algorithm.lower() != "sha1":
+            raise ApiError(400, f"Upload-Checksum algorithm {algorithm[:20]!r} is not supported; use sha1")
+        try:
+            return "sha1", base64.b64decode(encoded.strip(), validate=True)
+        except binascii.Error:
+            raise ApiError(400, "Upload-Checksum: the checksum is not base64") from None
+
+    def data_received(self, chunk: bytes) -> None:
+        writing = self._writing
+        if writing is None or self._refused:
+            return
+        assert self._upload is not None
+        if writing.start + writing.received + len(chunk) > self._upload.upload_length:
+            self._refuse(413, f"the PATCH goes past the upload's Upload-Length ({self._upload.upload_length} bytes)")
+            return
+        try:
+            writing.write(chunk)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            self._refuse(507 if full else 500, "the server's upload disk is full; try again later" if full
+                         else "could not write the upload (see the server log)")
+            if not full:
+                log.error("upload %s: write failed: %s", self._upload.id, exc)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer now and drop this PATCH's bytes: the rest of the body is not worth reading."""
+        self._refused = True
+        if self._writing is not None:
+            self._writing.close(keep=False)
+            self._writing = None
+        self.send_error(status, exc_info=(ApiError, ApiError(status, message), None))
+
+    async def patch(self, upload_id: str) -> None:
+        writing, upload = self._writing, self._upload
+        if self._refused or writing is None or upload is None:
+            return
+        self._writing = None
+        if writing.expected is not None and writing.hasher is not None and writing.hasher.digest() != writing.expected:
+            writing.close(keep=False)
+            raise ApiError(460, "Upload-Checksum does not match the PATCH's body (sha1); the bytes were dropped: "
+                                "send them again")
+        received = writing.close(keep=True)
+        await self._record(upload, writing.start, received)
+        self._describe(upload)
+        self.set_status(204)
+        self.finish()
+
+    async def _record(self, upload: UploadRecord, start: int, received: int) -> None:
+        """Make the bytes durable, then move the ledger's offset (only then do they count)."""
+        path = self.service.files.resumable_path(upload.id)
+        await asyncio.get_running_loop().run_in_executor(None, _fsync, path)
+        if not await self.service.ledger.advance_upload(upload.id, start, start + received):
+            raise ApiError(409, f"upload {upload.id} changed meanwhile (another PATCH, used, or expired); "
+                                "ask HEAD for its offset")
+        upload.upload_offset = start + received
+        if upload.complete:
+            log.info("upload %s finished: %d bytes", upload.id, upload.upload_length)
+
+    def on_connection_close(self) -> None:
+        # Cut off mid-PATCH: keep what came (tus core: the client resumes from HEAD's offset),
+        # unless a checksum was asked for, which a part of the body cannot satisfy.
+        writing, upload = self._writing, self._upload
+        self._writing = None
+        if writing is None or upload is None:
+            return
+        keep = writing.expected is None
+        received = writing.close(keep=keep)
+        if received:
+            asyncio.ensure_future(self._record_partial(upload, writing.start, received))
+
+    async def _record_partial(self, upload: UploadRecord, start: int, received: int) -> None:
+        try:
+            await self._record(upload, start, received)
+            log.info("upload %s: connection cut mid-PATCH; kept %d bytes, offset %d", upload.id, received,
+                     upload.upload_offset)
+        except Exception as exc:  # the next PATCH starts from the recorded offset anyway
+            log.warning("upload %s: could not record a cut-off PATCH's bytes: %s", upload.id, exc)
+
+    # -- termination
+
+    async def delete(self, upload_id: str) -> None:
+        upload = await self._own(upload_id)
+        if upload.job_id is not None:
+            raise ApiError(409, f"upload {upload.id} already became job {upload.job_id}; cancel the job instead")
+        if not await self.service.ledger.delete_upload(upload.id):
+            raise ApiError(404, f"no upload with id {upload.id!r}")
+        self.service.files.remove_resumable(upload.id)
+        log.info("upload %s terminated by the client", upload.id)
+        self.set_status(204)
+        self.finish()
+
+
+def _fsync(path: os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
