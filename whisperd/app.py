@@ -14,6 +14,7 @@ from .handlers.openai import ModelsHandler, OpenAITranscriptionHandler
 from .handlers.events import JobEventsHandler
 from .handlers.models import ModelsHandler as PageModelsHandler
 from .handlers.status import StatusHandler
+from .handlers.tenants import UsageHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
 from .handlers.web import WebFileHandler
 from .service import Service
@@ -46,6 +47,7 @@ ROUTES = [
     (r"/metrics/?", MetricsHandler),
     (rf"/transcription/{JOB_ID}/events/?", JobEventsHandler),
     (r"/models/?", PageModelsHandler),
+    (r"/usage/?", UsageHandler),
 ]
 
 # The web page's files: not API, so not in openapi.json.

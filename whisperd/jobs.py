@@ -61,6 +61,7 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     callback_url: str | None = None
+    audio_seconds: float | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":
@@ -88,6 +89,7 @@ class NewJob:
     device_index: str
     warnings: list[str] = field(default_factory=list)
     callback_url: str | None = None
+    audio_seconds: float | None = None
 
 
 @dataclass
@@ -103,6 +105,10 @@ class TokenRecord:
     expires_at: str | None
     last_used_at: str | None
     revoked_at: str | None
+    # Per-token limits (issue 15): None = the setting's default, 0 = no limit.
+    max_queued: int | None = None
+    max_audio_minutes_per_day: float | None = None
+    max_file_size: int | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "TokenRecord":

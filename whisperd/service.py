@@ -66,7 +66,7 @@ class Service:
         self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
             else None
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
-        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
+        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
         self.webhooks = WebhookSender(config, self.ledger)
         self.draining = False
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -208,7 +208,7 @@ class Service:
     # -- reading
 
     async def queue_position(self, job: Job) -> int:
-        position = await self.ledger.queue_position(job)
+        position = await self.ledger.queue_position(job, self.config.WHISPER_SCHEDULING)
         if self.config.ENABLE_CONCURRENCY:
             return math.ceil(position / self.config.MAX_CONCURRENT_JOBS)
         return position

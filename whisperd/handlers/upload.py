@@ -11,7 +11,8 @@ from tornado.web import stream_request_body
 from .. import metrics
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
-from ..probe import probe
+from ..limits import LimitExceeded, Limits, check_usage, file_size_limit
+from ..probe import duration, probe
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, UploadError, boundary_of
 from .base import ApiError, BaseHandler
 
@@ -28,6 +29,8 @@ class UploadHandler(BaseHandler):
     _job_id: str | None = None
     _committed = False
     _holds_slot = False
+    _audio_seconds: float | None = None
+    limits: Limits
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -35,13 +38,15 @@ class UploadHandler(BaseHandler):
             return
         if self.service.draining:
             raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
-        limit = self.service.config.MAX_FILE_SIZE
+        self.limits = self.identity.limits.resolved(self.service.config)
+        limit, limit_name = file_size_limit(self.limits, self.service.config.MAX_FILE_SIZE)
         length = self.request.headers.get("Content-Length")
         if length is not None:
             if not length.isdigit():
                 raise ApiError(400, "Content-Length is not a number")
             if int(length) > limit + FORM_OVERHEAD:
-                raise ApiError(413, f"request body of {length} bytes is larger than MAX_FILE_SIZE ({limit} bytes)")
+                raise ApiError(413, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
+        await self.check_limits()  # before a byte is stored: a refused upload leaves nothing
         self._take_upload_slot()
         self._check_disk()
         try:
@@ -50,7 +55,16 @@ class UploadHandler(BaseHandler):
             raise ApiError(exc.status, exc.message) from None
         self._job_id = new_job_id()
         staging = self.service.files.staging_dir(self._job_id)
-        self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields)
+        self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields,
+                                           limit_name=limit_name)
+
+    async def check_limits(self, adding_seconds: float = 0.0) -> None:
+        """ApiError 429 (with Retry-After) when the caller is over its queue or daily audio limit."""
+        try:
+            await check_usage(self.service.ledger, self.identity.name, self.limits, adding_seconds)
+        except LimitExceeded as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+            raise ApiError(exc.status, exc.message, headers) from None
 
     def _take_upload_slot(self) -> None:
         cap = self.service.config.WHISPER_MAX_PENDING_UPLOADS
@@ -121,6 +135,13 @@ class UploadHandler(BaseHandler):
             self._discard()
             raise ApiError(415, f"the uploaded file '{form.client_filename}' is not audio or video with sound: "
                                 f"ffprobe found {probed.found}")
+        self._audio_seconds = await duration(self.service.config.WHISPER_FFPROBE, form.file_path)
+        if self._receiver is None:
+            return False
+        try:
+            await self.check_limits(self._audio_seconds or 0.0)
+        except ApiError as exc:
+            self.refuse(exc)
         # The client left while the file was probed; on_connection_close cleaned up.
         return self._receiver is not None
 
@@ -132,10 +153,12 @@ class UploadHandler(BaseHandler):
     def new_job(self, form: ReceivedForm, **fields: Any) -> NewJob:
         assert self._job_id is not None
         return NewJob(id=self._job_id, owner=self.identity.name, filename=form.client_filename,
-                      upload_bytes=form.file_bytes, **fields)
+                      upload_bytes=form.file_bytes, audio_seconds=self._audio_seconds, **fields)
 
     async def submit(self, new_job: NewJob, hf_token: str | None) -> Job:
         try:
+            # Again, just before the row: other uploads of this caller may have been accepted meanwhile.
+            await self.check_limits(new_job.audio_seconds or 0.0)
             job = await self.service.submit(new_job, hf_token)
         except Exception:
             self._discard()
