@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -242,6 +243,29 @@ def test_max_queued_per_token_with_the_setting_as_default(secure):
     assert refused.status_code == 429 and "max_queued is 1 for 'two', which has 3" in refused.json()["error"]
     # Its listing says what it has.
     assert len(server.api("GET", "/transcription", token=two).json()["jobs"]) == 3
+
+
+def test_limits_hold_for_uploads_racing_in_two_worker_processes(secure, tmp_path):
+    server = secure(HTTP_WORKER_NUMBER="2", FAKE_WHISPERX_MODE="slow", FAKE_WHISPERX_SLOW_SECONDS="60")
+    queued = server.create_token("racer", "--max-queued", "2")
+    audio = server.create_token("talker", "--max-audio-minutes-per-day", "0.05")  # 3 s
+    clip = make_wav(tmp_path / "clip.wav", seconds=1.0)
+
+    def burst(token: str) -> list[requests.Response]:
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda _: server.submit(clip, token=token), range(8)))
+
+    for token, name, allowed in ((queued, "racer", 2), (audio, "talker", 3)):
+        answers = burst(token)
+        codes = sorted(response.status_code for response in answers)
+        assert codes == [202] * allowed + [429] * (8 - allowed), [r.text for r in answers]
+        assert server.rows("SELECT count(*) FROM jobs WHERE owner=?", (name,))[0][0] == allowed
+        for response in answers:
+            if response.status_code == 429:
+                assert response.headers["Retry-After"].isdigit()
+                assert ("max_queued is 2" if name == "racer" else "max_audio_minutes_per_day is 0.05") \
+                    in response.json()["error"]
+    assert_nothing_written(server, 5)
 
 
 def test_setting_defaults_apply_to_tokens_the_ledger_does_not_know(make_server):

@@ -92,6 +92,16 @@ class NewJob:
     audio_seconds: float | None = None
 
 
+@dataclass(frozen=True)
+class Quota:
+    """What submit() checks in the transaction that inserts the job, so that concurrent uploads
+    (in any worker process) cannot together pass a limit; 0 = no limit."""
+
+    max_active: int = 0  # jobs of the owner Queued or Processing, this one not counted
+    max_audio_seconds: float = 0.0  # audio of the owner's jobs since `since`, this one included
+    since: str = ""  # ISO time the audio budget counts from (the start of the UTC day)
+
+
 @dataclass
 class TokenRecord:
     id: int

@@ -11,6 +11,8 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .jobs import Quota
+
 NAMES = ("max_queued", "max_audio_minutes_per_day", "max_file_size")
 # The setting that gives each limit its default.
 SETTING_OF = {
@@ -84,29 +86,44 @@ def file_size_limit(limits: Limits, server_max: int) -> tuple[int, str]:
     return server_max, "MAX_FILE_SIZE"
 
 
+def quota(limits: Limits) -> Quota:
+    """What the ledger checks again in the transaction that inserts the job."""
+    return Quota(max_active=limits.max_queued or 0,
+                 max_audio_seconds=(limits.max_audio_minutes_per_day or 0.0) * 60,
+                 since=usage_windows()[0])
+
+
+def refusal(name: str, limits: Limits, which: str, used: float, adding_seconds: float = 0.0) -> LimitExceeded:
+    """The 429 for a caller over `which` ("max_queued" or "max_audio_seconds"), naming limit and usage."""
+    if which == "max_queued":
+        return LimitExceeded(
+            429, f"too many jobs: max_queued is {limits.max_queued} for {name!r}, which has {int(used)} queued or "
+                 "running; wait for one to finish (or cancel one) and send it again",
+            QUEUE_RETRY_AFTER_SECONDS)
+    this = f" and this file has {adding_seconds / 60:.2f} more" if adding_seconds else ""
+    return LimitExceeded(
+        429, f"daily audio limit reached: max_audio_minutes_per_day is {_number(limits.max_audio_minutes_per_day)} "
+             f"for {name!r}, which has used {used / 60:.2f} minutes today (UTC){this}; "
+             "the budget starts again at midnight UTC",
+        seconds_to_next_day())
+
+
 async def check_usage(ledger: Any, name: str, limits: Limits, adding_seconds: float = 0.0) -> None:
     """LimitExceeded when the caller has too many jobs in the queue, or its audio budget for
-    today cannot take `adding_seconds` more (0: is any budget left at all?)."""
+    today cannot take `adding_seconds` more (0: is any budget left at all?). A quick answer
+    before the upload is stored; the ledger's submit checks the same again (see quota())."""
     if not limits.max_queued and not limits.max_audio_minutes_per_day:
         return
     today, window = usage_windows()
     used = (await ledger.usage(name, today, window)).get(name, {})
     active = int(used.get("active") or 0)
     if limits.max_queued and active >= limits.max_queued:
-        raise LimitExceeded(
-            429, f"too many jobs: max_queued is {limits.max_queued} for {name!r}, which has {active} queued or "
-                 "running; wait for one to finish (or cancel one) and send it again",
-            QUEUE_RETRY_AFTER_SECONDS)
+        raise refusal(name, limits, "max_queued", active)
     if limits.max_audio_minutes_per_day:
         budget = limits.max_audio_minutes_per_day * 60
         spent = float(used.get("seconds_today") or 0.0)
         if spent + adding_seconds > budget or (adding_seconds == 0 and spent >= budget):
-            this = f" and this file has {adding_seconds / 60:.2f} more" if adding_seconds else ""
-            raise LimitExceeded(
-                429, f"daily audio limit reached: max_audio_minutes_per_day is {_number(limits.max_audio_minutes_per_day)} "
-                     f"for {name!r}, which has used {spent / 60:.2f} minutes today (UTC){this}; "
-                     "the budget starts again at midnight UTC",
-                seconds_to_next_day())
+            raise refusal(name, limits, "max_audio_seconds", spent, adding_seconds)
 
 
 def _number(value: float) -> str:

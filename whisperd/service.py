@@ -17,7 +17,7 @@ from .auth import Authenticator, accept_any_token, load_validator
 from .config import Config
 from .faults import crash_point
 from .jobfiles import JobFiles
-from .jobs import Job, NewJob
+from .jobs import Job, NewJob, Quota
 from .ledger import Ledger, open_ledger
 from .results import EngineOutputError, build_response, load_engine_result
 from .retention import expire_old_jobs
@@ -132,12 +132,14 @@ class Service:
         except (OSError, UnicodeDecodeError):
             return None
 
-    async def submit(self, new_job: NewJob, hf_token: str | None) -> Job:
-        """Move the staged upload into place and commit the row; only then is the job accepted."""
+    async def submit(self, new_job: NewJob, hf_token: str | None, quota: Quota | None = None) -> Job:
+        """Move the staged upload into place and commit the row; only then is the job accepted.
+
+        With a quota, the ledger may refuse the row (QuotaExceeded): the files go, nothing stays."""
         self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
         crash_point("upload-committed")
         try:
-            await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes")
+            await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes", quota=quota)
         except BaseException:
             self.files.remove_all(new_job.id)
             raise

@@ -11,7 +11,8 @@ from tornado.web import stream_request_body
 from .. import metrics
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
-from ..limits import LimitExceeded, Limits, check_usage, file_size_limit
+from ..ledger import QuotaExceeded
+from ..limits import LimitExceeded, Limits, check_usage, file_size_limit, quota, refusal
 from ..probe import duration, probe
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, UploadError, boundary_of
 from .base import ApiError, BaseHandler
@@ -157,9 +158,13 @@ class UploadHandler(BaseHandler):
 
     async def submit(self, new_job: NewJob, hf_token: str | None) -> Job:
         try:
-            # Again, just before the row: other uploads of this caller may have been accepted meanwhile.
-            await self.check_limits(new_job.audio_seconds or 0.0)
-            job = await self.service.submit(new_job, hf_token)
+            # Checked again in the transaction that writes the row: other uploads of this caller
+            # (in this process or another) may have been accepted since the checks above.
+            job = await self.service.submit(new_job, hf_token, quota(self.limits))
+        except QuotaExceeded as exc:
+            self._discard()
+            over = refusal(self.identity.name, self.limits, exc.limit, exc.used, new_job.audio_seconds or 0.0)
+            raise ApiError(over.status, over.message, {"Retry-After": str(over.retry_after)}) from None
         except Exception:
             self._discard()
             raise

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..jobs import Job, NewJob, TokenRecord
-from .errors import LedgerBusy, LedgerError, LedgerUnavailable, TokenNameTaken
+from ..jobs import Job, NewJob, Quota, TokenRecord
+from .errors import LedgerBusy, LedgerError, LedgerUnavailable, QuotaExceeded, TokenNameTaken
 from .recovery import Recovery
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["Ledger", "LedgerBusy", "LedgerError", "LedgerUnavailable", "TokenNameTaken", "Recovery",
+__all__ = ["Ledger", "LedgerBusy", "LedgerError", "LedgerUnavailable", "QuotaExceeded", "TokenNameTaken", "Recovery",
            "open_ledger", "prepare", "prepare_schema", "release_worker"]
 
 
@@ -29,7 +29,8 @@ class Ledger(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     # jobs
-    async def submit(self, job: NewJob, detail: str | None = None) -> None: ...
+    # quota (issue 15): checked in the inserting transaction; QuotaExceeded and nothing written when over
+    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> None: ...
     # policy: "fifo" (the oldest job) or "fair" (the oldest job of the owner served least
     # recently; every claim records its owner's turn, whatever the policy). Issue 15.
     async def claim(self, max_running: int, policy: str = "fifo") -> Job | None: ...

@@ -13,8 +13,8 @@ from typing import Any, Iterable
 import aiosqlite
 
 from ..config import REPO_DIR
-from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, TokenRecord, now_iso
-from .errors import LedgerBusy, LedgerUnavailable, TokenNameTaken
+from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, Quota, TokenRecord, now_iso
+from .errors import LedgerBusy, LedgerUnavailable, QuotaExceeded, TokenNameTaken
 from .recovery import Recovery
 
 MIGRATIONS_DIR = REPO_DIR / "migrations" / "sqlite"
@@ -308,8 +308,10 @@ class SQLiteLedger:
 
     # -- the interface
 
-    async def submit(self, job: NewJob, detail: str | None = None) -> None:
+    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> None:
         async def work(conn, now):
+            if quota is not None and (quota.max_active or quota.max_audio_seconds):
+                await self._check_quota(conn, job, quota)
             await conn.execute(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
                 " model, response_format, diarize, prompt, device, device_index, warnings, callback_url,"
@@ -324,6 +326,24 @@ class SQLiteLedger:
             await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)
 
         await self._write(work)
+
+    @staticmethod
+    async def _check_quota(conn, job: NewJob, quota: Quota) -> None:
+        # Inside the writer's BEGIN IMMEDIATE: no other process can insert between this count
+        # and the INSERT. The same jobs count as in usage(): not those canceled before they ran.
+        async with conn.execute(
+            "SELECT sum(status IN ('Queued', 'Processing')),"
+            " total(CASE WHEN created_at >= ? AND NOT (status='Canceled' AND started_at IS NULL)"
+            " THEN audio_seconds END) FROM jobs WHERE owner=?",
+            (quota.since, job.owner),
+        ) as cursor:
+            active, seconds = await cursor.fetchone()
+        if quota.max_active and (active or 0) >= quota.max_active:
+            raise QuotaExceeded("max_queued", active or 0)
+        adding = job.audio_seconds or 0.0
+        if quota.max_audio_seconds and (seconds + adding > quota.max_audio_seconds
+                                        or (not adding and seconds >= quota.max_audio_seconds)):
+            raise QuotaExceeded("max_audio_seconds", seconds)
 
     async def claim(self, max_running: int, policy: str = "fifo") -> Job | None:
         """Atomically move the next Queued job to Processing, if fewer than max_running run.
