@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 import uuid
@@ -82,39 +83,44 @@ def test_one_tokens_backlog_does_not_starve_anothers_single_job(secure, policy):
     assert [job for job in order if job != b_job] == a_jobs
 
 
-def test_fair_positions_match_the_order_the_claim_takes(tmp_path):
+@pytest.mark.parametrize("seed", range(6))
+def test_fair_positions_match_the_order_the_claim_takes(tmp_path, seed):
     """Whatever the mix, queue_position under fair names the order fair claims really follow."""
+    chooser = random.Random(seed)
     path = str(tmp_path / "ledger.db")
     open_admin(path).close()
+
+    async def submit(ledger, owner: str) -> str:
+        job_id = str(uuid.uuid4())
+        await ledger.submit(NewJob(id=job_id, owner=owner, filename="x.wav", upload_bytes=1, language="en",
+                                   model="tiny.en", response_format="json", diarize=False, prompt="",
+                                   device="cpu", device_index="0"))
+        return job_id
 
     async def scenario() -> tuple[dict[str, int], list[str]]:
         ledger = SQLiteLedger(path, "test")
         await ledger.open()
         try:
-            owners = ["a"] * 5 + ["b"] * 2 + ["c"] + ["a", "b", "c", "d"]
-            ids = []
-            for owner in owners:
-                job_id = str(uuid.uuid4())
-                ids.append(job_id)
-                await ledger.submit(NewJob(id=job_id, owner=owner, filename="x.wav", upload_bytes=1, language="en",
-                                           model="tiny.en", response_format="json", diarize=False, prompt="",
-                                           device="cpu", device_index="0"))
-            # "c" was served before: it goes after those never served.
-            first = await ledger.claim(1, "fair")
-            await ledger.complete(first.id, "en")
-            positions = {job_id: await ledger.queue_position(await ledger.get(job_id), "fair")
-                         for job_id in ids if job_id != first.id}
+            owners = [chooser.choice("abcde"[:chooser.randint(1, 5)]) for _ in range(chooser.randint(1, 25))]
+            ids = [await submit(ledger, owner) for owner in owners]
+            # Some are served first (they go behind those never served), and more arrive after.
+            for _ in range(chooser.randint(0, len(ids) // 2)):
+                job = await ledger.claim(1, "fair")
+                await ledger.complete(job.id, "en")
+                ids.remove(job.id)
+            ids += [await submit(ledger, chooser.choice("abcdef")) for _ in range(chooser.randint(0, 6))]
+            positions = {job_id: await ledger.queue_position(await ledger.get(job_id), "fair") for job_id in ids}
             taken = []
             while (job := await ledger.claim(1, "fair")) is not None:
                 taken.append(job.id)
                 await ledger.complete(job.id, "en")
-            return positions, [first.id] + taken
+            return positions, taken
         finally:
             await ledger.close()
 
     positions, taken = asyncio.run(scenario())
     assert sorted(positions.values()) == list(range(1, len(positions) + 1))
-    assert [job_id for job_id, _ in sorted(positions.items(), key=lambda item: item[1])] == taken[1:]
+    assert [job_id for job_id, _ in sorted(positions.items(), key=lambda item: item[1])] == taken
 
 
 # -- listing ----------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ ALTER TABLE api_tokens ADD COLUMN max_file_size INTEGER;
 -- A caller's jobs, newest first (GET /transcription), and its usage by day (GET /usage).
 CREATE INDEX jobs_by_owner ON jobs (owner, seq);
 CREATE INDEX jobs_by_owner_created ON jobs (owner, created_at);
--- Each identity's oldest queued job: the fair claim's candidates.
-CREATE INDEX jobs_queued_by_owner ON jobs (owner, seq) WHERE status = 'Queued';
+-- The fair claim hops from owner to owner with queued jobs and takes each one's oldest.
+CREATE INDEX jobs_by_status_owner ON jobs (status, owner, seq);
 -- One row per identity the scheduler has served: `turn` grows by one per claim, so the
 -- identity with the smallest turn (or none) was served least recently.
 CREATE TABLE scheduling_turns (

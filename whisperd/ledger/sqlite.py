@@ -22,9 +22,19 @@ TOKEN_LIMITS = ("max_queued", "max_audio_minutes_per_day", "max_file_size")  # a
 
 # The claim's choice of the next job, per scheduling policy (a subquery returning one seq).
 _FIFO_NEXT = "SELECT seq FROM jobs WHERE status='Queued' ORDER BY seq LIMIT 1"
+# The owners with queued jobs, found by hopping through the index (status, owner, seq): one
+# lookup per owner, however many jobs each has queued (a GROUP BY would read them all).
+_QUEUED_OWNERS = (
+    "WITH RECURSIVE queued_owners(owner) AS ("
+    " SELECT (SELECT min(owner) FROM jobs WHERE status='Queued')"
+    " UNION ALL SELECT (SELECT min(owner) FROM jobs WHERE status='Queued' AND owner > q.owner)"
+    " FROM queued_owners q WHERE q.owner IS NOT NULL) "
+)
 _FAIR_NEXT = (
-    "SELECT h.seq FROM (SELECT owner, min(seq) AS seq FROM jobs WHERE status='Queued' GROUP BY owner) h"
-    " LEFT JOIN scheduling_turns t ON t.owner = h.owner ORDER BY coalesce(t.turn, 0), h.seq LIMIT 1"
+    _QUEUED_OWNERS
+    + "SELECT (SELECT min(seq) FROM jobs WHERE status='Queued' AND owner=q.owner) AS head"
+    " FROM queued_owners q LEFT JOIN scheduling_turns t ON t.owner = q.owner WHERE q.owner IS NOT NULL"
+    " ORDER BY coalesce(t.turn, 0), head LIMIT 1"
 )
 
 
@@ -518,10 +528,15 @@ class SQLiteLedger:
         rank = int(row[0]) if row else 0
         if rank == 0:
             return 0
+        # Another owner delays this job by at most `rank` jobs: count no further than that.
         owners = await self._fetch_all(
-            "SELECT h.owner, h.n, h.head, coalesce(t.turn, 0) AS turn FROM"
-            " (SELECT owner, count(*) AS n, min(seq) AS head FROM jobs WHERE status='Queued' GROUP BY owner) h"
-            " LEFT JOIN scheduling_turns t ON t.owner = h.owner"
+            _QUEUED_OWNERS
+            + "SELECT q.owner,"
+            " (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status='Queued' AND owner=q.owner LIMIT :rank)) AS n,"
+            " (SELECT min(seq) FROM jobs WHERE status='Queued' AND owner=q.owner) AS head,"
+            " coalesce(t.turn, 0) AS turn"
+            " FROM queued_owners q LEFT JOIN scheduling_turns t ON t.owner = q.owner WHERE q.owner IS NOT NULL",
+            {"rank": rank},
         )
         return fair_position(job.owner, rank, [(r["owner"], r["n"], r["turn"], r["head"]) for r in owners])
 
