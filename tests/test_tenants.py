@@ -363,6 +363,7 @@ def test_token_limit_options_are_checked_on_the_command_line(secure):
     done = server.cli("token", "create", "--name", "limited", "--max-queued", "4",
                       "--max-audio-minutes-per-day", "90", "--max-file-size", "1000000")
     assert done.returncode == 0, done.stderr
+    assert "max_queued=4, max_audio_minutes_per_day=90, max_file_size=1000000" in done.stdout
     (row,) = server.rows("SELECT max_queued, max_audio_minutes_per_day, max_file_size FROM api_tokens")
     assert tuple(row) == (4, 90.0, 1000000)
     listing = server.cli("token", "list").stdout

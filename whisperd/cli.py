@@ -104,15 +104,17 @@ async def _create(store: ledger.Ledger, args: argparse.Namespace) -> int:
     token, prefix = tokens.new_token()
     algorithm, salt, digest = tokens.hashed_for_storage(token)
     expires_at = tokens.expiry(args.expires_in)
+    given = _limits_given(args)
     try:
         await store.insert_token(args.name, prefix, algorithm, salt, digest, args.admin, expires_at,
-                                 _limits_given(args))
+                                 given)
     except ledger.TokenNameTaken:
         print(f"whisperd: a token named {args.name!r} already exists; revoke it first "
               f"(python whisperd.py token revoke {args.name}) or choose another name", file=sys.stderr)
         return 1
+    shown = "".join(f", {name}={_shown(value)}" for name, value in given.items())
     print(f"Created {'admin ' if args.admin else ''}token {args.name!r} (prefix {prefix}, "
-          f"expires {expires_at or 'never'}). It is shown only this once; send it as "
+          f"expires {expires_at or 'never'}{shown}). It is shown only this once; send it as "
           "'Authorization: Bearer <token>':")
     print(token)
     return 0

@@ -138,12 +138,11 @@ class UploadHandler(BaseHandler):
                                 f"ffprobe found {probed.found}")
         self._audio_seconds = await duration(self.service.config.WHISPER_FFPROBE, form.file_path)
         if self._receiver is None:
-            return False
+            return False  # the client left while the file was probed; on_connection_close cleaned up
         try:
-            await self.check_limits(self._audio_seconds or 0.0)
+            await self.check_limits(self._audio_seconds or 0.0)  # now that the daily budget can be weighed
         except ApiError as exc:
             self.refuse(exc)
-        # The client left while the file was probed; on_connection_close cleaned up.
         return self._receiver is not None
 
     def refuse(self, error: Exception) -> None:
