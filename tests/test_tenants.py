@@ -53,8 +53,9 @@ def wait_rows(server: Server, sql: str, wanted, timeout: float = 60.0):
 
 @pytest.mark.parametrize("policy", ["fair", "fifo"])
 def test_one_tokens_backlog_does_not_starve_anothers_single_job(secure, policy):
-    # A's first job runs slowly, so that A's other seven and B's one all wait behind it.
-    server = secure(WHISPER_SCHEDULING=policy, FAKE_WHISPERX_SLOW_SECONDS="4")
+    # A's first job runs until it is canceled, so that A's other seven and B's one all wait
+    # behind it however slowly this machine takes the uploads.
+    server = secure(WHISPER_SCHEDULING=policy, FAKE_WHISPERX_SLOW_SECONDS="120")
     token_a, token_b = server.create_token("tenant-a"), server.create_token("tenant-b")
     a_jobs = [server.submit_ok(token=token_a, prompt="fake:slow")]
     wait_rows(server, "SELECT count(*) FROM jobs WHERE status='Processing'", 1)
@@ -70,6 +71,7 @@ def test_one_tokens_backlog_does_not_starve_anothers_single_job(secure, policy):
     else:
         assert position_b == 8
         assert positions_a == [1, 2, 3, 4, 5, 6, 7]
+    assert server.api("DELETE", f"/transcription/{a_jobs[0]}", token=token_a).status_code == 200
 
     assert server.wait_drained(90), server.log()[-3000:]
     order = run_order(server, a_jobs + [b_job])
