@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JFK, REPO, TOKEN
+from conftest import JFK, REPO, TOKEN, make_wav
 from whisperd.formats import render
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -346,4 +346,49 @@ def test_the_page_offers_translation_and_only_the_chosen_models_languages(make_s
     page.select_option("#model", "tiny.en")
     assert page.locator("#task").input_value() == "transcribe"
     assert page.locator("#language option").all_inner_texts() == ["en"]
+    assert page.errors == []
+
+
+def test_your_jobs_lists_live_fetches_a_result_and_cancels(make_server, open_page, tmp_path):
+    server = make_server(WHISPER_API_ALLOW_ANY_TOKEN="false", FAKE_WHISPERX_SLOW_SECONDS="60")
+    alice, bob = server.create_token("alice"), server.create_token("bob")
+    done = server.submit_ok(make_wav(tmp_path / "first.wav"), token=alice)
+    server.wait_status(done, token=alice)
+    running = server.submit_ok(make_wav(tmp_path / "second.wav"), token=alice, prompt="fake:slow")
+    server.wait_status(running, ("Processing",), token=alice)
+    queued = server.submit_ok(make_wav(tmp_path / "third.wav"), token=alice)
+    server.submit_ok(make_wav(tmp_path / "bobs.wav"), token=bob)
+
+    page = open_page(server, token=alice)
+    rows = page.locator("#jobs-body tr")
+    expect(rows).to_have_count(3)  # Alice's three, not Bob's
+    expect(rows.nth(0)).to_contain_text("third.wav")
+    expect(rows.nth(0)).to_contain_text("Queued")
+    expect(rows.nth(1)).to_contain_text("second.wav")
+    expect(rows.nth(1)).to_contain_text("Processing")
+    expect(rows.nth(2)).to_contain_text("first.wav")
+    expect(rows.nth(2)).to_contain_text("Completed")
+    expect(page.locator("#jobs-body")).not_to_contain_text("bobs.wav")
+
+    # A finished job's result, fetched from the list: shown below, and the list says it is fetched.
+    page.get_by_role("button", name="Get the result of first.wav").click()
+    expect(page.locator("#result")).to_be_visible()
+    expect(page.locator("#transcript li")).to_have_count(2)
+    expect(rows.nth(2)).to_contain_text("(result fetched)")
+    assert server.rows("SELECT delivered_at FROM jobs WHERE id=?", (done,))[0][0]
+
+    # Cancel from the list.
+    page.get_by_role("button", name="Cancel third.wav").click()
+    expect(page.locator("#messages")).to_have_text("Job canceled successfully")
+    expect(rows.nth(0)).to_contain_text("Canceled")
+    assert server.rows("SELECT status FROM jobs WHERE id=?", (queued,))[0][0] == "Canceled"
+
+    # Live: a job sent from elsewhere shows up without a reload.
+    server.submit_ok(make_wav(tmp_path / "fourth.wav"), token=alice)
+    expect(rows).to_have_count(4, timeout=10_000)
+    expect(rows.nth(0)).to_contain_text("fourth.wav")
+    page.get_by_role("button", name="Cancel second.wav").click()
+    expect(rows.nth(2)).to_contain_text("Canceled", timeout=15_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-your-jobs.png"), full_page=True)
     assert page.errors == []

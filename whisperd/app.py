@@ -14,6 +14,7 @@ from .handlers.openai import ModelsHandler, OpenAITranscriptionHandler, OpenAITr
 from .handlers.events import JobEventsHandler
 from .handlers.models import ModelsHandler as PageModelsHandler
 from .handlers.status import StatusHandler
+from .handlers.tenants import UsageHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
 from .handlers.tus import UploadHandler, UploadsHandler
 from .handlers.web import WebFileHandler
@@ -50,6 +51,7 @@ ROUTES = [
     (r"/models/?", PageModelsHandler),
     (r"/uploads/?", UploadsHandler),
     (rf"/uploads/{JOB_ID}/?", UploadHandler),
+    (r"/usage/?", UsageHandler),
 ]
 
 # The web page's files: not API, so not in openapi.json.

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from .limits import UNSET, Limits
+
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]{1,512})$")
 
 
@@ -15,6 +17,8 @@ _BEARER = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]{1,512})$")
 class Identity:
     name: str
     admin: bool = False
+    # The token's own limits (ledger tokens); UNSET: the WHISPER_TOKEN_MAX_* defaults apply.
+    limits: Limits = UNSET
 
     def may_see(self, owner: str) -> bool:
         return self.admin or self.name == owner

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from . import config as config_module, ledger, server, tokens
+from . import config as config_module, ledger, limits, server, tokens
 from .jobs import now_iso
 
 
@@ -20,7 +20,11 @@ def main(argv: list[str]) -> int:
     create.add_argument("--name", required=True, help="who uses it; their jobs are visible to this token only")
     create.add_argument("--expires-in", type=float, metavar="DAYS", help="refuse it after this many days")
     create.add_argument("--admin", action="store_true", help="may see and cancel every identity's jobs")
-    token_commands.add_parser("list", help="tokens with name, prefix, dates (never the token itself)")
+    _limit_options(create, allow_default=False)
+    update = token_commands.add_parser("update", help="change the limits of the named token in force")
+    update.add_argument("name")
+    _limit_options(update, allow_default=True)
+    token_commands.add_parser("list", help="tokens with name, prefix, dates, limits (never the token itself)")
     revoke = token_commands.add_parser("revoke", help="refuse the named token from now on")
     revoke.add_argument("name")
     args = parser.parse_args(argv)
@@ -31,12 +35,51 @@ def main(argv: list[str]) -> int:
     except config_module.ConfigError as exc:
         print(f"whisperd: configuration error: {exc}", file=sys.stderr)
         return 2
-    handler = {"create": _create, "list": _list, "revoke": _revoke}[args.token_command]
+    handler = {"create": _create, "update": _update, "list": _list, "revoke": _revoke}[args.token_command]
     try:
         return asyncio.run(_with_ledger(config, handler, args))
     except ledger.LedgerUnavailable as exc:
         print(f"whisperd: {exc}", file=sys.stderr)
         return 1
+
+
+def _limit_value(kind, allow_default: bool):
+    """argparse type for a limit: a number >= 0 (0 = no limit), or 'default' where allowed."""
+    def convert(text: str):
+        if allow_default and text.strip().lower() == "default":
+            return DEFAULT
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number >= 0"
+                                              f"{' or default' if allow_default else ''}, got {text!r}") from None
+        if value < 0 or value != value:
+            raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+        return value
+
+    return convert
+
+
+DEFAULT = object()  # `token update --max-queued default`: back to the WHISPER_TOKEN_MAX_* setting
+
+
+def _limit_options(parser: argparse.ArgumentParser, allow_default: bool) -> None:
+    tail = " ('default': the setting's value)" if allow_default else ""
+    parser.add_argument("--max-queued", type=_limit_value(int, allow_default), metavar="K",
+                        help=f"jobs queued or running at once; 0 = no limit{tail}")
+    parser.add_argument("--max-audio-minutes-per-day", type=_limit_value(float, allow_default), metavar="M",
+                        help=f"minutes of audio submitted per UTC day; 0 = no limit{tail}")
+    parser.add_argument("--max-file-size", type=_limit_value(int, allow_default), metavar="BYTES",
+                        help=f"bytes per uploaded file (MAX_FILE_SIZE still applies); 0 = no limit{tail}")
+
+
+def _limits_given(args: argparse.Namespace) -> dict:
+    given = {}
+    for name in limits.NAMES:
+        value = getattr(args, name)
+        if value is not None:
+            given[name] = None if value is DEFAULT else value
+    return given
 
 
 async def _with_ledger(config, handler, args: argparse.Namespace) -> int:
@@ -61,17 +104,41 @@ async def _create(store: ledger.Ledger, args: argparse.Namespace) -> int:
     token, prefix = tokens.new_token()
     algorithm, salt, digest = tokens.hashed_for_storage(token)
     expires_at = tokens.expiry(args.expires_in)
+    given = _limits_given(args)
     try:
-        await store.insert_token(args.name, prefix, algorithm, salt, digest, args.admin, expires_at)
+        await store.insert_token(args.name, prefix, algorithm, salt, digest, args.admin, expires_at,
+                                 given)
     except ledger.TokenNameTaken:
         print(f"whisperd: a token named {args.name!r} already exists; revoke it first "
               f"(python whisperd.py token revoke {args.name}) or choose another name", file=sys.stderr)
         return 1
+    shown = "".join(f", {name}={_shown(value)}" for name, value in given.items())
     print(f"Created {'admin ' if args.admin else ''}token {args.name!r} (prefix {prefix}, "
-          f"expires {expires_at or 'never'}). It is shown only this once; send it as "
+          f"expires {expires_at or 'never'}{shown}). It is shown only this once; send it as "
           "'Authorization: Bearer <token>':")
     print(token)
     return 0
+
+
+async def _update(store: ledger.Ledger, args: argparse.Namespace) -> int:
+    changes = _limits_given(args)
+    if not changes:
+        print("whisperd: nothing to change: give --max-queued, --max-audio-minutes-per-day or --max-file-size",
+              file=sys.stderr)
+        return 2
+    if not await store.update_token_limits(args.name, changes):
+        print(f"whisperd: no token in force is named {args.name!r} (see: python whisperd.py token list)",
+              file=sys.stderr)
+        return 1
+    shown = ", ".join(f"{name}={'default' if value is None else _shown(value)}" for name, value in changes.items())
+    print(f"updated token {args.name!r}: {shown}")
+    return 0
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "default"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 async def _list(store: ledger.Ledger, args: argparse.Namespace) -> int:
@@ -80,11 +147,13 @@ async def _list(store: ledger.Ledger, args: argparse.Namespace) -> int:
         print("no tokens; create one with: python whisperd.py token create --name NAME")
         return 0
     now = now_iso()
-    rows = [("NAME", "PREFIX", "ADMIN", "CREATED", "EXPIRES", "LAST USED", "STATE")]
+    rows = [("NAME", "PREFIX", "ADMIN", "CREATED", "EXPIRES", "LAST USED", "MAX QUEUED", "MAX MIN/DAY",
+             "MAX FILE", "STATE")]
     for r in records:
         state = "revoked " + r.revoked_at if r.revoked_at else ("in force" if r.in_force(now) else "expired")
         rows.append((r.name, r.prefix, "yes" if r.admin else "no", r.created_at, r.expires_at or "never",
-                     r.last_used_at or "never", state))
+                     r.last_used_at or "never", _shown(r.max_queued), _shown(r.max_audio_minutes_per_day),
+                     _shown(r.max_file_size), state))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

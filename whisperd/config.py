@@ -248,6 +248,15 @@ SETTINGS: tuple[Setting, ...] = (
             "url=: the longest silence from the media's server before the fetch is given up"),
     Setting("WHISPER_FETCH_TIMEOUT_SECONDS", 900.0, _float(1),
             "url=: the whole fetch (redirects included) must end within this"),
+    # Tenants (issue 15, docs/tenants.md): defaults for tokens without their own limit; 0 = no limit.
+    Setting("WHISPER_SCHEDULING", "fifo", _choice("fifo", "fair"),
+            "fifo: oldest job first; fair: the oldest job of the identity served least recently"),
+    Setting("WHISPER_TOKEN_MAX_QUEUED", 0, _int(0),
+            "jobs one identity may have queued or running at once (0 = no limit)"),
+    Setting("WHISPER_TOKEN_MAX_AUDIO_MINUTES_PER_DAY", 0.0, _float(0),
+            "minutes of audio one identity may submit per UTC day (0 = no limit)"),
+    Setting("WHISPER_TOKEN_MAX_FILE_SIZE", 0, _int(0),
+            "bytes one identity may upload per file, below MAX_FILE_SIZE (0 = MAX_FILE_SIZE only)"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}

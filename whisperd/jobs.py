@@ -62,6 +62,7 @@ class Job:
     error: str | None = None
     callback_url: str | None = None
     task: str = "transcribe"  # or "translate" (to English)
+    audio_seconds: float | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":
@@ -90,6 +91,17 @@ class NewJob:
     warnings: list[str] = field(default_factory=list)
     callback_url: str | None = None
     task: str = "transcribe"
+    audio_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """What submit() checks in the transaction that inserts the job, so that concurrent uploads
+    (in any worker process) cannot together pass a limit; 0 = no limit."""
+
+    max_active: int = 0  # jobs of the owner Queued or Processing, this one not counted
+    max_audio_seconds: float = 0.0  # audio of the owner's jobs since `since`, this one included
+    since: str = ""  # ISO time the audio budget counts from (the start of the UTC day)
 
 
 @dataclass
@@ -105,6 +117,10 @@ class TokenRecord:
     expires_at: str | None
     last_used_at: str | None
     revoked_at: str | None
+    # Per-token limits (issue 15): None = the setting's default, 0 = no limit.
+    max_queued: int | None = None
+    max_audio_minutes_per_day: float | None = None
+    max_file_size: int | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "TokenRecord":

@@ -46,6 +46,8 @@ def setup(directory: str) -> None:
         exits=Counter("whisperd_engine_exits_total", "Engine process endings by exit code or signal", ["code"]),
         upload_bytes=Counter("whisperd_upload_bytes_total", "Bytes of audio accepted into jobs"),
         uploads=Counter("whisperd_uploads_total", "Uploads accepted into jobs"),
+        audio_seconds=Counter("whisperd_audio_seconds_processed_total",
+                              "Seconds of audio in jobs that completed (ffprobe's duration at upload)"),
         requests=Counter("whisperd_http_requests_total", "HTTP requests answered",
                          ["handler", "method", "status"]),
         lag=Histogram("whisperd_ioloop_lag_seconds", "How late the IOLoop ran a timer (blocking work shows here)",
@@ -97,6 +99,11 @@ def upload_received(size: int) -> None:
     if _m:
         _m["uploads"].inc()
         _m["upload_bytes"].inc(size)
+
+
+def audio_processed(seconds: float | None) -> None:
+    if _m and seconds:
+        _m["audio_seconds"].inc(seconds)
 
 
 def request_done(handler: str, method: str, status: int) -> None:

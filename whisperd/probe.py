@@ -87,3 +87,25 @@ async def probe(ffprobe: str, path: Path) -> ProbeResult:
         return known
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(None, _probe_sync, ffprobe, path)
+
+
+def _duration_sync(ffprobe: str, path: Path) -> float | None:
+    argv = [ffprobe, "-v", "error", "-show_entries", "format=duration", "-of", "json", "--", str(path)]
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=PROBE_TIMEOUT_SECONDS,
+                              close_fds=True, start_new_session=True)
+        value = json.loads(done.stdout[:MAX_OUTPUT] or b"{}").get("format", {}).get("duration")
+        seconds = float(value)
+    except (subprocess.TimeoutExpired, OSError, ValueError, TypeError, AttributeError):
+        return None
+    return seconds if seconds >= 0 and seconds == seconds else None
+
+
+async def duration(ffprobe: str, path: Path) -> float | None:
+    """Seconds of media in the file as ffprobe reads them, None when it cannot tell.
+
+    Stored on the job (usage, the daily audio limit, /metrics). Kept apart from probe() so
+    that a probe which reads the duration anyway can take its place.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, _duration_sync, ffprobe, path)

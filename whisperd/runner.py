@@ -189,7 +189,8 @@ class JobRunner:
             if result.detected_language and engine_result.get("language") != language:
                 engine_result["language"] = language  # keep the canonical copy truthful
                 write_engine_result(opts.output_dir, engine_result)
-            await self.ledger.complete(job.id, language)
+            if await self.ledger.complete(job.id, language):
+                metrics.audio_processed(job.audio_seconds)
             running.ended("Completed")
 
     async def _warn(self, job: Job, warning: str) -> None:

@@ -1,4 +1,4 @@
-"""The queue's scheduler: claims the oldest Queued jobs from the ledger and runs them.
+"""The queue's scheduler: claims the next Queued jobs (fifo or fair, WHISPER_SCHEDULING) from the ledger and runs them.
 
 It is woken by a submission and by a finished job, so a job starts without a polling delay; a
 slow tick also picks up what other worker processes freed and cancels asked for elsewhere.
@@ -16,8 +16,10 @@ log = logging.getLogger("whisperd.scheduler")
 
 
 class Scheduler:
-    def __init__(self, ledger: Ledger, runner: JobRunner, max_running: int, tick_seconds: float = 1.0) -> None:
+    def __init__(self, ledger: Ledger, runner: JobRunner, max_running: int, tick_seconds: float = 1.0,
+                 policy: str = "fifo") -> None:
         self.ledger = ledger
+        self.policy = policy  # WHISPER_SCHEDULING: the ledger's claim applies it
         self.runner = runner
         self.max_running = max_running
         self.tick_seconds = tick_seconds
@@ -48,7 +50,7 @@ class Scheduler:
 
     async def _claim_what_fits(self) -> None:
         while self.accepting and len(self.running) < self.max_running:
-            job = await self.ledger.claim(self.max_running)
+            job = await self.ledger.claim(self.max_running, self.policy)
             if job is None:
                 return
             running = RunningJob(job)

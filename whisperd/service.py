@@ -18,7 +18,7 @@ from .config import Config
 from .faults import crash_point
 from .fetch import MediaFetcher
 from .jobfiles import JobFiles
-from .jobs import Job, NewJob
+from .jobs import Job, NewJob, Quota
 from .ledger import Ledger, open_ledger
 from .results import EngineOutputError, build_response, load_engine_result
 from .retention import expire_old_jobs, expire_uploads
@@ -67,7 +67,7 @@ class Service:
         self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
             else None
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
-        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
+        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
         self.draining = False
@@ -135,12 +135,14 @@ class Service:
         except (OSError, UnicodeDecodeError):
             return None
 
-    async def submit(self, new_job: NewJob, hf_token: str | None) -> Job:
-        """Move the staged upload into place and commit the row; only then is the job accepted."""
+    async def submit(self, new_job: NewJob, hf_token: str | None, quota: Quota | None = None) -> Job:
+        """Move the staged upload into place and commit the row; only then is the job accepted.
+
+        With a quota, the ledger may refuse the row (QuotaExceeded): the files go, nothing stays."""
         self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
         crash_point("upload-committed")
         try:
-            await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes")
+            await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes", quota=quota)
         except BaseException:
             self.files.remove_all(new_job.id)
             raise
@@ -211,7 +213,7 @@ class Service:
     # -- reading
 
     async def queue_position(self, job: Job) -> int:
-        position = await self.ledger.queue_position(job)
+        position = await self.ledger.queue_position(job, self.config.WHISPER_SCHEDULING)
         if self.config.ENABLE_CONCURRENCY:
             return math.ceil(position / self.config.MAX_CONCURRENT_JOBS)
         return position

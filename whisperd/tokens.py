@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 from .auth import Identity
 from .jobs import TokenRecord, now_iso
 from .ledger import Ledger
+from .limits import Limits
 
 PREFIX_BYTES = 4  # 8 hex digits: enough to find a row, useless to a guesser
 SECRET_BYTES = 24  # 192 bits: no guessing, whatever the hash costs
@@ -88,7 +89,7 @@ class LedgerTokens:
         if not await self._matches(token, record):
             return None
         await self._record_use(record)
-        return Identity(record.name, admin=record.admin)
+        return Identity(record.name, admin=record.admin, limits=limits_of(record))
 
     async def _matches(self, token: str, record: TokenRecord) -> bool:
         key = hashlib.sha256(token.encode()).digest()
@@ -122,6 +123,10 @@ class LedgerTokens:
 
     async def none_exist(self) -> bool:
         return await self.ledger.live_token_count() == 0
+
+
+def limits_of(record: TokenRecord) -> Limits:
+    return Limits(record.max_queued, record.max_audio_minutes_per_day, record.max_file_size)
 
 
 def _age_seconds(stamp: str) -> float:

@@ -51,8 +51,9 @@ class MultipartReceiver:
     """Feeds body chunks to python-multipart; the `file` part goes straight into `directory`."""
 
     def __init__(self, boundary: bytes, directory: Path, max_file_size: int, file_field: str = "file",
-                 repeatable: frozenset[str] = frozenset()) -> None:
+                 repeatable: frozenset[str] = frozenset(), limit_name: str = "MAX_FILE_SIZE") -> None:
         self.directory = directory
+        self.limit_name = limit_name  # named in the 413: the server's limit or the token's own
         self.repeatable = repeatable
         self.max_file_size = max_file_size
         self.file_field = file_field
@@ -89,7 +90,7 @@ class MultipartReceiver:
         self._body_bytes += len(chunk)
         if self._body_bytes > self.max_file_size + FORM_OVERHEAD:
             self.close_file()
-            raise UploadError(413, f"request body is larger than MAX_FILE_SIZE ({self.max_file_size} bytes) plus the form")
+            raise UploadError(413, f"request body is larger than {self.limit_name} ({self.max_file_size} bytes) plus the form")
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
@@ -178,7 +179,7 @@ class MultipartReceiver:
             size = end - start
             self.form.file_bytes += size
             if self.form.file_bytes > self.max_file_size:
-                raise UploadError(413, f"file is larger than MAX_FILE_SIZE ({self.max_file_size} bytes)")
+                raise UploadError(413, f"file is larger than {self.limit_name} ({self.max_file_size} bytes)")
             assert self._file is not None
             try:
                 self._file.write(data[start:end])

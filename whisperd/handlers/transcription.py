@@ -1,4 +1,5 @@
-"""/transcription: submit (streamed multipart upload, a finished resumable upload, or a URL), status, result, cancel."""
+"""/transcription: submit (streamed multipart upload, a finished resumable upload, or a URL), list, status,
+result, cancel."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..service import JobError
 from ..uploads import ReceivedForm, UploadError
 from ..urlpolicy import PolicyError
 from .base import ApiError, BaseHandler
+from .tenants import list_jobs
 from .upload import UploadHandler, deliver
 
 log = logging.getLogger("whisperd.http")
@@ -25,6 +27,9 @@ def job_urls(job_id: str) -> dict[str, str]:
 
 class SubmitHandler(UploadHandler):
     allowed_methods = ("OPTIONS", "POST", "GET", "DELETE")  # as the spec's preflight answer lists
+
+    async def get(self) -> None:
+        await list_jobs(self)
 
     async def post(self) -> None:
         if not self.upload_pending:

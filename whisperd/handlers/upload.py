@@ -18,7 +18,9 @@ from .. import metrics
 from ..fetch import FetchError
 from ..jobfiles import is_job_id, new_job_id
 from ..jobs import Job, NewJob, now_iso
-from ..probe import probe
+from ..ledger import QuotaExceeded
+from ..limits import LimitExceeded, Limits, check_usage, file_size_limit, quota, refusal
+from ..probe import duration, probe
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, UploadError, boundary_of
 from ..urlpolicy import PolicyError
 from .base import ApiError, BaseHandler
@@ -37,6 +39,8 @@ class UploadHandler(BaseHandler):
     _committed = False
     _holds_slot = False
     _fetching: "asyncio.Future | None" = None
+    _audio_seconds: float | None = None
+    limits: Limits
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -44,13 +48,15 @@ class UploadHandler(BaseHandler):
             return
         if self.service.draining:
             raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
-        limit = self.service.config.MAX_FILE_SIZE
+        self.limits = self.identity.limits.resolved(self.service.config)
+        limit, limit_name = file_size_limit(self.limits, self.service.config.MAX_FILE_SIZE)
         length = self.request.headers.get("Content-Length")
         if length is not None:
             if not length.isdigit():
                 raise ApiError(400, "Content-Length is not a number")
             if int(length) > limit + FORM_OVERHEAD:
-                raise ApiError(413, f"request body of {length} bytes is larger than MAX_FILE_SIZE ({limit} bytes)")
+                raise ApiError(413, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
+        await self.check_limits()  # before a byte is stored: a refused upload leaves nothing
         self._take_upload_slot()
         self._check_disk()
         try:
@@ -59,7 +65,16 @@ class UploadHandler(BaseHandler):
             raise ApiError(exc.status, exc.message) from None
         self._job_id = new_job_id()
         staging = self.service.files.staging_dir(self._job_id)
-        self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields)
+        self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields,
+                                           limit_name=limit_name)
+
+    async def check_limits(self, adding_seconds: float = 0.0) -> None:
+        """ApiError 429 (with Retry-After) when the caller is over its queue or daily audio limit."""
+        try:
+            await check_usage(self.service.ledger, self.identity.name, self.limits, adding_seconds)
+        except LimitExceeded as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+            raise ApiError(exc.status, exc.message, headers) from None
 
     def _take_upload_slot(self) -> None:
         cap = self.service.config.WHISPER_MAX_PENDING_UPLOADS
@@ -179,7 +194,13 @@ class UploadHandler(BaseHandler):
             self._discard()
             raise ApiError(415, f"the uploaded file '{form.client_filename}' is not audio or video with sound: "
                                 f"ffprobe found {probed.found}")
-        # The client left while the file was probed; on_connection_close cleaned up.
+        self._audio_seconds = await duration(self.service.config.WHISPER_FFPROBE, form.file_path)
+        if self._receiver is None:
+            return False  # the client left while the file was probed; on_connection_close cleaned up
+        try:
+            await self.check_limits(self._audio_seconds or 0.0)  # now that the daily budget can be weighed
+        except ApiError as exc:
+            self.refuse(exc)
         return self._receiver is not None
 
     def refuse(self, error: Exception) -> None:
@@ -190,11 +211,17 @@ class UploadHandler(BaseHandler):
     def new_job(self, form: ReceivedForm, **fields: Any) -> NewJob:
         assert self._job_id is not None
         return NewJob(id=self._job_id, owner=self.identity.name, filename=form.client_filename,
-                      upload_bytes=form.file_bytes, **fields)
+                      upload_bytes=form.file_bytes, audio_seconds=self._audio_seconds, **fields)
 
     async def submit(self, new_job: NewJob, hf_token: str | None) -> Job:
         try:
-            job = await self.service.submit(new_job, hf_token)
+            # Checked again in the transaction that writes the row: other uploads of this caller
+            # (in this process or another) may have been accepted since the checks above.
+            job = await self.service.submit(new_job, hf_token, quota(self.limits))
+        except QuotaExceeded as exc:
+            self._discard()
+            over = refusal(self.identity.name, self.limits, exc.limit, exc.used, new_job.audio_seconds or 0.0)
+            raise ApiError(over.status, over.message, {"Retry-After": str(over.retry_after)}) from None
         except Exception:
             self._discard()
             raise

@@ -15,3 +15,13 @@ class LedgerBusy(LedgerError):
 
 class TokenNameTaken(LedgerError):
     """A token in force already has this name."""
+
+
+class QuotaExceeded(LedgerError):
+    """submit() with a Quota: the owner is over `limit` ("max_queued" or "max_audio_seconds"),
+    having `used` (jobs active, or audio seconds since the quota's day start) before this job."""
+
+    def __init__(self, limit: str, used: float) -> None:
+        super().__init__(f"{limit} exceeded ({used:g} used)")
+        self.limit = limit
+        self.used = used

@@ -13,11 +13,47 @@ from typing import Any, Iterable
 import aiosqlite
 
 from ..config import REPO_DIR
-from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, TokenRecord, UploadRecord, now_iso
-from .errors import LedgerBusy, LedgerUnavailable, TokenNameTaken
+from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, Quota, TokenRecord, UploadRecord, now_iso
+from .errors import LedgerBusy, LedgerUnavailable, QuotaExceeded, TokenNameTaken
 from .recovery import Recovery
 
 MIGRATIONS_DIR = REPO_DIR / "migrations" / "sqlite"
+TOKEN_LIMITS = ("max_queued", "max_audio_minutes_per_day", "max_file_size")  # api_tokens columns
+
+# The claim's choice of the next job, per scheduling policy (a subquery returning one seq).
+_FIFO_NEXT = "SELECT seq FROM jobs WHERE status='Queued' ORDER BY seq LIMIT 1"
+# The owners with queued jobs, found by hopping through the index (status, owner, seq): one
+# lookup per owner, however many jobs each has queued (a GROUP BY would read them all).
+_QUEUED_OWNERS = (
+    "WITH RECURSIVE queued_owners(owner) AS ("
+    " SELECT (SELECT min(owner) FROM jobs WHERE status='Queued')"
+    " UNION ALL SELECT (SELECT min(owner) FROM jobs WHERE status='Queued' AND owner > q.owner)"
+    " FROM queued_owners q WHERE q.owner IS NOT NULL) "
+)
+_FAIR_NEXT = (
+    _QUEUED_OWNERS
+    + "SELECT (SELECT min(seq) FROM jobs WHERE status='Queued' AND owner=q.owner) AS head"
+    " FROM queued_owners q LEFT JOIN scheduling_turns t ON t.owner = q.owner WHERE q.owner IS NOT NULL"
+    " ORDER BY coalesce(t.turn, 0), head LIMIT 1"
+)
+
+
+def fair_position(owner: str, rank: int, owners: list[tuple[str, int, int, int]]) -> int:
+    """Where the owner's rank-th queued job stands when jobs are taken one per owner in turn.
+
+    `owners`: (owner, queued jobs, turn, oldest seq) for every owner with queued jobs. Owners
+    are served in (turn, oldest seq) order and each claim moves its owner to the back, so the
+    queue is a round robin in that order: an owner ahead of ours gets `rank` turns before our
+    job runs, an owner behind ours `rank - 1`, each at most as many as it has queued.
+    """
+    order = sorted(owners, key=lambda o: (o[2], o[3]))
+    names = [o[0] for o in order]
+    mine = names.index(owner) if owner in names else len(names)
+    position = rank
+    for index, (name, queued, _turn, _head) in enumerate(order):
+        if name != owner:
+            position += min(queued, rank if index < mine else rank - 1)
+    return position
 BUSY_TIMEOUT_MS = 10_000
 
 
@@ -282,30 +318,58 @@ class SQLiteLedger:
 
     # -- the interface
 
-    async def submit(self, job: NewJob, detail: str | None = None) -> None:
+    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> None:
         async def work(conn, now):
+            if quota is not None and (quota.max_active or quota.max_audio_seconds):
+                await self._check_quota(conn, job, quota)
             await conn.execute(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
-                " model, response_format, diarize, prompt, device, device_index, warnings, callback_url, task)"
-                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " model, response_format, diarize, prompt, device, device_index, warnings, callback_url,"
+                " task, audio_seconds)"
+                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id, job.owner, now, job.filename, job.upload_bytes, job.language,
                     job.model, job.response_format, int(job.diarize), job.prompt, job.device,
-                    job.device_index, json.dumps(job.warnings), job.callback_url, job.task,
+                    job.device_index, json.dumps(job.warnings), job.callback_url, job.task, job.audio_seconds,
                 ),
             )
             await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)
 
         await self._write(work)
 
-    async def claim(self, max_running: int) -> Job | None:
-        """Atomically move the oldest Queued job to Processing, if fewer than max_running run."""
+    @staticmethod
+    async def _check_quota(conn, job: NewJob, quota: Quota) -> None:
+        # Inside the writer's BEGIN IMMEDIATE: no other process can insert between this count
+        # and the INSERT. The same jobs count as in usage(): not those canceled before they ran.
+        async with conn.execute(
+            "SELECT sum(status IN ('Queued', 'Processing')),"
+            " total(CASE WHEN created_at >= ? AND NOT (status='Canceled' AND started_at IS NULL)"
+            " THEN audio_seconds END) FROM jobs WHERE owner=?",
+            (quota.since, job.owner),
+        ) as cursor:
+            active, seconds = await cursor.fetchone()
+        if quota.max_active and (active or 0) >= quota.max_active:
+            raise QuotaExceeded("max_queued", active or 0)
+        adding = job.audio_seconds or 0.0
+        if quota.max_audio_seconds and (seconds + adding > quota.max_audio_seconds
+                                        or (not adding and seconds >= quota.max_audio_seconds)):
+            raise QuotaExceeded("max_audio_seconds", seconds)
+
+    async def claim(self, max_running: int, policy: str = "fifo") -> Job | None:
+        """Atomically move the next Queued job to Processing, if fewer than max_running run.
+
+        fifo: the oldest job. fair: the oldest job of the identity served least recently
+        (never served counts as longest ago; ties go to the older job). Every claim, under
+        either policy, records its identity's turn in the same transaction, so the order
+        holds across worker processes and survives a switch of policy.
+        """
+        pick = _FAIR_NEXT if policy == "fair" else _FIFO_NEXT
 
         async def work(conn, now):
             async with conn.execute(
                 "UPDATE jobs SET status='Processing', started_at=?, attempts=attempts+1,"
                 " worker=?, progress=0, stage='starting'"
-                " WHERE seq=(SELECT seq FROM jobs WHERE status='Queued' ORDER BY seq LIMIT 1)"
+                f" WHERE seq=({pick})"
                 " AND (SELECT count(*) FROM jobs WHERE status='Processing') < ?"
                 " RETURNING *",
                 (now, self.actor, max_running),
@@ -314,6 +378,12 @@ class SQLiteLedger:
             if row is None:
                 return None
             job = Job.from_row(row)
+            await conn.execute(
+                "INSERT INTO scheduling_turns (owner, turn)"
+                " VALUES (?, (SELECT coalesce(max(turn), 0) + 1 FROM scheduling_turns))"
+                " ON CONFLICT (owner) DO UPDATE SET turn = excluded.turn",
+                (job.owner,),
+            )
             await self._add_event(conn, job.id, now, "started", f"attempt {job.attempts}")
             return job
 
@@ -445,12 +515,67 @@ class SQLiteLedger:
         row = await self._fetch_one("SELECT * FROM jobs WHERE id=?", (job_id,))
         return Job.from_row(row) if row else None
 
-    async def queue_position(self, job: Job) -> int:
-        """1-based place among Queued jobs."""
+    async def queue_position(self, job: Job, policy: str = "fifo") -> int:
+        """1-based place among Queued jobs in the order `claim(policy=...)` takes them."""
+        if policy != "fair":
+            row = await self._fetch_one(
+                "SELECT count(*) FROM jobs WHERE status='Queued' AND seq <= ?", (job.seq,)
+            )
+            return int(row[0]) if row else 0
         row = await self._fetch_one(
-            "SELECT count(*) FROM jobs WHERE status='Queued' AND seq <= ?", (job.seq,)
+            "SELECT count(*) FROM jobs WHERE status='Queued' AND owner=? AND seq <= ?", (job.owner, job.seq)
         )
-        return int(row[0]) if row else 0
+        rank = int(row[0]) if row else 0
+        if rank == 0:
+            return 0
+        # Another owner delays this job by at most `rank` jobs: count no further than that.
+        owners = await self._fetch_all(
+            _QUEUED_OWNERS
+            + "SELECT q.owner,"
+            " (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status='Queued' AND owner=q.owner LIMIT :rank)) AS n,"
+            " (SELECT min(seq) FROM jobs WHERE status='Queued' AND owner=q.owner) AS head,"
+            " coalesce(t.turn, 0) AS turn"
+            " FROM queued_owners q LEFT JOIN scheduling_turns t ON t.owner = q.owner WHERE q.owner IS NOT NULL",
+            {"rank": rank},
+        )
+        return fair_position(job.owner, rank, [(r["owner"], r["n"], r["turn"], r["head"]) for r in owners])
+
+    async def list_jobs(self, owner: str | None, status: str | None, before_seq: int | None,
+                        limit: int) -> list[Job]:
+        """Jobs newest first: one owner's (None: everyone's), optionally of one status, below a seq."""
+        where, params = [], []
+        if owner is not None:
+            where.append("owner=?")
+            params.append(owner)
+        if status is not None:
+            where.append("status=?")
+            params.append(status)
+        if before_seq is not None:
+            where.append("seq<?")
+            params.append(before_seq)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._fetch_all(f"SELECT * FROM jobs{clause} ORDER BY seq DESC LIMIT ?", (*params, limit))
+        return [Job.from_row(row) for row in rows]
+
+    async def usage(self, owner: str | None, day_start: str, window_start: str) -> dict[str, dict[str, Any]]:
+        """Per owner (one, or None: all): active jobs, and jobs and audio seconds since each time.
+
+        A job canceled before it ever ran costs nothing and is not counted.
+        """
+        owner_clause = " AND owner=?" if owner is not None else ""
+        rows = await self._fetch_all(
+            "SELECT owner,"
+            " sum(status IN ('Queued', 'Processing')) AS active,"
+            " sum(created_at >= :day) AS jobs_today,"
+            " total(CASE WHEN created_at >= :day THEN audio_seconds END) AS seconds_today,"
+            " sum(created_at >= :window) AS jobs_window,"
+            " total(CASE WHEN created_at >= :window THEN audio_seconds END) AS seconds_window"
+            " FROM jobs WHERE (created_at >= :window OR status IN ('Queued', 'Processing'))"
+            " AND NOT (status='Canceled' AND started_at IS NULL)" + owner_clause.replace("?", ":owner") +
+            " GROUP BY owner ORDER BY owner",
+            {"day": day_start, "window": window_start, "owner": owner},
+        )
+        return {row["owner"]: {key: row[key] for key in row.keys() if key != "owner"} for row in rows}
 
     async def counts(self) -> dict[str, int]:
         rows = await self._fetch_all(
@@ -532,15 +657,20 @@ class SQLiteLedger:
 
 
     async def insert_token(self, name: str, prefix: str, algorithm: str, salt: str, digest: str,
-                           admin: bool, expires_at: str | None) -> str:
-        """Store a new token's row; returns its creation time. TokenNameTaken if the name is in force."""
+                           admin: bool, expires_at: str | None, limits: dict[str, Any] | None = None) -> str:
+        """Store a new token's row; returns its creation time. TokenNameTaken if the name is in force.
+
+        `limits`: max_queued, max_audio_minutes_per_day, max_file_size (absent or None: the default)."""
+        limits = limits or {}
 
         async def work(conn, now):
             try:
                 await conn.execute(
-                    "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, prefix, algorithm, salt, digest, int(admin), now, expires_at),
+                    "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at,"
+                    " max_queued, max_audio_minutes_per_day, max_file_size)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, prefix, algorithm, salt, digest, int(admin), now, expires_at,
+                     limits.get("max_queued"), limits.get("max_audio_minutes_per_day"), limits.get("max_file_size")),
                 )
             except sqlite3.IntegrityError as exc:
                 if "name" in str(exc):
@@ -553,6 +683,26 @@ class SQLiteLedger:
     async def list_tokens(self) -> list[TokenRecord]:
         rows = await self._fetch_all("SELECT * FROM api_tokens ORDER BY revoked_at IS NOT NULL, name, id")
         return [TokenRecord.from_row(row) for row in rows]
+
+    async def update_token_limits(self, name: str, limits: dict[str, Any]) -> bool:
+        """Set the named limits (None: back to the default) of the token in force; False when none."""
+        unknown = set(limits) - set(TOKEN_LIMITS)
+        if unknown:
+            raise ValueError(f"unknown token limits: {sorted(unknown)}")
+
+        async def work(conn, now):
+            if not limits:
+                async with conn.execute(
+                        "SELECT 1 FROM api_tokens WHERE name=? AND revoked_at IS NULL", (name,)) as cursor:
+                    return await cursor.fetchone() is not None
+            assignments = ", ".join(f"{column}=?" for column in limits)
+            cursor = await conn.execute(
+                f"UPDATE api_tokens SET {assignments} WHERE name=? AND revoked_at IS NULL",
+                (*limits.values(), name),
+            )
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
 
     async def revoke_token(self, name: str) -> bool:
         """Revoke the token in force with this name; False when there is none."""

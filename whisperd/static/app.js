@@ -8,6 +8,7 @@ const TOKEN_KEY = "whisperd.token";
 const POLL_MS = 1000;
 // Larger files go up resumably (tus, /uploads): a dropped connection costs one chunk, not the file.
 const RESUMABLE_FROM = 8 * 1024 * 1024;
+const JOBS_MS = 3000; // "Your jobs" refreshes this often while the tab is visible
 
 const state = { jobId: null, xhr: null, upload: null, stream: null, polling: null, finished: false, fileName: "" };
 
@@ -22,7 +23,7 @@ const HINTS = {
   413: "The file is too large",
   415: "Not an upload the server accepts",
   422: "The transcription failed",
-  429: "Too many uploads at once",
+  429: "Refused for now",
   503: "The server is shutting down",
   507: "The server is out of disk space",
 };
@@ -117,6 +118,7 @@ async function loadOptions() {
     $("model").onchange = () => showModelAbilities(info);
     fillSelect($("response_format"), info.formats, info.defaults.response_format);
     $("diarize").checked = info.defaults.diarize;
+    startJobsList();
     $("token-state").textContent = token() ? "Token accepted. It stays in this tab only." : "The server needs no token.";
     clearMessage();
     return true;
@@ -284,6 +286,7 @@ function sendForm(form, withProgress, onAccepted = () => {}) {
       $("job-id").textContent = `Job ${body.job_id}`;
       setStatus("Uploaded. Waiting for the server…");
       watch(body.job_id);
+      refreshJobs();
     } else {
       endJob();
       setStatus("Upload refused.");
@@ -415,6 +418,7 @@ async function cancelJob() {
     endJob();
     setStatus("Canceled.");
     showMessage(body.message || "Job canceled.", "info");
+    refreshJobs();
   } catch (error) {
     $("cancel").disabled = false;
     showMessage(error.message);
@@ -537,6 +541,114 @@ function again() {
   $("file-name").textContent = "No file chosen";
   clearMessage();
   $("file").focus();
+}
+
+// -- your jobs --------------------------------------------------------------------------------
+
+const jobs = { timer: null, busy: false };
+
+function cell(...children) {
+  const td = document.createElement("td");
+  td.append(...children);
+  return td;
+}
+
+function jobStatusText(job) {
+  let text = job.status;
+  if (job.status === "Processing" && job.progress != null) text += ` ${Math.round(job.progress)}%`;
+  if (job.status === "Completed" && !job.result_available) {
+    text += job.delivered_at ? " (result fetched)" : " (result expired)";
+  }
+  if (job.error && job.status === "Failed") text += `: ${job.error}`;
+  return text;
+}
+
+function jobButton(label, ariaLabel, kind, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = kind;
+  button.textContent = label;
+  button.setAttribute("aria-label", ariaLabel);
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+function jobRow(job) {
+  const row = document.createElement("tr");
+  row.dataset.jobId = job.job_id;
+  const name = job.filename + (job.owner ? ` (${job.owner})` : "");
+  const length = job.audio_seconds != null ? ` · ${clock(job.audio_seconds)}` : "";
+  const status = document.createElement("span");
+  status.className = `job-status status-${job.status.toLowerCase()}`;
+  status.textContent = jobStatusText(job);
+  const sent = document.createElement("time");
+  sent.dateTime = job.created_at;
+  sent.textContent = new Date(job.created_at).toLocaleString();
+  const actions = cell();
+  actions.className = "actions";
+  if (job.result_available) {
+    actions.append(jobButton("Get result", `Get the result of ${job.filename}`, "", () => openResult(job)));
+  }
+  if (job.status === "Queued" || job.status === "Processing") {
+    actions.append(jobButton("Cancel", `Cancel ${job.filename}`, "danger", () => cancelListed(job)));
+  }
+  row.append(cell(name + length), cell(status), cell(sent), actions);
+  return row;
+}
+
+async function refreshJobs() {
+  if (jobs.busy) return;
+  jobs.busy = true;
+  try {
+    const body = await api("GET", "/transcription?limit=20");
+    $("jobs-body").replaceChildren(...body.jobs.map(jobRow));
+    $("jobs-table").hidden = body.jobs.length === 0;
+    $("jobs-state").textContent = body.jobs.length
+      ? `Your ${body.jobs.length} most recent job(s); this list refreshes every few seconds.`
+      : "No jobs yet.";
+  } catch (error) {
+    $("jobs-state").textContent = `The job list could not be loaded. ${error.message}`;
+    if (error.status === 401) stopJobsList();
+  } finally {
+    jobs.busy = false;
+  }
+}
+
+function stopJobsList() {
+  clearInterval(jobs.timer);
+  jobs.timer = null;
+}
+
+function startJobsList() {
+  stopJobsList();
+  refreshJobs();
+  jobs.timer = setInterval(() => { if (!document.hidden) refreshJobs(); }, JOBS_MS);
+}
+
+// A listed job's result is fetched like the one this page just sent: once, then shown below.
+async function openResult(job) {
+  if (job.job_id === state.jobId && !state.finished) return; // its own flow fetches it
+  clearMessage();
+  state.jobId = job.job_id;
+  state.fileName = job.filename;
+  state.finished = true;
+  await fetchResult();
+  refreshJobs();
+}
+
+async function cancelListed(job) {
+  if (job.job_id === state.jobId && !state.finished) {
+    await cancelJob();
+    return;
+  }
+  clearMessage();
+  try {
+    const body = await api("DELETE", `/transcription/${job.job_id}`);
+    showMessage(body.message || "Job canceled.", "info");
+  } catch (error) {
+    showMessage(error.message);
+  }
+  refreshJobs();
 }
 
 setupToken();

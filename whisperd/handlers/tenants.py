@@ -1,0 +1,121 @@
+"""What a caller can see of its own: its jobs (GET /transcription) and its usage (GET /usage)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from ..jobs import ACTIVE, TERMINAL, Job, now_iso
+from ..limits import UNSET, Limits, usage_windows
+from ..tokens import limits_of
+from .base import ApiError, BaseHandler
+
+DEFAULT_PAGE = 20
+MAX_PAGE = 100
+STATUSES = {status.lower(): status for status in ACTIVE + TERMINAL}
+
+
+def encode_cursor(seq: int) -> str:
+    # Opaque to clients; a seq only moves forward, so pages stay put while jobs arrive.
+    return base64.urlsafe_b64encode(f"j{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    if len(text) > 40 or not raw.startswith("j") or not raw[1:].isdigit():
+        raise ApiError(400, "'cursor' is not one this server gave out: pass the 'next' value of the previous page as is")
+    return int(raw[1:])
+
+
+def job_entry(job: Job, with_owner: bool) -> dict[str, Any]:
+    """One row of the listing: what a client needs to find a job again and decide what to do."""
+    entry: dict[str, Any] = {
+        "job_id": job.id, "status": job.status, "created_at": job.created_at, "filename": job.filename,
+        "model": job.model, "language": job.language,
+    }
+    task = getattr(job, "task", None)  # jobs gain a task (transcribe/translate) with the languages work
+    if task:
+        entry["task"] = task
+    if job.audio_seconds is not None:
+        entry["audio_seconds"] = round(job.audio_seconds, 3)
+    for name in ("started_at", "finished_at", "delivered_at", "expired_at"):
+        if getattr(job, name):
+            entry[name] = getattr(job, name)
+    if job.status == "Processing":
+        entry["progress"] = job.progress
+        entry["stage"] = job.stage
+    if job.status in ("Failed", "Canceled") and job.error:
+        entry["error"] = job.error
+    entry["result_available"] = job.status == "Completed" and not job.delivered_at and not job.expired_at
+    if with_owner:
+        entry["owner"] = job.owner
+    return entry
+
+
+async def list_jobs(handler: BaseHandler) -> None:
+    """GET /transcription: the caller's jobs (an admin's: everyone's), newest first, a page at a time."""
+    text = handler.get_query_argument("limit", str(DEFAULT_PAGE)).strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        raise ApiError(400, f"'limit' must be a whole number from 1 to {MAX_PAGE}, got {text[:20]!r}")
+    limit = int(text)
+    wanted = handler.get_query_argument("status", "").strip()
+    status = None
+    if wanted:
+        status = STATUSES.get(wanted.lower())
+        if status is None:
+            raise ApiError(400, f"'status' must be one of {', '.join(ACTIVE + TERMINAL)}, got {wanted[:40]!r}")
+    cursor = handler.get_query_argument("cursor", "").strip()
+    before = decode_cursor(cursor) if cursor else None
+    identity = handler.identity
+    owner = None if identity.admin else identity.name
+    # One more than asked tells whether another page exists.
+    jobs = await handler.service.ledger.list_jobs(owner, status, before, limit + 1)
+    page = jobs[:limit]
+    more = len(jobs) > limit
+    handler.send_json({
+        "jobs": [job_entry(job, identity.admin) for job in page],
+        "next": encode_cursor(page[-1].seq) if more else None,
+    })
+
+
+class UsageHandler(BaseHandler):
+    """GET /usage: jobs and audio today and over 30 days, and the limits that apply."""
+
+    allowed_methods = ("OPTIONS", "GET")
+
+    async def get(self) -> None:
+        ledger = self.service.ledger
+        config = self.service.config
+        today, window = usage_windows()
+        identity = self.identity
+        used = await ledger.usage(None if identity.admin else identity.name, today, window)
+        body = usage_entry(identity.name, used.get(identity.name, {}), identity.limits.resolved(config))
+        body["day_started_at"] = today
+        body["window_started_at"] = window
+        body["as_of"] = now_iso()
+        if identity.admin:
+            tokens = {record.name: limits_of(record) for record in await ledger.list_tokens()
+                      if record.in_force(now_iso())}
+            names = sorted(set(tokens) | set(used))
+            body["tokens"] = [
+                {**usage_entry(name, used.get(name, {}), tokens.get(name, UNSET).resolved(config)),
+                 "token": name in tokens}
+                for name in names
+            ]
+        self.send_json(body)
+
+
+def usage_entry(name: str, used: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    return {
+        "name": name,
+        "active_jobs": int(used.get("active") or 0),
+        "today": {"jobs": int(used.get("jobs_today") or 0),
+                  "audio_seconds": round(float(used.get("seconds_today") or 0.0), 3)},
+        "last_30_days": {"jobs": int(used.get("jobs_window") or 0),
+                         "audio_seconds": round(float(used.get("seconds_window") or 0.0), 3)},
+        "limits": limits.as_dict(),
+    }
