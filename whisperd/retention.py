@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from .faults import crash_point
 from .jobfiles import JobFiles
+from .jobs import now_iso
 from .ledger import Ledger
 
 log = logging.getLogger("whisperd.retention")
 
 
-async def expire_old_jobs(ledger: Ledger, files: JobFiles, retention_hours: float) -> list[str]:
+async def expire_old_jobs(ledger: Ledger, files: JobFiles, retention_hours: float, now: datetime) -> list[str]:
     """Mark expired in the ledger first (the row stays for audit), then delete the files."""
-    cutoff = datetime.now(timezone.utc) - timedelta(hours=retention_hours)
-    cutoff_iso = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    cutoff_iso = now_iso(now - timedelta(hours=retention_hours))
     expired: list[str] = []
     while True:
         batch = await ledger.expire(cutoff_iso)

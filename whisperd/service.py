@@ -9,7 +9,8 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from datetime import datetime
+from typing import Any, Callable, Iterator
 
 from tornado.ioloop import PeriodicCallback
 
@@ -17,7 +18,7 @@ from .auth import Authenticator, accept_any_token, load_validator
 from .config import Config
 from .faults import crash_point
 from .jobfiles import JobFiles
-from .jobs import Job, NewJob
+from .jobs import Job, NewJob, utc_now
 from .ledger import Ledger, open_ledger
 from .results import EngineOutputError, build_response, load_engine_result
 from .retention import expire_old_jobs
@@ -53,8 +54,10 @@ def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
 
 
 class Service:
-    def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None) -> None:
+    def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.config = config
+        self.clock = clock  # what retention calls "now" (tests move it)
         self.offline = offline
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.ledger = open_ledger(config, self.actor)
@@ -115,7 +118,7 @@ class Service:
             return  # a pass is running (or the service is stopping)
         try:
             async with self._retention_lock:
-                await expire_old_jobs(self.ledger, self.files, self.config.WHISPER_JOB_RETENTION_HOURS)
+                await expire_old_jobs(self.ledger, self.files, self.config.WHISPER_JOB_RETENTION_HOURS, self.clock())
         except Exception:  # retried at the next interval; the failure is logged
             log.exception("retention pass failed")
 
