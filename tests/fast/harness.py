@@ -99,7 +99,7 @@ def fast_env(tmp_path, request, monkeypatch) -> dict[str, str]:
         env.update({name: str(value) for name, value in marker.kwargs.items()})
     # The fake engine reads its own variables from the server's environment, as in production.
     monkeypatch.setenv("FAKE_WHISPERX_LOG", str(tmp_path / "engine-runs.jsonl"))
-    monkeypatch.setenv("FAKE_WHISPERX_SLOW_SECONDS", env.pop("FAKE_WHISPERX_SLOW_SECONDS", "2"))
+    monkeypatch.setenv("FAKE_WHISPERX_SLOW_SECONDS", env.pop("FAKE_WHISPERX_SLOW_SECONDS", "1"))
     for name in [n for n in env if n.startswith("FAKE_WHISPERX_")]:
         monkeypatch.setenv(name, env.pop(name))
     monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness import AUTH, WAV, body_of, job_files
+from .harness import AUTH, WAV, body_of, job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 UNKNOWN = "00000000-0000-4000-8000-000000000000"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import body_of, job_files
+from .harness import body_of, job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 pytestmark = pytest.mark.settings(WHISPER_JOB_RETENTION_HOURS="48")

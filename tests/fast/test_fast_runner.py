@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness import body_of, engine_runs, job_files
+from .harness import body_of, engine_runs, job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 
