@@ -164,7 +164,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Hugging Face token for diarization when the form sends none (wins over WHISPER_HF_TOKEN_FILE)", secret=True),
     Setting("WHISPER_HF_TOKEN_FILE", "/home/llm/whisper_api/hf_token.txt", _text,
             "file with the token (keep it chmod 600; start-up warns otherwise)", path=True),
-    # Beyond the spec (documented in the README).
+    # Beyond the spec (docs/configuration.md).
     Setting("WHISPER_DB_PATH", "", _text,
             "the SQLite job ledger (empty: whisperd.db beside WHISPER_TMP_FILES)", path=True),
     Setting("WHISPER_DEFAULT_MODEL", "large-v3", _text,

@@ -96,4 +96,4 @@ class NotFoundHandler(BaseHandler):
     requires_auth = False
 
     def prepare(self) -> None:
-        raise ApiError(404, f"no such endpoint: {self.request.path}; see the README for the API")
+        raise ApiError(404, f"no such endpoint: {self.request.path}; see /openapi.json for the API")
