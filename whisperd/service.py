@@ -16,6 +16,7 @@ from tornado.ioloop import PeriodicCallback
 
 from .auth import Authenticator, accept_any_token, load_validator
 from .config import Config
+from .errors import ServiceError
 from .faults import crash_point
 from .jobfiles import JobFiles
 from .jobs import Job, NewJob, utc_now
@@ -30,15 +31,6 @@ from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
-
-
-class JobError(Exception):
-    """A request about a job that cannot be served as asked: HTTP status and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
@@ -217,25 +209,25 @@ class Service:
         return position
 
     async def result_of(self, job: Job, response_format: str) -> dict[str, Any]:
-        """The result body of a Completed job whose files are still here, or JobError."""
+        """The result body of a Completed job whose files are still here, or ServiceError."""
         return build_response(await self.engine_result_of(job), response_format, job.warnings)
 
     async def engine_result_of(self, job: Job) -> dict[str, Any]:
-        """WhisperX's JSON of a Completed job whose files are still here, or JobError."""
+        """WhisperX's JSON of a Completed job whose files are still here, or ServiceError."""
         if job.status in ("Queued", "Processing"):
-            raise JobError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
+            raise ServiceError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
         if job.status == "Failed":
-            raise JobError(422, f"transcription failed: {job.error}")
+            raise ServiceError(422, f"transcription failed: {job.error}")
         if job.status == "Canceled":
-            raise JobError(410, f"job {job.id} was canceled; there is no result")
+            raise ServiceError(410, f"job {job.id} was canceled; there is no result")
         if job.delivered_at:
-            raise JobError(410, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
+            raise ServiceError(410, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
         if job.expired_at:
-            raise JobError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
+            raise ServiceError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         try:
             return load_engine_result(self.files.output_dir(job.id))
         except EngineOutputError:
-            raise JobError(410, f"the result files of job {job.id} are gone") from None
+            raise ServiceError(410, f"the result files of job {job.id} are gone") from None
 
     async def mark_delivered(self, job: Job, actor: str) -> None:
         """After the result went out: record it and delete every file of the job."""

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .. import metrics
 from ..config import REPO_DIR
-from .base import ApiError, BaseHandler
+from ..errors import ServiceError
+from .base import BaseHandler
 
 OPENAPI_PATH = REPO_DIR / "openapi.json"
 LEDGER_CHECK_SECONDS = 3.0
@@ -54,7 +55,7 @@ class MetricsHandler(BaseHandler):
         if self.service.config.WHISPER_METRICS_AUTH:
             await super().prepare()
         elif self.request.method != "OPTIONS" and not _loopback(self.request.remote_ip):
-            raise ApiError(403, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
+            raise ServiceError(403, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
                                 "to scrape it from elsewhere with a Bearer token")
 
     async def get(self) -> None:

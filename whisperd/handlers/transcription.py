@@ -6,13 +6,12 @@ import logging
 from typing import Any
 
 from ..config import OUTPUT_FORMATS
+from ..errors import ServiceError
 from ..forms import parse_job_request
 from ..jobfiles import is_job_id
 from ..jobs import Job
-from ..service import JobError
-from ..uploads import UploadError
 from ..urlpolicy import PolicyError
-from .base import ApiError, BaseHandler
+from .base import BaseHandler
 from .upload import UploadHandler, deliver
 
 log = logging.getLogger("whisperd.http")
@@ -31,15 +30,15 @@ class SubmitHandler(UploadHandler):
         form = self.received_form()
         try:
             request = parse_job_request(form.fields, self.service.config, self.service.offline)
-        except UploadError as exc:
-            self.refuse(ApiError(exc.status, exc.message))
+        except ServiceError as exc:
+            self.refuse(exc)
         if not await self.probe_upload(form):
             return
         if request.callback_url:
             try:
                 await self.service.webhooks.check_destination(request.callback_url)
             except PolicyError as exc:
-                self.refuse(ApiError(400, str(exc)))
+                self.refuse(ServiceError(400, str(exc)))
             if not self.upload_pending:
                 return  # the client left while its callback host was looked up
         warnings = []
@@ -78,10 +77,7 @@ class SubmitHandler(UploadHandler):
             body["message"] = "still running: poll status_url, then fetch the result"
             self.send_json(body, 202)
             return
-        try:
-            body = await self.service.result_of(ended, ended.response_format)
-        except JobError as exc:
-            raise ApiError(exc.status, exc.message) from None
+        body = await self.service.result_of(ended, ended.response_format)
         await deliver(self, ended, body)
 
 
@@ -116,9 +112,9 @@ class JobHandler(_JobLookup):
     async def get(self, job_id: str) -> None:
         job = await self._job(job_id)
         if job.status == "Canceled":
-            raise ApiError(410, f"job {job.id} was canceled at {job.finished_at}")
+            raise ServiceError(410, f"job {job.id} was canceled at {job.finished_at}")
         if job.expired_at:
-            raise ApiError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
+            raise ServiceError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         self.send_json(await status_body(self.service, job))
 
     async def delete(self, job_id: str) -> None:
@@ -127,11 +123,11 @@ class JobHandler(_JobLookup):
         if outcome == "canceled":
             self.send_json({"success": True, "message": "Job canceled successfully"})
         elif outcome == "missing" or job is None:
-            raise ApiError(404, f"no job with id {job_id!r}")
+            raise ServiceError(404, f"no job with id {job_id!r}")
         elif outcome == "pending":
-            raise ApiError(409, f"job {job_id} is being stopped; check its status in a moment")
+            raise ServiceError(409, f"job {job_id} is being stopped; check its status in a moment")
         else:
-            raise ApiError(409, f"job {job_id} cannot be canceled: it is already {job.status}")
+            raise ServiceError(409, f"job {job_id} cannot be canceled: it is already {job.status}")
 
 
 class ResultHandler(_JobLookup):
@@ -141,9 +137,6 @@ class ResultHandler(_JobLookup):
         job = await self._job(job_id)
         fmt = self.get_query_argument("response_format", "").strip().lower() or job.response_format
         if fmt not in OUTPUT_FORMATS:
-            raise ApiError(400, f"'response_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt[:40]!r}")
-        try:
-            body = await self.service.result_of(job, fmt)
-        except JobError as exc:
-            raise ApiError(exc.status, exc.message) from None
+            raise ServiceError(400, f"'response_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt[:40]!r}")
+        body = await self.service.result_of(job, fmt)
         await deliver(self, job, body)

@@ -9,11 +9,12 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from .. import metrics
+from ..errors import ServiceError
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
 from ..probe import probe
-from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, UploadError, boundary_of
-from .base import ApiError, BaseHandler
+from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
+from .base import BaseHandler
 
 log = logging.getLogger("whisperd.http")
 
@@ -34,20 +35,17 @@ class UploadHandler(BaseHandler):
         if self.request.method != "POST":
             return
         if self.service.draining:
-            raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
+            raise ServiceError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
         limit = self.service.config.MAX_FILE_SIZE
         length = self.request.headers.get("Content-Length")
         if length is not None:
             if not length.isdigit():
-                raise ApiError(400, "Content-Length is not a number")
+                raise ServiceError(400, "Content-Length is not a number")
             if int(length) > limit + FORM_OVERHEAD:
-                raise ApiError(413, f"request body of {length} bytes is larger than MAX_FILE_SIZE ({limit} bytes)")
+                raise ServiceError(413, f"request body of {length} bytes is larger than MAX_FILE_SIZE ({limit} bytes)")
         self._take_upload_slot()
         self._check_disk()
-        try:
-            boundary = boundary_of(self.request.headers.get("Content-Type"))
-        except UploadError as exc:
-            raise ApiError(exc.status, exc.message) from None
+        boundary = boundary_of(self.request.headers.get("Content-Type"))
         self._job_id = new_job_id()
         staging = self.service.files.staging_dir(self._job_id)
         self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields)
@@ -55,7 +53,7 @@ class UploadHandler(BaseHandler):
     def _take_upload_slot(self) -> None:
         cap = self.service.config.WHISPER_MAX_PENDING_UPLOADS
         if self.service.uploads_in_flight >= cap:
-            raise ApiError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
+            raise ServiceError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
                            {"Retry-After": "5"})
         self.service.uploads_in_flight += 1
         self._holds_slot = True
@@ -71,7 +69,7 @@ class UploadHandler(BaseHandler):
         floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.service.files.free_disk_mb()
         if free_mb < floor_mb:
-            raise ApiError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
+            raise ServiceError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
                                 f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
 
     def on_finish(self) -> None:
@@ -82,10 +80,10 @@ class UploadHandler(BaseHandler):
             return
         try:
             self._receiver.feed(chunk)
-        except UploadError as exc:
+        except ServiceError as exc:
             self._discard()
             # Answer now and close: the rest of an oversized or broken body is not worth reading.
-            self.send_error(exc.status, exc_info=(ApiError, ApiError(exc.status, exc.message), None))
+            self.send_error(exc.status, exc_info=(ServiceError, exc, None))
 
     def on_connection_close(self) -> None:
         self._release_upload_slot()
@@ -105,21 +103,21 @@ class UploadHandler(BaseHandler):
         return not self._finished and self._receiver is not None
 
     def received_form(self) -> ReceivedForm:
-        """The finished form, or ApiError (and the staged file is gone)."""
+        """The finished form, or ServiceError (and the staged file is gone)."""
         assert self._receiver is not None
         try:
             return self._receiver.finish()
-        except UploadError as exc:
+        except ServiceError:
             self._discard()
-            raise ApiError(exc.status, exc.message) from None
+            raise
 
     async def probe_upload(self, form: ReceivedForm) -> bool:
-        """ffprobe the staged file: ApiError 415 when it holds no sound; False when the client left meanwhile."""
+        """ffprobe the staged file: ServiceError 415 when it holds no sound; False when the client left meanwhile."""
         assert form.file_path is not None
         probed = await probe(self.service.config.WHISPER_FFPROBE, form.file_path)
         if not probed.ok:
             self._discard()
-            raise ApiError(415, f"the uploaded file '{form.client_filename}' is not audio or video with sound: "
+            raise ServiceError(415, f"the uploaded file '{form.client_filename}' is not audio or video with sound: "
                                 f"ffprobe found {probed.found}")
         # The client left while the file was probed; on_connection_close cleaned up.
         return self._receiver is not None
