@@ -14,11 +14,12 @@ from typing import Any, Callable, Iterator
 
 from tornado.ioloop import PeriodicCallback
 
-from .auth import Authenticator, accept_any_token, load_validator
+from . import metrics
+from .auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
 from .errors import ServiceError
 from .faults import crash_point
-from .jobfiles import JobFiles
+from .jobfiles import JobFiles, is_job_id
 from .jobs import Job, NewJob, utc_now
 from .ledger import Ledger, open_ledger
 from .results import EngineOutputError, build_response, load_engine_result
@@ -27,6 +28,7 @@ from .runner import JobRunner
 from .scheduler import Scheduler
 from .tokens import LedgerTokens
 from .worker_client import EngineWorker
+from .urlpolicy import PolicyError
 from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
@@ -46,6 +48,8 @@ def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
 
 
 class Service:
+    """Everything a handler may ask of the server; handlers reach nothing behind it."""
+
     def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None,
                  clock: Callable[[], datetime] = utc_now) -> None:
         self.config = config
@@ -55,7 +59,7 @@ class Service:
         self.ledger = open_ledger(config, self.actor)
         self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
         self.auth = authenticator or make_authenticator(config, self.ledger)
-        self.uploads_in_flight = 0
+        self.uploads_in_flight = 0  # this process's uploads still streaming (take_upload_slot)
         threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
         # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
         self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
@@ -114,7 +118,46 @@ class Service:
         except Exception:  # retried at the next interval; the failure is logged
             log.exception("retention pass failed")
 
+    async def identify(self, authorization: str | None) -> Identity:
+        """The caller named by the Authorization header, or AuthError."""
+        return await self.auth.identify(authorization)
+
     # -- submission
+
+    def take_upload_slot(self) -> None:
+        """Count one more upload streaming in this process, or 429 when WHISPER_MAX_PENDING_UPLOADS are."""
+        cap = self.config.WHISPER_MAX_PENDING_UPLOADS
+        if self.uploads_in_flight >= cap:
+            raise ServiceError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
+                               {"Retry-After": "5"})
+        self.uploads_in_flight += 1
+
+    def release_upload_slot(self) -> None:
+        self.uploads_in_flight -= 1
+
+    def check_disk(self) -> None:
+        """507 below the floor (not the upload's size: a disk that fills up during the write is refused
+        with 507 too, by uploads.py), so that the engine's output still finds room."""
+        floor_mb = self.config.WHISPER_MIN_FREE_DISK_MB
+        free_mb = self.files.free_disk_mb()
+        if free_mb < floor_mb:
+            raise ServiceError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
+                                    f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
+
+    def staging_dir(self, job_id: str) -> Path:
+        """Where an upload streams to before it is a job (a job it never becomes leaves nothing)."""
+        return self.files.staging_dir(job_id)
+
+    def discard_upload(self, job_id: str) -> None:
+        """An upload that will not become a job: its staged files go."""
+        self.files.remove_all(job_id)
+
+    async def check_callback(self, url: str) -> None:
+        """400 when the webhook's host is not one the server may call (resolved now, and again at sending)."""
+        try:
+            await self.webhooks.check_destination(url)
+        except PolicyError as exc:
+            raise ServiceError(400, str(exc)) from None
 
     def resolve_hf_token(self, from_form: str | None) -> str | None:
         """The form's token, else HF_TOKEN, else the token file (spec order)."""
@@ -137,6 +180,7 @@ class Service:
             self.files.remove_all(new_job.id)
             raise
         crash_point("job-accepted")
+        metrics.upload_received(new_job.upload_bytes)
         self.scheduler.wake()
         job = await self.ledger.get(new_job.id)
         assert job is not None
@@ -201,6 +245,22 @@ class Service:
                 event.clear()
 
     # -- reading
+
+    async def job(self, job_id: str) -> Job | None:
+        """The job with this id, or None (also for text that is no job id at all)."""
+        return await self.ledger.get(job_id) if is_job_id(job_id) else None
+
+    async def queue_counts(self) -> dict[str, int]:
+        """Queued and Processing, for /status."""
+        return await self.ledger.counts()
+
+    async def status_counts(self) -> dict[str, int]:
+        """Jobs by status, for /metrics."""
+        return await self.ledger.status_counts()
+
+    async def check_ledger_writable(self) -> None:
+        """Raises when the ledger cannot be written (a health probe)."""
+        await self.ledger.check_writable()
 
     async def queue_position(self, job: Job) -> int:
         position = await self.ledger.queue_position(job)

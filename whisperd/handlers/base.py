@@ -33,7 +33,7 @@ class BaseHandler(RequestHandler):
         if self.request.method == "OPTIONS" or not self.requires_auth:
             return
         try:
-            self.identity = await self.service.auth.identify(self.request.headers.get("Authorization"))
+            self.identity = await self.service.identify(self.request.headers.get("Authorization"))
         except AuthError as exc:
             raise ServiceError(401, str(exc), {"WWW-Authenticate": 'Bearer realm="whisperd"'}) from None
 

@@ -27,7 +27,7 @@ class HealthHandler(BaseHandler):
         failing = None
         probe = HealthHandler._probe
         if probe is None or probe.done():
-            probe = HealthHandler._probe = asyncio.ensure_future(self.service.ledger.check_writable())
+            probe = HealthHandler._probe = asyncio.ensure_future(self.service.check_ledger_writable())
             probe.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved here
         try:
             await asyncio.wait_for(asyncio.shield(probe), LEDGER_CHECK_SECONDS)
@@ -59,7 +59,7 @@ class MetricsHandler(BaseHandler):
                                 "to scrape it from elsewhere with a Bearer token")
 
     async def get(self) -> None:
-        counts = await self.service.ledger.status_counts()
+        counts = await self.service.status_counts()
         self.set_header("Content-Type", metrics.CONTENT_TYPE)
         self.finish(metrics.exposition(counts))
 

@@ -8,9 +8,7 @@ from typing import Any
 from ..config import OUTPUT_FORMATS
 from ..errors import ServiceError
 from ..forms import parse_job_request
-from ..jobfiles import is_job_id
 from ..jobs import Job
-from ..urlpolicy import PolicyError
 from .base import BaseHandler
 from .upload import UploadHandler, deliver
 
@@ -36,9 +34,9 @@ class SubmitHandler(UploadHandler):
             return
         if request.callback_url:
             try:
-                await self.service.webhooks.check_destination(request.callback_url)
-            except PolicyError as exc:
-                self.refuse(ServiceError(400, str(exc)))
+                await self.service.check_callback(request.callback_url)
+            except ServiceError as exc:
+                self.refuse(exc)
             if not self.upload_pending:
                 return  # the client left while its callback host was looked up
         warnings = []
@@ -102,8 +100,7 @@ async def status_body(service, job: Job) -> dict[str, Any]:
 
 class _JobLookup(BaseHandler):
     async def _job(self, job_id: str) -> Job:
-        job = await self.service.ledger.get(job_id) if is_job_id(job_id) else None
-        return self.job_or_404(job, job_id)
+        return self.job_or_404(await self.service.job(job_id), job_id)
 
 
 class JobHandler(_JobLookup):

@@ -8,7 +8,6 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
-from .. import metrics
 from ..errors import ServiceError
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
@@ -43,34 +42,18 @@ class UploadHandler(BaseHandler):
                 raise ServiceError(400, "Content-Length is not a number")
             if int(length) > limit + FORM_OVERHEAD:
                 raise ServiceError(413, f"request body of {length} bytes is larger than MAX_FILE_SIZE ({limit} bytes)")
-        self._take_upload_slot()
-        self._check_disk()
+        self.service.take_upload_slot()
+        self._holds_slot = True
+        self.service.check_disk()
         boundary = boundary_of(self.request.headers.get("Content-Type"))
         self._job_id = new_job_id()
-        staging = self.service.files.staging_dir(self._job_id)
+        staging = self.service.staging_dir(self._job_id)
         self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields)
-
-    def _take_upload_slot(self) -> None:
-        cap = self.service.config.WHISPER_MAX_PENDING_UPLOADS
-        if self.service.uploads_in_flight >= cap:
-            raise ServiceError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
-                           {"Retry-After": "5"})
-        self.service.uploads_in_flight += 1
-        self._holds_slot = True
 
     def _release_upload_slot(self) -> None:
         if self._holds_slot:
             self._holds_slot = False
-            self.service.uploads_in_flight -= 1
-
-    def _check_disk(self) -> None:
-        # The floor, not the upload's size: a disk that fills up during the write is refused
-        # with 507 too (uploads.py), and the floor keeps room for the engine's output.
-        floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
-        free_mb = self.service.files.free_disk_mb()
-        if free_mb < floor_mb:
-            raise ServiceError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
-                                f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
+            self.service.release_upload_slot()
 
     def on_finish(self) -> None:
         self._release_upload_slot()
@@ -95,7 +78,7 @@ class UploadHandler(BaseHandler):
             self._receiver.close_file()
             self._receiver = None
         if self._job_id is not None and not self._committed:
-            self.service.files.remove_all(self._job_id)
+            self.service.discard_upload(self._job_id)
 
     @property
     def upload_pending(self) -> bool:
@@ -140,7 +123,6 @@ class UploadHandler(BaseHandler):
             raise
         self._committed = True
         self._receiver = None
-        metrics.upload_received(new_job.upload_bytes)
         return job
 
 
