@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Callable
 
 from .faults import crash_point
-from .jobfiles import JobFiles
 from .jobs import now_iso
 from .ledger import Ledger
 
 log = logging.getLogger("whisperd.retention")
 
 
-async def expire_old_jobs(ledger: Ledger, files: JobFiles, retention_hours: float, now: datetime) -> list[str]:
+async def expire_old_jobs(ledger: Ledger, delete_files: Callable[[str, str], None], retention_hours: float,
+                          now: datetime) -> list[str]:
     """Mark expired in the ledger first (the row stays for audit), then delete the files."""
     cutoff_iso = now_iso(now - timedelta(hours=retention_hours))
     expired: list[str] = []
@@ -22,7 +23,7 @@ async def expire_old_jobs(ledger: Ledger, files: JobFiles, retention_hours: floa
         if batch:
             crash_point("retention-marked")
         for job_id in batch:
-            files.remove_all(job_id)
+            delete_files(job_id, "expired")
         expired += batch
         if not batch:
             break

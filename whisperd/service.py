@@ -64,7 +64,8 @@ class Service:
         # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
         self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
             else None
-        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
+        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files, threads,
+                                self.worker)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
         self.webhooks = WebhookSender(config, self.ledger)
         self.draining = False
@@ -114,7 +115,8 @@ class Service:
             return  # a pass is running (or the service is stopping)
         try:
             async with self._retention_lock:
-                await expire_old_jobs(self.ledger, self.files, self.config.WHISPER_JOB_RETENTION_HOURS, self.clock())
+                await expire_old_jobs(self.ledger, self.delete_job_files, self.config.WHISPER_JOB_RETENTION_HOURS,
+                                      self.clock())
         except Exception:  # retried at the next interval; the failure is logged
             log.exception("retention pass failed")
 
@@ -150,7 +152,13 @@ class Service:
 
     def discard_upload(self, job_id: str) -> None:
         """An upload that will not become a job: its staged files go."""
+        self.delete_job_files(job_id, "refused")
+
+    def delete_job_files(self, job_id: str, reason: str) -> None:
+        """The one way a job's files go, whatever the reason: delivered, canceled, failed, expired,
+        refused. Upload, token, engine output, staging and their directories; the row stays."""
         self.files.remove_all(job_id)
+        log.debug("job %s: files deleted (%s)", job_id, reason)
 
     async def check_callback(self, url: str) -> None:
         """400 when the webhook's host is not one the server may call (resolved now, and again at sending)."""
@@ -177,7 +185,7 @@ class Service:
         try:
             await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes")
         except BaseException:
-            self.files.remove_all(new_job.id)
+            self.delete_job_files(new_job.id, "refused")
             raise
         crash_point("job-accepted")
         metrics.upload_received(new_job.upload_bytes)
@@ -294,12 +302,12 @@ class Service:
         crash_point("result-sent")
         await self.ledger.mark_delivered(job.id, actor)
         crash_point("delivery-recorded")
-        self.files.remove_all(job.id)
+        self.delete_job_files(job.id, "delivered")
 
     async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]:
         outcome, job = await self.ledger.cancel(job_id, actor)
         if outcome == "canceled":
-            self.files.remove_all(job_id)
+            self.delete_job_files(job_id, "canceled")
             self.notify(job_id)
         elif outcome == "requested":
             await self.scheduler.cancel_local(job_id)

@@ -154,3 +154,50 @@ async def test_progress_is_recorded_while_the_engine_runs(api, service):
             seen.add(job.progress)
         await asyncio.sleep(0.05)
     assert seen and max(seen) > 0
+
+
+async def _deliver(api, service, clock):
+    job_id = await api.submit_ok()
+    await api.wait_status(job_id)
+    await api.call("GET", f"/transcription/{job_id}/result")
+    return job_id
+
+
+async def _cancel(api, service, clock):
+    job_id = await api.submit_ok({"prompt": "fake:hang"})
+    await api.wait_status(job_id, ("Processing",))
+    await api.call("DELETE", f"/transcription/{job_id}")
+    return job_id
+
+
+async def _fail(api, service, clock):
+    job_id = await api.submit_ok({"prompt": "fake:fail"})
+    await api.wait_status(job_id)
+    return job_id
+
+
+async def _expire(api, service, clock):
+    job_id = await api.submit_ok()
+    await api.wait_status(job_id)
+    clock.advance(days=3)
+    await service.run_retention()
+    return job_id
+
+
+async def _refuse(api, service, clock):
+    assert (await api.submit({"language": "xx"})).code == 400
+    return None
+
+
+@pytest.mark.parametrize("reason,make", [
+    ("delivered", _deliver), ("canceled", _cancel), ("failed", _fail), ("expired", _expire), ("refused", _refuse),
+])
+@gen_test
+async def test_a_jobs_files_go_through_one_service_method_whatever_the_reason(api, service, clock, caplog,
+                                                                               reason, make):
+    import logging
+    caplog.set_level(logging.DEBUG, logger="whisperd.service")
+    job_id = await make(api, service, clock)
+    deleted = [r.getMessage() for r in caplog.records if "files deleted" in r.getMessage()]
+    assert any(f"({reason})" in line and (job_id is None or job_id in line) for line in deleted), deleted
+    assert job_files(service) == []
