@@ -7,7 +7,6 @@ when the file and the declaration disagree.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from .config import REPO_DIR, SETTINGS, Config

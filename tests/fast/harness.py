@@ -32,7 +32,6 @@ from whisperd.service import Service
 REPO = Path(__file__).resolve().parents[2]
 FAKE_ENGINE = REPO / "tests" / "fake_whisperx.py"
 TOKEN = "fast-test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # A stand-in ffprobe: every upload "holds sound" unless its bytes start with NOSOUND.
 FAKE_FFPROBE = """#!/bin/sh
 for last; do :; done

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 
 from .harness import body_of, job_files
@@ -68,7 +70,8 @@ async def test_expiry_is_recorded_once(api, service, clock):
     clock.advance(hours=49)
     await service.run_retention()
     assert (await service.ledger.get(job_id)).expired_at == first
-    events = [e["event"] for e in await service.ledger.events(job_id)]
+    with sqlite3.connect(service.config.db_path) as conn:
+        events = [row[0] for row in conn.execute("SELECT event FROM job_events WHERE job_id=?", (job_id,))]
     assert events.count("expired") == 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import pytest
@@ -168,7 +167,7 @@ async def test_a_busy_ledger_is_503_with_retry_after(api, service, monkeypatch):
     from whisperd.ledger import LedgerBusy
 
     async def busy(job_id):
-        raise LedgerBusy("locked")
+        raise LedgerBusy()
 
     monkeypatch.setattr(service.ledger, "get", busy)
     response = await api.call("GET", "/transcription/00000000-0000-4000-8000-000000000000")

@@ -39,21 +39,13 @@ class SubmitHandler(UploadHandler):
                 self.refuse(exc)
             if not self.upload_pending:
                 return  # the client left while its callback host was looked up
-        warnings = []
+        # The row records what was asked; whether diarization can run (a token, the pipeline at
+        # hand) is decided once, by the runner, with the token this resolves now.
         hf_token = self.service.resolve_hf_token(request.hf_token) if request.diarize else None
-        diarize = request.diarize
-        if diarize and not hf_token:
-            diarize = False
-            warnings.append(
-                "speaker diarization skipped: no Hugging Face token (form field hf_token, HF_TOKEN, "
-                "or the file in WHISPER_HF_TOKEN_FILE)"
-            )
-            log.warning("job %s: diarization requested without a Hugging Face token; running without it", self._job_id)
         new_job = self.new_job(
             form, language=request.language, model=request.model,
-            response_format=request.response_format, diarize=diarize, prompt=request.prompt,
-            device=request.device, device_index=request.device_index, warnings=warnings,
-            callback_url=request.callback_url,
+            response_format=request.response_format, diarize=request.diarize, prompt=request.prompt,
+            device=request.device, device_index=request.device_index, callback_url=request.callback_url,
         )
         job = await self.submit(new_job, hf_token)
         log.info("job %s accepted: %s, %d bytes, %s", job.id, job.filename, job.upload_bytes,

@@ -17,9 +17,8 @@ class LedgerBusy(LedgerError, ServiceError):
     To a client that is the service being briefly unavailable, whichever request ran into it:
     so it is a ServiceError, and the handlers answer it like any other."""
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(self) -> None:
         ServiceError.__init__(self, 503, "the job ledger is busy; try again in a moment", {"Retry-After": "5"})
-        self.detail = detail
 
 
 class TokenNameTaken(LedgerError):
