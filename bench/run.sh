@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every benchmark (bench/README in docs/performance.md): ./bench/run.sh [--quick] [--only NAME ...]
+# Runs every benchmark (docs/performance.md says what each measures) and regenerates docs/performance.md: ./bench/run.sh [--quick] [--only NAME ...]
 # Sets up what it needs first, idempotently: wrk (Debian) and bench/.venv with the server's
 # requirements.txt plus bench/requirements.txt (FastAPI, uvicorn, pyinstrument). The engine
 # benchmark uses the WhisperX venv that scripts/setup-engine.sh made, when it is there.
@@ -27,4 +27,5 @@ if [ ! -f "$stamp" ]; then
     rm -f $venv/.requirements-*
     touch "$stamp"
 fi
-exec $venv/bin/python -m bench "$@"
+$venv/bin/python -m bench "$@"
+exec $venv/bin/python bench/report.py  # docs/performance.md from the results just written

@@ -14,7 +14,8 @@ dev=0
 
 packages=(ffmpeg espeak-ng sox sqlite3)
 # chromium: the browser tests of the web page (tests/test_web.py) drive it through Playwright.
-[ $dev = 1 ] && packages+=(chromium)
+# systemd: systemd-analyze checks deploy/whisperd.service (tests/test_deploy.py).
+[ $dev = 1 ] && packages+=(chromium systemd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -26,8 +26,22 @@ JFK_TEXT = "And so my fellow Americans, ask not what your country can do for you
 TOKEN = "test-token-123"
 
 
+# `-m "not slow"` is the inner loop (tests/fast and the unit tests); these are left to the full run.
+SLOW_FIXTURES = {"make_server"}  # a whisperd process of its own (and its engines): black-box, seconds each
+SLOW_FILES = {"test_web.py"}  # a real browser
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine: runs the real WhisperX engine (slow, needs scripts/setup-engine.sh)")
+    config.addinivalue_line("markers", "slow: real engine, browser, soak or whisperd processes; "
+                                       "set by pytest_collection_modifyitems, skipped by -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.get_closest_marker("engine") or SLOW_FIXTURES & set(item.fixturenames)
+                or item.path.name in SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
 
 
 def make_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> Path:

@@ -436,7 +436,7 @@ def test_diarize_without_token_runs_without_and_says_so(server):
     assert "--diarize" not in run["argv"] and run["hf_token_sha256"] is None
     result = server.api("GET", f"/transcription/{job_id}/result").json()
     assert any("diarization skipped" in w for w in result["warnings"])
-    assert "without a Hugging Face token" in server.log()
+    assert "speaker diarization skipped: no Hugging Face token" in server.log()
 
 
 def test_hf_token_reaches_the_engine_only_through_its_environment(make_server):

@@ -1,4 +1,4 @@
-"""The command line: `serve` (the default) and the operators' admin commands (`token ...`)."""
+"""The command line: `serve` (the default) and the operators' admin commands (`config`, `token ...`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from . import config as config_module, ledger, limits, server, tokens
+from . import config as config_module, configdoc, ledger, limits, server, tokens
 from .jobs import now_iso
 
 
@@ -14,6 +14,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="whisperd.py", description="Self-hosted WhisperX transcription service.")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the HTTP service (the default)")
+    commands.add_parser("config", help="print the effective configuration and where each value came from "
+                                       "(secrets masked)")
     token = commands.add_parser("token", help="create, list and revoke API tokens (the server need not run)")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser("create", help="make a token; it is printed once, on the last line")
@@ -35,6 +37,9 @@ def main(argv: list[str]) -> int:
     except config_module.ConfigError as exc:
         print(f"whisperd: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "config":
+        configdoc.print_effective(config)
+        return 0
     handler = {"create": _create, "update": _update, "list": _list, "revoke": _revoke}[args.token_command]
     try:
         return asyncio.run(_with_ledger(config, handler, args))

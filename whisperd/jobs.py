@@ -13,9 +13,14 @@ TERMINAL = ("Completed", "Failed", "Canceled")
 WEBHOOK_DONE = ("webhook-delivered", "webhook-failed", "webhook-refused")
 
 
-def now_iso() -> str:
-    """UTC, millisecond precision, sortable as text."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+def utc_now() -> datetime:
+    """The wall clock; the service takes it as a parameter so that tests can move time."""
+    return datetime.now(timezone.utc)
+
+
+def now_iso(at: datetime | None = None) -> str:
+    """UTC, millisecond precision, sortable as text (`at`, else now)."""
+    return (at or utc_now()).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _from_mapping(cls, row: Mapping[str, Any], booleans: tuple[str, ...] = (), json_lists: tuple[str, ...] = ()):

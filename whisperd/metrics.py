@@ -55,10 +55,6 @@ def setup(directory: str) -> None:
     )
 
 
-def enabled() -> bool:
-    return _dir is not None
-
-
 def process_died(pid: int) -> None:
     """A dead worker's counters stay counted; only its live-gauge files go."""
     if _dir is not None:

@@ -4,7 +4,8 @@ resumable uploads past WHISPER_UPLOAD_EXPIRY_HOURS their bytes."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
+from typing import Callable
 
 from .faults import crash_point
 from .jobfiles import JobFiles
@@ -14,17 +15,17 @@ from .ledger import Ledger
 log = logging.getLogger("whisperd.retention")
 
 
-async def expire_old_jobs(ledger: Ledger, files: JobFiles, retention_hours: float) -> list[str]:
+async def expire_old_jobs(ledger: Ledger, delete_files: Callable[[str, str], None], retention_hours: float,
+                          now: datetime) -> list[str]:
     """Mark expired in the ledger first (the row stays for audit), then delete the files."""
-    cutoff = datetime.now(timezone.utc) - timedelta(hours=retention_hours)
-    cutoff_iso = cutoff.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    cutoff_iso = now_iso(now - timedelta(hours=retention_hours))
     expired: list[str] = []
     while True:
         batch = await ledger.expire(cutoff_iso)
         if batch:
             crash_point("retention-marked")
         for job_id in batch:
-            files.remove_all(job_id)
+            delete_files(job_id, "expired")
         expired += batch
         if not batch:
             break

@@ -43,13 +43,15 @@ class RunningJob:
 
 class JobRunner:
     def __init__(self, config: Config, ledger: Ledger, files: JobFiles, offline: bool,
-                 notify: Callable[[str], None], threads: int | None, worker: EngineWorker | None = None) -> None:
+                 notify: Callable[[str], None], delete_files: Callable[[str, str], None], threads: int | None,
+                 worker: EngineWorker | None = None) -> None:
         self.config = config
         self.worker = worker  # None: the spec's CLI per job (WHISPER_ENGINE=cli)
         self.ledger = ledger
         self.files = files
         self.offline = offline
         self.notify = notify
+        self.delete_files = delete_files  # Service.delete_job_files: the one place a job's files go
         self.threads = threads
 
     async def run(self, running: RunningJob) -> None:
@@ -161,7 +163,7 @@ class JobRunner:
         if because == "canceled":
             await self.ledger.mark_canceled(job.id, "engine stopped while processing")
             running.ended("Canceled")
-            self.files.remove_all(job.id)
+            self.delete_files(job.id, "canceled")
         elif because == "shutdown":
             await self.ledger.requeue(job.id, "server shutting down; the job will run again at the next start")
             self.files.remove_output(job.id)
@@ -203,7 +205,7 @@ class JobRunner:
         log.warning("job %s failed: %s", job.id, reason)
         await self.ledger.fail(job.id, reason)
         metrics.job_finished("Failed", metrics.seconds_since(job.started_at))
-        self.files.remove_all(job.id)
+        self.delete_files(job.id, "failed")
 
 
 def _public(reason: str, opts: EngineOptions) -> str:

@@ -9,16 +9,19 @@ import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from datetime import datetime
+from typing import Any, Callable, Iterator
 
 from tornado.ioloop import PeriodicCallback
 
-from .auth import Authenticator, accept_any_token, load_validator
+from . import metrics
+from .auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
+from .errors import ServiceError
 from .faults import crash_point
 from .fetch import MediaFetcher
-from .jobfiles import JobFiles
-from .jobs import Job, NewJob, Quota
+from .jobfiles import JobFiles, is_job_id
+from .jobs import Job, NewJob, Quota, utc_now
 from .ledger import Ledger, open_ledger
 from .results import EngineOutputError, build_response, load_engine_result
 from .retention import expire_old_jobs, expire_uploads
@@ -26,19 +29,11 @@ from .runner import JobRunner
 from .scheduler import Scheduler
 from .tokens import LedgerTokens
 from .worker_client import EngineWorker
+from .urlpolicy import PolicyError
 from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
-
-
-class JobError(Exception):
-    """A request about a job that cannot be served as asked: HTTP status and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
@@ -54,19 +49,24 @@ def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
 
 
 class Service:
-    def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None) -> None:
+    """Everything a handler may ask of the server; handlers reach nothing behind it."""
+
+    def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.config = config
+        self.clock = clock  # what retention calls "now" (tests move it)
         self.offline = offline
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.ledger = open_ledger(config, self.actor)
         self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
         self.auth = authenticator or make_authenticator(config, self.ledger)
-        self.uploads_in_flight = 0
+        self.uploads_in_flight = 0  # this process's uploads still streaming (take_upload_slot)
         threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
         # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
         self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
             else None
-        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
+        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files, threads,
+                                self.worker)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
@@ -117,12 +117,58 @@ class Service:
             return  # a pass is running (or the service is stopping)
         try:
             async with self._retention_lock:
-                await expire_old_jobs(self.ledger, self.files, self.config.WHISPER_JOB_RETENTION_HOURS)
+                await expire_old_jobs(self.ledger, self.delete_job_files, self.config.WHISPER_JOB_RETENTION_HOURS,
+                                      self.clock())
                 await expire_uploads(self.ledger, self.files)
         except Exception:  # retried at the next interval; the failure is logged
             log.exception("retention pass failed")
 
+    async def identify(self, authorization: str | None) -> Identity:
+        """The caller named by the Authorization header, or AuthError."""
+        return await self.auth.identify(authorization)
+
     # -- submission
+
+    def take_upload_slot(self) -> None:
+        """Count one more upload streaming in this process, or 429 when WHISPER_MAX_PENDING_UPLOADS are."""
+        cap = self.config.WHISPER_MAX_PENDING_UPLOADS
+        if self.uploads_in_flight >= cap:
+            raise ServiceError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
+                               {"Retry-After": "5"})
+        self.uploads_in_flight += 1
+
+    def release_upload_slot(self) -> None:
+        self.uploads_in_flight -= 1
+
+    def check_disk(self) -> None:
+        """507 below the floor (not the upload's size: a disk that fills up during the write is refused
+        with 507 too, by uploads.py), so that the engine's output still finds room."""
+        floor_mb = self.config.WHISPER_MIN_FREE_DISK_MB
+        free_mb = self.files.free_disk_mb()
+        if free_mb < floor_mb:
+            raise ServiceError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
+                                    f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
+
+    def staging_dir(self, job_id: str) -> Path:
+        """Where an upload streams to before it is a job (a job it never becomes leaves nothing)."""
+        return self.files.staging_dir(job_id)
+
+    def discard_upload(self, job_id: str) -> None:
+        """An upload that will not become a job: its staged files go."""
+        self.delete_job_files(job_id, "refused")
+
+    def delete_job_files(self, job_id: str, reason: str) -> None:
+        """The one way a job's files go, whatever the reason: delivered, canceled, failed, expired,
+        refused. Upload, token, engine output, staging and their directories; the row stays."""
+        self.files.remove_all(job_id)
+        log.debug("job %s: files deleted (%s)", job_id, reason)
+
+    async def check_callback(self, url: str) -> None:
+        """400 when the webhook's host is not one the server may call (resolved now, and again at sending)."""
+        try:
+            await self.webhooks.check_destination(url)
+        except PolicyError as exc:
+            raise ServiceError(400, str(exc)) from None
 
     def resolve_hf_token(self, from_form: str | None) -> str | None:
         """The form's token, else HF_TOKEN, else the token file (spec order)."""
@@ -144,9 +190,10 @@ class Service:
         try:
             await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes", quota=quota)
         except BaseException:
-            self.files.remove_all(new_job.id)
+            self.delete_job_files(new_job.id, "refused")
             raise
         crash_point("job-accepted")
+        metrics.upload_received(new_job.upload_bytes)
         self.scheduler.wake()
         job = await self.ledger.get(new_job.id)
         assert job is not None
@@ -212,6 +259,22 @@ class Service:
 
     # -- reading
 
+    async def job(self, job_id: str) -> Job | None:
+        """The job with this id, or None (also for text that is no job id at all)."""
+        return await self.ledger.get(job_id) if is_job_id(job_id) else None
+
+    async def queue_counts(self) -> dict[str, int]:
+        """Queued and Processing, for /status."""
+        return await self.ledger.counts()
+
+    async def status_counts(self) -> dict[str, int]:
+        """Jobs by status, for /metrics."""
+        return await self.ledger.status_counts()
+
+    async def check_ledger_writable(self) -> None:
+        """Raises when the ledger cannot be written (a health probe)."""
+        await self.ledger.check_writable()
+
     async def queue_position(self, job: Job) -> int:
         position = await self.ledger.queue_position(job, self.config.WHISPER_SCHEDULING)
         if self.config.ENABLE_CONCURRENCY:
@@ -219,37 +282,37 @@ class Service:
         return position
 
     async def result_of(self, job: Job, response_format: str) -> dict[str, Any]:
-        """The result body of a Completed job whose files are still here, or JobError."""
+        """The result body of a Completed job whose files are still here, or ServiceError."""
         return build_response(await self.engine_result_of(job), response_format, job.warnings)
 
     async def engine_result_of(self, job: Job) -> dict[str, Any]:
-        """WhisperX's JSON of a Completed job whose files are still here, or JobError."""
+        """WhisperX's JSON of a Completed job whose files are still here, or ServiceError."""
         if job.status in ("Queued", "Processing"):
-            raise JobError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
+            raise ServiceError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
         if job.status == "Failed":
-            raise JobError(422, f"transcription failed: {job.error}")
+            raise ServiceError(422, f"transcription failed: {job.error}")
         if job.status == "Canceled":
-            raise JobError(410, f"job {job.id} was canceled; there is no result")
+            raise ServiceError(410, f"job {job.id} was canceled; there is no result")
         if job.delivered_at:
-            raise JobError(410, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
+            raise ServiceError(410, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
         if job.expired_at:
-            raise JobError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
+            raise ServiceError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         try:
             return load_engine_result(self.files.output_dir(job.id))
         except EngineOutputError:
-            raise JobError(410, f"the result files of job {job.id} are gone") from None
+            raise ServiceError(410, f"the result files of job {job.id} are gone") from None
 
     async def mark_delivered(self, job: Job, actor: str) -> None:
         """After the result went out: record it and delete every file of the job."""
         crash_point("result-sent")
         await self.ledger.mark_delivered(job.id, actor)
         crash_point("delivery-recorded")
-        self.files.remove_all(job.id)
+        self.delete_job_files(job.id, "delivered")
 
     async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]:
         outcome, job = await self.ledger.cancel(job_id, actor)
         if outcome == "canceled":
-            self.files.remove_all(job_id)
+            self.delete_job_files(job_id, "canceled")
             self.notify(job_id)
         elif outcome == "requested":
             await self.scheduler.cancel_local(job_id)

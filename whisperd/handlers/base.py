@@ -7,22 +7,13 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import RequestHandler
 
 from ..auth import AuthError, Identity
-from ..ledger import LedgerBusy
+from ..errors import ServiceError
 from ..service import Service
 
 log = logging.getLogger("whisperd.http")
-
-
-class ApiError(HTTPError):
-    """An error answered as {"error": message}; the message is written for the client."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, reason=HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else None)
-        self.message = message
-        self.headers = headers or {}
 
 
 class BaseHandler(RequestHandler):
@@ -42,9 +33,9 @@ class BaseHandler(RequestHandler):
         if self.request.method == "OPTIONS" or not self.requires_auth:
             return
         try:
-            self.identity = await self.service.auth.identify(self.request.headers.get("Authorization"))
+            self.identity = await self.service.identify(self.request.headers.get("Authorization"))
         except AuthError as exc:
-            raise ApiError(401, str(exc), {"WWW-Authenticate": 'Bearer realm="whisperd"'}) from None
+            raise ServiceError(401, str(exc), {"WWW-Authenticate": 'Bearer realm="whisperd"'}) from None
 
     def options(self, *args: Any) -> None:
         methods = ", ".join(self.allowed_methods)
@@ -60,17 +51,18 @@ class BaseHandler(RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps(body, ensure_ascii=False))
 
+    def log_exception(self, typ, value, tb) -> None:  # type: ignore[override]
+        if isinstance(value, ServiceError):
+            return  # an answer, not a fault: the access log records its status
+        super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
+        if isinstance(exc, ServiceError):
+            self.set_status(exc.status)
             message = exc.message
             for name, value in exc.headers.items():
                 self.set_header(name, value)
-        elif isinstance(exc, LedgerBusy):
-            # Held past the wait limit by someone else (an operator's sqlite3 session, say).
-            self.set_status(503)
-            self.set_header("Retry-After", "5")
-            message = "the job ledger is busy; try again in a moment"
         elif status_code == 405:
             message = f"method {self.request.method} is not allowed here; allowed: {', '.join(self.allowed_methods)}"
             self.set_header("Allow", ", ".join(self.allowed_methods))
@@ -88,7 +80,7 @@ class BaseHandler(RequestHandler):
     def job_or_404(self, job, job_id: str):
         """Unknown jobs and jobs of other identities look the same: 404."""
         if job is None or not self.identity.may_see(job.owner):
-            raise ApiError(404, f"no job with id {job_id!r}")
+            raise ServiceError(404, f"no job with id {job_id!r}")
         return job
 
 
@@ -96,4 +88,4 @@ class NotFoundHandler(BaseHandler):
     requires_auth = False
 
     def prepare(self) -> None:
-        raise ApiError(404, f"no such endpoint: {self.request.path}; see the README for the API")
+        raise ServiceError(404, f"no such endpoint: {self.request.path}; see /openapi.json for the API")

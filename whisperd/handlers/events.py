@@ -8,7 +8,6 @@ from typing import Any
 
 from tornado.iostream import StreamClosedError
 
-from ..jobfiles import is_job_id
 from ..jobs import Job
 from .base import BaseHandler
 from .transcription import status_body
@@ -36,8 +35,7 @@ class JobEventsHandler(BaseHandler):
         self._closed = True
 
     async def get(self, job_id: str) -> None:
-        job = await self.service.ledger.get(job_id) if is_job_id(job_id) else None
-        job = self.job_or_404(job, job_id)
+        job = self.job_or_404(await self.service.job(job_id), job_id)
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")  # nginx would otherwise hold events back
         loop = asyncio.get_running_loop()
@@ -45,7 +43,7 @@ class JobEventsHandler(BaseHandler):
         number = 0
         quiet_since = loop.time()
         while not self._closed:
-            current = await self.service.ledger.get(job.id)
+            current = await self.service.job(job.id)
             if current is None:  # rows are never deleted; a stream already under way just ends
                 break
             body = _gone(current) or await status_body(self.service, current)

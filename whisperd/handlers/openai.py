@@ -11,13 +11,13 @@ import logging
 from typing import Any
 
 from .. import capabilities
+from ..errors import ServiceError
 from ..formats import render
 from ..forms import cli_cannot_translate
-from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
 from ..jobs import Job
+from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
 from ..models import catalog, installed_models, local_model_dir, model_info, refusal
-from ..service import JobError
-from .base import ApiError, BaseHandler
+from .base import BaseHandler
 from .upload import UploadHandler, deliver
 
 log = logging.getLogger("whisperd.http")
@@ -43,8 +43,8 @@ ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "inva
                429: "rate_limit_error", 503: "server_error", 504: "server_error"}
 
 
-class OpenAIError(ApiError):
-    """An ApiError that also names the offending parameter and a machine-readable code."""
+class OpenAIError(ServiceError):
+    """A ServiceError that also names the offending parameter and a machine-readable code."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -114,7 +114,7 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
             )
         try:
             result = await self.service.engine_result_of(ended)
-        except JobError as exc:
+        except ServiceError as exc:
             raise OpenAIError(exc.status, exc.message, code="transcription_failed") from None
         await self._answer(ended, result, request)
 

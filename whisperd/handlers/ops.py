@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .. import metrics
 from ..config import REPO_DIR
-from .base import ApiError, BaseHandler
+from ..errors import ServiceError
+from .base import BaseHandler
 
 OPENAPI_PATH = REPO_DIR / "openapi.json"
 LEDGER_CHECK_SECONDS = 3.0
@@ -26,7 +27,7 @@ class HealthHandler(BaseHandler):
         failing = None
         probe = HealthHandler._probe
         if probe is None or probe.done():
-            probe = HealthHandler._probe = asyncio.ensure_future(self.service.ledger.check_writable())
+            probe = HealthHandler._probe = asyncio.ensure_future(self.service.check_ledger_writable())
             probe.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved here
         try:
             await asyncio.wait_for(asyncio.shield(probe), LEDGER_CHECK_SECONDS)
@@ -54,11 +55,11 @@ class MetricsHandler(BaseHandler):
         if self.service.config.WHISPER_METRICS_AUTH:
             await super().prepare()
         elif self.request.method != "OPTIONS" and not _loopback(self.request.remote_ip):
-            raise ApiError(403, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
+            raise ServiceError(403, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
                                 "to scrape it from elsewhere with a Bearer token")
 
     async def get(self) -> None:
-        counts = await self.service.ledger.status_counts()
+        counts = await self.service.status_counts()
         self.set_header("Content-Type", metrics.CONTENT_TYPE)
         self.finish(metrics.exposition(counts))
 

@@ -14,7 +14,7 @@ class StatusHandler(BaseHandler):
         config = self.service.config
         error = None
         try:
-            counts = await self.service.ledger.counts()
+            counts = await self.service.queue_counts()
         except Exception as exc:  # the spec's shape has a place for this: report, don't fail
             counts, error = {"Queued": None, "Processing": None}, f"cannot read the queue: {exc.__class__.__name__}"
         self.send_json({

@@ -7,14 +7,12 @@ import logging
 from typing import Any
 
 from ..config import OUTPUT_FORMATS
+from ..errors import ServiceError
 from ..forms import parse_job_request
-from ..jobfiles import is_job_id
 from ..forms import JobRequest
 from ..jobs import Job
-from ..service import JobError
-from ..uploads import ReceivedForm, UploadError
-from ..urlpolicy import PolicyError
-from .base import ApiError, BaseHandler
+from ..uploads import ReceivedForm
+from .base import BaseHandler
 from .tenants import list_jobs
 from .upload import UploadHandler, deliver
 
@@ -37,17 +35,17 @@ class SubmitHandler(UploadHandler):
         form = self.received_form(file_required=False)
         try:
             request = parse_job_request(form.fields, self.service.config, self.service.offline)
-        except UploadError as exc:
-            self.refuse(ApiError(exc.status, exc.message))
+        except ServiceError as exc:
+            self.refuse(exc)
         if form.file_path is not None and (request.upload or request.url):
-            self.refuse(ApiError(400, "give one source of audio: 'file', 'upload' or 'url', not several"))
+            self.refuse(ServiceError(400, "give one source of audio: 'file', 'upload' or 'url', not several"))
         if request.upload:
             await self.stage_resumable(form, request.upload)
         elif request.url:
             if not await self.stage_fetched(form, request.url):
                 return  # the client left during the fetch; its files are gone
         elif form.file_path is None:
-            self.refuse(ApiError(400, "the form field 'file' (the audio file) is missing; or name a finished "
+            self.refuse(ServiceError(400, "the form field 'file' (the audio file) is missing; or name a finished "
                                       "resumable upload with 'upload', or media to fetch with 'url'"))
         await self.intake(form, request)
 
@@ -59,26 +57,19 @@ class SubmitHandler(UploadHandler):
             return
         if request.callback_url:
             try:
-                await self.service.webhooks.check_destination(request.callback_url)
-            except PolicyError as exc:
-                self.refuse(ApiError(400, str(exc)))
+                await self.service.check_callback(request.callback_url)
+            except ServiceError as exc:
+                self.refuse(exc)
             if not self.upload_pending:
                 return  # the client left while its callback host was looked up
-        warnings = []
+        # The row records what was asked; whether diarization can run (a token, the pipeline at
+        # hand) is decided once, by the runner, with the token this resolves now.
         hf_token = self.service.resolve_hf_token(request.hf_token) if request.diarize else None
-        diarize = request.diarize
-        if diarize and not hf_token:
-            diarize = False
-            warnings.append(
-                "speaker diarization skipped: no Hugging Face token (form field hf_token, HF_TOKEN, "
-                "or the file in WHISPER_HF_TOKEN_FILE)"
-            )
-            log.warning("job %s: diarization requested without a Hugging Face token; running without it", self._job_id)
         new_job = self.new_job(
             form, language=request.language, model=request.model,
-            response_format=request.response_format, diarize=diarize, prompt=request.prompt,
-            device=request.device, device_index=request.device_index, warnings=warnings,
-            callback_url=request.callback_url, task=request.task,
+            response_format=request.response_format, diarize=request.diarize, prompt=request.prompt,
+            device=request.device, device_index=request.device_index, callback_url=request.callback_url,
+            task=request.task,
         )
         job = await self.submit(new_job, hf_token)
         log.info("job %s accepted: %s, %d bytes, %s", job.id, job.filename, job.upload_bytes,
@@ -100,10 +91,7 @@ class SubmitHandler(UploadHandler):
             body["message"] = "still running: poll status_url, then fetch the result"
             self.send_json(body, 202)
             return
-        try:
-            body = await self.service.result_of(ended, ended.response_format)
-        except JobError as exc:
-            raise ApiError(exc.status, exc.message) from None
+        body = await self.service.result_of(ended, ended.response_format)
         await deliver(self, ended, body)
 
 
@@ -132,8 +120,7 @@ async def status_body(service, job: Job) -> dict[str, Any]:
 
 class _JobLookup(BaseHandler):
     async def _job(self, job_id: str) -> Job:
-        job = await self.service.ledger.get(job_id) if is_job_id(job_id) else None
-        return self.job_or_404(job, job_id)
+        return self.job_or_404(await self.service.job(job_id), job_id)
 
 
 class JobHandler(_JobLookup):
@@ -142,9 +129,9 @@ class JobHandler(_JobLookup):
     async def get(self, job_id: str) -> None:
         job = await self._job(job_id)
         if job.status == "Canceled":
-            raise ApiError(410, f"job {job.id} was canceled at {job.finished_at}")
+            raise ServiceError(410, f"job {job.id} was canceled at {job.finished_at}")
         if job.expired_at:
-            raise ApiError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
+            raise ServiceError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         self.send_json(await status_body(self.service, job))
 
     async def delete(self, job_id: str) -> None:
@@ -153,11 +140,11 @@ class JobHandler(_JobLookup):
         if outcome == "canceled":
             self.send_json({"success": True, "message": "Job canceled successfully"})
         elif outcome == "missing" or job is None:
-            raise ApiError(404, f"no job with id {job_id!r}")
+            raise ServiceError(404, f"no job with id {job_id!r}")
         elif outcome == "pending":
-            raise ApiError(409, f"job {job_id} is being stopped; check its status in a moment")
+            raise ServiceError(409, f"job {job_id} is being stopped; check its status in a moment")
         else:
-            raise ApiError(409, f"job {job_id} cannot be canceled: it is already {job.status}")
+            raise ServiceError(409, f"job {job_id} cannot be canceled: it is already {job.status}")
 
 
 class ResultHandler(_JobLookup):
@@ -167,9 +154,6 @@ class ResultHandler(_JobLookup):
         job = await self._job(job_id)
         fmt = self.get_query_argument("response_format", "").strip().lower() or job.response_format
         if fmt not in OUTPUT_FORMATS:
-            raise ApiError(400, f"'response_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt[:40]!r}")
-        try:
-            body = await self.service.result_of(job, fmt)
-        except JobError as exc:
-            raise ApiError(exc.status, exc.message) from None
+            raise ServiceError(400, f"'response_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt[:40]!r}")
+        body = await self.service.result_of(job, fmt)
         await deliver(self, job, body)

@@ -1,5 +1,7 @@
 """The ledger's errors, the same whichever backend raised them."""
 
+from ..errors import ServiceError
+
 
 class LedgerError(Exception):
     """The ledger could not do what was asked (base class)."""
@@ -9,8 +11,14 @@ class LedgerUnavailable(LedgerError):
     """The ledger cannot be opened or is closed (start-up, shutdown, database gone)."""
 
 
-class LedgerBusy(LedgerError):
-    """Someone else held the ledger past the wait limit; the caller may try again shortly."""
+class LedgerBusy(LedgerError, ServiceError):
+    """Someone else held the ledger past the wait limit (an operator's sqlite3 session, say).
+
+    To a client that is the service being briefly unavailable, whichever request ran into it:
+    so it is a ServiceError, and the handlers answer it like any other."""
+
+    def __init__(self) -> None:
+        ServiceError.__init__(self, 503, "the job ledger is busy; try again in a moment", {"Retry-After": "5"})
 
 
 class TokenNameTaken(LedgerError):

@@ -240,7 +240,7 @@ def _busy_as_ledger_busy():
         yield
     except sqlite3.OperationalError as exc:
         if "locked" in str(exc) or "busy" in str(exc):
-            raise LedgerBusy(str(exc)) from exc
+            raise LedgerBusy() from exc
         raise
 
 
@@ -607,12 +607,6 @@ class SQLiteLedger:
             (self.actor,),
         )
         return [row[0] for row in rows]
-
-    async def events(self, job_id: str) -> list[dict[str, Any]]:
-        rows = await self._fetch_all(
-            "SELECT at, event, actor, detail FROM job_events WHERE job_id=? ORDER BY id", (job_id,)
-        )
-        return [dict(row) for row in rows]
 
     async def claim_pending_webhooks(self) -> list[Job]:
         """Take the notices the start marked pending; each goes to exactly one worker."""

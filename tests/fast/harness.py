@@ -1,0 +1,251 @@
+"""In-process harness (its fixtures are made visible by tests/fast/conftest.py): the Tornado application on a temporary SQLite ledger, the fake engine
+(tests/fake_whisperx.py, WHISPER_ENGINE=cli) and a clock the test can move.
+
+A test asks for `http_client` and `base_url` (pytest-tornado) and marks itself `gen_test`;
+`@pytest.mark.settings(NAME="value", ...)` changes the configuration of that test's service.
+Nothing here starts a whisperd process: a test costs milliseconds plus its engine runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import uuid
+import wave
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.process import Subprocess
+
+from whisperd import config as config_module, ledger as ledger_module
+from whisperd.app import make_app
+from whisperd.jobfiles import JobFiles
+from whisperd.jobs import utc_now
+from whisperd.service import Service
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_ENGINE = REPO / "tests" / "fake_whisperx.py"
+TOKEN = "fast-test-token"
+# A stand-in ffprobe: every upload "holds sound" unless its bytes start with NOSOUND.
+FAKE_FFPROBE = """#!/bin/sh
+for last; do :; done
+if head -c 7 "$last" | grep -q NOSOUND; then
+  echo '{"streams": [{"codec_type": "video"}], "format": {"format_name": "mov"}}'
+else
+  echo '{"streams": [{"codec_type": "audio", "codec_name": "pcm_s16le"}], "format": {"format_name": "wav"}}'
+fi
+"""
+
+
+class Clock:
+    """utc_now() moved by `advance`; the service reads it where retention decides what is old."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self):
+        return utc_now() + self.offset
+
+    def advance(self, **delta: float) -> None:
+        self.offset += timedelta(**delta)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def base_environment(root: Path) -> dict[str, str]:
+    models = root / "models"
+    (models / "tiny.en").mkdir(parents=True, exist_ok=True)
+    (models / "tiny.en" / "model.bin").write_bytes(b"fake")
+    (models / "small").mkdir(parents=True, exist_ok=True)
+    (models / "small" / "model.bin").write_bytes(b"fake")
+    ffprobe = root / "ffprobe"
+    ffprobe.write_text(FAKE_FFPROBE)
+    ffprobe.chmod(0o755)
+    return {
+        "WHISPER_CMD": str(FAKE_ENGINE),
+        "WHISPER_ENGINE": "cli",
+        "WHISPER_FFPROBE": str(ffprobe),
+        "WHISPER_MODELS_DIR": str(models),
+        "WHISPER_TMP_FILES": str(root / "tmp"),
+        "WHISPER_OUTPUT_DIR": str(root / "output"),
+        "WHISPER_DB_PATH": str(root / "whisperd.db"),
+        "WHISPER_HF_TOKEN_FILE": str(root / "hf_token.txt"),
+        "WHISPER_DEFAULT_MODEL": "tiny.en",
+        "WHISPER_DEFAULT_LANGUAGE": "en",
+        "WHISPER_DEVICE": "cpu",
+        "WHISPER_DEFAULT_DIARIZE": "false",
+        "WHISPER_OFFLINE": "true",
+        "WHISPER_KILL_GRACE_SECONDS": "0.5",
+        "WHISPER_API_ALLOW_ANY_TOKEN": "true",
+        "WHISPER_MIN_FREE_DISK_MB": "0",
+    }
+
+
+@pytest.fixture
+def fast_env(tmp_path, request, monkeypatch) -> dict[str, str]:
+    """The service's configuration: the base above, then the test's `settings` marker."""
+    env = base_environment(tmp_path)
+    for marker in reversed(list(request.node.iter_markers("settings"))):
+        env.update({name: str(value) for name, value in marker.kwargs.items()})
+    # The fake engine reads its own variables from the server's environment, as in production.
+    monkeypatch.setenv("FAKE_WHISPERX_LOG", str(tmp_path / "engine-runs.jsonl"))
+    monkeypatch.setenv("FAKE_WHISPERX_SLOW_SECONDS", env.pop("FAKE_WHISPERX_SLOW_SECONDS", "1"))
+    for name in [n for n in env if n.startswith("FAKE_WHISPERX_")]:
+        monkeypatch.setenv(name, env.pop(name))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return env
+
+
+@pytest.fixture
+def service(fast_env, tmp_path, io_loop, clock):
+    conf = tmp_path / "whisper_api.conf"
+    conf.write_text("# everything comes from the test's environment\n")
+    config = config_module.load(environ=fast_env, conf_path=str(conf))
+    JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR).ensure_roots()
+    ledger_module.prepare(config, "fast-test")
+    svc = Service(config, offline=True, clock=clock)
+
+    async def start() -> None:
+        Subprocess.initialize()  # the engine's exit is learnt through SIGCHLD, as in serve()
+        await svc.start()
+
+    io_loop.run_sync(start)
+    yield svc
+
+    async def stop() -> None:
+        await svc.stop(0)
+        Subprocess.uninitialize()
+
+    io_loop.run_sync(stop, timeout=30)
+    _kill_leftover_engines(tmp_path)
+
+
+def _kill_leftover_engines(root: Path) -> None:
+    log = root / "engine-runs.jsonl"
+    if not log.exists():
+        return
+    for line in log.read_text().splitlines():
+        run = json.loads(line)
+        for pid in (run.get("pgid"), run.get("grandchild_pid")):
+            if pid:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+
+@pytest.fixture
+def app(service):
+    return make_app(service)
+
+
+@pytest.fixture
+def base_url(http_port) -> str:
+    return f"http://127.0.0.1:{http_port}"  # "localhost" may try ::1 first, where nobody listens
+
+
+# -- requests
+
+
+def wav_bytes(seconds: float = 0.1, rate: int = 16000) -> bytes:
+    """A real (silent) mono WAV: whisperd reads its header without running ffprobe."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(b"\0\0" * int(seconds * rate))
+    return buffer.getvalue()
+
+
+WAV = wav_bytes()
+
+
+def multipart(fields: dict[str, Any] | None = None, file: bytes | None = WAV,
+              filename: str = "tone.wav", file_field: str = "file") -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in (fields or {}).items():
+        for item in value if isinstance(value, list) else [value]:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{item}\r\n'.encode())
+    if file is not None:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+                     f'Content-Type: application/octet-stream\r\n\r\n'.encode() + file + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+class Api:
+    """Requests to the in-process server; never raises on an HTTP error status."""
+
+    def __init__(self, client: AsyncHTTPClient, base_url: str, service: Service) -> None:
+        self.client = client
+        self.base_url = base_url
+        self.service = service
+
+    async def call(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                   token: str | None = TOKEN, timeout: float = 30) -> HTTPResponse:
+        headers = dict(headers or {})
+        if token is not None:
+            headers.setdefault("Authorization", f"Bearer {token}")
+        if body is None and method in ("POST", "PUT", "PATCH"):
+            body = b""
+        return await self.client.fetch(self.base_url + path, method=method, body=body, headers=headers,
+                                       raise_error=False, request_timeout=timeout, allow_nonstandard_methods=True)
+
+    async def submit(self, fields: dict[str, Any] | None = None, file: bytes | None = WAV,
+                     path: str = "/transcription", token: str | None = TOKEN, **kwargs) -> HTTPResponse:
+        body, content_type = multipart(fields, file, **kwargs)
+        return await self.call("POST", path, body, {"Content-Type": content_type}, token=token)
+
+    async def submit_ok(self, fields: dict[str, Any] | None = None, **kwargs) -> str:
+        response = await self.submit(fields, **kwargs)
+        assert response.code == 202, response.body
+        return json.loads(response.body)["job_id"]
+
+    async def status(self, job_id: str) -> tuple[int, dict]:
+        response = await self.call("GET", f"/transcription/{job_id}")
+        return response.code, json.loads(response.body)
+
+    async def wait_status(self, job_id: str, wanted=("Completed", "Failed"), timeout: float = 20.0) -> dict:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        body: dict = {}
+        while loop.time() < deadline:
+            job = await self.service.ledger.get(job_id)
+            if job is not None and job.status in wanted:
+                code, body = await self.status(job_id)
+                return body if code == 200 else {"status": job.status, "http": code, **body}
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"job {job_id} never reached {wanted}: last {await self.service.ledger.get(job_id)}")
+
+
+@pytest.fixture
+def api(http_client, base_url, service) -> Api:
+    return Api(http_client, base_url, service)
+
+
+def body_of(response: HTTPResponse) -> Any:
+    return json.loads(response.body)
+
+
+def engine_runs(root: Path) -> list[dict]:
+    log = root / "engine-runs.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def job_files(service: Service) -> list[str]:
+    found = []
+    for root in (service.files.tmp_root, service.files.output_root):
+        found += [str(p) for p in root.rglob("*") if p.name != ".incoming"]
+    return found

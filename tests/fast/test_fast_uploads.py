@@ -1,0 +1,182 @@
+"""Uploads: size limits, broken forms, clients that leave half-way, the in-flight cap."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from .harness import WAV, body_of, job_files, multipart
+
+gen_test = pytest.mark.gen_test(timeout=30)
+
+
+def staged(service) -> list:
+    staging = service.files.tmp_root / ".incoming"
+    return list(staging.iterdir()) if staging.exists() else []
+
+
+async def open_upload(base_url: str, declared: int, sent: bytes):
+    """A raw connection that declares `declared` body bytes and sends only `sent`, then waits."""
+    host, port = base_url.rsplit("/", 1)[-1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    boundary = uuid.uuid4().hex
+    writer.write((f"POST /transcription HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer fast-test-token\r\n"
+                  f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {declared}\r\n\r\n").encode()
+                 + f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'.encode()
+                 + sent)
+    await writer.drain()
+    return reader, writer
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition never came true"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.settings(MAX_FILE_SIZE="1000")
+@gen_test
+async def test_a_declared_length_over_the_limit_is_413_before_any_byte_is_read(api, service):
+    body = b"x" * (1000 + 1024 * 1024 + 1)
+    response = await api.call("POST", "/transcription", body, {"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.code == 413
+    assert "larger than MAX_FILE_SIZE (1000 bytes)" in body_of(response)["error"]
+    assert staged(service) == []
+
+
+@pytest.mark.settings(MAX_FILE_SIZE="5000")
+@gen_test
+async def test_a_file_over_the_limit_is_413_while_it_streams_and_nothing_stays(api, service):
+    response = await api.submit(file=WAV + b"\0" * 5000)
+    assert response.code == 413
+    assert "file is larger than MAX_FILE_SIZE (5000 bytes)" in body_of(response)["error"]
+    assert staged(service) == [] and job_files(service) == []
+
+
+@pytest.mark.settings(MAX_FILE_SIZE=str(len(WAV)))
+@gen_test
+async def test_a_file_of_exactly_the_limit_is_accepted(api):
+    assert (await api.submit()).code == 202
+
+
+@gen_test
+async def test_a_truncated_body_is_400(api, service):
+    body, content_type = multipart({"language": "en"})
+    response = await api.call("POST", "/transcription", body[:-20], {"Content-Type": content_type})
+    assert response.code == 400
+    assert "ended before its closing boundary" in body_of(response)["error"]
+    assert staged(service) == []
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda: {f"f{n}": "x" for n in range(70)}, "too many form fields"),
+    (lambda: {"prompt": "x" * (64 * 1024 + 1)}, "is longer than 65536 bytes"),
+    (lambda: {"language": ["en", "fr"]}, "is given more than once"),
+])
+@gen_test
+async def test_forms_that_are_too_big_or_repeat_a_field_are_400(api, service, build, message):
+    response = await api.submit(build())
+    assert response.code == 400
+    assert message in body_of(response)["error"]
+    assert staged(service) == [] and job_files(service) == []
+
+
+@gen_test
+async def test_two_files_are_400(api):
+    boundary = "b0undary"
+    part = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n').encode() + WAV + b"\r\n"
+    body = part + part + f"--{boundary}--\r\n".encode()
+    response = await api.call("POST", "/transcription", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.code == 400 and "more than one 'file' field" in body_of(response)["error"]
+
+
+@gen_test
+async def test_a_file_under_another_field_name_is_400(api):
+    response = await api.submit(file_field="audio")
+    assert response.code == 400 and "unexpected file in form field 'audio'" in body_of(response)["error"]
+
+
+@gen_test
+async def test_a_field_that_is_not_utf8_is_400(api):
+    boundary = "b0undary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n').encode() + b"\xff\xfe\r\n" + \
+           (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n').encode() + WAV + \
+           f"\r\n--{boundary}--\r\n".encode()
+    response = await api.call("POST", "/transcription", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.code == 400 and "not valid UTF-8" in body_of(response)["error"]
+
+
+@gen_test
+async def test_a_client_that_leaves_mid_upload_leaves_nothing_behind(base_url, service, api):
+    reader, writer = await open_upload(base_url, 100_000, WAV[:1000])
+    await until(lambda: staged(service) != [])
+    assert service.uploads_in_flight == 1
+    writer.close()
+    await until(lambda: staged(service) == [] and service.uploads_in_flight == 0)
+    assert (await service.ledger.counts())["Queued"] == 0
+    assert (await api.submit()).code == 202  # the slot is free again
+
+
+@pytest.mark.settings(WHISPER_MAX_PENDING_UPLOADS="1")
+@gen_test
+async def test_uploads_over_the_in_flight_cap_are_429_until_one_ends(base_url, service, api):
+    reader, writer = await open_upload(base_url, 100_000, WAV[:1000])
+    await until(lambda: service.uploads_in_flight == 1)
+    refused = await api.submit()
+    assert refused.code == 429
+    assert refused.headers["Retry-After"] == "5"
+    assert "too many uploads in progress (limit 1)" in body_of(refused)["error"]
+    writer.close()
+    await until(lambda: service.uploads_in_flight == 0)
+    assert (await api.submit()).code == 202
+
+
+@gen_test
+async def test_a_refused_form_frees_its_upload_slot(api, service):
+    for _ in range(3):
+        assert (await api.submit({"language": "xx"})).code == 400
+    assert service.uploads_in_flight == 0
+
+
+@gen_test
+async def test_an_accepted_upload_moves_from_staging_to_its_job_directory(api, service):
+    job_id = await api.submit_ok()
+    assert staged(service) == []
+    audio = service.files.audio_path(job_id)
+    assert audio is not None and audio.read_bytes() == WAV and audio.suffix == ".wav"
+
+
+@gen_test
+async def test_a_ledger_that_refuses_the_row_leaves_no_file(api, service, monkeypatch):
+    async def broken(new_job, detail=None):
+        raise RuntimeError("ledger down")
+
+    monkeypatch.setattr(service.ledger, "submit", broken)
+    response = await api.submit()
+    assert response.code == 500
+    assert body_of(response) == {"error": "internal server error (see the server log)"}
+    assert staged(service) == [] and job_files(service) == []
+
+
+@gen_test
+async def test_a_busy_ledger_is_503_with_retry_after(api, service, monkeypatch):
+    from whisperd.ledger import LedgerBusy
+
+    async def busy(job_id):
+        raise LedgerBusy()
+
+    monkeypatch.setattr(service.ledger, "get", busy)
+    response = await api.call("GET", "/transcription/00000000-0000-4000-8000-000000000000")
+    assert response.code == 503
+    assert response.headers["Retry-After"] == "5"
+    assert "ledger is busy" in body_of(response)["error"]
+
+
+@pytest.mark.settings(WHISPER_FFPROBE="/nonexistent/ffprobe")
+@gen_test
+async def test_without_ffprobe_uploads_that_are_not_wav_or_flac_are_queued_unchecked(api):
+    assert (await api.submit(file=b"ID3 an mp3 perhaps", filename="a.mp3")).code == 202
