@@ -31,7 +31,8 @@ stdout like the real one, the code taken from FAKE_WHISPERX_DETECT (default "en"
 Called as `fake_whisperx.py --whisperd-worker` it is a fake engine worker instead, speaking
 whisperd/engine_worker.py's JSON-lines protocol with the same modes per job (crash and hang
 take the whole worker down or hang it; grandchild leaves a sleep in its group and answers
-after FAKE_WHISPERX_SLOW_SECONDS). FAKE_WHISPERX_WORKER_START = ok (default), hang (never says
+after FAKE_WHISPERX_SLOW_SECONDS; a job with no language on a model not named *.en reports
+FAKE_WHISPERX_DETECT as the language it detected; "task" is honoured as by the CLI). FAKE_WHISPERX_WORKER_START = ok (default), hang (never says
 hello) or fail (exits 1 with a message) picks how it starts; FAKE_WHISPERX_WORKER_DELAY
 seconds (default 0) pass before hello; loading a model takes FAKE_WHISPERX_LOAD_SECONDS (0.2).
 It logs {"worker": true, pid, pgid, ...} at start and {"worker_job": ..., mode, ...} per job.
