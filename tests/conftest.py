@@ -215,11 +215,13 @@ class Server:
             return conn.execute(sql, params).fetchall()
 
     def job_files(self) -> list[str]:
-        """Everything on disk under the upload and output roots (the empty staging dir aside)."""
+        """Everything on disk under the upload and output roots (the empty staging dir and the
+        quarantine of start-up's unknown directories aside)."""
         found = []
         for root in (Path(self.env["WHISPER_TMP_FILES"]), Path(self.env["WHISPER_OUTPUT_DIR"])):
             if root.exists():
-                found += [str(p) for p in root.rglob("*") if p.name != ".incoming"]
+                found += [str(p) for p in root.rglob("*") if p.name != ".incoming"
+                          and ".quarantine" not in p.relative_to(root).parts]
         return found
 
     def log(self) -> str:

@@ -232,6 +232,17 @@ SETTINGS: tuple[Setting, ...] = (
             "delay before the first retry; doubles each time"),
     Setting("WHISPER_WEBHOOK_TIMEOUT_SECONDS", 10.0, _float(0.1),
             "connect and response time limit of one attempt"),
+    # Durability (issue 19, docs/operations.md).
+    Setting("WHISPER_DB_BUSY_TIMEOUT_MS", 10000, _int(1),
+            "how long one ledger statement waits for a lock held by someone else before it counts as busy"),
+    Setting("WHISPER_DB_CHECKPOINT_SECONDS", 60.0, _float(0),
+            "how often the ledger's WAL is checkpointed and truncated (0 = only SQLite's own checkpoints)"),
+    Setting("WHISPER_RESULT_GRACE_SECONDS", 60.0, _float(0),
+            "after a result was delivered, the same identity may fetch it again this long; then its files go"),
+    Setting("WHISPER_STALL_SECONDS", 600.0, _float(0),
+            "/health fails when a running engine shows no progress (no progress line, no CPU time) this long (0 = never)"),
+    Setting("WHISPER_ACCEPT_LEDGER_RESET", False, parse_bool,
+            "start even when the ledger looks reset beside many job directories (they are quarantined)"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}

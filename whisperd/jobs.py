@@ -61,6 +61,7 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     callback_url: str | None = None
+    delivered_to: str | None = None  # identity that received the result (grace window)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":

@@ -10,7 +10,7 @@ from typing import Any
 from tornado.web import HTTPError, RequestHandler
 
 from ..auth import AuthError, Identity
-from ..ledger import LedgerBusy
+from ..ledger import LedgerBusy, LedgerUnavailable
 from ..service import Service
 
 log = logging.getLogger("whisperd.http")
@@ -29,6 +29,7 @@ class BaseHandler(RequestHandler):
     allowed_methods = ("OPTIONS", "GET")
     requires_auth = True
     identity: Identity
+    _in_flight = False
 
     def initialize(self, service: Service) -> None:
         self.service = service
@@ -39,12 +40,28 @@ class BaseHandler(RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     async def prepare(self) -> None:
+        # Counted until finished or dropped: shutdown closes the ledger only when none is left.
+        self._in_flight = True
+        self.service.requests_in_flight += 1
+        if self.service.draining:
+            raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
         if self.request.method == "OPTIONS" or not self.requires_auth:
             return
         try:
             self.identity = await self.service.auth.identify(self.request.headers.get("Authorization"))
         except AuthError as exc:
             raise ApiError(401, str(exc), {"WWW-Authenticate": 'Bearer realm="whisperd"'}) from None
+
+    def on_finish(self) -> None:
+        self._leave()
+
+    def on_connection_close(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self._in_flight:
+            self._in_flight = False
+            self.service.requests_in_flight -= 1
 
     def options(self, *args: Any) -> None:
         methods = ", ".join(self.allowed_methods)
@@ -71,6 +88,11 @@ class BaseHandler(RequestHandler):
             self.set_status(503)
             self.set_header("Retry-After", "5")
             message = "the job ledger is busy; try again in a moment"
+        elif isinstance(exc, LedgerUnavailable):
+            # Only while the server stops (or loses its database): another instance may answer.
+            self.set_status(503)
+            self.set_header("Retry-After", "10")
+            message = "the job ledger is not available (the server is stopping); try again in a moment"
         elif status_code == 405:
             message = f"method {self.request.method} is not allowed here; allowed: {', '.join(self.allowed_methods)}"
             self.set_header("Allow", ", ".join(self.allowed_methods))

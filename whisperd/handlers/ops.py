@@ -26,8 +26,9 @@ class HealthHandler(BaseHandler):
         failing = None
         probe = HealthHandler._probe
         if probe is None or probe.done():
+            # Kept by the class attribute; its error is the finding, read below.
             probe = HealthHandler._probe = asyncio.ensure_future(self.service.ledger.check_writable())
-            probe.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved here
+            probe.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
             await asyncio.wait_for(asyncio.shield(probe), LEDGER_CHECK_SECONDS)
         except asyncio.TimeoutError:
@@ -43,6 +44,12 @@ class HealthHandler(BaseHandler):
             if not engine_ok:
                 checks["engine"] = f"engine worker cannot start: {why}"
                 failing = failing or checks["engine"]
+        problems = self.service.problems()
+        if problems:
+            checks["jobs"] = "; ".join(problems)[:1000]
+            failing = failing or checks["jobs"]
+        else:
+            checks["jobs"] = "ok"
         if failing:
             self.send_json({"status": "fail", "error": failing, "checks": checks}, 503)
         else:

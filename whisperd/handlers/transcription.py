@@ -143,7 +143,7 @@ class ResultHandler(_JobLookup):
         if fmt not in OUTPUT_FORMATS:
             raise ApiError(400, f"'response_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt[:40]!r}")
         try:
-            body = await self.service.result_of(job, fmt)
+            body = await self.service.result_of(job, fmt, self.identity.name)
         except JobError as exc:
             raise ApiError(exc.status, exc.message) from None
         await deliver(self, job, body)

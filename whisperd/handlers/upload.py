@@ -33,8 +33,6 @@ class UploadHandler(BaseHandler):
         await super().prepare()
         if self.request.method != "POST":
             return
-        if self.service.draining:
-            raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
         limit = self.service.config.MAX_FILE_SIZE
         length = self.request.headers.get("Content-Length")
         if length is not None:
@@ -75,6 +73,7 @@ class UploadHandler(BaseHandler):
                                 f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
 
     def on_finish(self) -> None:
+        super().on_finish()
         self._release_upload_slot()
 
     def data_received(self, chunk: bytes) -> None:
@@ -88,6 +87,7 @@ class UploadHandler(BaseHandler):
             self.send_error(exc.status, exc_info=(ApiError, ApiError(exc.status, exc.message), None))
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         self._release_upload_slot()
         if not self._committed:
             self._discard()
@@ -148,14 +148,14 @@ class UploadHandler(BaseHandler):
 
 async def deliver(handler: BaseHandler, job: Job, body: dict[str, Any] | str,
                   content_type: str = "application/json; charset=utf-8") -> None:
-    """Send the result, and only once it is written out, delete every file of the job."""
+    """Send the result; only once the whole response is written out is the delivery recorded
+    (the files then stay for the grace window, in case the client's read was cut short)."""
     handler.set_status(200)
     handler.set_header("Content-Type", content_type)
     handler.write(body)
     try:
-        await handler.flush()
+        await handler.finish()
     except StreamClosedError:
-        log.info("job %s: client left before the result was sent; result kept", job.id)
+        log.info("job %s: client left before the whole result was sent; result kept", job.id)
         return
     await handler.service.mark_delivered(job, handler.identity.name)
-    handler.finish()
