@@ -278,5 +278,24 @@ def alive(pid: int) -> bool:
         return False
 
 
+def wait_until(predicate, timeout: float = 15.0, what: str = "condition", poll: float = 0.05):
+    """Poll until predicate() returns something true (returned); AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def metric(server: "Server", line_start: str) -> float:
+    """The value of the /metrics sample whose line starts with line_start (0 when absent)."""
+    for line in server.api("GET", "/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 def words(text: str) -> list[str]:
     return "".join(ch.lower() if ch.isalnum() or ch.isspace() else " " for ch in text).split()

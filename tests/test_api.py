@@ -11,7 +11,7 @@ import uuid
 import pytest
 import requests
 
-from conftest import TOKEN, alive, make_wav
+from conftest import TOKEN, alive, make_wav, wait_until
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -160,8 +160,8 @@ def test_sync_timeout_answers_202_and_the_job_goes_on(make_server):
     server = make_server(SYNC_REQUEST_TIMEOUT_SECONDS="1")
     started = time.monotonic()
     response = server.submit(sync="1", diarize="false", prompt="fake:slow")
-    assert 0.9 < time.monotonic() - started < 2.5
-    assert response.status_code == 202
+    assert time.monotonic() - started >= 0.9  # never before the limit (how soon after: bench/latency_bounds.py)
+    assert response.status_code == 202 and response.json()["status"] == "Processing"
     body = response.json()
     assert body["status_url"] == f"/transcription/{body['job_id']}"
     assert server.wait_status(body["job_id"])["status"] == "Completed"
@@ -294,8 +294,9 @@ def test_aborted_upload_leaves_nothing(server):
     part = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.wav\"\r\n\r\n" + b"\1" * 5000
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head + part)
-        time.sleep(0.3)
-    time.sleep(0.3)
+        # The part is on the server's disk before the client leaves.
+        wait_until(lambda: list((server.root / "tmp" / ".incoming").glob("*/*")), what="the staged part")
+    wait_until(lambda: "upload cut short by the client" in server.log(), what="the server to drop the upload")
     no_jobs_and_no_files(server)
     # a complete body without the closing boundary is refused too
     body = part + b"\r\n"

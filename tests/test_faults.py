@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import alive
+from conftest import alive, wait_until
 
 
 def crashed(server) -> None:
@@ -145,9 +145,9 @@ def test_shutdown_refuses_new_work_and_answers_sync_waiters(make_server):
     server = make_server(FAKE_WHISPERX_SLOW_SECONDS="30", WHISPER_SHUTDOWN_GRACE_SECONDS="3")
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(server.submit, None, sync="true", diarize="false", prompt="fake:slow")
-        time.sleep(1.0)
+        wait_until(lambda: server.rows("SELECT 1 FROM jobs WHERE status='Processing'"), what="the sync job to run")
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        wait_until(lambda: "stopping: no new jobs" in server.log(), what="the server to begin its stop")
         refused = server.submit(diarize="false")
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "10" and "shutting down" in refused.json()["error"]

@@ -90,6 +90,8 @@ class UploadHandler(BaseHandler):
         super().on_connection_close()
         self._release_upload_slot()
         if not self._committed:
+            if self._receiver is not None:
+                log.info("upload cut short by the client; its staged file is removed")
             self._discard()
 
     def _discard(self) -> None:
@@ -153,9 +155,14 @@ async def deliver(handler: BaseHandler, job: Job, body: dict[str, Any] | str,
     handler.set_status(200)
     handler.set_header("Content-Type", content_type)
     handler.write(body)
+    stream = handler.request.connection.stream  # type: ignore[union-attr]
     try:
         await handler.finish()
     except StreamClosedError:
+        stream = None
+    # Tornado resolves finish()'s future even when the write failed (its HTTP/1 connection
+    # swallows StreamClosedError); the stream keeps the error.
+    if stream is None or stream.error is not None:
         log.info("job %s: client left before the whole result was sent; result kept", job.id)
         return
     await handler.service.mark_delivered(job, handler.identity.name)
