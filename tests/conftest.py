@@ -88,6 +88,9 @@ class Server:
             # The spec's any-token check keeps the API tests short; tests/test_security.py
             # turns it off and uses real tokens.
             "WHISPER_API_ALLOW_ANY_TOKEN": "true",
+            # Files go the moment a result is delivered, as the spec says; the grace window for
+            # a download cut short has its own tests (test_nothing_lost.py).
+            "WHISPER_RESULT_GRACE_SECONDS": "0",
             "PYTHONUNBUFFERED": "1",
         })
         base.update(env)
@@ -223,6 +226,16 @@ class Server:
                 found += [str(p) for p in root.rglob("*") if p.name != ".incoming"
                           and ".quarantine" not in p.relative_to(root).parts]
         return found
+
+    def files_gone(self, timeout: float = 10.0) -> bool:
+        """Wait until no job file is left (a delivery is recorded, and its files removed, just
+        after the client has the last byte); True when none is, False if some stayed."""
+        deadline = time.monotonic() + timeout
+        while self.job_files():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

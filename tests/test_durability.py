@@ -65,7 +65,7 @@ def test_a_job_that_keeps_killing_the_server_is_failed_as_poison(make_server):
         server.start()
     status = server.wait_status(job_id, ("Failed",))
     assert "gave up after 2 attempts" in status["data"]
-    assert server.job_files() == []
+    assert server.files_gone()
 
 
 def test_graceful_stop_requeues_running_jobs_and_exits_0(make_server):
@@ -95,7 +95,7 @@ def test_retention_expires_old_jobs_but_keeps_the_row(make_server):
     response = server.status(job_id)
     assert response.status_code == 410 and "expired" in response.json()["error"]
     assert "expired" in server.api("GET", f"/transcription/{job_id}/result").json()["error"]
-    assert server.job_files() == []
+    assert server.files_gone()
     (row,) = server.rows("SELECT status, expired_at FROM jobs")
     assert row["status"] == "Completed" and row["expired_at"]
 

@@ -226,7 +226,7 @@ def test_callback_url_is_checked_at_submission(make_server, url, message):
     response = server.submit(callback_url=url)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
 
 
 def test_callback_url_needs_a_configured_secret(server):

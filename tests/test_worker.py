@@ -82,7 +82,7 @@ def test_cancel_kills_the_worker_and_a_fresh_one_serves_the_next_job(worker_serv
     assert server.api("DELETE", f"/transcription/{job_id}").status_code == 200
     assert server.status(job_id).status_code == 410
     assert not alive(first)
-    assert server.job_files() == []
+    assert server.files_gone()
     wait_for(lambda: len(workers(server)) == 2, what="a fresh worker")
     response = server.submit(sync="true", diarize="false")
     assert response.status_code == 200, response.text

@@ -187,15 +187,16 @@ async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: no new jobs; running jobs get %.0f s to finish", config.WHISPER_SHUTDOWN_GRACE_SECONDS)
-    # New requests get 503 with Retry-After (handlers/base.py) and no new connection is
-    # accepted; the ledger closes only once the requests under way have their answers.
+    # From here every new request gets 503 with Retry-After without touching the ledger
+    # (handlers/base.py); the HTTP server stops, and the ledger closes, only once the requests
+    # under way have their answers.
     service.draining = True
-    server.stop()
     await service.stop_work(config.WHISPER_SHUTDOWN_GRACE_SECONDS)
     still_open = await service.wait_requests(REQUESTS_GRACE_SECONDS)
     if still_open:
         log.warning("%d request(s) still open after %.0f s; closing their connections", still_open,
                     REQUESTS_GRACE_SECONDS)
+    server.stop()
     await server.close_all_connections()
     await service.close()
     Subprocess.uninitialize()

@@ -39,12 +39,16 @@ class BaseHandler(RequestHandler):
         self.set_header("Access-Control-Allow-Origin", "*")
         self.set_header("Cache-Control", "no-store")
 
-    async def prepare(self) -> None:
-        # Counted until finished or dropped: shutdown closes the ledger only when none is left.
+    def begin(self) -> None:
+        """Count the request until it is finished or dropped (shutdown closes the ledger only
+        when none is left), and refuse it with 503 while the server stops."""
         self._in_flight = True
         self.service.requests_in_flight += 1
         if self.service.draining:
             raise ApiError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
+
+    async def prepare(self) -> None:
+        self.begin()
         if self.request.method == "OPTIONS" or not self.requires_auth:
             return
         try:

@@ -60,7 +60,9 @@ class MetricsHandler(BaseHandler):
     async def prepare(self) -> None:
         if self.service.config.WHISPER_METRICS_AUTH:
             await super().prepare()
-        elif self.request.method != "OPTIONS" and not _loopback(self.request.remote_ip):
+            return
+        self.begin()
+        if self.request.method != "OPTIONS" and not _loopback(self.request.remote_ip):
             raise ApiError(403, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
                                 "to scrape it from elsewhere with a Bearer token")
 

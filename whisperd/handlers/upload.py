@@ -165,4 +165,10 @@ async def deliver(handler: BaseHandler, job: Job, body: dict[str, Any] | str,
     if stream is None or stream.error is not None:
         log.info("job %s: client left before the whole result was sent; result kept", job.id)
         return
-    await handler.service.mark_delivered(job, handler.identity.name)
+    # The response is finished, so the handler no longer counts as in flight: count this
+    # last write, so that a shutdown waits for it before closing the ledger.
+    handler.service.requests_in_flight += 1
+    try:
+        await handler.service.mark_delivered(job, handler.identity.name)
+    finally:
+        handler.service.requests_in_flight -= 1

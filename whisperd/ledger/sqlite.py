@@ -282,10 +282,12 @@ class SQLiteLedger:
         return conn
 
     async def close(self) -> None:
-        for conn in (self._writer, self._reader):
-            if conn is not None:
-                await conn.close()
-        self._writer = self._reader = None
+        # After the write under way (and those already waiting for the lock): never mid-transaction.
+        async with self._lock:
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    await conn.close()
+            self._writer = self._reader = None
 
     # -- helpers
 
@@ -307,11 +309,12 @@ class SQLiteLedger:
                 return result
 
     async def _rollback(self) -> None:
-        assert self._writer is not None
+        if self._writer is None:
+            return
         try:
             if self._writer.in_transaction:
                 await self._writer.execute("ROLLBACK")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite's connection is gone
             log.warning("ROLLBACK failed: %s", exc)
 
     async def _add_event(self, conn, job_id, at, event, detail=None, actor=None) -> None:
