@@ -220,12 +220,17 @@ class Server:
     def job_files(self) -> list[str]:
         """Everything on disk under the upload and output roots (the empty staging dir and the
         quarantine of start-up's unknown directories aside)."""
-        found = []
-        for root in (Path(self.env["WHISPER_TMP_FILES"]), Path(self.env["WHISPER_OUTPUT_DIR"])):
-            if root.exists():
-                found += [str(p) for p in root.rglob("*") if p.name != ".incoming"
-                          and ".quarantine" not in p.relative_to(root).parts]
-        return found
+        for _ in range(20):  # a directory the server removes while we walk it: look again
+            try:
+                found = []
+                for root in (Path(self.env["WHISPER_TMP_FILES"]), Path(self.env["WHISPER_OUTPUT_DIR"])):
+                    if root.exists():
+                        found += [str(p) for p in root.rglob("*") if p.name != ".incoming"
+                                  and ".quarantine" not in p.relative_to(root).parts]
+                return found
+            except FileNotFoundError:
+                time.sleep(0.01)
+        raise AssertionError("the job directories kept changing while being listed")
 
     def files_gone(self, timeout: float = 10.0) -> bool:
         """Wait until no job file is left (a delivery is recorded, and its files removed, just
