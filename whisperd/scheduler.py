@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
 from .runner import JobRunner, RunningJob
 
 log = logging.getLogger("whisperd.scheduler")
@@ -44,7 +44,9 @@ class Scheduler:
             try:
                 await self._claim_what_fits()
                 await self._honour_remote_cancels()
-            except Exception:  # the loop must survive a busy ledger or a bug in one pass
+            except LedgerError as exc:  # held or full: the next tick tries again
+                log.warning("scheduler pass skipped, the ledger is busy: %s", exc)
+            except Exception:  # the loop must survive a bug in one pass
                 log.exception("scheduler pass failed; retrying")
 
     async def _claim_what_fits(self) -> None:
