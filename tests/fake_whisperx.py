@@ -37,6 +37,8 @@ hello) or fail (exits 1 with a message) picks how it starts; FAKE_WHISPERX_WORKE
 seconds (default 0) pass before hello; loading a model takes FAKE_WHISPERX_LOAD_SECONDS (0.2).
 It logs {"worker": true, pid, pgid, ...} at start and {"worker_job": ..., mode, ...} per job.
 
+FAKE_WHISPERX_EXTRA_SEGMENTS=N appends N filler segments to every result (a large transcript).
+
 With FAKE_WHISPERX_LOG set, each run first appends one JSON line to that file: pid, pgid,
 sid, argv, t_start, mode, cwd, hf_token_sha256 (of $HF_TOKEN, null when unset; the token
 itself is never written) and grandchild_pid (null unless mode is grandchild).
@@ -276,6 +278,11 @@ def make_result(path, args):
         {"text": f" Fake {made} of {size} bytes.", "start": 0.0, "end": 2.5, "avg_logprob": -0.25},
         {"text": " Second segment.", "start": 2.5, "end": 4.0, "avg_logprob": -0.5},
     ]
+    # A long transcript on demand (the tests of a download cut short need a body larger than
+    # the kernel's socket buffers).
+    for index in range(int(os.environ.get("FAKE_WHISPERX_EXTRA_SEGMENTS", "0"))):
+        segments.append({"text": f" Filler segment {index}.", "start": 4.0 + index, "end": 5.0 + index,
+                         "avg_logprob": -0.5})
     if args.diarize:
         segments[0]["speaker"] = "SPEAKER_00"
         segments[1]["speaker"] = "SPEAKER_01"

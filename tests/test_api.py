@@ -11,14 +11,14 @@ import uuid
 import pytest
 import requests
 
-from conftest import TOKEN, alive, make_wav
+from conftest import TOKEN, alive, make_wav, wait_until
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def no_jobs_and_no_files(server):
     assert server.rows("SELECT id FROM jobs") == []
-    assert server.job_files() == []
+    assert server.files_gone()
 
 
 # -- preflight and auth ---------------------------------------------------------------------
@@ -91,7 +91,7 @@ def test_async_submit_poll_result_then_everything_is_deleted(server):
         {"start": 0.0, "end": 2.5, "text": f" Fake transcript of {size} bytes."},
         {"start": 2.5, "end": 4.0, "text": " Second segment."},
     ]
-    assert server.job_files() == []
+    assert server.files_gone()
     again = server.api("GET", f"/transcription/{body['job_id']}/result")
     assert again.status_code == 410
     assert "already delivered" in again.json()["error"]
@@ -146,7 +146,7 @@ def test_sync_mode_returns_the_result(server):
     response = server.submit(sync="true", diarize="no")
     assert response.status_code == 200, response.text
     assert response.json()["text"].startswith("Fake transcript of")
-    assert server.job_files() == []
+    assert server.files_gone()
     (row,) = server.rows("SELECT delivered_at FROM jobs")
     assert row["delivered_at"]
 
@@ -161,8 +161,8 @@ def test_sync_timeout_answers_202_and_the_job_goes_on(make_server):
     server = make_server(SYNC_REQUEST_TIMEOUT_SECONDS="1")
     started = time.monotonic()
     response = server.submit(sync="1", diarize="false", prompt="fake:slow")
-    assert 0.9 < time.monotonic() - started < 2.5
-    assert response.status_code == 202
+    assert time.monotonic() - started >= 0.9  # never before the limit (how soon after: bench/latency_bounds.py)
+    assert response.status_code == 202 and response.json()["status"] == "Processing"
     body = response.json()
     assert body["status_url"] == f"/transcription/{body['job_id']}"
     assert server.wait_status(body["job_id"])["status"] == "Completed"
@@ -192,7 +192,7 @@ def test_engine_failures_fail_the_job_with_a_reason(server, mode, reason):
     assert "/" not in status["data"]  # no server paths
     result = server.api("GET", f"/transcription/{job_id}/result")
     assert result.status_code == 422 and reason in result.json()["error"]
-    assert server.job_files() == []
+    assert server.files_gone()
     # the queue moves on
     assert server.wait_status(server.submit_ok(diarize="false"))["status"] == "Completed"
 
@@ -295,8 +295,9 @@ def test_aborted_upload_leaves_nothing(server):
     part = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.wav\"\r\n\r\n" + b"\1" * 5000
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head + part)
-        time.sleep(0.3)
-    time.sleep(0.3)
+        # The part is on the server's disk before the client leaves.
+        wait_until(lambda: list((server.root / "tmp" / ".incoming").glob("*/*")), what="the staged part")
+    wait_until(lambda: "upload cut short by the client" in server.log(), what="the server to drop the upload")
     no_jobs_and_no_files(server)
     # a complete body without the closing boundary is refused too
     body = part + b"\r\n"
@@ -396,7 +397,7 @@ def test_cancel_processing_job_stops_the_whole_process_group(server, mode):
         if pid:
             assert not alive(pid), f"pid {pid} survived the cancel"
     assert server.status(job_id).status_code == 410
-    assert server.job_files() == []
+    assert server.files_gone()
     events = [r["event"] for r in server.rows("SELECT event FROM job_events WHERE job_id=? ORDER BY id", (job_id,))]
     assert events[-2:] == ["cancel-requested", "canceled"]
 
@@ -454,7 +455,7 @@ def test_hf_token_reaches_the_engine_only_through_its_environment(make_server):
     assert secret not in server.log()
     for path in server.root.rglob("whisperd.db*"):
         assert secret.encode() not in path.read_bytes()
-    assert server.job_files() == []
+    assert server.files_gone()
 
 
 def test_token_file_and_env_token_are_used(make_server, tmp_path):

@@ -66,7 +66,7 @@ def test_jfk_sync_with_diarization_asked_but_no_token(real_server):
     check_segments(body["segments"])
     assert any("diarization skipped" in w for w in body["warnings"])
     assert any("alignment skipped" in w for w in body["warnings"])
-    assert server.job_files() == []
+    assert server.files_gone()
 
 
 def test_jfk_async_in_every_format(real_server):
@@ -91,7 +91,7 @@ def test_jfk_async_in_every_format(real_server):
     assert '"segments"' in results["json"]["text"]
     start, end, text = results["aud"]["text"].splitlines()[0].split("\t")
     assert float(start) < float(end) and "fellow Americans" in text
-    assert server.job_files() == []
+    assert server.files_gone()
 
 
 def test_espeak_clip(real_server, tmp_path):
@@ -128,7 +128,7 @@ def test_video_without_sound_is_refused_before_it_is_queued(real_server, tmp_pat
     assert response.status_code == 415, response.text
     assert "'silent-film.mp4' is not audio or video with sound" in response.json()["error"]
     assert "(video: mpeg4)" in response.json()["error"]
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
 
 
 def test_audio_with_a_good_header_and_garbage_fails_with_the_engines_reason(real_server, tmp_path):
@@ -141,7 +141,7 @@ def test_audio_with_a_good_header_and_garbage_fails_with_the_engines_reason(real
     assert status["status"] == "Failed"
     reason = status["data"]
     assert reason and "\n" not in reason and "Traceback" not in reason and "/" not in reason, reason
-    assert server.job_files() == []
+    assert server.files_gone()
 
 
 def test_a_failing_optional_stage_still_delivers_the_transcript(real_server):

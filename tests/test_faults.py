@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import alive
+from conftest import alive, wait_until
 
 
 def crashed(server) -> None:
@@ -46,7 +46,7 @@ def test_crash_after_upload_committed_leaves_no_job_and_no_file(make_server):
     crashed(server)
     restart_clean(server)
     assert server.rows("SELECT id FROM jobs") == []
-    assert server.job_files() == []
+    assert server.files_gone()
     invariants(server)
 
 
@@ -93,8 +93,8 @@ def test_crash_after_result_sent_keeps_the_result_for_another_fetch(make_server)
     crashed(server)
     restart_clean(server)
     assert server.api("GET", f"/transcription/{job_id}/result").status_code == 200  # at least once
+    assert server.files_gone()  # the delivery is recorded just after the last byte went out
     assert server.api("GET", f"/transcription/{job_id}/result").status_code == 410
-    assert server.job_files() == []
     invariants(server)
 
 
@@ -109,7 +109,7 @@ def test_crash_after_delivery_recorded_removes_the_files_at_restart(make_server)
     crashed(server)
     assert any(job_id in p for p in server.job_files())
     restart_clean(server)
-    assert server.job_files() == []
+    assert server.files_gone()
     assert server.api("GET", f"/transcription/{job_id}/result").status_code == 410
     invariants(server)
 
@@ -122,7 +122,7 @@ def test_crash_during_retention_finishes_the_cleanup_at_restart(make_server):
     restart_clean(server)
     response = server.status(job_id)
     assert response.status_code == 410 and "expired" in response.json()["error"]
-    assert server.job_files() == []
+    assert server.files_gone()
     invariants(server)
 
 
@@ -145,9 +145,9 @@ def test_shutdown_refuses_new_work_and_answers_sync_waiters(make_server):
     server = make_server(FAKE_WHISPERX_SLOW_SECONDS="30", WHISPER_SHUTDOWN_GRACE_SECONDS="3")
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(server.submit, None, sync="true", diarize="false", prompt="fake:slow")
-        time.sleep(1.0)
+        wait_until(lambda: server.rows("SELECT 1 FROM jobs WHERE status='Processing'"), what="the sync job to run")
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        wait_until(lambda: "stopping: no new jobs" in server.log(), what="the server to begin its stop")
         refused = server.submit(diarize="false")
         assert refused.status_code == 503
         assert refused.headers["Retry-After"] == "10" and "shutting down" in refused.json()["error"]
@@ -246,7 +246,7 @@ def test_full_upload_disk_is_507_and_leaves_nothing(make_server):
         assert response.status_code == 507, response.text
         assert "disk is full" in response.json()["error"]
         assert server.rows("SELECT id FROM jobs") == []
-        assert server.job_files() == []
+        assert server.files_gone()
         assert server.wait_status(server.submit_ok(diarize="false"))["status"] == "Completed"  # still serving
         server.stop()
     finally:

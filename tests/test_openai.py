@@ -59,9 +59,9 @@ def test_every_response_format_through_the_openai_client(server):
     assert [(s.id, s.start, s.end, s.text) for s in verbose.segments] == [
         (0, 0.0, 2.5, f" {size_text}"), (1, 2.5, 4.0, " Second segment.")]
     # Every job was delivered, so every file is gone; the ledger keeps the story.
+    assert server.files_gone()
     rows = server.rows("SELECT status, delivered_at, owner FROM jobs")
     assert len(rows) == 6 and all(r["status"] == "Completed" and r["delivered_at"] for r in rows)
-    assert server.job_files() == []
 
 
 @pytest.mark.parametrize("fmt,content_type", [
@@ -92,7 +92,7 @@ def test_word_timestamps_without_an_alignment_model_are_a_clear_400(server):
     error = caught.value.body
     assert error["code"] == "word_timestamps_unavailable" and error["param"] == "timestamp_granularities[]"
     assert "word timestamps are unavailable on this server" in error["message"]
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
     assert server.engine_runs() == []
 
 
@@ -151,7 +151,7 @@ def test_unknown_model_is_400_model_not_found(server):
     assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
     assert "whisper-1" in caught.value.body["message"]
     openai_error(post(server, {"model": "../etc"}), 400, param="model", code="model_not_found")
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
 
 
 # -- auth, limits and the error shape ----------------------------------------------------------
@@ -168,7 +168,7 @@ def test_wrong_or_missing_token_raises_authentication_error(server):
     response = post(server, {"model": "whisper-1"}, token=None)
     openai_error(response, 401, code="invalid_api_key")
     assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
 
 
 def test_oversized_file_through_the_client_is_413(make_server):
@@ -181,7 +181,7 @@ def test_oversized_file_through_the_client_is_413(make_server):
     # Under the form allowance, the streamed count catches it instead.
     medium = make_wav(server.root / "medium.wav", seconds=4)
     openai_error(post(server, {"model": "whisper-1"}, audio=medium), 413)
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
 
 
 @pytest.mark.parametrize("fields,param", [
@@ -195,7 +195,7 @@ def test_oversized_file_through_the_client_is_413(make_server):
 ])
 def test_bad_fields_are_400_naming_the_param(server, fields, param):
     openai_error(post(server, fields), 400, param=param, code=None)
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
 
 
 def test_unknown_field_and_missing_file_are_400_in_openai_shape(server):
@@ -238,6 +238,7 @@ def test_openai_jobs_queue_in_turn_with_transcription_jobs(server):
 
 def test_openai_jobs_belong_to_the_caller_and_show_in_the_ledger(server):
     transcribe(server)
+    assert server.files_gone()  # the delivery is recorded just after the last byte went out
     (row,) = server.rows("SELECT owner, response_format, language, diarize FROM jobs")
     assert row["response_format"] == "json" and row["language"] == "auto" and row["diarize"] == 0
     events = [r["event"] for r in server.rows("SELECT event FROM job_events ORDER BY id")]
@@ -254,4 +255,4 @@ def test_a_file_without_sound_is_415_in_openai_shape(server):
     notes.write_text("this is text, not audio\n" * 50)
     response = post(server, {"model": "whisper-1"}, audio=notes)
     assert "not audio" in openai_error(response, 415)["message"]
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()

@@ -52,8 +52,8 @@ def test_every_response_format_on_real_speech(real_server):
     assert verbose.language == "english" and words(verbose.text) == words(JFK_TEXT)
     assert 10.0 < verbose.duration < 11.5
     assert verbose.segments[0].start < 1.0 and verbose.segments[0].avg_logprob < 0
+    assert real_server.files_gone()
     assert real_server.rows("SELECT count(*) AS n FROM jobs WHERE delivered_at IS NOT NULL")[0]["n"] == 5
-    assert real_server.job_files() == []
 
 
 def test_word_timestamps_are_refused_without_an_alignment_model(real_server):

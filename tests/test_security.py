@@ -42,7 +42,7 @@ def test_no_token_yet_refuses_everything_and_says_how_to_make_one(secure):
         assert response.status_code == 401
         assert "python whisperd.py token create --name" in response.json()["error"]
     assert server.submit().status_code == 401
-    assert server.rows("SELECT id FROM jobs") == [] and server.job_files() == []
+    assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
 
 
 def test_token_create_prints_it_once_last_and_stores_only_a_hash(secure):
@@ -250,7 +250,7 @@ def test_secrets_stay_out_of_argv_logs_ledger_and_error_bodies(secure, level):
         assert token.encode() not in data and hf_token.encode() not in data
     for body in bodies:
         assert token not in body and hf_token not in body
-    assert server.job_files() == []
+    assert server.files_gone()
 
 
 def test_hf_token_file_readable_by_others_is_warned_about_by_name(make_server):

@@ -82,7 +82,7 @@ def test_cancel_kills_the_worker_and_a_fresh_one_serves_the_next_job(worker_serv
     assert server.api("DELETE", f"/transcription/{job_id}").status_code == 200
     assert server.status(job_id).status_code == 410
     assert not alive(first)
-    assert server.job_files() == []
+    assert server.files_gone()
     wait_for(lambda: len(workers(server)) == 2, what="a fresh worker")
     response = server.submit(sync="true", diarize="false")
     assert response.status_code == 200, response.text
@@ -168,9 +168,11 @@ def test_a_killed_server_leaves_no_worker_behind(worker_server):
 def test_concurrent_jobs_share_one_worker(worker_server):
     server = worker_server(ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", FAKE_WHISPERX_SLOW_SECONDS="1")
     ids = [server.submit_ok(prompt="fake:slow", diarize="false") for _ in range(2)]
-    started = time.monotonic()
     for job_id in ids:
         assert server.wait_status(job_id)["status"] == "Completed"
-    assert time.monotonic() - started < 1.9  # the two ran side by side
+    # Side by side: each started before the other finished (the speed-up is measured in
+    # bench/latency_bounds.py, not asserted here).
+    first, second = (server.rows("SELECT started_at, finished_at FROM jobs WHERE id=?", (j,))[0] for j in ids)
+    assert first["started_at"] < second["finished_at"] and second["started_at"] < first["finished_at"]
     (worker,) = workers(server)
     assert worker["env_jobs"] == "2"

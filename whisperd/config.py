@@ -257,6 +257,17 @@ SETTINGS: tuple[Setting, ...] = (
             "minutes of audio one identity may submit per UTC day (0 = no limit)"),
     Setting("WHISPER_TOKEN_MAX_FILE_SIZE", 0, _int(0),
             "bytes one identity may upload per file, below MAX_FILE_SIZE (0 = MAX_FILE_SIZE only)"),
+    # Durability (issue 19, docs/operations.md).
+    Setting("WHISPER_DB_BUSY_TIMEOUT_MS", 10000, _int(1),
+            "how long one ledger statement waits for a lock held by someone else before it counts as busy"),
+    Setting("WHISPER_DB_CHECKPOINT_SECONDS", 60.0, _float(0),
+            "how often the ledger's WAL is checkpointed and truncated (0 = only SQLite's own checkpoints)"),
+    Setting("WHISPER_RESULT_GRACE_SECONDS", 60.0, _float(0),
+            "after a result was delivered, the same identity may fetch it again this long; then its files go"),
+    Setting("WHISPER_STALL_SECONDS", 600.0, _float(0),
+            "/health fails when a running engine shows no progress (no progress line, no CPU time) this long (0 = never)"),
+    Setting("WHISPER_ACCEPT_LEDGER_RESET", False, parse_bool,
+            "start even when the ledger looks reset beside many job directories (they are quarantined)"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}

@@ -19,6 +19,7 @@ from tornado.process import Subprocess
 from .config import Config
 from .languages import AUTO
 from .models import local_model_dir
+from .tasks import spawn
 
 log = logging.getLogger("whisperd.engine")
 
@@ -203,7 +204,7 @@ class EngineProcess:
             if match and on_progress is not None:
                 outcome = on_progress(min(100.0, float(match.group(1))), "transcribing")
                 if asyncio.iscoroutine(outcome):
-                    asyncio.ensure_future(outcome)
+                    spawn(outcome, "progress callback")
 
         return handle
 

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,7 @@ log = logging.getLogger("whisperd.files")
 STAGING = ".incoming"  # uploads in flight; a directory under it never has a job row
 RESUMABLE = ".uploads"  # tus uploads' bytes, one file per upload row; they outlive a restart
 TOKEN_FILE = ".hf_token"
+QUARANTINE = ".quarantine"  # what start-up found and the ledger did not know; never deleted by us
 _SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,10}$")
 
 
@@ -131,19 +133,41 @@ class JobFiles:
         for path in (self.upload_dir(job_id), self.output_dir(job_id), self.staging_dir(job_id)):
             _remove_tree(path)
 
-    def sweep(self, live_jobs: set[str]) -> list[str]:
-        """Remove whatever belongs to no live job (run at start, before serving)."""
-        removed = []
-        _remove_tree(self.tmp_root / STAGING)
-        (self.tmp_root / STAGING).mkdir(parents=True, exist_ok=True)
+    def leftovers(self, live_jobs: set[str]) -> list[Path]:
+        """Entries under both roots that belong to no live job (staging and quarantine aside)."""
+        found = []
         for root in (self.tmp_root, self.output_root):
             for entry in root.iterdir():
                 # Resumable uploads answer to their ledger rows: retention removes the orphans.
-                if entry.name in (STAGING, RESUMABLE) or entry.name in live_jobs:
+                if entry.name in (STAGING, QUARANTINE, RESUMABLE) or entry.name in live_jobs:
                     continue
+                found.append(entry)
+        return found
+
+    def sweep(self, live_jobs: set[str], known_jobs: set[str]) -> tuple[list[str], Path | None]:
+        """At start, before serving: unfinished uploads and the files of jobs that ended go;
+        whatever the ledger does not know moves to WHISPER_TMP_FILES/.quarantine/<time>/.
+        Returns (removed, the quarantine directory used or None)."""
+        removed = []
+        _remove_tree(self.tmp_root / STAGING)
+        (self.tmp_root / STAGING).mkdir(parents=True, exist_ok=True)
+        quarantine = None
+        for entry in self.leftovers(live_jobs):
+            if entry.name in known_jobs:
                 _remove_tree(entry)
                 removed.append(str(entry))
-        return removed
+                continue
+            if quarantine is None:
+                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                quarantine = self.tmp_root / QUARANTINE / f"{stamp}-{os.getpid()}"
+            side = quarantine / ("uploads" if entry.parent == self.tmp_root else "output")
+            side.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.tmp_root / QUARANTINE, 0o700)
+            try:
+                shutil.move(str(entry), str(side / entry.name))
+            except OSError as exc:
+                log.error("could not quarantine %s: %s", entry, exc)
+        return removed, quarantine
 
 
 def _remove_tree(path: Path) -> None:

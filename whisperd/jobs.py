@@ -68,6 +68,7 @@ class Job:
     callback_url: str | None = None
     task: str = "transcribe"  # or "translate" (to English)
     audio_seconds: float | None = None
+    delivered_to: str | None = None  # identity that received the result (grace window)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":

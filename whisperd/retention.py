@@ -1,10 +1,19 @@
 """Retention: jobs finished longer ago than WHISPER_JOB_RETENTION_HOURS lose their files, and
-resumable uploads past WHISPER_UPLOAD_EXPIRY_HOURS their bytes."""
+resumable uploads past WHISPER_UPLOAD_EXPIRY_HOURS their bytes.
+
+The cutoff comes from the wall clock, which can jump (an NTP step, a VM resumed, an operator's
+`date -s`): a forward jump of 48 h would expire every unfetched result at once. Each pass
+compares the wall clock's advance with the monotonic clock's since the previous pass; when the
+wall clock ran ahead by more than JUMP_TOLERANCE_SECONDS the pass logs a WARNING and uses the
+time the monotonic clock vouches for; the next pass, finding the clocks agreeing again from the
+new time, confirms the jump and takes the wall clock's word.
+"""
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from .faults import crash_point
@@ -13,6 +22,41 @@ from .jobs import now_iso
 from .ledger import Ledger
 
 log = logging.getLogger("whisperd.retention")
+JUMP_TOLERANCE_SECONDS = 120.0
+
+
+class Retention:
+    def __init__(self, ledger: Ledger, delete_files: Callable[[str, str], None], retention_hours: float,
+                 clock: Callable[[], datetime]) -> None:
+        self.ledger = ledger
+        self.delete_files = delete_files
+        self.retention_hours = retention_hours
+        self.clock = clock
+        self._previous: tuple[float, float] | None = None  # (wall, monotonic) at the last pass
+        self._unconfirmed_jump = False
+
+    def trusted_now(self) -> float:
+        """The wall time this pass may use: the wall clock, unless it just jumped forward."""
+        wall, mono = self.clock().timestamp(), time.monotonic()
+        previous, self._previous = self._previous, (wall, mono)
+        if previous is None:
+            return wall
+        expected = previous[0] + (mono - previous[1])
+        jump = wall - expected
+        if jump > JUMP_TOLERANCE_SECONDS:
+            self._unconfirmed_jump = True
+            log.warning("retention: the wall clock jumped forward by %.0f s since the last pass; this pass "
+                        "keeps to the monotonic clock, and the next one confirms the jump before expiring "
+                        "by the new time", jump)
+            return expected
+        if self._unconfirmed_jump:
+            self._unconfirmed_jump = False
+            log.warning("retention: the wall clock's jump is confirmed by a second pass; expiring by the new time")
+        return wall
+
+    async def run_pass(self) -> list[str]:
+        now = datetime.fromtimestamp(self.trusted_now(), timezone.utc)
+        return await expire_old_jobs(self.ledger, self.delete_files, self.retention_hours, now)
 
 
 async def expire_old_jobs(ledger: Ledger, delete_files: Callable[[str, str], None], retention_hours: float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -15,8 +16,10 @@ from .jobfiles import JobFiles
 from .languages import AUTO
 from .models import model_info
 from .jobs import Job
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
+from .outcomes import OutcomeAbandoned, OutcomeRecorder
 from .results import EngineOutputError, load_engine_result, write_engine_result
+from .tasks import spawn
 from .worker_client import EngineWorker, WorkerJob, job_message
 
 log = logging.getLogger("whisperd.runner")
@@ -31,9 +34,22 @@ class RunningJob:
         self.engine: EngineProcess | WorkerJob | None = None
         self.stop_reason: str | None = None
         self.t_start: float | None = None
+        self.last_activity = time.monotonic()  # a progress line or CPU time spent (stall watch)
+        self.cpu_ticks: int | None = None
 
     def ended(self, status: str) -> None:
         metrics.job_finished(status, None if self.t_start is None else time.monotonic() - self.t_start)
+
+    def engine_pid(self) -> int | None:
+        return self.engine.pid if self.engine is not None else None
+
+    def quiet_seconds(self) -> float:
+        """Seconds since the engine last showed life; CPU time spent counts as life."""
+        ticks = _cpu_ticks(self.engine_pid())
+        if ticks is not None and ticks != self.cpu_ticks:
+            self.cpu_ticks = ticks
+            self.last_activity = time.monotonic()
+        return time.monotonic() - self.last_activity
 
     async def stop(self, because: str) -> None:
         self.stop_reason = self.stop_reason or because
@@ -41,11 +57,49 @@ class RunningJob:
             await self.engine.stop(because)
 
 
+class ProgressWriter:
+    """Progress goes to the ledger one write at a time, newest value only: values that arrive
+    while a write is under way replace each other, and a write the ledger refuses is dropped.
+    So no backlog of progress writes ever queues ahead of the job's final write."""
+
+    def __init__(self, ledger: Ledger, running: RunningJob) -> None:
+        self.ledger = ledger
+        self.running = running
+        self._newest: float | None = None
+        self._writing = False
+        self.closed = False
+
+    def offer(self, percent: float) -> None:
+        self.running.last_activity = time.monotonic()
+        if self.closed:
+            return
+        self._newest = percent
+        if not self._writing:
+            self._writing = True
+            spawn(self._write(), f"progress of job {self.running.job.id}")
+
+    async def _write(self) -> None:
+        try:
+            while self._newest is not None and not self.closed:
+                percent, self._newest = self._newest, None
+                began = time.monotonic()
+                try:
+                    await self.ledger.set_progress(self.running.job.id, percent, "transcribing")
+                except LedgerError as exc:
+                    log.debug("job %s: progress %.0f%% not recorded (ledger busy): %s",
+                              self.running.job.id, percent, exc)
+                # At most one write a second; what arrives meanwhile merges into the next one.
+                await asyncio.sleep(max(0.0, PROGRESS_EVERY_SECONDS - (time.monotonic() - began)))
+        finally:
+            self._writing = False
+
+
 class JobRunner:
     def __init__(self, config: Config, ledger: Ledger, files: JobFiles, offline: bool,
                  notify: Callable[[str], None], delete_files: Callable[[str, str], None], threads: int | None,
-                 worker: EngineWorker | None = None) -> None:
+                 worker: EngineWorker | None = None, outcomes: OutcomeRecorder | None = None) -> None:
         self.config = config
+        self.outcomes = outcomes or OutcomeRecorder()
         self.worker = worker  # None: the spec's CLI per job (WHISPER_ENGINE=cli)
         self.ledger = ledger
         self.files = files
@@ -58,9 +112,14 @@ class JobRunner:
         job = running.job
         try:
             await self._run(running)
+        except OutcomeAbandoned as exc:
+            log.error("%s; the next start takes the job back", exc)
         except Exception:  # a bug here must not strand the job as Processing forever
             log.exception("job %s: unexpected error", job.id)
-            await self._fail(job, "internal error while running the job (see the server log)")
+            try:
+                await self._fail(job, "internal error while running the job (see the server log)")
+            except OutcomeAbandoned as exc:
+                log.error("%s; the next start takes the job back", exc)
         finally:
             self.notify(job.id)
 
@@ -122,10 +181,17 @@ class JobRunner:
             return EngineResult(127, stderr_tail=[f"the transcription engine could not be started ({exc.strerror})"])
         running.engine = engine
         log.info("job %s: engine started, pid %s", job.id, pid)
-        await self.ledger.set_engine_pid(job.id, pid)
+        try:
+            await self.ledger.set_engine_pid(job.id, pid)
+        except LedgerError as exc:  # only a crash's clean-up needs it: the job goes on
+            log.warning("job %s: engine pid not recorded: %s", job.id, exc)
         crash_point("engine-started")
         timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
-        result = await engine.run(self._progress(job), timeout)
+        progress = ProgressWriter(self.ledger, running)
+        try:
+            result = await engine.run(progress.offer, timeout)
+        finally:
+            progress.closed = True
         running.engine = None
         metrics.engine_exited(result.returncode, result.signal)
         log.info("job %s: engine ended: code %s signal %s %s", job.id, result.returncode, result.signal,
@@ -137,43 +203,36 @@ class JobRunner:
         engine = WorkerJob(self.worker, job.id, job_message(self.config, opts))
         running.engine = engine
         timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
-        result = await engine.run(self._progress(job), timeout)
+        progress = ProgressWriter(self.ledger, running)
+        try:
+            result = await engine.run(progress.offer, timeout)
+        finally:
+            progress.closed = True
         running.engine = None
         metrics.engine_exited(result.returncode, result.signal)  # a worker's answer: 0 done, 1 error
         log.info("job %s: worker answered: code %s %s", job.id, result.returncode,
                  result.killed_because or ("worker died" if result.retry else ""))
         return result
 
-    def _progress(self, job: Job):
-        last = 0.0
-        last_stage = ""
-
-        async def progress(percent: float, stage: str = "transcribing") -> None:
-            nonlocal last, last_stage
-            now = time.monotonic()
-            if now - last >= PROGRESS_EVERY_SECONDS or percent >= 100 or stage != last_stage:
-                last, last_stage = now, stage
-                await self.ledger.set_progress(job.id, percent, stage)
-
-        return progress
-
     async def _record(self, running: RunningJob, opts: EngineOptions, result: EngineResult) -> None:
         job = running.job
         because = result.killed_because or running.stop_reason
         if because == "canceled":
-            await self.ledger.mark_canceled(job.id, "engine stopped while processing")
-            running.ended("Canceled")
-            self.delete_files(job.id, "canceled")
+            if await self._outcome(job, "cancel", lambda: self.ledger.mark_canceled(job.id, "engine stopped while processing")):
+                running.ended("Canceled")
+                self.delete_files(job.id, "canceled")
         elif because == "shutdown":
-            await self.ledger.requeue(job.id, "server shutting down; the job will run again at the next start")
-            self.files.remove_output(job.id)
+            if await self._outcome(job, "requeue", lambda: self.ledger.requeue(
+                    job.id, "server shutting down; the job will run again at the next start")):
+                self.files.remove_output(job.id)
         elif because == "timeout":
             limit = self.config.WHISPER_JOB_TIMEOUT_SECONDS
             await self._fail(job, f"the engine ran longer than WHISPER_JOB_TIMEOUT_SECONDS ({limit:g} s) and was stopped")
         elif result.retry and job.attempts < self.config.WHISPER_MAX_ATTEMPTS:
             # The worker died under this job (or under a neighbour's cancel): run it again.
-            await self.ledger.requeue(job.id, f"the engine worker died: {_public(result.reason(), opts)}")
-            self.files.remove_output(job.id)
+            why = f"the engine worker died: {_public(result.reason(), opts)}"
+            if await self._outcome(job, "requeue", lambda: self.ledger.requeue(job.id, why)):
+                self.files.remove_output(job.id)
         elif result.retry:
             await self._fail(job, f"gave up after {job.attempts} attempts: the engine worker died each time "
                                   f"({_public(result.reason(), opts)})")
@@ -191,21 +250,43 @@ class JobRunner:
             if result.detected_language and engine_result.get("language") != language:
                 engine_result["language"] = language  # keep the canonical copy truthful
                 write_engine_result(opts.output_dir, engine_result)
-            if await self.ledger.complete(job.id, language):
+            if await self._outcome(job, "completion", lambda: self.ledger.complete(job.id, language)):
                 metrics.audio_processed(job.audio_seconds)
-            running.ended("Completed")
+                running.ended("Completed")
+
+    async def _outcome(self, job: Job, what: str, write) -> bool:
+        """The job's end, retried until the ledger takes it (outcomes.py); False when the row was
+        no longer this runner's to change (then its files are not ours to delete either)."""
+        changed = await self.outcomes.record(job.id, what, write)
+        if not changed:
+            log.warning("job %s: %s not recorded: the job is no longer Processing here", job.id, what)
+        return changed
 
     async def _warn(self, job: Job, warning: str) -> None:
         if warning not in job.warnings:
             job.warnings.append(warning)
             log.warning("job %s: %s", job.id, warning)
-            await self.ledger.add_warning(job.id, warning)
+            try:
+                await self.ledger.add_warning(job.id, warning)
+            except LedgerError as exc:  # a warning is worth less than the job: go on without it
+                log.error("job %s: warning not recorded: %s", job.id, exc)
 
     async def _fail(self, job: Job, reason: str) -> None:
         log.warning("job %s failed: %s", job.id, reason)
-        await self.ledger.fail(job.id, reason)
-        metrics.job_finished("Failed", metrics.seconds_since(job.started_at))
-        self.delete_files(job.id, "failed")
+        if await self._outcome(job, "failure", lambda: self.ledger.fail(job.id, reason)):
+            metrics.job_finished("Failed", metrics.seconds_since(job.started_at))
+            self.delete_files(job.id, "failed")
+
+
+def _cpu_ticks(pid: int | None) -> int | None:
+    """User plus system CPU ticks of a process (Linux /proc); None when it cannot be read."""
+    if not pid:
+        return None
+    try:
+        fields = open(f"/proc/{pid}/stat", "rb").read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _public(reason: str, opts: EngineOptions) -> str:

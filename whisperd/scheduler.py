@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
 from .runner import JobRunner, RunningJob
 
 log = logging.getLogger("whisperd.scheduler")
+OUTCOME_WAIT_SECONDS = 15.0  # at shutdown, how long stopped jobs may retry recording their end
 
 
 class Scheduler:
@@ -45,7 +46,9 @@ class Scheduler:
             try:
                 await self._claim_what_fits()
                 await self._honour_remote_cancels()
-            except Exception:  # the loop must survive a busy ledger or a bug in one pass
+            except LedgerError as exc:  # held or full: the next tick tries again
+                log.warning("scheduler pass skipped, the ledger is busy: %s", exc)
+            except Exception:  # the loop must survive a bug in one pass
                 log.exception("scheduler pass failed; retrying")
 
     async def _claim_what_fits(self) -> None:
@@ -60,11 +63,22 @@ class Scheduler:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, running: RunningJob) -> None:
+        # The slot is freed only when run() returns, that is after the job's end is in the
+        # ledger (runner.py retries it): the ledger's count of Processing rows and ours agree.
         try:
             await self.runner.run(running)
         finally:
             self.running.pop(running.job.id, None)
             self.wake()
+
+    def stalled(self, limit_seconds: float) -> list[str]:
+        """Running jobs whose engine showed no life (progress, CPU time) for limit_seconds."""
+        found = []
+        for job_id, running in list(self.running.items()):
+            quiet = running.quiet_seconds()
+            if running.engine is not None and quiet >= limit_seconds:
+                found.append(f"job {job_id}: the engine made no progress for {quiet:.0f} s")
+        return found
 
     async def _honour_remote_cancels(self) -> None:
         if not self.running:
@@ -88,6 +102,11 @@ class Scheduler:
             done, pending = await asyncio.wait(list(self._tasks), timeout=grace_seconds)
             if pending:
                 await asyncio.gather(*(r.stop("shutdown") for r in list(self.running.values())))
+                done, pending = await asyncio.wait(pending, timeout=OUTCOME_WAIT_SECONDS)
+            if pending:
+                # The ledger will not take the jobs' ends (held, disk full): leave them Processing,
+                # files intact; the next start requeues them.
+                self.runner.outcomes.abandon()
                 await asyncio.wait(pending)
         if self._loop_task is not None:
             self._loop_task.cancel()

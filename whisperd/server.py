@@ -19,11 +19,12 @@ from .app import make_app, make_server
 from .auth import load_validator
 from .config import Config
 from .engine import kill_orphan_group
-from .jobfiles import JobFiles
+from .jobfiles import JobFiles, is_job_id
 from .service import Service
 from .supervisor import run_workers
 
 log = logging.getLogger("whisperd")
+REQUESTS_GRACE_SECONDS = 5.0  # at shutdown, how long answers under way may take before the ledger closes
 LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
               "debug": logging.DEBUG, "trace": logging.DEBUG}
 
@@ -104,6 +105,11 @@ def check_tokens(config: Config, live_tokens: int) -> None:
                     " `python whisperd.py token create --name NAME`")
 
 
+# A ledger with fewer job rows than this many unknown job directories beside it looks reset
+# (deleted, replaced, or its WAL lost): start-up refuses unless WHISPER_ACCEPT_LEDGER_RESET=true.
+LEDGER_RESET_MIN_DIRS = 5
+
+
 def recover(config: Config) -> ledger_module.Recovery:
     """Bring the ledger and the disk back to a consistent state after whatever happened last."""
     actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -118,20 +124,58 @@ def recover(config: Config) -> ledger_module.Recovery:
         log.warning("requeued %d job(s) left Processing by the previous run", len(report.requeued))
     if report.poisoned:
         log.error("failed %d job(s) that crashed %d times", len(report.poisoned), config.WHISPER_MAX_ATTEMPTS)
+    if report.canceled:
+        log.warning("canceled %d job(s) whose cancel was asked for before the previous run ended",
+                    len(report.canceled))
     if report.webhooks_pending:
         log.warning("%d webhook notice(s) the previous run left unsent are sent again", len(report.webhooks_pending))
     files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
-    removed = files.sweep(report.live_jobs)
-    if removed:
-        log.info("removed %d file(s) or directories that belonged to no job", len(removed))
+    for job_id in report.poisoned + report.canceled:
+        files.remove_all(job_id)
+    sweep_job_dirs(config, files, report)
     return report
+
+
+def sweep_job_dirs(config: Config, files: JobFiles, report: ledger_module.Recovery) -> None:
+    """Directories of jobs that ended go; those the ledger does not know are quarantined, never
+    deleted: the ledger may be the one that lost something (a deleted WAL, a restored backup)."""
+    leftovers = files.leftovers(report.live_jobs)
+    names = {path.name for path in leftovers}
+    try:
+        known = ledger_module.known_jobs(config, {name for name in names if is_job_id(name)})
+    except ledger_module.LedgerUnavailable as exc:
+        raise StartupError(str(exc)) from None
+    unknown_jobs = {name for name in names if is_job_id(name) and name not in known}
+    if len(unknown_jobs) >= LEDGER_RESET_MIN_DIRS and len(unknown_jobs) > report.job_rows:
+        if not config.WHISPER_ACCEPT_LEDGER_RESET:
+            raise StartupError(
+                f"the ledger WHISPER_DB_PATH={config.db_path} looks reset: it knows {report.job_rows} job(s) but "
+                f"{len(unknown_jobs)} job directories it does not know are on disk. Restore the ledger (with its "
+                "-wal file), or set WHISPER_ACCEPT_LEDGER_RESET=true to start anyway (the directories are then "
+                "moved to WHISPER_TMP_FILES/.quarantine, not deleted)")
+        log.error("WHISPER_ACCEPT_LEDGER_RESET=true: starting beside %d job directories the ledger does not know",
+                  len(unknown_jobs))
+    removed, quarantine = files.sweep(report.live_jobs, known)
+    if removed:
+        log.info("removed %d file(s) or directories of jobs that ended", len(removed))
+    if quarantine is not None:
+        log.error("moved %d file(s) or directories the ledger does not know to %s (inspect, then delete them)",
+                  sum(1 for _ in quarantine.glob("*/*")), quarantine)
+
+
+def count_startup_ends(report: ledger_module.Recovery) -> None:
+    """Jobs the start decided (poison, a cancel asked before a crash) count like any other end."""
+    for _ in report.poisoned:
+        metrics.job_finished("Failed", None)
+    for _ in report.canceled:
+        metrics.job_finished("Canceled", None)
 
 
 async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> int:
     service = Service(config, offline)
     Subprocess.initialize()  # before the service starts its engine worker: its exit needs SIGCHLD
     await service.start()
-    lag_watch = asyncio.ensure_future(metrics.watch_loop_lag())
+    lag_watch = asyncio.ensure_future(metrics.watch_loop_lag())  # kept here, cancelled at the end
     server = make_server(make_app(service), service)
     server.add_sockets(sockets)
     log.info("whisperd listening on http://%s:%s (engine %s via %s, %s)", config.WHISPER_API_HOST,
@@ -143,11 +187,18 @@ async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: no new jobs; running jobs get %.0f s to finish", config.WHISPER_SHUTDOWN_GRACE_SECONDS)
+    # From here every new request gets 503 with Retry-After without touching the ledger
+    # (handlers/base.py); the HTTP server stops, and the ledger closes, only once the requests
+    # under way have their answers.
     service.draining = True
-    await service.stop(config.WHISPER_SHUTDOWN_GRACE_SECONDS)
-    await asyncio.sleep(0.2)  # let sync waiters' last answers go out
+    await service.stop_work(config.WHISPER_SHUTDOWN_GRACE_SECONDS)
+    still_open = await service.wait_requests(REQUESTS_GRACE_SECONDS)
+    if still_open:
+        log.warning("%d request(s) still open after %.0f s; closing their connections", still_open,
+                    REQUESTS_GRACE_SECONDS)
     server.stop()
     await server.close_all_connections()
+    await service.close()
     Subprocess.uninitialize()
     lag_watch.cancel()
     log.info("stopped")
@@ -177,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"whisperd: cannot prepare WHISPER_METRICS_DIR={config.metrics_dir}: {exc.strerror}", file=sys.stderr)
         return 1
+    count_startup_ends(report)
     offline = capabilities.decide_offline(config.WHISPER_OFFLINE)
     workers = config.worker_processes
 
@@ -192,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         report = ledger_module.release_worker(config, f"{host}:{pid}", f"{host}:{os.getpid()}")
         for job_id, engine_pid in report.engine_pids.items():
             kill_orphan_group(engine_pid, job_id)
+        files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+        for job_id in report.poisoned + report.canceled:
+            files.remove_all(job_id)
         metrics.process_died(pid)
+        count_startup_ends(report)
 
     log.info("starting %d worker processes", workers)
     return run_workers(workers, child, died)

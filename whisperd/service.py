@@ -21,12 +21,15 @@ from .errors import ServiceError
 from .faults import crash_point
 from .fetch import MediaFetcher
 from .jobfiles import JobFiles, is_job_id
-from .jobs import Job, NewJob, Quota, utc_now
-from .ledger import Ledger, open_ledger
+from .clock import utc_now
+from .jobs import Job, NewJob, Quota
+from .ledger import Ledger, LedgerError, open_ledger
+from .outcomes import OutcomeRecorder
 from .results import EngineOutputError, build_response, load_engine_result
-from .retention import expire_old_jobs, expire_uploads
+from .retention import Retention, expire_uploads
 from .runner import JobRunner
 from .scheduler import Scheduler
+from .tasks import spawn
 from .tokens import LedgerTokens
 from .worker_client import EngineWorker
 from .urlpolicy import PolicyError
@@ -65,15 +68,21 @@ class Service:
         # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
         self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
             else None
+        self.outcomes = OutcomeRecorder()
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files, threads,
-                                self.worker)
+                                self.worker, self.outcomes)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
         self.draining = False
+        self.requests_in_flight = 0  # handlers count themselves: shutdown waits for them
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._retention: PeriodicCallback | None = None
         self._retention_lock = asyncio.Lock()  # stop() waits for a pass in flight before closing the ledger
+        self.retention = Retention(self.ledger, self.delete_job_files, config.WHISPER_JOB_RETENTION_HOURS, clock)
+        self._checkpoint: PeriodicCallback | None = None
+        self._checkpointing: asyncio.Task | None = None
+        self._grace_timers: dict[str, asyncio.TimerHandle] = {}
 
     async def start(self) -> None:
         await self.ledger.open()
@@ -84,20 +93,45 @@ class Service:
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
         self._retention = PeriodicCallback(self.run_retention, interval_ms)
         self._retention.start()
-        asyncio.ensure_future(self.run_retention())
+        spawn(self.run_retention(), "retention pass")
+        if self.config.WHISPER_DB_CHECKPOINT_SECONDS:
+            self._checkpoint = PeriodicCallback(self._start_checkpoint, self.config.WHISPER_DB_CHECKPOINT_SECONDS * 1000)
+            self._checkpoint.start()
 
     async def stop(self, grace_seconds: float = 0.0) -> None:
+        await self.stop_work(grace_seconds)
+        await self.close()
+
+    async def stop_work(self, grace_seconds: float = 0.0) -> None:
+        """Take no new work; running jobs get the grace period, then are stopped and requeued."""
         self.draining = True
         if self._retention is not None:
             self._retention.stop()
+        if self._checkpoint is not None:
+            self._checkpoint.stop()
         await self.scheduler.shutdown(grace_seconds)
         await self._retention_lock.acquire()
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
+        for job_id, timer in list(self._grace_timers.items()):
+            timer.cancel()
+            self.delete_job_files(job_id, "delivered")  # the grace window ends with this process
         if self.worker is not None:
             await self.worker.close()
         for events in self._waiters.values():
             for event in events:
                 event.set()
         await self.webhooks.stop()
+
+    async def wait_requests(self, timeout: float) -> int:
+        """Wait for the requests under way to be answered; returns how many are still open."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.requests_in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return self.requests_in_flight
+
+    async def close(self) -> None:
         await self.ledger.close()
 
     def engine_status(self) -> dict[str, Any]:
@@ -112,13 +146,20 @@ class Service:
             return True, None
         return False, self.worker.reason
 
+    def problems(self) -> list[str]:
+        """What /health must report besides the ledger and the engine command: job ends the
+        ledger has not taken, and engines that stopped making progress."""
+        found = self.outcomes.pending()
+        if self.config.WHISPER_STALL_SECONDS:
+            found += self.scheduler.stalled(self.config.WHISPER_STALL_SECONDS)
+        return found
+
     async def run_retention(self) -> None:
         if self._retention_lock.locked():
             return  # a pass is running (or the service is stopping)
         try:
             async with self._retention_lock:
-                await expire_old_jobs(self.ledger, self.delete_job_files, self.config.WHISPER_JOB_RETENTION_HOURS,
-                                      self.clock())
+                await self.retention.run_pass()
                 await expire_uploads(self.ledger, self.files)
         except Exception:  # retried at the next interval; the failure is logged
             log.exception("retention pass failed")
@@ -126,6 +167,22 @@ class Service:
     async def identify(self, authorization: str | None) -> Identity:
         """The caller named by the Authorization header, or AuthError."""
         return await self.auth.identify(authorization)
+
+    def _start_checkpoint(self) -> None:
+        # Off the request path: a timer's task; one at a time.
+        if self._checkpointing is None or self._checkpointing.done():
+            self._checkpointing = spawn(self.checkpoint(), "ledger checkpoint")
+
+    async def checkpoint(self) -> None:
+        try:
+            busy, wal_pages, copied = await self.ledger.checkpoint()
+        except LedgerError as exc:
+            log.warning("ledger checkpoint skipped: %s", exc)
+            return
+        if busy:
+            log.info("ledger checkpoint incomplete (readers busy): %d of %d WAL pages copied", copied, wal_pages)
+        else:
+            log.debug("ledger checkpointed: %d WAL pages", copied)
 
     # -- submission
 
@@ -206,7 +263,7 @@ class Service:
         for event in self._waiters.get(job_id, ()):
             event.set()
         if self.webhooks.enabled:
-            asyncio.ensure_future(self._after_change(job_id))
+            spawn(self._after_change(job_id), f"webhook of job {job_id}")
 
     async def _after_change(self, job_id: str) -> None:
         try:
@@ -281,11 +338,11 @@ class Service:
             return math.ceil(position / self.config.MAX_CONCURRENT_JOBS)
         return position
 
-    async def result_of(self, job: Job, response_format: str) -> dict[str, Any]:
+    async def result_of(self, job: Job, response_format: str, identity: str | None = None) -> dict[str, Any]:
         """The result body of a Completed job whose files are still here, or ServiceError."""
-        return build_response(await self.engine_result_of(job), response_format, job.warnings)
+        return build_response(await self.engine_result_of(job, identity), response_format, job.warnings)
 
-    async def engine_result_of(self, job: Job) -> dict[str, Any]:
+    async def engine_result_of(self, job: Job, identity: str | None = None) -> dict[str, Any]:
         """WhisperX's JSON of a Completed job whose files are still here, or ServiceError."""
         if job.status in ("Queued", "Processing"):
             raise ServiceError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
@@ -293,7 +350,7 @@ class Service:
             raise ServiceError(422, f"transcription failed: {job.error}")
         if job.status == "Canceled":
             raise ServiceError(410, f"job {job.id} was canceled; there is no result")
-        if job.delivered_at:
+        if job.delivered_at and not self.in_grace(job, identity):
             raise ServiceError(410, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
         if job.expired_at:
             raise ServiceError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
@@ -302,16 +359,43 @@ class Service:
         except EngineOutputError:
             raise ServiceError(410, f"the result files of job {job.id} are gone") from None
 
+    def in_grace(self, job: Job, identity: str | None) -> bool:
+        """A delivered result the same identity may fetch again: its download may have been cut
+        short after the server wrote the last byte (WHISPER_RESULT_GRACE_SECONDS)."""
+        grace = self.config.WHISPER_RESULT_GRACE_SECONDS
+        if not job.delivered_at or not grace or identity is None or identity != job.delivered_to:
+            return False
+        age = metrics.seconds_since(job.delivered_at)
+        return age is not None and age < grace
+
     async def mark_delivered(self, job: Job, actor: str) -> None:
-        """After the result went out: record it and delete every file of the job."""
+        """The whole response is written: record the delivery; the files go after the grace window."""
         crash_point("result-sent")
-        await self.ledger.mark_delivered(job.id, actor)
+        if job.delivered_at:
+            return  # a fetch again within the grace window: recorded the first time
+        try:
+            recorded = await self.ledger.mark_delivered(job.id, actor)
+        except LedgerError as exc:
+            # The client has its result; the files stay until retention (nothing is lost).
+            log.warning("job %s: delivery not recorded (%s); retention removes its files", job.id, exc)
+            return
         crash_point("delivery-recorded")
-        self.delete_job_files(job.id, "delivered")
+        if recorded:
+            grace = self.config.WHISPER_RESULT_GRACE_SECONDS
+            if grace:
+                loop = asyncio.get_running_loop()
+                self._grace_timers[job.id] = loop.call_later(grace, self._grace_over, job.id)
+            else:
+                self.delete_job_files(job.id, "delivered")
+
+    def _grace_over(self, job_id: str) -> None:
+        self._grace_timers.pop(job_id, None)
+        self.delete_job_files(job_id, "delivered")
 
     async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]:
         outcome, job = await self.ledger.cancel(job_id, actor)
         if outcome == "canceled":
+            metrics.job_finished("Canceled", None)
             self.delete_job_files(job_id, "canceled")
             self.notify(job_id)
         elif outcome == "requested":

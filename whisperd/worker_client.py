@@ -27,6 +27,7 @@ from .engine import (PASSED_ENV, PASSED_PREFIXES, EngineOptions, EngineResult, P
                      last_meaningful_line)
 from .languages import AUTO
 from .models import local_model_dir
+from .tasks import spawn
 
 log = logging.getLogger("whisperd.worker")
 BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
@@ -156,9 +157,9 @@ class EngineWorker:
         self._ready = asyncio.get_running_loop().create_future()
         exit_future = proc.wait_for_exit(raise_error=False)
         self._exits[proc.pid] = exit_future
-        asyncio.ensure_future(self._read_stdout(proc))
-        asyncio.ensure_future(self._read_stderr(proc))
-        asyncio.ensure_future(self._watch(proc, exit_future))
+        spawn(self._read_stdout(proc), "engine worker stdout reader")
+        spawn(self._read_stderr(proc), "engine worker stderr reader")
+        spawn(self._watch(proc, exit_future), "engine worker exit watch")
         log.info("engine worker starting, pid %s", proc.pid)
         limit = self.config.WHISPER_WORKER_START_SECONDS
         try:
@@ -312,7 +313,7 @@ class EngineWorker:
             outcome = job.on_progress(min(100.0, float(message.get("percent", 0))),
                                       str(message.get("stage") or "transcribing")[:40])
             if asyncio.iscoroutine(outcome):
-                asyncio.ensure_future(outcome)
+                spawn(outcome, "progress callback")
         elif event == "done":
             del self._inflight[job.job_id]
             log.info("job %s: worker done in %s", job.job_id, message.get("seconds"))

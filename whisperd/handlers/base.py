@@ -20,6 +20,7 @@ class BaseHandler(RequestHandler):
     allowed_methods = ("OPTIONS", "GET")
     requires_auth = True
     identity: Identity
+    _in_flight = False
 
     def initialize(self, service: Service) -> None:
         self.service = service
@@ -29,13 +30,33 @@ class BaseHandler(RequestHandler):
         self.set_header("Access-Control-Allow-Origin", "*")
         self.set_header("Cache-Control", "no-store")
 
+    def begin(self) -> None:
+        """Count the request until it is finished or dropped (shutdown closes the ledger only
+        when none is left), and refuse it with 503 while the server stops."""
+        self._in_flight = True
+        self.service.requests_in_flight += 1
+        if self.service.draining:
+            raise ServiceError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
+
     async def prepare(self) -> None:
+        self.begin()
         if self.request.method == "OPTIONS" or not self.requires_auth:
             return
         try:
             self.identity = await self.service.identify(self.request.headers.get("Authorization"))
         except AuthError as exc:
             raise ServiceError(401, str(exc), {"WWW-Authenticate": 'Bearer realm="whisperd"'}) from None
+
+    def on_finish(self) -> None:
+        self._leave()
+
+    def on_connection_close(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self._in_flight:
+            self._in_flight = False
+            self.service.requests_in_flight -= 1
 
     def options(self, *args: Any) -> None:
         methods = ", ".join(self.allowed_methods)

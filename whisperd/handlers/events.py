@@ -32,6 +32,7 @@ class JobEventsHandler(BaseHandler):
     _closed = False
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         self._closed = True
 
     async def get(self, job_id: str) -> None:

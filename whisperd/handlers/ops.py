@@ -27,8 +27,9 @@ class HealthHandler(BaseHandler):
         failing = None
         probe = HealthHandler._probe
         if probe is None or probe.done():
+            # Kept by the class attribute; its error is the finding, read below.
             probe = HealthHandler._probe = asyncio.ensure_future(self.service.check_ledger_writable())
-            probe.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved here
+            probe.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
             await asyncio.wait_for(asyncio.shield(probe), LEDGER_CHECK_SECONDS)
         except asyncio.TimeoutError:
@@ -44,6 +45,12 @@ class HealthHandler(BaseHandler):
             if not engine_ok:
                 checks["engine"] = f"engine worker cannot start: {why}"
                 failing = failing or checks["engine"]
+        problems = self.service.problems()
+        if problems:
+            checks["jobs"] = "; ".join(problems)[:1000]
+            failing = failing or checks["jobs"]
+        else:
+            checks["jobs"] = "ok"
         if failing:
             self.send_json({"status": "fail", "error": failing, "checks": checks}, 503)
         else:
@@ -54,7 +61,9 @@ class MetricsHandler(BaseHandler):
     async def prepare(self) -> None:
         if self.service.config.WHISPER_METRICS_AUTH:
             await super().prepare()
-        elif self.request.method != "OPTIONS" and not _loopback(self.request.remote_ip):
+            return
+        self.begin()
+        if self.request.method != "OPTIONS" and not _loopback(self.request.remote_ip):
             raise ServiceError(403, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
                                 "to scrape it from elsewhere with a Bearer token")
 

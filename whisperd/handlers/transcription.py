@@ -155,5 +155,5 @@ class ResultHandler(_JobLookup):
         fmt = self.get_query_argument("response_format", "").strip().lower() or job.response_format
         if fmt not in OUTPUT_FORMATS:
             raise ServiceError(400, f"'response_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt[:40]!r}")
-        body = await self.service.result_of(job, fmt)
+        body = await self.service.result_of(job, fmt, self.identity.name)
         await deliver(self, job, body)

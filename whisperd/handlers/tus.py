@@ -329,6 +329,7 @@ class UploadHandler(_TusBase):
     def on_connection_close(self) -> None:
         # Cut off mid-PATCH: keep what came (tus core: the client resumes from HEAD's offset),
         # unless a checksum was asked for, which a part of the body cannot satisfy.
+        super().on_connection_close()
         writing, upload = self._writing, self._upload
         self._writing = None
         if writing is None or upload is None:

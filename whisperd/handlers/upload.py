@@ -46,8 +46,6 @@ class UploadHandler(BaseHandler):
         await super().prepare()
         if self.request.method != "POST":
             return
-        if self.service.draining:
-            raise ServiceError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
         self.limits = self.identity.limits.resolved(self.service.config)
         limit, limit_name = file_size_limit(self.limits, self.service.config.MAX_FILE_SIZE)
         length = self.request.headers.get("Content-Length")
@@ -80,6 +78,7 @@ class UploadHandler(BaseHandler):
             self.service.release_upload_slot()
 
     def on_finish(self) -> None:
+        super().on_finish()
         self._release_upload_slot()
 
     def data_received(self, chunk: bytes) -> None:
@@ -93,10 +92,13 @@ class UploadHandler(BaseHandler):
             self.send_error(exc.status, exc_info=(ServiceError, exc, None))
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
         self._release_upload_slot()
         if self._fetching is not None:
             self._fetching.cancel()  # the client left: stop downloading for nobody
         if not self._committed:
+            if self._receiver is not None:
+                log.info("upload cut short by the client; its staged file is removed")
             self._discard()
 
     def _discard(self) -> None:
@@ -213,14 +215,25 @@ class UploadHandler(BaseHandler):
 
 async def deliver(handler: BaseHandler, job: Job, body: dict[str, Any] | str,
                   content_type: str = "application/json; charset=utf-8") -> None:
-    """Send the result, and only once it is written out, delete every file of the job."""
+    """Send the result; only once the whole response is written out is the delivery recorded
+    (the files then stay for the grace window, in case the client's read was cut short)."""
     handler.set_status(200)
     handler.set_header("Content-Type", content_type)
     handler.write(body)
+    stream = handler.request.connection.stream  # type: ignore[union-attr]
     try:
-        await handler.flush()
+        await handler.finish()
     except StreamClosedError:
-        log.info("job %s: client left before the result was sent; result kept", job.id)
+        stream = None
+    # Tornado resolves finish()'s future even when the write failed (its HTTP/1 connection
+    # swallows StreamClosedError); the stream keeps the error.
+    if stream is None or stream.error is not None:
+        log.info("job %s: client left before the whole result was sent; result kept", job.id)
         return
-    await handler.service.mark_delivered(job, handler.identity.name)
-    handler.finish()
+    # The response is finished, so the handler no longer counts as in flight: count this
+    # last write, so that a shutdown waits for it before closing the ledger.
+    handler.service.requests_in_flight += 1
+    try:
+        await handler.service.mark_delivered(job, handler.identity.name)
+    finally:
+        handler.service.requests_in_flight -= 1

@@ -8,7 +8,7 @@ synchronous start-up steps `prepare` (migrate, take back what a dead run left) a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from ..jobs import Job, NewJob, Quota, TokenRecord, UploadRecord
 from .errors import LedgerBusy, LedgerError, LedgerUnavailable, QuotaExceeded, TokenNameTaken
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = ["Ledger", "LedgerBusy", "LedgerError", "LedgerUnavailable", "QuotaExceeded", "TokenNameTaken", "Recovery",
-           "open_ledger", "prepare", "prepare_schema", "release_worker"]
+           "open_ledger", "prepare", "prepare_schema", "release_worker", "known_jobs"]
 
 
 class Ledger(Protocol):
@@ -43,6 +43,7 @@ class Ledger(Protocol):
     async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]: ...
     async def mark_canceled(self, job_id: str, detail: str) -> bool: ...
     async def mark_delivered(self, job_id: str, actor: str) -> bool: ...
+    async def checkpoint(self) -> tuple[int, int, int]: ...
     async def expire(self, cutoff_iso: str, limit: int = 500) -> list[str]: ...
     async def get(self, job_id: str) -> Job | None: ...
     async def queue_position(self, job: Job, policy: str = "fifo") -> int: ...
@@ -78,14 +79,14 @@ class Ledger(Protocol):
 def open_ledger(config: "Config", actor: str) -> Ledger:
     """The configured backend's ledger, not yet opened (call `await ledger.open()`)."""
     from . import sqlite
-    return sqlite.SQLiteLedger(config.db_path, actor)
+    return sqlite.SQLiteLedger(config.db_path, actor, config.WHISPER_DB_BUSY_TIMEOUT_MS)
 
 
 def prepare(config: "Config", actor: str) -> Recovery:
     """Create or migrate the ledger and take back what the previous run left (before any fork)."""
     from . import sqlite
     try:
-        return sqlite.prepare(config.db_path, config.WHISPER_MAX_ATTEMPTS, actor)
+        return sqlite.prepare(config.db_path, config.WHISPER_MAX_ATTEMPTS, actor, config.WHISPER_DB_BUSY_TIMEOUT_MS)
     except (OSError, sqlite.sqlite3.Error) as exc:
         raise LedgerUnavailable(f"cannot open the ledger WHISPER_DB_PATH={config.db_path}: {exc}") from None
 
@@ -94,12 +95,23 @@ def prepare_schema(config: "Config") -> None:
     """Create or migrate the ledger only (the admin commands), touching no job."""
     from . import sqlite
     try:
-        sqlite.open_admin(config.db_path).close()
+        sqlite.open_admin(config.db_path, config.WHISPER_DB_BUSY_TIMEOUT_MS).close()
     except (OSError, sqlite.sqlite3.Error) as exc:
         raise LedgerUnavailable(f"cannot open the ledger WHISPER_DB_PATH={config.db_path}: {exc}") from None
 
 
 def release_worker(config: "Config", worker: str, actor: str) -> Recovery:
-    """A worker process died: its Processing jobs go back to the queue (or fail as poison)."""
+    """A worker process died: its Processing jobs go back to the queue (or fail as poison, or
+    end Canceled when their cancel was asked for)."""
     from . import sqlite
-    return sqlite.release_worker(config.db_path, worker, config.WHISPER_MAX_ATTEMPTS, actor)
+    return sqlite.release_worker(config.db_path, worker, config.WHISPER_MAX_ATTEMPTS, actor,
+                                 config.WHISPER_DB_BUSY_TIMEOUT_MS)
+
+
+def known_jobs(config: "Config", ids: Iterable[str]) -> set[str]:
+    """Which of these job ids the ledger has a row for (start-up's sweep of the job directories)."""
+    from . import sqlite
+    try:
+        return sqlite.known_jobs(config.db_path, ids, config.WHISPER_DB_BUSY_TIMEOUT_MS)
+    except (OSError, sqlite.sqlite3.Error) as exc:
+        raise LedgerUnavailable(f"cannot read the ledger WHISPER_DB_PATH={config.db_path}: {exc}") from None

@@ -7,8 +7,19 @@ class LedgerError(Exception):
     """The ledger could not do what was asked (base class)."""
 
 
-class LedgerUnavailable(LedgerError):
-    """The ledger cannot be opened or is closed (start-up, shutdown, database gone)."""
+class LedgerUnavailable(LedgerError, ServiceError):
+    """The ledger cannot be opened or is closed (start-up, shutdown, database gone).
+
+    str() is the detail, for the log and the command line; a client gets a 503 without it (it
+    may name a path), and may try again or another instance."""
+
+    def __init__(self, detail: str) -> None:
+        ServiceError.__init__(self, 503, "the job ledger is not available (the server is stopping?); try again in a "
+                                         "moment", {"Retry-After": "10"})
+        self.args = (detail,)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 class LedgerBusy(LedgerError, ServiceError):

@@ -13,3 +13,5 @@ class Recovery:
     engine_pids: dict[str, int] = field(default_factory=dict)
     webhooks_pending: list[str] = field(default_factory=list)
     live_tokens: int = 0
+    canceled: list[str] = field(default_factory=list)  # cancel asked before the crash: ended Canceled
+    job_rows: int = 0  # every job the ledger knows, ended or not (a reset ledger has none)

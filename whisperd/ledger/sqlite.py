@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import aiosqlite
+import logging
 
 from ..config import REPO_DIR
 from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, Quota, TokenRecord, UploadRecord, now_iso
 from .errors import LedgerBusy, LedgerUnavailable, QuotaExceeded, TokenNameTaken
 from .recovery import Recovery
 
+log = logging.getLogger("whisperd.ledger")
 MIGRATIONS_DIR = REPO_DIR / "migrations" / "sqlite"
 TOKEN_LIMITS = ("max_queued", "max_audio_minutes_per_day", "max_file_size")  # api_tokens columns
 
@@ -54,7 +56,7 @@ def fair_position(owner: str, rank: int, owners: list[tuple[str, int, int, int]]
         if name != owner:
             position += min(queued, rank if index < mine else rank - 1)
     return position
-BUSY_TIMEOUT_MS = 10_000
+BUSY_TIMEOUT_MS = 10_000  # the default of WHISPER_DB_BUSY_TIMEOUT_MS
 
 
 # --- schema -------------------------------------------------------------------------------
@@ -67,10 +69,10 @@ def _migrations() -> list[tuple[int, str, str]]:
     return found
 
 
-def _connect_sync(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+def _connect_sync(path: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=busy_ms / 1000)
     conn.row_factory = sqlite3.Row
-    for pragma in _PRAGMAS:
+    for pragma in _pragmas(busy_ms):
         conn.execute(pragma)
     _owner_only(path)
     return conn
@@ -86,12 +88,16 @@ def _owner_only(path: str) -> None:
             continue
 
 
-_PRAGMAS = (
-    "PRAGMA journal_mode=WAL",
-    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
-    "PRAGMA synchronous=NORMAL",
-    "PRAGMA foreign_keys=ON",
-)
+def _pragmas(busy_ms: int) -> tuple[str, ...]:
+    return (
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA busy_timeout={int(busy_ms)}",
+        # FULL: a commit is on the disk (WAL fsynced) before the client hears 202 or an outcome
+        # counts as recorded; NORMAL could lose the last commits at a power cut (bench/wal_sync.py
+        # measures the cost).
+        "PRAGMA synchronous=FULL",
+        "PRAGMA foreign_keys=ON",
+    )
 
 
 def migrate(conn: sqlite3.Connection) -> list[str]:
@@ -131,16 +137,18 @@ def _split_sql(script: str) -> Iterable[str]:
             buffer = ""
 
 
-def prepare(path: str, max_attempts: int, actor: str) -> Recovery:
+def prepare(path: str, max_attempts: int, actor: str, busy_ms: int = BUSY_TIMEOUT_MS) -> Recovery:
     """Create or migrate the ledger and take back jobs a dead process left Processing.
 
     Runs synchronously, before any IOLoop, thread or fork exists, in the parent process only.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = _connect_sync(path)
+    conn = _connect_sync(path, busy_ms)
     try:
         migrate(conn)
-        report = _take_back(conn, "1=1", (), max_attempts, actor, "server restarted while processing")
+        report = _take_back(conn, "1=1", (), max_attempts, actor, "server restarted while processing",
+                            queued_too=True)
+        report.job_rows = conn.execute("SELECT count(*) FROM jobs").fetchone()[0]
         report.webhooks_pending = _mark_pending_webhooks(conn, actor)
         report.live_tokens = conn.execute(
             "SELECT count(*) FROM api_tokens WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
@@ -158,9 +166,10 @@ def prepare(path: str, max_attempts: int, actor: str) -> Recovery:
         conn.close()
 
 
-def release_worker(path: str, worker: str, max_attempts: int, actor: str) -> Recovery:
+def release_worker(path: str, worker: str, max_attempts: int, actor: str,
+                   busy_ms: int = BUSY_TIMEOUT_MS) -> Recovery:
     """A worker process died: its Processing jobs go back to the queue (or fail as poison)."""
-    conn = _connect_sync(path)
+    conn = _connect_sync(path, busy_ms)
     try:
         return _take_back(conn, "worker=?", (worker,), max_attempts, actor, f"worker {worker} died while processing")
     finally:
@@ -168,19 +177,32 @@ def release_worker(path: str, worker: str, max_attempts: int, actor: str) -> Rec
 
 
 def _take_back(conn: sqlite3.Connection, where: str, params: tuple, max_attempts: int, actor: str,
-               why: str) -> Recovery:
+               why: str, queued_too: bool = False) -> Recovery:
+    """Processing rows of a dead process go back to the queue, fail as poison, or, when their
+    cancel was asked for, end Canceled: a crash never undoes a cancel (queued_too: also the
+    Queued rows a graceful stop put back while their cancel was pending)."""
     report = Recovery()
     conn.execute("BEGIN IMMEDIATE")
     try:
         stamp = now_iso()
+        statuses = "('Processing', 'Queued')" if queued_too else "('Processing')"
         rows = conn.execute(
-            f"SELECT id, attempts, engine_pid FROM jobs WHERE status='Processing' AND {where} ORDER BY seq",
+            f"SELECT id, status, attempts, engine_pid, cancel_requested FROM jobs WHERE status IN {statuses}"
+            f" AND (status='Processing' OR cancel_requested=1) AND {where} ORDER BY seq",
             params,
         ).fetchall()
         for row in rows:
             if row["engine_pid"]:
                 report.engine_pids[row["id"]] = row["engine_pid"]
-            if row["attempts"] >= max_attempts:
+            if row["cancel_requested"]:
+                conn.execute(
+                    "UPDATE jobs SET status='Canceled', finished_at=?, error='canceled by the client',"
+                    " worker=NULL, engine_pid=NULL, progress=NULL, stage=NULL WHERE id=?",
+                    (stamp, row["id"]),
+                )
+                _event(conn, row["id"], stamp, "canceled", actor, f"{why}; its cancel was asked for, so it ends here")
+                report.canceled.append(row["id"])
+            elif row["attempts"] >= max_attempts:
                 reason = (
                     f"gave up after {row['attempts']} attempts: the server or the engine "
                     "stopped while running this job each time"
@@ -195,8 +217,7 @@ def _take_back(conn: sqlite3.Connection, where: str, params: tuple, max_attempts
             else:
                 conn.execute(
                     "UPDATE jobs SET status='Queued', started_at=NULL, worker=NULL,"
-                    " engine_pid=NULL, progress=NULL, stage=NULL, cancel_requested=0"
-                    " WHERE id=?",
+                    " engine_pid=NULL, progress=NULL, stage=NULL WHERE id=?",
                     (row["id"],),
                 )
                 _event(conn, row["id"], stamp, "requeued", actor, why)
@@ -206,6 +227,22 @@ def _take_back(conn: sqlite3.Connection, where: str, params: tuple, max_attempts
         conn.execute("ROLLBACK")
         raise
     return report
+
+
+def known_jobs(path: str, ids: Iterable[str], busy_ms: int = BUSY_TIMEOUT_MS) -> set[str]:
+    """Which of these ids the ledger has a row for (start-up: a directory of a known job that
+    ended may go; one of an unknown job is quarantined)."""
+    conn = _connect_sync(path, busy_ms)
+    try:
+        wanted = list(ids)
+        found: set[str] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start:start + 500]
+            marks = ", ".join("?" * len(chunk))
+            found.update(row[0] for row in conn.execute(f"SELECT id FROM jobs WHERE id IN ({marks})", chunk))
+        return found
+    finally:
+        conn.close()
 
 
 def _mark_pending_webhooks(conn: sqlite3.Connection, actor: str) -> list[str]:
@@ -233,13 +270,17 @@ def _mark_pending_webhooks(conn: sqlite3.Connection, actor: str) -> list[str]:
     return ids
 
 
+_TRANSIENT = ("locked", "busy", "disk is full", "disk I/O error")
+
+
 @contextmanager
 def _busy_as_ledger_busy():
-    """SQLite's "database is locked" past busy_timeout becomes the backend-neutral LedgerBusy."""
+    """SQLite's "database is locked" past busy_timeout, and a full disk, become the
+    backend-neutral LedgerBusy: the same write may succeed later."""
     try:
         yield
     except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
+        if any(word in str(exc) for word in _TRANSIENT):
             raise LedgerBusy() from exc
         raise
 
@@ -257,9 +298,10 @@ def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: st
 class SQLiteLedger:
     """One writer connection (serialised by a lock) and one reader connection per process."""
 
-    def __init__(self, path: str, actor: str) -> None:
+    def __init__(self, path: str, actor: str, busy_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = path
         self.actor = actor  # host:pid, recorded on the events this process writes
+        self.busy_ms = busy_ms
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
@@ -269,17 +311,19 @@ class SQLiteLedger:
         self._reader = await self._connect()
 
     async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_ms / 1000)
         conn.row_factory = sqlite3.Row
-        for pragma in _PRAGMAS:
+        for pragma in _pragmas(self.busy_ms):
             await conn.execute(pragma)
         return conn
 
     async def close(self) -> None:
-        for conn in (self._writer, self._reader):
-            if conn is not None:
-                await conn.close()
-        self._writer = self._reader = None
+        # After the write under way (and those already waiting for the lock): never mid-transaction.
+        async with self._lock:
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    await conn.close()
+            self._writer = self._reader = None
 
     # -- helpers
 
@@ -292,11 +336,22 @@ class SQLiteLedger:
                 await self._writer.execute("BEGIN IMMEDIATE")
                 try:
                     result = await work(self._writer, now_iso())
+                    await self._writer.execute("COMMIT")
                 except BaseException:
-                    await self._writer.execute("ROLLBACK")
+                    # A COMMIT refused (disk full) leaves the transaction open: end it, or
+                    # every later BEGIN on this connection would fail.
+                    await self._rollback()
                     raise
-                await self._writer.execute("COMMIT")
                 return result
+
+    async def _rollback(self) -> None:
+        if self._writer is None:
+            return
+        try:
+            if self._writer.in_transaction:
+                await self._writer.execute("ROLLBACK")
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite's connection is gone
+            log.warning("ROLLBACK failed: %s", exc)
 
     async def _add_event(self, conn, job_id, at, event, detail=None, actor=None) -> None:
         await conn.execute(
@@ -487,12 +542,22 @@ class SQLiteLedger:
         )
 
     async def mark_delivered(self, job_id: str, actor: str) -> bool:
-        """Record that the result went out; only the first caller wins (no double delivery)."""
+        """Record that the whole result went out, and to whom; only the first caller wins."""
         return await self._transition(
-            "UPDATE jobs SET delivered_at=:now WHERE id=:id AND status='Completed'"
+            "UPDATE jobs SET delivered_at=:now, delivered_to=:to WHERE id=:id AND status='Completed'"
             " AND delivered_at IS NULL AND expired_at IS NULL",
-            job_id, "delivered", "files deleted", actor=actor,
+            job_id, "delivered", "result sent in full; files go after the grace window", actor=actor, to=actor,
         )
+
+    async def checkpoint(self) -> tuple[int, int, int]:
+        """Copy the WAL into the database and truncate it: (busy, wal pages, pages checkpointed)."""
+        if self._writer is None:
+            raise LedgerUnavailable("ledger is not open")
+        async with self._lock:
+            with _busy_as_ledger_busy():
+                async with self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cursor:
+                    row = await cursor.fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
 
     async def expire(self, cutoff_iso: str, limit: int = 500) -> list[str]:
         """Mark finished jobs older than the cutoff as expired; returns their ids."""
@@ -777,9 +842,9 @@ class SQLiteLedger:
         return await self._write(work)
 
 
-def open_admin(path: str) -> sqlite3.Connection:
+def open_admin(path: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A plain connection to a migrated ledger (created if missing)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = _connect_sync(path)
+    conn = _connect_sync(path, busy_ms)
     migrate(conn)
     return conn
