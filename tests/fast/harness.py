@@ -87,6 +87,7 @@ def base_environment(root: Path) -> dict[str, str]:
         "WHISPER_KILL_GRACE_SECONDS": "0.5",
         "WHISPER_API_ALLOW_ANY_TOKEN": "true",
         "WHISPER_MIN_FREE_DISK_MB": "0",
+        "WHISPER_RESULT_GRACE_SECONDS": "0",  # the grace window has tests of its own (test_nothing_lost.py)
     }
 
 
@@ -247,5 +248,18 @@ def engine_runs(root: Path) -> list[dict]:
 def job_files(service: Service) -> list[str]:
     found = []
     for root in (service.files.tmp_root, service.files.output_root):
-        found += [str(p) for p in root.rglob("*") if p.name != ".incoming"]
+        found += [str(p) for p in root.rglob("*") if p.name not in (".incoming", ".uploads")
+                  and ".quarantine" not in p.relative_to(root).parts]
     return found
+
+
+async def no_job_files(service: Service, timeout: float = 5.0) -> bool:
+    """True once no job file is left: a delivery is recorded, and its files removed, just after
+    the client has the last byte, so a test that has its answer may look a moment too early."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while job_files(service):
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True

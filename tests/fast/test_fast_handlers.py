@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .harness import body_of, engine_runs, job_files
+from .harness import body_of, engine_runs, job_files, no_job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
@@ -32,7 +32,7 @@ async def test_sync_submission_answers_the_result_and_deletes_the_files(api, ser
     assert response.code == 200, response.body
     body = body_of(response)
     assert body["text"].startswith("Fake transcript of")
-    assert job_files(service) == []
+    assert await no_job_files(service)
     jobs = await service.ledger.counts()
     assert jobs["Queued"] == jobs["Processing"] == 0
 
@@ -78,7 +78,7 @@ async def test_submit_that_is_not_a_multipart_form_is_refused(api, service, cont
     response = await api.call("POST", "/transcription", b"{}", {"Content-Type": content_type})
     assert response.code == status
     assert message in body_of(response)["error"]
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -98,7 +98,7 @@ async def test_bad_form_fields_are_400_and_leave_nothing_behind(api, service, fi
     response = await api.submit(fields)
     assert response.code == 400, response.body
     assert message in body_of(response)["error"]
-    assert job_files(service) == []
+    assert await no_job_files(service)
     assert (await service.ledger.counts())["Queued"] == 0
 
 
@@ -130,7 +130,7 @@ async def test_a_file_without_sound_is_415_with_what_ffprobe_saw(api, service):
     assert response.code == 415
     error = body_of(response)["error"]
     assert "'clip.mov' is not audio or video with sound" in error and "mov" in error
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @gen_test
@@ -164,7 +164,7 @@ async def test_a_disk_below_its_floor_refuses_uploads_with_507(api, service):
     response = await api.submit()
     assert response.code == 507
     assert "WHISPER_MIN_FREE_DISK_MB" in body_of(response)["error"]
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @gen_test
@@ -267,7 +267,7 @@ async def test_cancel_a_running_job_stops_its_engine(api, service):
     response = await api.call("DELETE", f"/transcription/{job_id}")
     assert response.code == 200, response.body
     assert (await service.ledger.get(job_id)).status == "Canceled"
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @gen_test
@@ -299,7 +299,7 @@ async def test_result_in_every_format(api, service, fmt, needle):
     response = await api.call("GET", f"/transcription/{job_id}/result")
     assert response.code == 200
     assert needle in (response.body.decode() if fmt == "json" else body_of(response)["text"])
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @gen_test

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import body_of, job_files
+from .harness import body_of, job_files, no_job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 PATH = "/v1/audio/transcriptions"
@@ -33,7 +33,7 @@ async def test_every_response_format(api, service, fmt, check):
     response = await transcribe(api, response_format=fmt)
     assert response.code == 200, response.body
     assert check(response)
-    assert job_files(service) == []  # delivered: gone
+    assert await no_job_files(service)  # delivered: gone
 
 
 @pytest.mark.parametrize("fields,param,message", [
@@ -55,7 +55,7 @@ async def test_bad_parameters_are_400_in_openais_shape(api, service, fields, par
     error = body_of(response)["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert message in error["message"]
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @gen_test

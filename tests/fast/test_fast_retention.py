@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from .harness import body_of, job_files
+from .harness import body_of, job_files, no_job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 pytestmark = pytest.mark.settings(WHISPER_JOB_RETENTION_HOURS="48")
@@ -23,7 +23,7 @@ async def test_a_completed_job_is_kept_until_its_retention_ends(api, service, cl
     await service.run_retention()
     code, body = await api.status(job_id)
     assert code == 410 and "expired at" in body["error"]
-    assert job_files(service) == []
+    assert await no_job_files(service)
     job = await service.ledger.get(job_id)
     assert job.status == "Completed" and job.expired_at  # the row stays for audit
 

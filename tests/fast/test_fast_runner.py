@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import body_of, engine_runs, job_files
+from .harness import body_of, engine_runs, job_files, no_job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 
@@ -31,7 +31,7 @@ async def test_an_engine_that_goes_wrong_fails_the_job_with_its_reason(api, serv
     assert body["status"] == "Failed"
     assert reason.lower() in body["data"].lower()
     assert str(service.files.tmp_root) not in body["data"]  # no server path reaches the client
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @gen_test
@@ -54,7 +54,7 @@ async def test_a_job_over_its_time_limit_is_stopped_and_failed(api, service):
     body = await api.wait_status(job_id)
     assert body["status"] == "Failed"
     assert "WHISPER_JOB_TIMEOUT_SECONDS (0.5 s)" in body["data"]
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @pytest.mark.settings(WHISPER_CMD="/nonexistent/whisperx")
@@ -73,7 +73,7 @@ async def test_a_canceled_run_ends_canceled_even_when_the_engine_ignores_sigterm
     assert (await api.call("DELETE", f"/transcription/{job_id}")).code == 200
     job = await service.ledger.get(job_id)
     assert job.status == "Canceled" and job.engine_pid is None
-    assert job_files(service) == []
+    assert await no_job_files(service)
 
 
 @gen_test
@@ -201,4 +201,4 @@ async def test_a_jobs_files_go_through_one_service_method_whatever_the_reason(ap
     job_id = await make(api, service, clock)
     deleted = [r.getMessage() for r in caplog.records if "files deleted" in r.getMessage()]
     assert any(f"({reason})" in line and (job_id is None or job_id in line) for line in deleted), deleted
-    assert job_files(service) == []
+    assert await no_job_files(service)

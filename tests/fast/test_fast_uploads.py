@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from .harness import WAV, body_of, job_files, multipart
+from .harness import WAV, body_of, job_files, no_job_files, multipart
 
 gen_test = pytest.mark.gen_test(timeout=30)
 
@@ -54,7 +54,7 @@ async def test_a_file_over_the_limit_is_413_while_it_streams_and_nothing_stays(a
     response = await api.submit(file=WAV + b"\0" * 5000)
     assert response.code == 413
     assert "file is larger than MAX_FILE_SIZE (5000 bytes)" in body_of(response)["error"]
-    assert staged(service) == [] and job_files(service) == []
+    assert staged(service) == [] and await no_job_files(service)
 
 
 @pytest.mark.settings(MAX_FILE_SIZE=str(len(WAV)))
@@ -82,7 +82,7 @@ async def test_forms_that_are_too_big_or_repeat_a_field_are_400(api, service, bu
     response = await api.submit(build())
     assert response.code == 400
     assert message in body_of(response)["error"]
-    assert staged(service) == [] and job_files(service) == []
+    assert staged(service) == [] and await no_job_files(service)
 
 
 @gen_test
@@ -159,7 +159,7 @@ async def test_a_ledger_that_refuses_the_row_leaves_no_file(api, service, monkey
     response = await api.submit()
     assert response.code == 500
     assert body_of(response) == {"error": "internal server error (see the server log)"}
-    assert staged(service) == [] and job_files(service) == []
+    assert staged(service) == [] and await no_job_files(service)
 
 
 @gen_test
