@@ -150,7 +150,7 @@ def run(work: Path, engine: Path, quick: bool) -> dict:
     env = {"FAKE_WHISPERX_SLEEP": "3600", "WHISPER_SHUTDOWN_GRACE_SECONDS": "0.2", "WHISPER_KILL_GRACE_SECONDS": "0.5"}
     for workers in (1, 2):
         with Whisperd(root, engine, {**env, "HTTP_WORKER_NUMBER": str(workers)}) as server:
-            server.wait_status(first, "Processing")
+            server.wait_job(first, "Processing")
             status, body = server.request("GET", f"/transcription/{ids['Queued'][-1]}")
             assert status == 200 and body["queue_position"] == queued - 1, (status, body)
             for name, paths in (("job", job_paths), ("status", ["/status"])):

@@ -65,7 +65,7 @@ def start_latency(work: Path, engine: Path, jobs: int) -> dict:
         for n in range(jobs):
             job_id = _submit(conn, server.auth)
             accepted = time.time()
-            server.wait_status(job_id, "Completed", conn=conn)
+            server.wait_job(job_id, "Completed", conn=conn)
             latencies.append(server.engine_starts()[n] - accepted)
         conn.close()
     ms = [1000 * x for x in latencies]
