@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes and counts (CI smoke, < 2 min)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
-    parser.add_argument("--no-profile", action="store_true", help="skip the pyinstrument pass of the upload path")
+    parser.add_argument("--no-profile", action="store_true", help="skip the pyinstrument passes (upload, queue, status reads)")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = write_noop_engine(work)
         runners = {
             "upload": lambda: upload.run(work, engine, args.quick, not args.no_profile),
-            "ledger": lambda: ledger_load.run(work, engine, args.quick),
-            "scheduling": lambda: scheduling.run(work, engine, args.quick),
+            "ledger": lambda: ledger_load.run(work, engine, args.quick, not args.no_profile),
+            "scheduling": lambda: scheduling.run(work, engine, args.quick, not args.no_profile),
             "engine": lambda: engine_cost.run(work, args.quick),
         }
         for name in args.only:

@@ -232,3 +232,22 @@ def wav_header(data_bytes: int, rate: int = 16000) -> bytes:
 def small_upload(audio: bytes, **fields: str) -> tuple[bytes, str]:
     head, tail, ctype = multipart(fields, "clip.wav", len(audio))
     return head + audio + tail, ctype
+
+
+PROFILER = ["-m", "pyinstrument", "-r", "text", "--show-all", "-o"]  # + the report's path
+
+
+def prune_profile(report: Path, share: float) -> None:
+    """Keep the header and the frames that took at least `share` of the total (a node's children
+    are never larger than it, so the tree stays whole); --show-all's full tree is 1,000+ lines."""
+    lines = report.read_text().splitlines()
+    kept, total = [], None
+    for line in lines:
+        numbers = [w for w in line.split() if w.replace(".", "", 1).isdigit() and "." in w]
+        if total is None or not numbers:
+            kept.append(line)
+            if total is None and numbers and "<module>" in line:
+                total = float(numbers[0])
+        elif float(numbers[0]) >= share * total:
+            kept.append(line)
+    report.write_text("\n".join(kept) + "\n")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,6 +21,13 @@ from .recovery import Recovery
 
 MIGRATIONS_DIR = REPO_DIR / "migrations" / "sqlite"
 BUSY_TIMEOUT_MS = 10_000
+# A point read on the IOLoop's own thread waits at most this long for a lock (a WAL reader only
+# ever waits while another connection rebuilds the WAL index, which is rare and short).
+POINT_READ_TIMEOUT_S = 0.5
+# The server's connections never checkpoint in a commit (a request would pay for it); a timer
+# does it beside them instead (PASSIVE: never waits for readers or writers).
+CHECKPOINT_EVERY_SECONDS = 2.0
+log = logging.getLogger("whisperd.ledger")
 
 
 # --- schema -------------------------------------------------------------------------------
@@ -218,49 +227,162 @@ def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: st
 # --- the asynchronous interface ---------------------------------------------------------
 
 
+class _Cursor:
+    """An sqlite3 cursor behind aiosqlite's awaitable cursor methods (see _drive)."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        return self._cursor.lastrowid
+
+    async def fetchone(self):
+        return self._cursor.fetchone()
+
+    async def fetchall(self):
+        return self._cursor.fetchall()
+
+
+class _Executed:
+    """What `conn.execute` gives a transaction: awaitable, and an async context manager, as in aiosqlite."""
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = _Cursor(cursor)
+
+    def __await__(self):
+        return self._cursor
+        yield  # a generator that never suspends
+
+    async def __aenter__(self) -> _Cursor:
+        return self._cursor
+
+    async def __aexit__(self, *exc) -> None:
+        self._cursor._cursor.close()
+
+
+class _SyncConnection:
+    """The connection a transaction's `work(conn, now)` sees: aiosqlite's calls, run synchronously."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> _Executed:
+        return _Executed(self._conn.execute(sql, params))
+
+    def executemany(self, sql: str, params: Iterable) -> _Executed:
+        return _Executed(self._conn.executemany(sql, params))
+
+    async def execute_fetchall(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
+        return self._conn.execute(sql, params).fetchall()
+
+
+def _drive(coroutine) -> Any:
+    """Run a transaction's coroutine to its end on this thread: it only awaits _SyncConnection's
+    calls, which never suspend, so one send() finishes it."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("a ledger transaction awaited something other than its connection")
+
+
 class SQLiteLedger:
-    """One writer connection (serialised by a lock) and one reader connection per process."""
+    """One writer connection on a thread of its own (a whole transaction is one hop to it, writes
+    serialised by a lock), a synchronous reader for point reads (an indexed lookup is cheaper
+    than a hop to another thread), and an aiosqlite reader for the larger reads."""
 
     def __init__(self, path: str, actor: str) -> None:
         self.path = path
         self.actor = actor  # host:pid, recorded on the events this process writes
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._writes: ThreadPoolExecutor | None = None
+        self._point: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._checkpoints: asyncio.Task | None = None
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
-        self._writer = await self._connect()
+        self._writes = ThreadPoolExecutor(1, thread_name_prefix="ledger-writer")
+        loop = asyncio.get_running_loop()
+        self._writer = await loop.run_in_executor(self._writes, self._connect_sync, BUSY_TIMEOUT_MS / 1000)
+        self._point = self._connect_sync(POINT_READ_TIMEOUT_S)
         self._reader = await self._connect()
+        self._checkpoints = asyncio.ensure_future(self._checkpoint_now_and_then())
+
+    def _connect_sync(self, timeout: float) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=timeout, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
+        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        return conn
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         conn.row_factory = sqlite3.Row
         for pragma in _PRAGMAS:
             await conn.execute(pragma)
+        await conn.execute("PRAGMA wal_autocheckpoint=0")
         return conn
 
+    async def _checkpoint_now_and_then(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY_SECONDS)
+            try:
+                # On a thread of the default pool, with a connection of its own: neither the
+                # IOLoop nor the writer waits for it.
+                await loop.run_in_executor(None, _checkpoint, self.path)
+            except sqlite3.Error as exc:
+                log.warning("WAL checkpoint failed (retried in %.0f s): %s", CHECKPOINT_EVERY_SECONDS, exc)
+
     async def close(self) -> None:
-        for conn in (self._writer, self._reader):
-            if conn is not None:
-                await conn.close()
-        self._writer = self._reader = None
+        if self._checkpoints is not None:
+            self._checkpoints.cancel()
+            self._checkpoints = None
+        if self._reader is not None:
+            await self._reader.close()
+        if self._writer is not None and self._writes is not None:
+            await asyncio.get_running_loop().run_in_executor(self._writes, self._writer.close)
+            self._writes.shutdown()
+        if self._point is not None:
+            self._point.close()
+        self._writer = self._reader = self._point = self._writes = None
 
     # -- helpers
 
     async def _write(self, work) -> Any:
-        """Run `work(conn, now)` inside BEGIN IMMEDIATE ... COMMIT, one writer at a time."""
-        if self._writer is None:
+        """Run `work(conn, now)` inside BEGIN IMMEDIATE ... COMMIT, one writer at a time, on the writer's thread."""
+        if self._writer is None or self._writes is None:
             raise LedgerUnavailable("ledger is not open")
         async with self._lock:
-            with _busy_as_ledger_busy():
-                await self._writer.execute("BEGIN IMMEDIATE")
-                try:
-                    result = await work(self._writer, now_iso())
-                except BaseException:
-                    await self._writer.execute("ROLLBACK")
-                    raise
-                await self._writer.execute("COMMIT")
-                return result
+            return await asyncio.get_running_loop().run_in_executor(self._writes, self._transaction, work)
+
+    def _transaction(self, work) -> Any:
+        conn = self._writer
+        with _busy_as_ledger_busy():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = _drive(work(_SyncConnection(conn), now_iso()))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    def _point_read(self, sql: str, params: tuple = ()) -> sqlite3.Row | None:
+        """One indexed row, read on the calling (IOLoop) thread; autocommit, so no snapshot stays open."""
+        if self._point is None:
+            raise LedgerUnavailable("ledger is not open")
+        with _busy_as_ledger_busy():
+            return self._point.execute(sql, params).fetchone()
 
     async def _add_event(self, conn, job_id, at, event, detail=None, actor=None) -> None:
         await conn.execute(
@@ -442,20 +564,19 @@ class SQLiteLedger:
         return await self._write(work)
 
     async def get(self, job_id: str) -> Job | None:
-        row = await self._fetch_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        row = self._point_read("SELECT * FROM jobs WHERE id=?", (job_id,))
         return Job.from_row(row) if row else None
 
     async def queue_position(self, job: Job) -> int:
         """1-based place among Queued jobs."""
-        row = await self._fetch_one(
-            "SELECT count(*) FROM jobs WHERE status='Queued' AND seq <= ?", (job.seq,)
-        )
+        row = self._point_read("SELECT count(*) FROM jobs WHERE status='Queued' AND seq <= ?", (job.seq,))
         return int(row[0]) if row else 0
 
     async def counts(self) -> dict[str, int]:
-        rows = await self._fetch_all(
-            "SELECT status, count(*) FROM jobs WHERE status IN ('Queued', 'Processing') GROUP BY status"
-        )
+        with _busy_as_ledger_busy():  # an index range, read in place like a point read
+            rows = self._point.execute(
+                "SELECT status, count(*) FROM jobs WHERE status IN ('Queued', 'Processing') GROUP BY status"
+            ).fetchall()
         found = {row[0]: row[1] for row in rows}
         return {"Queued": found.get("Queued", 0), "Processing": found.get("Processing", 0)}
 
@@ -514,7 +635,7 @@ class SQLiteLedger:
     # -- API tokens (the hashing lives in tokens.py; only rows live here)
 
     async def token_by_prefix(self, prefix: str) -> "TokenRecord | None":
-        row = await self._fetch_one("SELECT * FROM api_tokens WHERE prefix=?", (prefix,))
+        row = self._point_read("SELECT * FROM api_tokens WHERE prefix=?", (prefix,))
         return TokenRecord.from_row(row) if row else None
 
     async def live_token_count(self) -> int:
@@ -563,6 +684,14 @@ class SQLiteLedger:
             return bool(cursor.rowcount)
 
         return await self._write(work)
+
+
+def _checkpoint(path: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        conn.close()
 
 
 def open_admin(path: str) -> sqlite3.Connection:
