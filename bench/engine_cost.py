@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from whisperd import config as config_module
-from whisperd.engine import EngineOptions, build_argv, build_env
+from whisperd.engines.cli import EngineOptions, build_argv, build_env
 
 from .common import REPO, median
 

@@ -19,6 +19,8 @@ anywhere in --initial_prompt:
   grandchild  start `sleep 300` in our process group, sleep FAKE_WHISPERX_SLOW_SECONDS, then
               ok, leaving the sleep behind
   crash       die of SIGSEGV
+  oom         print an unrelated warning, wait FAKE_WHISPERX_OOM_SECONDS (0.5), then die of SIGKILL as the
+              OOM killer does (in worker mode: the whole worker, with whatever else it runs)
   noout       exit 0 without writing anything
   garbage     write an invalid <stem>.json (and the other formats), exit 0
   failstage   fail like alignment or diarization does (exit 1, no output) when --diarize is
@@ -32,7 +34,8 @@ whisperd/engine_worker.py's JSON-lines protocol with the same modes per job (cra
 take the whole worker down or hang it; grandchild leaves a sleep in its group and answers
 after FAKE_WHISPERX_SLOW_SECONDS). FAKE_WHISPERX_WORKER_START = ok (default), hang (never says
 hello) or fail (exits 1 with a message) picks how it starts; FAKE_WHISPERX_WORKER_DELAY
-seconds (default 0) pass before hello; loading a model takes FAKE_WHISPERX_LOAD_SECONDS (0.2).
+seconds (default 0) pass before hello, and with FAKE_WHISPERX_WORKER_GATE set it waits for that
+file to exist; loading a model takes FAKE_WHISPERX_LOAD_SECONDS (0.2).
 It logs {"worker": true, pid, pgid, ...} at start and {"worker_job": ..., mode, ...} per job.
 
 With FAKE_WHISPERX_LOG set, each run first appends one JSON line to that file: pid, pgid,
@@ -56,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from whisperd.formats import render  # noqa: E402
 
-MODES = ("ok", "slow", "fail", "hang", "grandchild", "crash", "noout", "garbage", "failstage")
+MODES = ("ok", "slow", "fail", "hang", "grandchild", "crash", "oom", "noout", "garbage", "failstage")
 
 # The languages WhisperX accepts, as name=code; --language takes a code or a Title-cased name.
 _LANGUAGE_TABLE = """
@@ -156,6 +159,14 @@ def build_parser():
     add("--print_progress", type=str2bool, default=False)
     add("--version", "-V", action="version", version="whisperx 3.8.6 (fake)")
     return p
+
+
+def out_of_memory():
+    # The last line before the kernel's SIGKILL is something unrelated, as with the real engine.
+    print("UserWarning: Lightning automatically upgraded your loaded checkpoint (fake)", file=sys.stderr, flush=True)
+    time.sleep(float(os.environ.get("FAKE_WHISPERX_OOM_SECONDS", "0.5")))
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
 
 
 def pick_mode(initial_prompt):
@@ -360,6 +371,8 @@ def main():
         signal.signal(signal.SIGSEGV, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(10)  # the signal is delivered before this returns
+    if mode == "oom":
+        out_of_memory()
     if mode == "fail":
         check_audio(args.audio)
         info(args, "Performing transcription...")
@@ -428,6 +441,8 @@ def worker_job(message, emit, loaded):
     if mode == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(10)
+    if mode == "oom":
+        out_of_memory()
     audio = message["audio"]
     try:
         with open(audio, "rb") as handle:
@@ -474,6 +489,9 @@ def worker_main():
     start = os.environ.get("FAKE_WHISPERX_WORKER_START", "ok")
     write_log("worker-" + start, worker=True, env_jobs=os.environ.get("WHISPERD_WORKER_JOBS"))
     time.sleep(float(os.environ.get("FAKE_WHISPERX_WORKER_DELAY", "0")))
+    gate = os.environ.get("FAKE_WHISPERX_WORKER_GATE")
+    while gate and not os.path.exists(gate):  # a test opens it when it wants the worker ready
+        time.sleep(0.05)
     if start == "hang":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while True:

@@ -9,14 +9,13 @@ from typing import Callable
 
 from . import capabilities, metrics
 from .config import Config
-from .engine import EngineOptions, EngineProcess, EngineResult, build_argv, build_env
+from .engines import Engine, EngineOptions, EngineResult
 from .faults import crash_point
 from .jobfiles import JobFiles
 from .languages import AUTO
 from .jobs import Job
 from .ledger import Ledger
 from .results import EngineOutputError, load_engine_result, write_engine_result
-from .worker_client import EngineWorker, WorkerJob, job_message
 
 log = logging.getLogger("whisperd.runner")
 PROGRESS_EVERY_SECONDS = 1.0
@@ -27,7 +26,7 @@ class RunningJob:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.engine: EngineProcess | WorkerJob | None = None
+        self.engine: Engine | None = None  # set while the engine runs the job
         self.stop_reason: str | None = None
         self.t_start: float | None = None
 
@@ -37,14 +36,14 @@ class RunningJob:
     async def stop(self, because: str) -> None:
         self.stop_reason = self.stop_reason or because
         if self.engine is not None:
-            await self.engine.stop(because)
+            await self.engine.stop(self.job.id, because)
 
 
 class JobRunner:
     def __init__(self, config: Config, ledger: Ledger, files: JobFiles, offline: bool,
-                 notify: Callable[[str], None], threads: int | None, worker: EngineWorker | None = None) -> None:
+                 notify: Callable[[str], None], threads: int | None, engine: Engine) -> None:
         self.config = config
-        self.worker = worker  # None: the spec's CLI per job (WHISPER_ENGINE=cli)
+        self.engine = engine
         self.ledger = ledger
         self.files = files
         self.offline = offline
@@ -73,7 +72,7 @@ class JobRunner:
         language = None if job.language == AUTO else job.language
         align, why_not = capabilities.alignment_available(language, self.config.WHISPER_MODELS_DIR, self.offline)
         if not align:
-            if self.worker is not None and self.config.WHISPER_WORD_TIMES:
+            if self.engine.times_words:
                 why_not = why_not.replace("segment times come from the transcription itself",
                                           "word times come from Whisper's own cross-attention (faster-whisper)")
             await self._warn(job, why_not)
@@ -85,7 +84,7 @@ class JobRunner:
         opts = EngineOptions(
             audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=job.language,
             device=job.device, device_index=job.device_index, prompt=job.prompt, align=align,
-            diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads,
+            diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads, temperature=job.temperature,
         )
         result = await self._attempt(running, opts)
         if not result.ok and not result.retry and running.stop_reason is None and (opts.align or opts.diarize):
@@ -102,37 +101,19 @@ class JobRunner:
             return EngineResult(None, killed_because=running.stop_reason)
         self.files.remove_output(job.id)
         opts.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.worker is not None:
-            return await self._on_worker(running, opts)
-        engine = EngineProcess(build_argv(self.config, opts), build_env(opts), self.config.WHISPER_KILL_GRACE_SECONDS)
-        try:
-            pid = engine.start()
-        except OSError as exc:
-            log.error("job %s: cannot start WHISPER_CMD=%s: %s", job.id, self.config.WHISPER_CMD, exc)
-            return EngineResult(127, stderr_tail=[f"the transcription engine could not be started ({exc.strerror})"])
-        running.engine = engine
-        log.info("job %s: engine started, pid %s", job.id, pid)
-        await self.ledger.set_engine_pid(job.id, pid)
-        crash_point("engine-started")
+        running.engine = self.engine
         timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
-        result = await engine.run(self._progress(job), timeout)
-        running.engine = None
-        metrics.engine_exited(result.returncode, result.signal)
-        log.info("job %s: engine ended: code %s signal %s %s", job.id, result.returncode, result.signal,
-                 result.killed_because or "")
-        return result
-
-    async def _on_worker(self, running: RunningJob, opts: EngineOptions) -> EngineResult:
-        job = running.job
-        engine = WorkerJob(self.worker, job.id, job_message(self.config, opts))
-        running.engine = engine
-        timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
-        result = await engine.run(self._progress(job), timeout)
+        result = await self.engine.run(job.id, opts, self._progress(job), self._started(job), timeout)
         running.engine = None
         metrics.engine_exited(result.returncode, result.signal)  # a worker's answer: 0 done, 1 error
-        log.info("job %s: worker answered: code %s %s", job.id, result.returncode,
-                 result.killed_because or ("worker died" if result.retry else ""))
         return result
+
+    def _started(self, job: Job):
+        async def started(pid: int) -> None:
+            await self.ledger.set_engine_pid(job.id, pid)
+            crash_point("engine-started")
+
+        return started
 
     def _progress(self, job: Job):
         last = 0.0
@@ -159,6 +140,11 @@ class JobRunner:
         elif because == "timeout":
             limit = self.config.WHISPER_JOB_TIMEOUT_SECONDS
             await self._fail(job, f"the engine ran longer than WHISPER_JOB_TIMEOUT_SECONDS ({limit:g} s) and was stopped")
+        elif result.retry and not result.charge:
+            # The engine died beside this job (the culprit is not known yet) or was restarted to
+            # stop another job: run it again without using up one of its attempts.
+            await self.ledger.requeue_uncounted(job.id, f"run again, no attempt counted: {_public(result.reason(), opts)}")
+            self.files.remove_output(job.id)
         elif result.retry and job.attempts < self.config.WHISPER_MAX_ATTEMPTS:
             # The worker died under this job (or under a neighbour's cancel): run it again.
             await self.ledger.requeue(job.id, f"the engine worker died: {_public(result.reason(), opts)}")

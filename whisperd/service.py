@@ -15,6 +15,7 @@ from tornado.ioloop import PeriodicCallback
 
 from .auth import Authenticator, accept_any_token, load_validator
 from .config import Config
+from .engines import make_engine, worker_threads
 from .faults import crash_point
 from .jobfiles import JobFiles
 from .jobs import Job, NewJob
@@ -24,7 +25,6 @@ from .retention import expire_old_jobs
 from .runner import JobRunner
 from .scheduler import Scheduler
 from .tokens import LedgerTokens
-from .worker_client import EngineWorker
 from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
@@ -53,7 +53,8 @@ def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
 
 
 class Service:
-    def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None) -> None:
+    def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None,
+                 shared_engine: str | None = None) -> None:
         self.config = config
         self.offline = offline
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -61,11 +62,10 @@ class Service:
         self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0
-        threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
-        # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
-        self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
-            else None
-        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
+        # shared_engine: the socket of the box's one engine worker (several HTTP processes).
+        self.engine = make_engine(config, offline, shared_engine)
+        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, worker_threads(config),
+                                self.engine)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
         self.webhooks = WebhookSender(config, self.ledger)
         self.draining = False
@@ -75,8 +75,7 @@ class Service:
 
     async def start(self) -> None:
         await self.ledger.open()
-        if self.worker is not None:
-            self.worker.start()  # in the background: imports and the default model load while we serve
+        self.engine.start()  # in the background: a warm engine imports and loads its model while we serve
         await self.webhooks.resume(await self.ledger.claim_pending_webhooks())
         self.scheduler.start()
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
@@ -90,8 +89,7 @@ class Service:
             self._retention.stop()
         await self.scheduler.shutdown(grace_seconds)
         await self._retention_lock.acquire()
-        if self.worker is not None:
-            await self.worker.close()
+        await self.engine.close()
         for events in self._waiters.values():
             for event in events:
                 event.set()
@@ -100,15 +98,11 @@ class Service:
 
     def engine_status(self) -> dict[str, Any]:
         """The engine's part of /status (and of a health probe): mode, state, loaded models."""
-        if self.worker is None:
-            return {"mode": "cli", "state": "ready", "loaded_models": []}
-        return self.worker.snapshot()
+        return self.engine.status()
 
     def engine_healthy(self) -> tuple[bool, str | None]:
-        """False (with the reason) when the worker cannot be started: for a health probe."""
-        if self.worker is None or self.worker.healthy():
-            return True, None
-        return False, self.worker.reason
+        """False (with the reason) when the engine cannot run jobs: for a health probe."""
+        return self.engine.healthy()
 
     async def run_retention(self) -> None:
         if self._retention_lock.locked():
