@@ -462,9 +462,14 @@ def worker_job(message, emit, loaded):
             emit(event="progress", id=job_id, percent=10.0 * step)
     else:
         emit(event="progress", id=job_id, percent=100.0)
+    # Without alignment the real worker still times words (faster-whisper's cross-attention) when
+    # asked to: the fake gives the same words then, marked as the real one marks them.
+    decoder_words = message.get("word_times") and not message.get("align")
     args = argparse.Namespace(model=message["model"], diarize=message.get("diarize", False),
-                              language=message.get("language"), no_align=not message.get("align"))
+                              language=message.get("language"), no_align=not (message.get("align") or decoder_words))
     result = make_result(audio, args)
+    if decoder_words:
+        result["word_timestamps"] = "faster-whisper"
     os.makedirs(message["output_dir"], exist_ok=True)
     stem = os.path.splitext(os.path.basename(audio))[0]
     path = os.path.join(message["output_dir"], f"{stem}.json")

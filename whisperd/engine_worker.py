@@ -3,7 +3,7 @@
 This file runs inside the engine's venv (stdlib + WhisperX, no Tornado, nothing from the
 server package), started by `whisperx.sh --whisperd-worker`. Protocol, one JSON object a line:
 
-  in  (stdin):  {"op": "job", "id": ..., "audio": ..., "output_dir": ..., "model": ..., ...}
+  in  (stdin):  {"op": "job", "id": ..., "audio": ..., "output_dir": ..., "model": ..., "temperature": ..., ...}
                 {"op": "load", "model": ..., "device": ..., ...}      preload a model
   out (stdout): {"event": "hello", "pid": N}                           imports done, ready
                 {"event": "progress", "id": ..., "percent": 42.0}
@@ -173,9 +173,17 @@ def run_job(job: dict, models: Models) -> dict:
         # A pipeline of the job's own over the shared weights: the prompt and the tokenizer are
         # per job, and two jobs at once must not share the pipeline's mutable state.
         timer = _WordTimer(whisper, language) if job.get("word_times", True) and not job.get("align") else None
+        options = dataclasses.replace(base.options, initial_prompt=job.get("prompt") or None)
+        if job.get("temperature") is not None:
+            # As the CLI's --temperature (with its default --temperature_increment_on_fallback 0.2):
+            # start there, fall back upwards.
+            import numpy as np
+
+            options = dataclasses.replace(
+                options, temperatures=tuple(float(t) for t in np.arange(float(job["temperature"]), 1.0 + 1e-6, 0.2)))
         pipeline = FasterWhisperPipeline(
             model=timer or whisper, vad=base.vad_model, vad_params=base._vad_params,
-            options=dataclasses.replace(base.options, initial_prompt=job.get("prompt") or None),
+            options=options,
             tokenizer=tokenizer, language=language, suppress_numerals=False,
         )
         if timer is not None:

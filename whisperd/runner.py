@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -70,23 +71,28 @@ class JobRunner:
             return
         token = self.files.read_token(job.id)
         language = None if job.language == AUTO else job.language
+        # The engine does not wait for these ledger writes: they are made while it starts.
+        warned: list[asyncio.Future] = []
         align, why_not = capabilities.alignment_available(language, self.config.WHISPER_MODELS_DIR, self.offline)
         if not align:
             if self.engine.times_words:
                 why_not = why_not.replace("segment times come from the transcription itself",
                                           "word times come from Whisper's own cross-attention (faster-whisper)")
-            await self._warn(job, why_not)
+            warned.append(asyncio.ensure_future(self._warn(job, why_not)))
         diarize = job.diarize
         if diarize:
             diarize, why_not = capabilities.diarization_available(token, self.config.WHISPER_MODELS_DIR, self.offline)
             if not diarize:
-                await self._warn(job, why_not)
+                warned.append(asyncio.ensure_future(self._warn(job, why_not)))
         opts = EngineOptions(
             audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=job.language,
             device=job.device, device_index=job.device_index, prompt=job.prompt, align=align,
             diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads, temperature=job.temperature,
         )
-        result = await self._attempt(running, opts)
+        try:
+            result = await self._attempt(running, opts)
+        finally:
+            await asyncio.gather(*warned)
         if not result.ok and not result.retry and running.stop_reason is None and (opts.align or opts.diarize):
             stages = " and ".join(s for s, on in (("alignment", opts.align), ("diarization", opts.diarize)) if on)
             await self._warn(job, f"{stages} failed ({_public(result.reason(), opts)}); "
