@@ -77,6 +77,13 @@ def ledger_rows(r: dict) -> list[dict]:
             f"bare Tornado p50 {hello[c]['p50_ms']:.2f} / p99 {hello[c]['p99_ms']:.2f} ms, {hello[c]['rps']:.0f} req/s",
             f"{run['rps'] / hello[c]['rps']:.2f}x",
             "p99 <= 5 ms" if judged else "", run["p99_ms"] <= 5 and not run["errors"] if judged else None))
+    for run in r["runs"]:
+        if run["endpoint"] != "tornado_hello" and "server_cpu_us_per_request" in run and run["connections"] == 1:
+            base = hello[1].get("server_cpu_us_per_request")
+            path = "GET /transcription/{id}" if run["endpoint"] == "job" else "GET /status"
+            rows.append(_row("", f"{path}: server CPU per request", f"{run['server_cpu_us_per_request']:.0f} us",
+                             f"bare Tornado {base:.0f} us" if base else "",
+                             f"{run['server_cpu_us_per_request'] / base:.2f}x" if base else "", "report"))
     scans = [p for p in r["query_plans"] if p["scans"]]
     status_plan = r["query_plans"][-1]["plan"]
     rows.append(_row("", "status reads scan the table?", "no" if not scans else f"{len(scans)} scan(s)",

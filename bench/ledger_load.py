@@ -21,7 +21,7 @@ from unittest import mock
 
 from whisperd.ledger import sqlite as ledger_module
 
-from .common import PROFILER, REPO, Whisperd, free_port, prune_profile, stop_process, wait_http
+from .common import PROFILER, REPO, Whisperd, cpu_seconds, free_port, prune_profile, stop_process, wait_http
 
 # wrk runs this: walk the paths in order (pre-shuffled), and print the summary as one JSON line.
 WRK_SCRIPT = """
@@ -121,6 +121,11 @@ def wrk(port: int, paths: list[str], connections: int, seconds: float, script: P
     return json.loads(line[4:])
 
 
+def _per_request(cpu: float, figures: dict) -> float:
+    """Server CPU per answered request, in microseconds: what a busy machine does not inflate."""
+    return round(1e6 * cpu / max(1, figures["requests"]), 1)
+
+
 def run(work: Path, engine: Path, quick: bool, do_profile: bool = True) -> dict:
     total, queued = 100_000, 2_000
     seconds = 1 if quick else 8
@@ -143,7 +148,9 @@ def run(work: Path, engine: Path, quick: bool, do_profile: bool = True) -> dict:
     try:
         wait_http(port, proc=hello)
         for connections in (1, 8):
+            cpu = cpu_seconds(hello.pid)
             figures = wrk(port, job_paths, connections, seconds, work / "wrk.lua")
+            figures["server_cpu_us_per_request"] = _per_request(cpu_seconds(hello.pid) - cpu, figures)
             result["runs"].append({"endpoint": "tornado_hello", "workers": 1, "connections": connections, **figures})
     finally:
         stop_process(hello)
@@ -155,7 +162,10 @@ def run(work: Path, engine: Path, quick: bool, do_profile: bool = True) -> dict:
             assert status == 200 and body["queue_position"] == queued - 1, (status, body)
             for name, paths in (("job", job_paths), ("status", ["/status"])):
                 for connections in (1, 8):
+                    cpu = cpu_seconds(server.proc.pid)  # with 2 workers, the supervisor's own: not reported
                     figures = wrk(server.port, paths, connections, seconds, work / "wrk.lua", server.token)
+                    if workers == 1:
+                        figures["server_cpu_us_per_request"] = _per_request(cpu_seconds(server.proc.pid) - cpu, figures)
                     result["runs"].append({"endpoint": name, "workers": workers, "connections": connections, **figures})
     if do_profile:  # where a status read's time goes: one connection, one worker, under pyinstrument
         out = REPO / "bench" / "results" / "status-profile.txt"

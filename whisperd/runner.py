@@ -152,7 +152,7 @@ class JobRunner:
             await self.ledger.requeue_uncounted(job.id, f"run again, no attempt counted: {_public(result.reason(), opts)}")
             self.files.remove_output(job.id)
         elif result.retry and job.attempts < self.config.WHISPER_MAX_ATTEMPTS:
-            # The worker died under this job (or under a neighbour's cancel): run it again.
+            # The worker died under this job alone: run it again, counting the attempt (poison rules).
             await self.ledger.requeue(job.id, f"the engine worker died: {_public(result.reason(), opts)}")
             self.files.remove_output(job.id)
         elif result.retry:

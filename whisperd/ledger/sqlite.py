@@ -227,6 +227,10 @@ def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: st
 # --- the asynchronous interface ---------------------------------------------------------
 
 
+class _WriteLockTaken(Exception):
+    """The eager connection found the write lock held (it never waits)."""
+
+
 class _Cursor:
     """An sqlite3 cursor behind aiosqlite's awaitable cursor methods (see _drive)."""
 
@@ -293,14 +297,17 @@ def _drive(coroutine) -> Any:
 
 
 class SQLiteLedger:
-    """One writer connection on a thread of its own (a whole transaction is one hop to it, writes
-    serialised by a lock), a synchronous reader for point reads (an indexed lookup is cheaper
-    than a hop to another thread), and an aiosqlite reader for the larger reads."""
+    """Writes serialised by a lock: each transaction runs at once on the IOLoop's thread when the
+    write lock is free (a small transaction in WAL mode with synchronous=NORMAL never waits on
+    the disk), else as one hop to a writer thread that may wait for it; a synchronous reader for
+    point reads (an indexed lookup is cheaper than a hop to another thread); an aiosqlite reader
+    for the larger reads."""
 
     def __init__(self, path: str, actor: str) -> None:
         self.path = path
         self.actor = actor  # host:pid, recorded on the events this process writes
         self._writer: sqlite3.Connection | None = None
+        self._eager: sqlite3.Connection | None = None  # never waits for the write lock
         self._writes: ThreadPoolExecutor | None = None
         self._point: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -312,6 +319,7 @@ class SQLiteLedger:
         loop = asyncio.get_running_loop()
         self._writer = await loop.run_in_executor(self._writes, self._connect_sync, BUSY_TIMEOUT_MS / 1000)
         self._point = self._connect_sync(POINT_READ_TIMEOUT_S)
+        self._eager = self._connect_sync(0)
         self._reader = await self._connect()
         self._checkpoints = asyncio.ensure_future(self._checkpoint_now_and_then())
 
@@ -352,9 +360,10 @@ class SQLiteLedger:
         if self._writer is not None and self._writes is not None:
             await asyncio.get_running_loop().run_in_executor(self._writes, self._writer.close)
             self._writes.shutdown()
-        if self._point is not None:
-            self._point.close()
-        self._writer = self._reader = self._point = self._writes = None
+        for conn in (self._point, self._eager):
+            if conn is not None:
+                conn.close()
+        self._writer = self._reader = self._point = self._eager = self._writes = None
 
     # -- helpers
 
@@ -363,12 +372,20 @@ class SQLiteLedger:
         if self._writer is None or self._writes is None:
             raise LedgerUnavailable("ledger is not open")
         async with self._lock:
-            return await asyncio.get_running_loop().run_in_executor(self._writes, self._transaction, work)
+            try:
+                return self._transaction(work, self._eager)
+            except _WriteLockTaken:  # another process is writing: wait for it off the IOLoop
+                return await asyncio.get_running_loop().run_in_executor(self._writes, self._transaction, work,
+                                                                        self._writer)
 
-    def _transaction(self, work) -> Any:
-        conn = self._writer
+    def _transaction(self, work, conn: sqlite3.Connection) -> Any:
         with _busy_as_ledger_busy():
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if conn is self._eager and ("locked" in str(exc) or "busy" in str(exc)):
+                    raise _WriteLockTaken() from None  # nothing was done yet: the caller retries
+                raise
             try:
                 result = _drive(work(_SyncConnection(conn), now_iso()))
             except BaseException:
