@@ -70,10 +70,16 @@ are kept beside the figures:
 What the status-read and queue profiles led to: a point read (a job, a token's row, a queue
 position, the `/status` counts) runs on a synchronous SQLite connection on the IOLoop's own
 thread instead of a hop to aiosqlite's thread (the hop, not the indexed read, was most of a read's
-cost); a write transaction is one hop to the ledger's writer thread instead of one per statement;
-the server's connections never checkpoint the WAL inside a commit (a timer does it beside the
-requests); a token's ledger row is remembered for one second (a revocation takes effect within
-it), so a request pays a SHA-256 and no read.
+cost); a write transaction runs at once on the IOLoop's thread when the write lock is free (WAL,
+synchronous=NORMAL: a commit does not wait for the disk) and as one hop to the ledger's writer
+thread when another process holds it, instead of one hop per statement; the server's connections
+never checkpoint the WAL inside a commit (a timer does it beside the requests); a token's ledger
+row is remembered for one second (a revocation takes effect within it), so a request pays a
+SHA-256 and no read; the pre-run warnings of a job are written while its engine starts; the
+start-up heap is frozen out of the garbage collector's sight (`gc.freeze()`).
+
+The ledger benchmark also reports the server's CPU per request beside bare Tornado's: unlike
+latencies, it is not inflated by a busy machine, so it shows what whisperd itself adds.
 """
 
 
