@@ -189,6 +189,7 @@ def write_log(mode, grandchild_pid=None, **extra):
         "sid": os.getsid(0),
         "argv": sys.argv,
         "t_start": T_START,
+        "t_logged": time.time(),  # for a worker's job: when the job began
         "mode": mode,
         "cwd": os.getcwd(),
         "hf_token_sha256": hashlib.sha256(token.encode()).hexdigest() if token is not None else None,

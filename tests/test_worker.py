@@ -168,9 +168,11 @@ def test_a_killed_server_leaves_no_worker_behind(worker_server):
 def test_concurrent_jobs_share_one_worker(worker_server):
     server = worker_server(ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", FAKE_WHISPERX_SLOW_SECONDS="1")
     ids = [server.submit_ok(prompt="fake:slow", diarize="false") for _ in range(2)]
-    started = time.monotonic()
     for job_id in ids:
         assert server.wait_status(job_id)["status"] == "Completed"
-    assert time.monotonic() - started < 1.9  # the two ran side by side
+    # Side by side: the second began inside the first's 1 s of work (not judged on wall time overall,
+    # which a busy machine stretches).
+    first, second = sorted(run["t_logged"] for run in jobs_run(server))
+    assert second - first < 1.0
     (worker,) = workers(server)
     assert worker["env_jobs"] == "2"
