@@ -18,6 +18,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
+sys.path.insert(0, str(REPO / "tests"))
+from harness import Server  # noqa: E402  the launcher the tests use too: one way to start a server
 
 
 def machine() -> dict:
@@ -134,62 +136,33 @@ def write_noop_engine(directory: Path) -> Path:
     return path
 
 
-class Whisperd:
-    """`python whisperd.py` (the real entry point) with its own data directory and env config."""
+class Whisperd(Server):
+    """The shared launcher (tests/harness.py) configured as deployed: a real admin API token that
+    every request pays the ledger check of, quiet logs, and the no-op engine as the CLI engine."""
 
     def __init__(self, root: Path, engine: Path, env: dict[str, str] | None = None,
                  wrap: list[str] | None = None) -> None:
-        self.root = root
-        self.port = free_port()
-        self.engine_log = root / "engine-starts.log"
-        models = root / "models" / "tiny.en"
-        models.mkdir(parents=True, exist_ok=True)
-        (models / "model.bin").write_bytes(b"noop")
-        conf = root / "whisper_api.conf"
-        conf.write_text("# benchmark: everything comes from the environment\n")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("WHISPER", "HF_"))}
-        self.env.update({
-            "WHISPER_API_CONF": str(conf),
-            "WHISPER_API_HOST": "127.0.0.1",
-            "WHISPER_API_PORT": str(self.port),
+        super().__init__(root, {
             "WHISPER_CMD": str(engine),
-            "WHISPER_MODELS_DIR": str(root / "models"),
-            "WHISPER_TMP_FILES": str(root / "tmp"),
-            "WHISPER_OUTPUT_DIR": str(root / "output"),
-            "WHISPER_DB_PATH": str(root / "whisperd.db"),
-            "WHISPER_HF_TOKEN_FILE": str(root / "hf_token.txt"),
-            "WHISPER_DEFAULT_MODEL": "tiny.en",
-            "WHISPER_DEFAULT_LANGUAGE": "en",
+            "WHISPER_ENGINE": "cli",  # the no-op engine is a CLI stand-in: it cannot be a warm worker
+            "WHISPER_API_ALLOW_ANY_TOKEN": "false",
             "WHISPER_DEFAULT_DIARIZE": "false",
-            "WHISPER_DEVICE": "cpu",
-            "WHISPER_OFFLINE": "true",
-            "HTTP_WORKER_NUMBER": "1",
             "RUST_LOG": "warn",  # an info line per request would be part of what we measure
-            "FAKE_WHISPERX_LOG": str(self.engine_log),
-        })
-        self.env.update(env or {})
-        self.wrap = wrap or []
-        self.proc: subprocess.Popen | None = None
+            "FAKE_WHISPERX_LOG": str(root / "engine-starts.log"),
+            **(env or {}),
+        }, wrap)
+        self.engine_log = root / "engine-starts.log"
+        self.token = ""
+        self.auth: dict[str, str] = {}
 
-    def start(self) -> "Whisperd":
-        # A real (admin) API token, as deployed: each request pays the ledger lookup that checks it.
-        created = subprocess.run(
-            [sys.executable, str(REPO / "whisperd.py"), "token", "create", "--name", f"bench{self.port}", "--admin"],
-            cwd=REPO, env=self.env, capture_output=True, text=True, check=True)
-        self.token = created.stdout.split()[-1]
+    def start(self, wait: bool = True) -> "Whisperd":
+        self.token = self.create_token(f"bench{self.port}", "--admin")
         self.auth = {"Authorization": f"Bearer {self.token}"}
-        self.log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, *self.wrap, str(REPO / "whisperd.py")], cwd=REPO, env=self.env,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        wait_http(self.port, proc=self.proc)
+        super().start(wait)
         return self
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, 60)
-            self.log.close()
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        return super().stop(sig, timeout)
 
     def __enter__(self) -> "Whisperd":
         return self.start()
@@ -214,9 +187,8 @@ class Whisperd:
             conn.close()
         return response.status, json.loads(data) if data else None
 
-
-    def wait_status(self, job_id: str, wanted: str, timeout: float = 30.0,
-                    conn: http.client.HTTPConnection | None = None) -> None:
+    def wait_job(self, job_id: str, wanted: str, timeout: float = 30.0,
+                 conn: http.client.HTTPConnection | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.request("GET", f"/transcription/{job_id}", conn=conn)[1].get("status") == wanted:
@@ -260,3 +232,22 @@ def wav_header(data_bytes: int, rate: int = 16000) -> bytes:
 def small_upload(audio: bytes, **fields: str) -> tuple[bytes, str]:
     head, tail, ctype = multipart(fields, "clip.wav", len(audio))
     return head + audio + tail, ctype
+
+
+PROFILER = ["-m", "pyinstrument", "-r", "text", "--show-all", "-o"]  # + the report's path
+
+
+def prune_profile(report: Path, share: float) -> None:
+    """Keep the header and the frames that took at least `share` of the total (a node's children
+    are never larger than it, so the tree stays whole); --show-all's full tree is 1,000+ lines."""
+    lines = report.read_text().splitlines()
+    kept, total = [], None
+    for line in lines:
+        numbers = [w for w in line.split() if w.replace(".", "", 1).isdigit() and "." in w]
+        if total is None or not numbers:
+            kept.append(line)
+            if total is None and numbers and "<module>" in line:
+                total = float(numbers[0])
+        elif float(numbers[0]) >= share * total:
+            kept.append(line)
+    report.write_text("\n".join(kept) + "\n")

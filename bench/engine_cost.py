@@ -1,7 +1,7 @@
 """#5 Engine cost: the WhisperX CLI per job on jfk.flac with tiny.en on the CPU, and where its time goes.
 
 The CLI is run with exactly the argument list and environment the server builds for a job
-(whisperd.engine.build_argv/build_env). Its wall time is split with bench/engine_probe.py,
+(whisperd.engines.cli.build_argv/build_env). Its wall time is split with bench/engine_probe.py,
 run by the engine venv's own Python: interpreter start-up (`python -c pass`, the baseline),
 `import whisperx.asr`, load_model, and transcription with the model already loaded — the
 part a persistent engine process would still pay per job.
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from whisperd import config as config_module
-from whisperd.engine import EngineOptions, build_argv, build_env
+from whisperd.engines.cli import EngineOptions, build_argv, build_env
 
 from .common import REPO, median
 

@@ -19,11 +19,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from unittest import mock
 
-import aiosqlite
-
 from whisperd.ledger import sqlite as ledger_module
 
-from .common import REPO, Whisperd, free_port, stop_process, wait_http
+from .common import PROFILER, REPO, Whisperd, cpu_seconds, free_port, prune_profile, stop_process, wait_http
 
 # wrk runs this: walk the paths in order (pre-shuffled), and print the summary as one JSON line.
 WRK_SCRIPT = """
@@ -77,25 +75,27 @@ def fill(db_path: Path, total: int, queued: int) -> dict[str, list[str]]:
 
 
 async def _traced_reads(db_path: Path, job_id: str) -> list[str]:
-    """The SQL the status endpoints run, captured from the server's own Ledger methods."""
+    """The SQL the status endpoints run, captured from the server's own Ledger methods (on every
+    connection the ledger opens, whichever of them a read goes through)."""
     statements: list[str] = []
-    real_connect = aiosqlite.connect
+    ledger = ledger_module.SQLiteLedger(str(db_path), "bench")
+    real_connect = ledger._connect_sync
 
-    async def traced_connect(*args, **kwargs):
-        conn = await real_connect(*args, **kwargs)
-        await conn.set_trace_callback(statements.append)
+    def traced(timeout: float) -> sqlite3.Connection:
+        conn = real_connect(timeout)
+        conn.set_trace_callback(statements.append)
         return conn
 
-    with mock.patch.object(ledger_module.aiosqlite, "connect", traced_connect):
-        ledger = ledger_module.SQLiteLedger(str(db_path), "bench")
+    with mock.patch.object(ledger, "_connect_sync", traced):
         await ledger.open()
-        statements.clear()  # the PRAGMAs of opening are not part of a request
-        try:
-            job = await ledger.get(job_id)  # GET /transcription/{id}
-            await ledger.queue_position(job)  # ... of a Queued job
-            await ledger.counts()  # GET /status
-        finally:
-            await ledger.close()
+    await ledger._reader.set_trace_callback(statements.append)
+    statements.clear()  # the PRAGMAs of opening are not part of a request
+    try:
+        job = await ledger.get(job_id)  # GET /transcription/{id}
+        await ledger.queue_position(job)  # ... of a Queued job
+        await ledger.counts()  # GET /status
+    finally:
+        await ledger.close()
     return statements
 
 
@@ -121,7 +121,12 @@ def wrk(port: int, paths: list[str], connections: int, seconds: float, script: P
     return json.loads(line[4:])
 
 
-def run(work: Path, engine: Path, quick: bool) -> dict:
+def _per_request(cpu: float, figures: dict) -> float:
+    """Server CPU per answered request, in microseconds: what a busy machine does not inflate."""
+    return round(1e6 * cpu / max(1, figures["requests"]), 1)
+
+
+def run(work: Path, engine: Path, quick: bool, do_profile: bool = True) -> dict:
     total, queued = 100_000, 2_000
     seconds = 1 if quick else 8
     root = work / "ledger"
@@ -143,18 +148,29 @@ def run(work: Path, engine: Path, quick: bool) -> dict:
     try:
         wait_http(port, proc=hello)
         for connections in (1, 8):
+            cpu = cpu_seconds(hello.pid)
             figures = wrk(port, job_paths, connections, seconds, work / "wrk.lua")
+            figures["server_cpu_us_per_request"] = _per_request(cpu_seconds(hello.pid) - cpu, figures)
             result["runs"].append({"endpoint": "tornado_hello", "workers": 1, "connections": connections, **figures})
     finally:
         stop_process(hello)
     env = {"FAKE_WHISPERX_SLEEP": "3600", "WHISPER_SHUTDOWN_GRACE_SECONDS": "0.2", "WHISPER_KILL_GRACE_SECONDS": "0.5"}
     for workers in (1, 2):
         with Whisperd(root, engine, {**env, "HTTP_WORKER_NUMBER": str(workers)}) as server:
-            server.wait_status(first, "Processing")
+            server.wait_job(first, "Processing")
             status, body = server.request("GET", f"/transcription/{ids['Queued'][-1]}")
             assert status == 200 and body["queue_position"] == queued - 1, (status, body)
             for name, paths in (("job", job_paths), ("status", ["/status"])):
                 for connections in (1, 8):
+                    cpu = cpu_seconds(server.proc.pid)  # with 2 workers, the supervisor's own: not reported
                     figures = wrk(server.port, paths, connections, seconds, work / "wrk.lua", server.token)
+                    if workers == 1:
+                        figures["server_cpu_us_per_request"] = _per_request(cpu_seconds(server.proc.pid) - cpu, figures)
                     result["runs"].append({"endpoint": name, "workers": workers, "connections": connections, **figures})
+    if do_profile:  # where a status read's time goes: one connection, one worker, under pyinstrument
+        out = REPO / "bench" / "results" / "status-profile.txt"
+        with Whisperd(root, engine, {**env, "HTTP_WORKER_NUMBER": "1"}, wrap=[*PROFILER, str(out)]) as server:
+            server.wait_job(first, "Processing")
+            wrk(server.port, job_paths, 1, 3, work / "wrk.lua", server.token)
+        prune_profile(out, 0.01)
     return result

@@ -15,7 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import Whisperd, cpu_seconds, probe_ms, wav_header, median, pct, small_upload
+from .common import (PROFILER, REPO, Whisperd, cpu_seconds, median, pct, probe_ms, prune_profile, small_upload,
+                     wav_header)
 
 AUDIO = wav_header(4096) + os.urandom(4096)  # passes the server's ffprobe check; the noop engine never reads it
 FIELDS = {"diarize": "false", "response_format": "json"}
@@ -65,7 +66,7 @@ def start_latency(work: Path, engine: Path, jobs: int) -> dict:
         for n in range(jobs):
             job_id = _submit(conn, server.auth)
             accepted = time.time()
-            server.wait_status(job_id, "Completed", conn=conn)
+            server.wait_job(job_id, "Completed", conn=conn)
             latencies.append(server.engine_starts()[n] - accepted)
         conn.close()
     ms = [1000 * x for x in latencies]
@@ -119,10 +120,26 @@ def throughput(work: Path, engine: Path, jobs: int, concurrent: int) -> dict:
     }
 
 
-def run(work: Path, engine: Path, quick: bool) -> dict:
+def profile(work: Path, engine: Path, jobs: int, out: Path) -> None:
+    """`jobs` queued jobs run one at a time under pyinstrument (the IOLoop's thread): where the
+    sequential service overhead goes. The text report goes to `out`."""
+    root = work / "queue-profile"
+    root.mkdir(parents=True, exist_ok=True)
+    with Whisperd(root, engine, wrap=[*PROFILER, str(out)]) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        ids = [_submit(conn, server.auth) for _ in range(jobs)]
+        server.wait_job(ids[-1], "Completed", timeout=120, conn=conn)
+        conn.close()
+    prune_profile(out, 0.01)
+
+
+def run(work: Path, engine: Path, quick: bool, do_profile: bool = True) -> dict:
     jobs = 100 if quick else 1000
-    return {
+    result = {
         "start_latency": start_latency(work, engine, 50 if quick else 200),
         "sequential": throughput(work, engine, jobs, 1),
         "concurrent": throughput(work, engine, jobs, 6),
     }
+    if do_profile:
+        profile(work, engine, 100, REPO / "bench" / "results" / "queue-profile.txt")
+    return result

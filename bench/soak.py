@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import Server  # noqa: E402  (the test harness: a real whisperd on a free port)
+from harness import Server  # noqa: E402  (the shared launcher: a real whisperd on a free port)
 
 
 def rss_kib(pid: int) -> int:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (REPO, RssSampler, Whisperd, cpu_seconds, free_port, median, multipart, probe_ms, stop_process,
+from .common import (prune_profile, REPO, RssSampler, Whisperd, cpu_seconds, free_port, median, multipart, probe_ms, stop_process,
                      wait_http, wav_header)
 
 MIB = 1024 * 1024
@@ -114,23 +114,7 @@ def profile(work: Path, engine: Path, path: Path, out: Path) -> None:
     with Whisperd(root, engine, wrap=wrap) as server:
         post_file(server.port, path, {"diarize": "false", "response_format": "json"}, server.token)
         time.sleep(0.5)  # let the noop job finish so the profile is of the upload, not a shutdown
-    _prune(out, 0.02)
-
-
-def _prune(report: Path, share: float) -> None:
-    """Keep the header and the frames that took at least `share` of the total (a node's children
-    are never larger than it, so the tree stays whole); --show-all's full tree is 1,000+ lines."""
-    lines = report.read_text().splitlines()
-    kept, total = [], None
-    for line in lines:
-        numbers = [w for w in line.split() if w.replace(".", "", 1).isdigit() and "." in w]
-        if total is None or not numbers:
-            kept.append(line)
-            if total is None and numbers and "<module>" in line:
-                total = float(numbers[0])
-        elif float(numbers[0]) >= share * total:
-            kept.append(line)
-    report.write_text("\n".join(kept) + "\n")
+    prune_profile(out, 0.02)
 
 
 def run(work: Path, engine: Path, quick: bool, do_profile: bool = True) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import JFK, Server  # noqa: E402  the test harness's real-server launcher
+from harness import JFK, Server  # noqa: E402  the shared real-server launcher
 
 IN_PROCESS = r"""
 import sys, time

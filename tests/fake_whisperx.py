@@ -19,6 +19,8 @@ anywhere in --initial_prompt:
   grandchild  start `sleep 300` in our process group, sleep FAKE_WHISPERX_SLOW_SECONDS, then
               ok, leaving the sleep behind
   crash       die of SIGSEGV
+  oom         print an unrelated warning, wait FAKE_WHISPERX_OOM_SECONDS (0.5), then die of SIGKILL as the
+              OOM killer does (in worker mode: the whole worker, with whatever else it runs)
   noout       exit 0 without writing anything
   garbage     write an invalid <stem>.json (and the other formats), exit 0
   failstage   fail like alignment or diarization does (exit 1, no output) when --diarize is
@@ -34,7 +36,8 @@ take the whole worker down or hang it; grandchild leaves a sleep in its group an
 after FAKE_WHISPERX_SLOW_SECONDS; a job with no language on a model not named *.en reports
 FAKE_WHISPERX_DETECT as the language it detected; "task" is honoured as by the CLI). FAKE_WHISPERX_WORKER_START = ok (default), hang (never says
 hello) or fail (exits 1 with a message) picks how it starts; FAKE_WHISPERX_WORKER_DELAY
-seconds (default 0) pass before hello; loading a model takes FAKE_WHISPERX_LOAD_SECONDS (0.2).
+seconds (default 0) pass before hello, and with FAKE_WHISPERX_WORKER_GATE set it waits for that
+file to exist; loading a model takes FAKE_WHISPERX_LOAD_SECONDS (0.2).
 It logs {"worker": true, pid, pgid, ...} at start and {"worker_job": ..., mode, ...} per job.
 
 FAKE_WHISPERX_EXTRA_SEGMENTS=N appends N filler segments to every result (a large transcript).
@@ -60,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from whisperd.formats import render  # noqa: E402
 
-MODES = ("ok", "slow", "fail", "hang", "grandchild", "crash", "noout", "garbage", "failstage")
+MODES = ("ok", "slow", "fail", "hang", "grandchild", "crash", "oom", "noout", "garbage", "failstage")
 
 # The languages WhisperX accepts, as name=code; --language takes a code or a Title-cased name.
 _LANGUAGE_TABLE = """
@@ -162,6 +165,14 @@ def build_parser():
     return p
 
 
+def out_of_memory():
+    # The last line before the kernel's SIGKILL is something unrelated, as with the real engine.
+    print("UserWarning: Lightning automatically upgraded your loaded checkpoint (fake)", file=sys.stderr, flush=True)
+    time.sleep(float(os.environ.get("FAKE_WHISPERX_OOM_SECONDS", "0.5")))
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
 def pick_mode(initial_prompt):
     found = re.search(r"fake:([a-z]+)", initial_prompt or "")
     return found.group(1) if found else os.environ.get("FAKE_WHISPERX_MODE", "ok")
@@ -182,6 +193,7 @@ def write_log(mode, grandchild_pid=None, **extra):
         "sid": os.getsid(0),
         "argv": sys.argv,
         "t_start": T_START,
+        "t_logged": time.time(),  # for a worker's job: when the job began
         "mode": mode,
         "cwd": os.getcwd(),
         "hf_token_sha256": hashlib.sha256(token.encode()).hexdigest() if token is not None else None,
@@ -370,6 +382,8 @@ def main():
         signal.signal(signal.SIGSEGV, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(10)  # the signal is delivered before this returns
+    if mode == "oom":
+        out_of_memory()
     if mode == "fail":
         check_audio(args.audio)
         info(args, "Performing transcription...")
@@ -440,6 +454,8 @@ def worker_job(message, emit, loaded):
     if mode == "crash":
         os.kill(os.getpid(), signal.SIGSEGV)
         time.sleep(10)
+    if mode == "oom":
+        out_of_memory()
     audio = message["audio"]
     try:
         with open(audio, "rb") as handle:
@@ -460,10 +476,15 @@ def worker_job(message, emit, loaded):
     else:
         emit(event="progress", id=job_id, percent=100.0)
     task = message.get("task") or "transcribe"
+    # Without alignment the real worker still times words (faster-whisper's cross-attention) when
+    # asked to: the fake gives the same words then, marked as the real one marks them.
+    decoder_words = message.get("word_times") and not message.get("align")
     args = argparse.Namespace(model=message["model"], diarize=message.get("diarize", False), task=task,
                               language=message.get("language"),
-                              no_align=not message.get("align") or task == "translate")
+                              no_align=not (message.get("align") or decoder_words) or task == "translate")
     result = make_result(audio, args)
+    if decoder_words:
+        result["word_timestamps"] = "faster-whisper"
     os.makedirs(message["output_dir"], exist_ok=True)
     stem = os.path.splitext(os.path.basename(audio))[0]
     path = os.path.join(message["output_dir"], f"{stem}.json")
@@ -490,6 +511,9 @@ def worker_main():
     start = os.environ.get("FAKE_WHISPERX_WORKER_START", "ok")
     write_log("worker-" + start, worker=True, env_jobs=os.environ.get("WHISPERD_WORKER_JOBS"))
     time.sleep(float(os.environ.get("FAKE_WHISPERX_WORKER_DELAY", "0")))
+    gate = os.environ.get("FAKE_WHISPERX_WORKER_GATE")
+    while gate and not os.path.exists(gate):  # a test opens it when it wants the worker ready
+        time.sleep(0.05)
     if start == "hang":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while True:

@@ -72,3 +72,35 @@ def test_wrong_token_and_oversized_file_through_the_client(real_server, tmp_path
         with big.open("rb") as audio:
             client(real_server).audio.transcriptions.create(model="whisper-1", file=audio)
     assert caught.value.status_code == 413
+
+
+@pytest.fixture(scope="module")
+def warm_server(tmp_path_factory):
+    from conftest import Server
+
+    root = tmp_path_factory.mktemp("warm")
+    server = Server(root, {
+        "WHISPER_ENGINE": "worker",
+        "WHISPER_CMD": str(REPO / "whisperx.sh"),
+        "WHISPER_MODELS_DIR": str(REPO / "models"),
+        "WHISPER_OPENAI_MODEL": "tiny.en",
+        "WHISPER_WORKER_START_SECONDS": "600",
+        "SYNC_REQUEST_TIMEOUT_SECONDS": "600",
+        "RUST_LOG": "info",
+    }).start()
+    yield server
+    server.stop()
+
+
+def test_word_timestamps_from_the_warm_engine_on_real_speech(warm_server):
+    """No alignment model here: the warm engine's faster-whisper word times answer instead of a 400."""
+    verbose = create(warm_server, response_format="verbose_json", timestamp_granularities=["word", "segment"],
+                     temperature=0)
+    assert words(verbose.text) == words(JFK_TEXT)
+    timed = [(words(w.word), w.start, w.end) for w in verbose.words]
+    assert [w for ws, _, _ in timed for w in ws] == words(JFK_TEXT)
+    starts = [start for _, start, _ in timed]
+    assert starts == sorted(starts) and all(start <= end for _, start, end in timed)
+    assert 0.0 <= starts[0] < 1.5 and 9.0 < timed[-1][2] < 11.5  # jfk.flac speaks from ~0.3 s to ~10.5 s
+    (run,) = warm_server.rows("SELECT temperature FROM jobs")
+    assert run["temperature"] == 0.0

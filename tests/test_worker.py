@@ -112,7 +112,7 @@ def test_a_worker_crash_retries_the_job_then_fails_it_as_poison(worker_server):
 
 
 def test_a_worker_that_hangs_at_start_is_killed_and_the_job_fails(worker_server):
-    server = worker_server(FAKE_WHISPERX_WORKER_START="hang", WHISPER_WORKER_START_SECONDS="0.5")
+    server = worker_server(FAKE_WHISPERX_WORKER_START="hang", WHISPER_WORKER_START_SECONDS="2")
     job_id = server.submit_ok(diarize="false")
     status = server.wait_status(job_id, timeout=20)
     assert status["status"] == "Failed" and "did not start within" in status["data"], status

@@ -3,7 +3,7 @@
 This file runs inside the engine's venv (stdlib + WhisperX, no Tornado, nothing from the
 server package), started by `whisperx.sh --whisperd-worker`. Protocol, one JSON object a line:
 
-  in  (stdin):  {"op": "job", "id": ..., "audio": ..., "output_dir": ..., "model": ..., ...}
+  in  (stdin):  {"op": "job", "id": ..., "audio": ..., "output_dir": ..., "model": ..., "temperature": ..., ...}
                 {"op": "load", "model": ..., "device": ..., ...}      preload a model
   out (stdout): {"event": "hello", "pid": N}                           imports done, ready
                 {"event": "progress", "id": ..., "percent": 42.0, "stage": "transcribing"}
@@ -180,10 +180,18 @@ def run_job(job: dict, models: Models) -> dict:
         def vad_progress(percent: float) -> None:
             emit(event="progress", id=job["id"], percent=round(float(percent), 2), stage="detecting speech")
 
+        options = dataclasses.replace(base.options, initial_prompt=job.get("prompt") or None)
+        if job.get("temperature") is not None:
+            # As the CLI's --temperature (with its default --temperature_increment_on_fallback 0.2):
+            # start there, fall back upwards.
+            import numpy as np
+
+            options = dataclasses.replace(
+                options, temperatures=tuple(float(t) for t in np.arange(float(job["temperature"]), 1.0 + 1e-6, 0.2)))
         pipeline = FasterWhisperPipeline(
             model=timer or whisper, vad=_VadWithProgress.wrap(base.vad_model, vad_progress),
             vad_params=base._vad_params,
-            options=dataclasses.replace(base.options, initial_prompt=job.get("prompt") or None),
+            options=options,
             tokenizer=tokenizer, language=language, suppress_numerals=False,
         )
         if timer is not None:

@@ -69,6 +69,7 @@ class Job:
     task: str = "transcribe"  # or "translate" (to English)
     audio_seconds: float | None = None
     delivered_to: str | None = None  # identity that received the result (grace window)
+    temperature: float | None = None  # None: the engine's own fallback schedule
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":
@@ -98,6 +99,7 @@ class NewJob:
     callback_url: str | None = None
     task: str = "transcribe"
     audio_seconds: float | None = None
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)

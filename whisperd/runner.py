@@ -10,7 +10,7 @@ from typing import Callable
 
 from . import capabilities, metrics
 from .config import Config
-from .engine import EngineOptions, EngineProcess, EngineResult, build_argv, build_env
+from .engines import Engine, EngineOptions, EngineResult
 from .faults import crash_point
 from .jobfiles import JobFiles
 from .languages import AUTO
@@ -20,7 +20,6 @@ from .ledger import Ledger, LedgerError
 from .outcomes import OutcomeAbandoned, OutcomeRecorder
 from .results import EngineOutputError, load_engine_result, write_engine_result
 from .tasks import spawn
-from .worker_client import EngineWorker, WorkerJob, job_message
 
 log = logging.getLogger("whisperd.runner")
 PROGRESS_EVERY_SECONDS = 1.0
@@ -31,17 +30,21 @@ class RunningJob:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.engine: EngineProcess | WorkerJob | None = None
+        self.engine: Engine | None = None  # set while the engine runs the job
         self.stop_reason: str | None = None
         self.t_start: float | None = None
         self.last_activity = time.monotonic()  # a progress line or CPU time spent (stall watch)
         self.cpu_ticks: int | None = None
+        self.pid: int | None = None  # the job's own engine process, when it has one (the CLI engine)
 
     def ended(self, status: str) -> None:
         metrics.job_finished(status, None if self.t_start is None else time.monotonic() - self.t_start)
 
     def engine_pid(self) -> int | None:
-        return self.engine.pid if self.engine is not None else None
+        """The process whose CPU time shows life: the job's own, else the shared worker's."""
+        if self.engine is None:
+            return None
+        return self.pid if self.pid is not None else getattr(self.engine, "pid", None)
 
     def quiet_seconds(self) -> float:
         """Seconds since the engine last showed life; CPU time spent counts as life."""
@@ -54,7 +57,7 @@ class RunningJob:
     async def stop(self, because: str) -> None:
         self.stop_reason = self.stop_reason or because
         if self.engine is not None:
-            await self.engine.stop(because)
+            await self.engine.stop(self.job.id, because)
 
 
 class ProgressWriter:
@@ -97,10 +100,10 @@ class ProgressWriter:
 class JobRunner:
     def __init__(self, config: Config, ledger: Ledger, files: JobFiles, offline: bool,
                  notify: Callable[[str], None], delete_files: Callable[[str, str], None], threads: int | None,
-                 worker: EngineWorker | None = None, outcomes: OutcomeRecorder | None = None) -> None:
+                 engine: Engine, outcomes: OutcomeRecorder | None = None) -> None:
         self.config = config
         self.outcomes = outcomes or OutcomeRecorder()
-        self.worker = worker  # None: the spec's CLI per job (WHISPER_ENGINE=cli)
+        self.engine = engine
         self.ledger = ledger
         self.files = files
         self.offline = offline
@@ -137,26 +140,32 @@ class JobRunner:
             # An English-only model has nothing to detect (CTranslate2 refuses to), whatever its name.
             engine_language = "en"
         language = None if engine_language == AUTO else engine_language
+        # The engine does not wait for these ledger writes: they are made while it starts.
+        warned: list[asyncio.Future] = []
         align, why_not = capabilities.alignment_available(language, self.config.WHISPER_MODELS_DIR, self.offline)
         if job.task == "translate":
             # The English text has no source-language speech to align to (the CLI turns it off too).
             align, why_not = False, None
         if why_not:
-            if self.worker is not None and self.config.WHISPER_WORD_TIMES:
+            if self.engine.times_words:
                 why_not = why_not.replace("segment times come from the transcription itself",
                                           "word times come from Whisper's own cross-attention (faster-whisper)")
-            await self._warn(job, why_not)
+            warned.append(asyncio.ensure_future(self._warn(job, why_not)))
         diarize = job.diarize
         if diarize:
             diarize, why_not = capabilities.diarization_available(token, self.config.WHISPER_MODELS_DIR, self.offline)
             if not diarize:
-                await self._warn(job, why_not)
+                warned.append(asyncio.ensure_future(self._warn(job, why_not)))
         opts = EngineOptions(
             audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=engine_language,
             device=job.device, device_index=job.device_index, prompt=job.prompt, align=align,
             diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads, task=job.task,
+            temperature=job.temperature,
         )
-        result = await self._attempt(running, opts)
+        try:
+            result = await self._attempt(running, opts)
+        finally:
+            await asyncio.gather(*warned)
         if not result.ok and not result.retry and running.stop_reason is None and (opts.align or opts.diarize):
             stages = " and ".join(s for s, on in (("alignment", opts.align), ("diarization", opts.diarize)) if on)
             await self._warn(job, f"{stages} failed ({_public(result.reason(), opts)}); "
@@ -171,48 +180,29 @@ class JobRunner:
             return EngineResult(None, killed_because=running.stop_reason)
         self.files.remove_output(job.id)
         opts.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.worker is not None:
-            return await self._on_worker(running, opts)
-        engine = EngineProcess(build_argv(self.config, opts), build_env(opts), self.config.WHISPER_KILL_GRACE_SECONDS)
-        try:
-            pid = engine.start()
-        except OSError as exc:
-            log.error("job %s: cannot start WHISPER_CMD=%s: %s", job.id, self.config.WHISPER_CMD, exc)
-            return EngineResult(127, stderr_tail=[f"the transcription engine could not be started ({exc.strerror})"])
-        running.engine = engine
-        log.info("job %s: engine started, pid %s", job.id, pid)
-        try:
-            await self.ledger.set_engine_pid(job.id, pid)
-        except LedgerError as exc:  # only a crash's clean-up needs it: the job goes on
-            log.warning("job %s: engine pid not recorded: %s", job.id, exc)
-        crash_point("engine-started")
+        running.engine = self.engine
         timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
         progress = ProgressWriter(self.ledger, running)
         try:
-            result = await engine.run(progress.offer, timeout)
+            result = await self.engine.run(job.id, opts, progress.offer, self._started(running), timeout)
         finally:
             progress.closed = True
-        running.engine = None
-        metrics.engine_exited(result.returncode, result.signal)
-        log.info("job %s: engine ended: code %s signal %s %s", job.id, result.returncode, result.signal,
-                 result.killed_because or "")
+        running.engine = running.pid = None
+        metrics.engine_exited(result.returncode, result.signal)  # a worker's answer: 0 done, 1 error
         return result
 
-    async def _on_worker(self, running: RunningJob, opts: EngineOptions) -> EngineResult:
+    def _started(self, running: RunningJob):
         job = running.job
-        engine = WorkerJob(self.worker, job.id, job_message(self.config, opts))
-        running.engine = engine
-        timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
-        progress = ProgressWriter(self.ledger, running)
-        try:
-            result = await engine.run(progress.offer, timeout)
-        finally:
-            progress.closed = True
-        running.engine = None
-        metrics.engine_exited(result.returncode, result.signal)  # a worker's answer: 0 done, 1 error
-        log.info("job %s: worker answered: code %s %s", job.id, result.returncode,
-                 result.killed_because or ("worker died" if result.retry else ""))
-        return result
+
+        async def started(pid: int) -> None:
+            running.pid = pid
+            try:
+                await self.ledger.set_engine_pid(job.id, pid)
+            except LedgerError as exc:  # only a crash's clean-up needs it: the job goes on
+                log.warning("job %s: engine pid not recorded: %s", job.id, exc)
+            crash_point("engine-started")
+
+        return started
 
     async def _record(self, running: RunningJob, opts: EngineOptions, result: EngineResult) -> None:
         job = running.job
@@ -228,8 +218,14 @@ class JobRunner:
         elif because == "timeout":
             limit = self.config.WHISPER_JOB_TIMEOUT_SECONDS
             await self._fail(job, f"the engine ran longer than WHISPER_JOB_TIMEOUT_SECONDS ({limit:g} s) and was stopped")
+        elif result.retry and not result.charge:
+            # The engine died beside this job (the culprit is not known yet) or was restarted to
+            # stop another job: run it again without using up one of its attempts.
+            why = f"run again, no attempt counted: {_public(result.reason(), opts)}"
+            if await self._outcome(job, "requeue", lambda: self.ledger.requeue_uncounted(job.id, why)):
+                self.files.remove_output(job.id)
         elif result.retry and job.attempts < self.config.WHISPER_MAX_ATTEMPTS:
-            # The worker died under this job (or under a neighbour's cancel): run it again.
+            # The worker died under this job alone: run it again, counting the attempt (poison rules).
             why = f"the engine worker died: {_public(result.reason(), opts)}"
             if await self._outcome(job, "requeue", lambda: self.ledger.requeue(job.id, why)):
                 self.files.remove_output(job.id)

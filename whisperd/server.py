@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -18,7 +19,8 @@ from . import capabilities, config as config_module, ledger as ledger_module, me
 from .app import make_app, make_server
 from .auth import load_validator
 from .config import Config
-from .engine import kill_orphan_group
+from .engines import kill_orphan_group
+from .engines.shared import serve_host, socket_path
 from .jobfiles import JobFiles, is_job_id
 from .service import Service
 from .supervisor import run_workers
@@ -171,10 +173,14 @@ def count_startup_ends(report: ledger_module.Recovery) -> None:
         metrics.job_finished("Canceled", None)
 
 
-async def serve(config: Config, sockets: list[socket.socket], offline: bool) -> int:
-    service = Service(config, offline)
+async def serve(config: Config, sockets: list[socket.socket], offline: bool, shared_engine: str | None = None) -> int:
+    service = Service(config, offline, shared_engine=shared_engine)
     Subprocess.initialize()  # before the service starts its engine worker: its exit needs SIGCHLD
     await service.start()
+    # What start-up made lives as long as the process: out of the collector's sight, so that a
+    # collection during a request does not walk it again (a tail-latency cost, paid once here).
+    gc.collect()
+    gc.freeze()
     lag_watch = asyncio.ensure_future(metrics.watch_loop_lag())  # kept here, cancelled at the end
     server = make_server(make_app(service), service)
     server.add_sockets(sockets)
@@ -232,11 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     offline = capabilities.decide_offline(config.WHISPER_OFFLINE)
     workers = config.worker_processes
 
-    def child(_index: int) -> int:
+    if workers == 1:
         return asyncio.run(serve(config, sockets, offline))
 
-    if workers == 1:
-        return child(0)
+    # One warm engine for the box, not one per HTTP process (each would load its own model).
+    shared = socket_path(config) if config.WHISPER_ENGINE == "worker" else None
+    if shared and len(shared.encode()) > 107:  # sun_path's limit
+        print(f"whisperd: the engine host's socket path {shared} is longer than a Unix socket allows (107 bytes):"
+              " put WHISPER_DB_PATH in a shorter directory", file=sys.stderr)
+        return 1
+
+    def child(_index: int) -> int:
+        return asyncio.run(serve(config, sockets, offline, shared))
+
+    def engine_host() -> int:
+        for sock in sockets:
+            sock.close()  # the host serves no HTTP
+        return asyncio.run(serve_host(config, offline, shared))
 
     host = socket.gethostname()
 
@@ -250,5 +268,5 @@ def main(argv: list[str] | None = None) -> int:
         metrics.process_died(pid)
         count_startup_ends(report)
 
-    log.info("starting %d worker processes", workers)
-    return run_workers(workers, child, died)
+    log.info("starting %d worker processes%s", workers, " and the engine host" if shared else "")
+    return run_workers(workers, child, died, engine_host if shared else None)

@@ -17,6 +17,7 @@ from tornado.ioloop import PeriodicCallback
 from . import metrics
 from .auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
+from .engines import make_engine, worker_threads
 from .errors import ServiceError
 from .faults import crash_point
 from .fetch import MediaFetcher
@@ -31,7 +32,6 @@ from .runner import JobRunner
 from .scheduler import Scheduler
 from .tasks import spawn
 from .tokens import LedgerTokens
-from .worker_client import EngineWorker
 from .urlpolicy import PolicyError
 from .webhooks import WebhookSender
 
@@ -55,7 +55,7 @@ class Service:
     """Everything a handler may ask of the server; handlers reach nothing behind it."""
 
     def __init__(self, config: Config, offline: bool, authenticator: Authenticator | None = None,
-                 clock: Callable[[], datetime] = utc_now) -> None:
+                 clock: Callable[[], datetime] = utc_now, shared_engine: str | None = None) -> None:
         self.config = config
         self.clock = clock  # what retention calls "now" (tests move it)
         self.offline = offline
@@ -64,13 +64,11 @@ class Service:
         self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0  # this process's uploads still streaming (take_upload_slot)
-        threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
-        # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
-        self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
-            else None
+        # shared_engine: the socket of the box's one engine worker (several HTTP processes).
+        self.engine = make_engine(config, offline, shared_engine)
         self.outcomes = OutcomeRecorder()
-        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files, threads,
-                                self.worker, self.outcomes)
+        self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files,
+                                worker_threads(config), self.engine, self.outcomes)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
@@ -86,8 +84,7 @@ class Service:
 
     async def start(self) -> None:
         await self.ledger.open()
-        if self.worker is not None:
-            self.worker.start()  # in the background: imports and the default model load while we serve
+        self.engine.start()  # in the background: a warm engine imports and loads its model while we serve
         await self.webhooks.resume(await self.ledger.claim_pending_webhooks())
         self.scheduler.start()
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
@@ -116,8 +113,7 @@ class Service:
         for job_id, timer in list(self._grace_timers.items()):
             timer.cancel()
             self.delete_job_files(job_id, "delivered")  # the grace window ends with this process
-        if self.worker is not None:
-            await self.worker.close()
+        await self.engine.close()
         for events in self._waiters.values():
             for event in events:
                 event.set()
@@ -136,15 +132,11 @@ class Service:
 
     def engine_status(self) -> dict[str, Any]:
         """The engine's part of /status (and of a health probe): mode, state, loaded models."""
-        if self.worker is None:
-            return {"mode": "cli", "state": "ready", "loaded_models": []}
-        return self.worker.snapshot()
+        return self.engine.status()
 
     def engine_healthy(self) -> tuple[bool, str | None]:
-        """False (with the reason) when the worker cannot be started: for a health probe."""
-        if self.worker is None or self.worker.healthy():
-            return True, None
-        return False, self.worker.reason
+        """False (with the reason) when the engine cannot run jobs: for a health probe."""
+        return self.engine.healthy()
 
     def problems(self) -> list[str]:
         """What /health must report besides the ledger and the engine command: job ends the

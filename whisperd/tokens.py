@@ -28,6 +28,9 @@ TOKEN_FORMAT = re.compile(r"^wd_([0-9a-f]{8})_([0-9a-f]{48})$")
 NAME_FORMAT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 LAST_USE_EVERY_SECONDS = 60.0  # at most one ledger write a minute per token, not one per request
 CACHE_SIZE = 1024
+# A token's row is read again after this long: a revocation or an expiry takes effect within it
+# in every worker process, and a burst of requests costs one ledger read a second per token.
+RECHECK_SECONDS = 1.0
 # Slow hashes at once per process: a flood of wrong tokens for a known prefix then queues here
 # instead of taking every executor thread (which the upload probe needs too).
 CONCURRENT_HASHES = 2
@@ -67,8 +70,9 @@ def prefix_of(token: str) -> str | None:
 class LedgerTokens:
     """The default validator: tokens made by `whisperd.py token create`, looked up in the ledger.
 
-    The slow hash runs once per token and process; after that a request costs one indexed
-    read (so a revocation or expiry takes effect at once, in every worker) and a SHA-256.
+    The slow hash runs once per token and process; after that a request costs a SHA-256 and, at
+    most once a second per prefix, one indexed read (so a revocation or expiry takes effect
+    within RECHECK_SECONDS in every worker; an unknown prefix is remembered as long).
     """
 
     def __init__(self, ledger: Ledger) -> None:
@@ -78,18 +82,31 @@ class LedgerTokens:
         self._verified: OrderedDict[bytes, str] = OrderedDict()
         self._touched: dict[int, float] = {}
         self._hashing = asyncio.Semaphore(CONCURRENT_HASHES)
+        self._rows: OrderedDict[str, tuple[float, TokenRecord | None]] = OrderedDict()  # prefix -> (read at, row)
 
     async def __call__(self, token: str) -> Identity | None:
         prefix = prefix_of(token)
         if prefix is None:
             return None
-        record = await self.ledger.token_by_prefix(prefix)
+        record = await self._row(prefix)
         if record is None or not record.in_force(now_iso()):
             return None
         if not await self._matches(token, record):
             return None
         await self._record_use(record)
         return Identity(record.name, admin=record.admin, limits=limits_of(record))
+
+    async def _row(self, prefix: str) -> TokenRecord | None:
+        now = time.monotonic()
+        known = self._rows.get(prefix)
+        if known is not None and now - known[0] < RECHECK_SECONDS:
+            return known[1]
+        record = await self.ledger.token_by_prefix(prefix)
+        self._rows[prefix] = (now, record)
+        self._rows.move_to_end(prefix)
+        while len(self._rows) > CACHE_SIZE:
+            self._rows.popitem(last=False)
+        return record
 
     async def _matches(self, token: str, record: TokenRecord) -> bool:
         key = hashlib.sha256(token.encode()).digest()

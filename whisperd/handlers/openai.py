@@ -98,6 +98,7 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
             response_format=JOB_FORMAT[request["response_format"]], diarize=False,
             prompt=request["prompt"], device=self.service.config.WHISPER_DEVICE,
             device_index=self.service.config.WHISPER_DEVICE_INDEX, task=self.task,
+            temperature=request["temperature"],
         )
         job = await self.submit(new_job, None)
         log.info("job %s accepted (OpenAI API, %s): %s, %d bytes", job.id, self.task, job.filename, job.upload_bytes)
@@ -165,12 +166,13 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
                                    f"got {response_format[:40]!r}", param="response_format")
 
         temperature = fields.get("temperature", "").strip()
+        value: float | None = None  # not sent: the engine's own schedule (0, 0.2, ... 1.0)
         if temperature:
             try:
                 value = float(temperature)
             except ValueError:
                 value = -1.0
-            if not 0.0 <= value <= 1.0:
+            if not 0.0 <= value <= 1.0:  # NaN fails this too
                 raise OpenAIError(400, f"'temperature' must be a number from 0 to 1; got {temperature[:40]!r}",
                                   param="temperature")
 
@@ -185,11 +187,12 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
                 raise OpenAIError(400, "word timestamps need response_format=verbose_json", param=GRANULARITIES_FIELD)
             aligned, why_not = capabilities.alignment_available(
                 None if language == AUTO else language, config.WHISPER_MODELS_DIR, self.service.offline)
-            if not aligned:
+            # Without an alignment model the warm engine still times words (faster-whisper's own).
+            if not aligned and not self.service.engine.times_words:
                 raise OpenAIError(400, "word timestamps are unavailable on this server: " + why_not.split(": ", 1)[-1]
                                   + (" (send 'language' to use an installed alignment model)" if language == AUTO else ""),
                                   param=GRANULARITIES_FIELD, code="word_timestamps_unavailable")
-        return {"model": engine_model, "language": language, "prompt": prompt,
+        return {"model": engine_model, "language": language, "prompt": prompt, "temperature": value,
                 "response_format": response_format, "granularities": wanted}
 
     async def _answer(self, job: Job, result: dict[str, Any], request: dict[str, Any]) -> None:

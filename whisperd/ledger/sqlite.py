@@ -380,12 +380,13 @@ class SQLiteLedger:
             await conn.execute(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
                 " model, response_format, diarize, prompt, device, device_index, warnings, callback_url,"
-                " task, audio_seconds)"
-                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " task, audio_seconds, temperature)"
+                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id, job.owner, now, job.filename, job.upload_bytes, job.language,
                     job.model, job.response_format, int(job.diarize), job.prompt, job.device,
                     job.device_index, json.dumps(job.warnings), job.callback_url, job.task, job.audio_seconds,
+                    job.temperature,
                 ),
             )
             await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)
@@ -501,6 +502,15 @@ class SQLiteLedger:
         return await self._transition(
             "UPDATE jobs SET status='Queued', started_at=NULL, worker=NULL, engine_pid=NULL,"
             " progress=NULL, stage=NULL WHERE id=:id AND status='Processing'",
+            job_id, "requeued", reason,
+        )
+
+    async def requeue_uncounted(self, job_id: str, reason: str) -> bool:
+        """Put a Processing job back in its place without using up the attempt its claim counted
+        (the engine died beside it, or was restarted to stop another job)."""
+        return await self._transition(
+            "UPDATE jobs SET status='Queued', started_at=NULL, worker=NULL, engine_pid=NULL,"
+            " progress=NULL, stage=NULL, attempts=max(attempts - 1, 0) WHERE id=:id AND status='Processing'",
             job_id, "requeued", reason,
         )
 

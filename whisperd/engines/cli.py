@@ -1,92 +1,32 @@
-"""Runs the WhisperX command line for one job, in its own session, and stops it as a group."""
+"""The spec's engine: the WhisperX command line, one process per job, in its own session, stopped as a group."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import signal
 import subprocess
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any
 
 from tornado.iostream import StreamClosedError
 from tornado.process import Subprocess
 
-from .config import Config
-from .languages import AUTO
-from .models import local_model_dir
-from .tasks import spawn
+from ..config import Config
+from ..languages import AUTO
+from ..models import local_model_dir
+from ..tasks import spawn
+from .base import EngineOptions, EngineResult, ProgressCallback, StartedCallback, engine_env, kill_group
 
 log = logging.getLogger("whisperd.engine")
 
-# The child gets these from our environment and nothing else: no API tokens, no HF_TOKEN of ours.
-PASSED_ENV = (
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
-    "XDG_DATA_HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME",
-    "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "WHISPERX_VENV",
-)
-PASSED_PREFIXES = ("WHISPERX_", "FAKE_WHISPERX_")
 _PROGRESS = re.compile(r"Progress:\s*([0-9]+(?:\.[0-9]+)?)%")
 # WhisperX overwrites "language" in its JSON with the alignment language ("en" when none was
 # given), so the language it detected is only known from this log line.
 _DETECTED = re.compile(r"Detected language: ([a-z]{2,3}) \(")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_NOISE = re.compile(r"^\s*$|^\s*\d+%\|.*\||^\s*(Lightning|Model was trained with|Bad things might happen)")
-
-
-@dataclass
-class EngineOptions:
-    """What one engine run is asked to do (decided by the runner from the job and the policy)."""
-
-    audio: Path
-    output_dir: Path
-    model: str
-    language: str
-    device: str
-    device_index: str
-    prompt: str
-    align: bool
-    diarize: bool
-    hf_token: str | None
-    offline: bool
-    threads: int | None = None
-    task: str = "transcribe"  # or "translate": English text from any language
-
-
-@dataclass
-class EngineResult:
-    returncode: int | None
-    signal: int | None = None
-    stderr_tail: list[str] = field(default_factory=list)
-    killed_because: str | None = None  # "canceled", "timeout", "shutdown"
-    detected_language: str | None = None
-    retry: bool = False  # the engine worker died under the job: run it again (poison rules apply)
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and self.killed_because is None
-
-    def reason(self) -> str:
-        """A short cause a user can read: the engine's last meaningful line, not a traceback."""
-        line = last_meaningful_line(self.stderr_tail)
-        if line:
-            return line
-        if self.signal is not None:
-            name = signal.Signals(self.signal).name if self.signal in signal.valid_signals() else str(self.signal)
-            return f"the engine was killed by signal {name}"
-        return f"the engine exited with status {self.returncode} and printed no error"
-
-
-def last_meaningful_line(lines) -> str | None:
-    """The last line of engine output that says something (not a progress bar or a known warning)."""
-    for line in reversed(list(lines)):
-        if not _NOISE.search(line):
-            return line.strip()[:500]
-    return None
 
 
 def build_argv(config: Config, opts: EngineOptions) -> list[str]:
@@ -117,6 +57,8 @@ def build_argv(config: Config, opts: EngineOptions) -> list[str]:
         argv.append("--diarize")
     if opts.prompt:
         argv += ["--initial_prompt", opts.prompt]
+    if opts.temperature is not None:
+        argv += ["--temperature", f"{opts.temperature:g}"]
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
     argv += ["--print_progress", "True"]
@@ -124,19 +66,9 @@ def build_argv(config: Config, opts: EngineOptions) -> list[str]:
 
 
 def build_env(opts: EngineOptions, environ: dict[str, str] | None = None) -> dict[str, str]:
-    environ = dict(os.environ if environ is None else environ)
-    env = {k: v for k, v in environ.items() if k in PASSED_ENV or k.startswith(PASSED_PREFIXES)}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they happen
-    if opts.offline:
-        env["HF_HUB_OFFLINE"] = "1"
-        env["TRANSFORMERS_OFFLINE"] = "1"
-    if opts.diarize and opts.hf_token:
-        env["HF_TOKEN"] = opts.hf_token  # WhisperX and huggingface_hub read it from here
-    return env
-
-
-ProgressCallback = Callable[[float, str], Awaitable[None] | None]  # (percent, stage)
+    # WhisperX and huggingface_hub read the token from here (never from the command line).
+    extra = {"HF_TOKEN": opts.hf_token} if opts.diarize and opts.hf_token else None
+    return engine_env(opts.offline, extra, environ)
 
 
 class EngineProcess:
@@ -237,12 +169,8 @@ class EngineProcess:
             self._signal_group(signal.SIGKILL)
 
     def _signal_group(self, sig: int) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
+        if self.proc is not None:
+            kill_group(self.proc.pid, sig)
 
 
 def _decode_status(proc: Subprocess, status: int | None) -> tuple[int | None, int | None]:
@@ -260,8 +188,55 @@ def kill_orphan_group(pid: int, job_id: str) -> bool:
         return False
     if job_id.encode() not in cmdline:
         return False  # the pid was reused by something else
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+    return kill_group(pid, signal.SIGKILL)
+
+
+class CliEngine:
+    """WHISPER_ENGINE=cli: WHISPER_CMD per job with the spec's arguments."""
+
+    mode = "cli"
+    times_words = False
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._running: dict[str, EngineProcess] = {}
+
+    def start(self) -> None:
+        return None  # nothing to warm up
+
+    async def run(self, job_id: str, opts: EngineOptions, on_progress: ProgressCallback | None = None,
+                  on_started: StartedCallback | None = None, timeout: float | None = None) -> EngineResult:
+        engine = EngineProcess(build_argv(self.config, opts), build_env(opts), self.config.WHISPER_KILL_GRACE_SECONDS)
+        try:
+            pid = engine.start()
+        except OSError as exc:
+            log.error("job %s: cannot start WHISPER_CMD=%s: %s", job_id, self.config.WHISPER_CMD, exc)
+            return EngineResult(127, stderr_tail=[f"the transcription engine could not be started ({exc.strerror})"])
+        self._running[job_id] = engine
+        log.info("job %s: engine started, pid %s", job_id, pid)
+        try:
+            if on_started is not None:
+                outcome = on_started(pid)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            result = await engine.run(on_progress, timeout)
+        finally:
+            self._running.pop(job_id, None)
+        log.info("job %s: engine ended: code %s signal %s %s", job_id, result.returncode, result.signal,
+                 result.killed_because or "")
+        return result
+
+    async def stop(self, job_id: str, because: str) -> None:
+        engine = self._running.get(job_id)
+        if engine is not None:
+            await engine.stop(because)
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": "cli", "state": "ready", "loaded_models": []}
+
+    def healthy(self) -> tuple[bool, str | None]:
+        return True, None
+
+    async def close(self) -> None:
+        for engine in list(self._running.values()):
+            await engine.stop("shutdown")

@@ -1,10 +1,17 @@
 """The server's side of the warm engine: starts, feeds, watches and restarts one engine worker process.
 
 The worker (whisperd/engine_worker.py, in the engine venv) speaks JSON lines on its stdin and
-stdout. It runs in its own session; stopping it means TERM then KILL to its whole group. A
-cancel or a time-out kills it (a job cannot be interrupted safely inside CTranslate2) and a fresh
-one is started at once; a crash ends the jobs it was running with `retry` set and the worker comes
-back after a growing pause.
+stdout. It runs in its own session; stopping it means TERM then KILL to its whole group.
+
+A job's troubles stay its own:
+- A cancel or a time-out of a job the worker is running kills the worker (CTranslate2 cannot be
+  interrupted safely mid-batch) and a fresh one starts at once; the other jobs it was running
+  come back with `retry` and `charge=False` (run again, no attempt counted), and a deliberate
+  kill never counts toward the restart back-off. A job still waiting for the worker (while it
+  starts, say) is simply dropped: nothing is killed.
+- A crash under one job charges that job an attempt. A crash with several jobs in flight
+  charges none of them: each becomes a suspect and runs again alone (nothing else runs beside
+  it), so the culprit is found and only it is charged.
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shlex
 import signal
 import time
@@ -22,12 +28,12 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 from tornado.process import Subprocess
 
-from .config import Config
-from .engine import (PASSED_ENV, PASSED_PREFIXES, EngineOptions, EngineResult, ProgressCallback,
-                     last_meaningful_line)
-from .languages import AUTO
-from .models import local_model_dir
-from .tasks import spawn
+from ..config import Config
+from ..languages import AUTO
+from ..models import local_model_dir
+from ..tasks import spawn
+from .base import (EngineOptions, EngineResult, ProgressCallback, StartedCallback, engine_env, kill_group,
+                   killed_reason, last_meaningful_line)
 
 log = logging.getLogger("whisperd.worker")
 BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
@@ -51,7 +57,7 @@ def model_spec(config: Config, model: str, device: str, device_index: str, threa
 
 
 class WorkerJob:
-    """One job sent to the worker; the runner stops it the way it stops a CLI engine."""
+    """One job for the worker: waits for its turn, is sent, and ends with the worker's answer."""
 
     def __init__(self, worker: "EngineWorker", job_id: str, message: dict[str, Any]) -> None:
         self.worker = worker
@@ -59,32 +65,45 @@ class WorkerJob:
         self.message = message
         self.killed_because: str | None = None
         self.on_progress: ProgressCallback | None = None
+        self.sent = False
+        self.alone = False  # a suspect: runs with nothing beside it
         self.outcome: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    @property
-    def pid(self) -> int | None:
-        return self.worker.pid
 
     async def run(self, on_progress: ProgressCallback | None = None, timeout: float | None = None) -> EngineResult:
         self.on_progress = on_progress
+        submitting = asyncio.ensure_future(self._submit())
+        # The time limit counts from the job's sending: waiting for the worker to start or for
+        # a suspect ahead of it is not the job's engine time.
+        await asyncio.wait([submitting, self.outcome], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait_for(asyncio.shield(self.outcome), timeout)
+        except asyncio.TimeoutError:
+            await self.stop("timeout")
+        submitting.cancel()  # still waiting for its turn only if the job was stopped meanwhile
+        result: EngineResult = await self.outcome
+        result.killed_because = self.killed_because or result.killed_because
+        return result
+
+    async def _submit(self) -> None:
         try:
             await self.worker.submit(self)
         except WorkerUnavailable as exc:
-            return EngineResult(127, stderr_tail=[str(exc)])
-        try:
-            if timeout:
-                await asyncio.wait_for(asyncio.shield(self.outcome), timeout)
-        except asyncio.TimeoutError:
-            await self.stop("timeout")
-        result: EngineResult = await self.outcome
-        result.killed_because = self.killed_because
-        return result
+            self.finish(EngineResult(127, stderr_tail=[str(exc)]))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must end the job, not leave run() waiting
+            log.exception("job %s: could not be sent to the engine worker", self.job_id)
+            self.finish(EngineResult(1, stderr_tail=["internal error while sending the job to the engine worker"]))
 
     async def stop(self, because: str) -> None:
         if self.outcome.done():
             return
         self.killed_because = self.killed_because or because
-        await self.worker.kill(f"job {self.job_id} {because}")
+        if not self.sent:  # still waiting for its turn or for the worker to start: nothing to kill
+            self.worker.forget(self)
+            self.finish(EngineResult(None, killed_because=because))
+            return
+        await self.worker.kill(f"job {self.job_id} {because}", spare=self)
 
     def finish(self, result: EngineResult) -> None:
         if not self.outcome.done():
@@ -92,10 +111,14 @@ class WorkerJob:
 
 
 class EngineWorker:
-    """The one long-lived engine process of this server process, and its life cycle."""
+    """The box's one long-lived engine process and its life cycle (owned by the only HTTP process,
+    or by the engine host that every HTTP process reaches over a socket: engines/shared.py)."""
+
+    mode = "worker"
 
     def __init__(self, config: Config, offline: bool, jobs: int, threads: int | None) -> None:
         self.config = config
+        self.times_words = config.WHISPER_WORD_TIMES
         self.offline = offline
         self.jobs = jobs
         self.threads = threads
@@ -112,7 +135,11 @@ class EngineWorker:
         self._failures = 0
         self._closed = False
         self._killing: int | None = None  # the pid kill() is stopping: its exit is no crash
+        self._killed_for: WorkerJob | None = None
         self._exits: dict[int, asyncio.Future] = {}
+        self._waiting: dict[str, WorkerJob] = {}  # not sent yet: waiting for the worker or for their turn
+        self._suspects: set[str] = set()  # were in flight when the worker died beside other jobs
+        self._turn = asyncio.Condition()
 
     @property
     def pid(self) -> int | None:
@@ -123,8 +150,34 @@ class EngineWorker:
         return {"mode": "worker", "state": self.state, "pid": self.pid, "loaded_models": list(self.loaded),
                 "running_jobs": len(self._inflight), "restarts": self.restarts, "reason": self.reason}
 
-    def healthy(self) -> bool:
-        return self.state in ("ready", "starting", "restarting") and self._failures < len(BACKOFF_SECONDS)
+    def status(self) -> dict[str, Any]:
+        return self.snapshot()
+
+    def healthy(self) -> tuple[bool, str | None]:
+        if self.state in ("ready", "starting", "restarting") and self._failures < len(BACKOFF_SECONDS):
+            return True, None
+        return False, self.reason
+
+    # -- the Engine interface
+
+    async def run(self, job_id: str, opts: EngineOptions, on_progress: ProgressCallback | None = None,
+                  on_started: StartedCallback | None = None, timeout: float | None = None) -> EngineResult:
+        return await self.run_message(job_id, job_message(self.config, opts), on_progress, timeout)
+
+    async def run_message(self, job_id: str, message: dict[str, Any], on_progress: ProgressCallback | None = None,
+                          timeout: float | None = None) -> EngineResult:
+        """Run one job line (the shared engine's host receives them ready-made)."""
+        job = WorkerJob(self, job_id, message)
+        self._waiting[job_id] = job  # from now on a stop finds it
+        result = await job.run(on_progress, timeout)
+        log.info("job %s: worker answered: code %s %s", job_id, result.returncode,
+                 result.killed_because or ("worker died" if result.retry else ""))
+        return result
+
+    async def stop(self, job_id: str, because: str) -> None:
+        job = self._inflight.get(job_id) or self._waiting.get(job_id)
+        if job is not None:
+            await job.stop(because)
 
     # -- life cycle
 
@@ -170,6 +223,8 @@ class EngineWorker:
             self._failures += 1
             await self._stop_process(proc)
             raise WorkerUnavailable(self.reason) from None
+        if not said_hello and (self._closed or self._killing == proc.pid):
+            raise WorkerUnavailable("the engine worker was stopped while starting")  # on purpose: no failure
         if not said_hello:
             self._failures += 1
             self.state = "failed"
@@ -183,24 +238,65 @@ class EngineWorker:
             self._send({"op": "load", **spec})
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in PASSED_ENV or k.startswith(PASSED_PREFIXES)}
-        env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-        env["PYTHONUNBUFFERED"] = "1"
-        env["WHISPERD_WORKER_JOBS"] = str(self.jobs)
-        env["WHISPERD_WORKER_MAX_MODELS"] = str(self.config.WHISPER_WORKER_MAX_MODELS)
-        env["WHISPERD_WORKER_IDLE_SECONDS"] = str(self.config.WHISPER_MODEL_IDLE_SECONDS)
-        if self.offline:
-            env["HF_HUB_OFFLINE"] = "1"
-            env["TRANSFORMERS_OFFLINE"] = "1"
-        return env
+        return engine_env(self.offline, {
+            "WHISPERD_WORKER_JOBS": str(self.jobs),
+            "WHISPERD_WORKER_MAX_MODELS": str(self.config.WHISPER_WORKER_MAX_MODELS),
+            "WHISPERD_WORKER_IDLE_SECONDS": str(self.config.WHISPER_MODEL_IDLE_SECONDS),
+        })
 
     async def submit(self, job: WorkerJob) -> None:
-        if self.state != "ready" or self.pid is None:
-            await self.start()
-        if self.proc is None or self.proc.returncode is not None:
-            raise WorkerUnavailable(self.reason or "the engine worker is not running")
-        self._inflight[job.job_id] = job
+        """Send the job once the worker runs and it is the job's turn (a suspect goes alone)."""
+        self._waiting[job.job_id] = job
+        job.alone = job.job_id in self._suspects
+        try:
+            while True:
+                if job.outcome.done():
+                    return  # stopped while it waited
+                if self.state != "ready" or self.pid is None:
+                    # Shielded: a job stopped while it waits must not cancel the start others wait for.
+                    await asyncio.shield(self.start())
+                    if self.proc is None or self.proc.returncode is not None:
+                        raise WorkerUnavailable(self.reason or "the engine worker is not running")
+                    continue
+                if self._may_send(job):
+                    break  # and sent below with no await in between: the turn cannot be taken meanwhile
+                async with self._turn:
+                    await self._turn.wait_for(lambda: job.outcome.done() or self._may_send(job))
+            job.sent = True
+            self._inflight[job.job_id] = job
+        finally:
+            self._waiting.pop(job.job_id, None)
+        if job.alone:
+            log.warning("job %s: run alone (it was in flight when the engine worker died)", job.job_id)
         self._send({"op": "job", "id": job.job_id, **job.message})
+
+    def _may_send(self, job: WorkerJob) -> bool:
+        if any(other.alone for other in self._inflight.values()):
+            return False  # a suspect is running: nothing beside it
+        if job.alone:
+            return not self._inflight
+        # Suspects waiting go first: otherwise a steady flow of jobs would keep them waiting forever.
+        return not any(other.alone for other in self._waiting.values() if other is not job)
+
+    def forget(self, job: WorkerJob) -> None:
+        """A job stopped before it was sent: its turn goes to the next."""
+        self._waiting.pop(job.job_id, None)
+        self._suspects.discard(job.job_id)
+        self._wake_turns()
+
+    def _wake_turns(self) -> None:
+        async def notify() -> None:
+            async with self._turn:
+                self._turn.notify_all()
+
+        asyncio.ensure_future(notify())
+
+    def _ended(self, job: WorkerJob, result: EngineResult) -> None:
+        self._inflight.pop(job.job_id, None)
+        if not result.retry:
+            self._suspects.discard(job.job_id)
+        job.finish(result)
+        self._wake_turns()
 
     def _send(self, message: dict[str, Any]) -> None:
         assert self.proc is not None
@@ -209,25 +305,28 @@ class EngineWorker:
         except StreamClosedError:
             log.warning("engine worker's stdin is closed; it is ending")
 
-    async def kill(self, why: str) -> None:
-        """Stop the worker's whole group; jobs it ran end; a fresh worker starts right away."""
+    async def kill(self, why: str, spare: WorkerJob | None = None) -> None:
+        """Stop the worker's whole group to stop `spare`'s job; the other jobs it ran come back to
+        be run again at no cost to them; a fresh worker starts right away (no back-off: this was
+        no failure)."""
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
         log.warning("killing engine worker pid %s: %s", proc.pid, why)
         self._killing = proc.pid
+        self._killed_for = spare
         await self._stop_process(proc)
         if not self._closed:
             self.start()
 
     async def _stop_process(self, proc: Subprocess) -> None:
-        _killpg(proc.pid, signal.SIGTERM)
+        kill_group(proc.pid, signal.SIGTERM)
         exit_future = self._exits[proc.pid]
         try:
             await asyncio.wait_for(asyncio.shield(exit_future), self.config.WHISPER_KILL_GRACE_SECONDS)
         except asyncio.TimeoutError:
             log.warning("engine worker pid %s ignored SIGTERM: killing its group", proc.pid)
-        _killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc.pid, signal.SIGKILL)
         await exit_future
 
     async def close(self) -> None:
@@ -242,22 +341,38 @@ class EngineWorker:
 
     async def _watch(self, proc: Subprocess, exit_future: asyncio.Future) -> None:
         status = await exit_future
-        _killpg(proc.pid, signal.SIGKILL)  # whatever it left in its group goes too
+        kill_group(proc.pid, signal.SIGKILL)  # whatever it left in its group goes too
         self._exits.pop(proc.pid, None)
         if self.proc is proc:
             self.proc = None
             self.loaded = []
-        how = f"signal {signal.Signals(-status).name}" if status is not None and status < 0 else f"exit status {status}"
-        reason = self._last_stderr() or f"the engine worker ended ({how})"
+        deliberate = self._closed or self._killing == proc.pid
+        signalled = -status if status is not None and status < 0 else None
+        how = f"signal {signal.Signals(signalled).name}" if signalled else f"exit status {status}"
+        # A signal we did not send says more than the last line printed before it (which is
+        # whatever the worker was logging when the kernel stopped it).
+        reason = killed_reason(signalled) if signalled and not deliberate else \
+            self._last_stderr() or f"the engine worker ended ({how})"
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(False)
         inflight = list(self._inflight.values())
         self._inflight.clear()
+        spared = self._killed_for if self._killing == proc.pid else None
+        blamed = [job for job in inflight if job.killed_because is None]
         for job in inflight:
-            job.finish(EngineResult(None if status and status < 0 else status,
-                                    -status if status and status < 0 else None,
-                                    [reason], retry=job.killed_because is None))
-        if self._closed or self._killing == proc.pid:
+            if job.killed_because is not None or job is spared:
+                result = EngineResult(None, signalled, [reason])
+            elif deliberate:  # stopped for a neighbour's cancel or time-out, or for shutdown
+                why = f"the engine worker was restarted to stop job {spared.job_id}" if spared else reason
+                result = EngineResult(None, None, [why], retry=True, charge=False)
+            elif len(blamed) == 1 or job.alone:
+                result = EngineResult(None, signalled, [reason], retry=True)  # it died under this job alone
+            else:
+                # Several jobs were in flight: charge none; each runs again alone to find the culprit.
+                self._suspects.add(job.job_id)
+                result = EngineResult(None, signalled, [reason], retry=True, charge=False)
+            self._ended(job, result)
+        if deliberate:
             return  # kill() starts the next one itself
         if self.state == "ready":  # a death while starting is _start's to report
             self._failures += 1
@@ -315,12 +430,10 @@ class EngineWorker:
             if asyncio.iscoroutine(outcome):
                 spawn(outcome, "progress callback")
         elif event == "done":
-            del self._inflight[job.job_id]
             log.info("job %s: worker done in %s", job.job_id, message.get("seconds"))
-            job.finish(EngineResult(0, detected_language=message.get("language")))
+            self._ended(job, EngineResult(0, detected_language=message.get("language")))
         elif event == "error":
-            del self._inflight[job.job_id]
-            job.finish(EngineResult(1, stderr_tail=[str(message.get("reason") or "the engine worker failed")]))
+            self._ended(job, EngineResult(1, stderr_tail=[str(message.get("reason") or "the engine worker failed")]))
 
 
 def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
@@ -330,16 +443,10 @@ def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
         "audio": str(opts.audio), "output_dir": str(opts.output_dir),
         "language": None if opts.language == AUTO else opts.language,
         "prompt": opts.prompt, "align": opts.align, "diarize": opts.diarize,
-        "word_times": config.WHISPER_WORD_TIMES, "task": opts.task,
+        "word_times": config.WHISPER_WORD_TIMES, "task": opts.task, "temperature": opts.temperature,
     })
     if opts.diarize and opts.hf_token:
         message["hf_token"] = opts.hf_token
     return message
 
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        return
 
