@@ -61,6 +61,7 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     callback_url: str | None = None
+    audio_seconds: float | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":
@@ -88,6 +89,7 @@ class NewJob:
     device_index: str
     warnings: list[str] = field(default_factory=list)
     callback_url: str | None = None
+    audio_seconds: float | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from . import capabilities, metrics
 from .config import Config
 from .engine import EngineOptions, EngineProcess, EngineResult, build_argv, build_env
 from .faults import crash_point
+from .intake import Intake, IntakeError
 from .jobfiles import JobFiles
 from .languages import AUTO
 from .jobs import Job
@@ -65,9 +66,8 @@ class JobRunner:
         job = running.job
         metrics.job_started(job.created_at, job.started_at)
         running.t_start = time.monotonic()
-        audio = self.files.audio_path(job.id)
+        audio = self.files.audio_path(job.id) or await self._take_in_legacy(job)
         if audio is None:
-            await self._fail(job, "the uploaded audio is missing from the server's disk")
             return
         token = self.files.read_token(job.id)
         language = None if job.language == AUTO else job.language
@@ -114,8 +114,7 @@ class JobRunner:
         log.info("job %s: engine started, pid %s", job.id, pid)
         await self.ledger.set_engine_pid(job.id, pid)
         crash_point("engine-started")
-        timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
-        result = await engine.run(self._progress(job), timeout)
+        result = await engine.run(self._progress(job), self.config.job_timeout(job.audio_seconds))
         running.engine = None
         metrics.engine_exited(result.returncode, result.signal)
         log.info("job %s: engine ended: code %s signal %s %s", job.id, result.returncode, result.signal,
@@ -126,8 +125,7 @@ class JobRunner:
         job = running.job
         engine = WorkerJob(self.worker, job.id, job_message(self.config, opts))
         running.engine = engine
-        timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
-        result = await engine.run(self._progress(job), timeout)
+        result = await engine.run(self._progress(job), self.config.job_timeout(job.audio_seconds))
         running.engine = None
         metrics.engine_exited(result.returncode, result.signal)  # a worker's answer: 0 done, 1 error
         log.info("job %s: worker answered: code %s %s", job.id, result.returncode,
@@ -157,8 +155,7 @@ class JobRunner:
             await self.ledger.requeue(job.id, "server shutting down; the job will run again at the next start")
             self.files.remove_output(job.id)
         elif because == "timeout":
-            limit = self.config.WHISPER_JOB_TIMEOUT_SECONDS
-            await self._fail(job, f"the engine ran longer than WHISPER_JOB_TIMEOUT_SECONDS ({limit:g} s) and was stopped")
+            await self._fail(job, self._timeout_reason(job))
         elif result.retry and job.attempts < self.config.WHISPER_MAX_ATTEMPTS:
             # The worker died under this job (or under a neighbour's cancel): run it again.
             await self.ledger.requeue(job.id, f"the engine worker died: {_public(result.reason(), opts)}")
@@ -182,6 +179,31 @@ class JobRunner:
                 write_engine_result(opts.output_dir, engine_result)
             await self.ledger.complete(job.id, language)
             running.ended("Completed")
+
+    def _timeout_reason(self, job: Job) -> str:
+        limit = self.config.job_timeout(job.audio_seconds) or 0
+        if self.config.WHISPER_JOB_TIMEOUT_SECONDS > 0:
+            why = f"WHISPER_JOB_TIMEOUT_SECONDS ({limit:g} s)"
+        else:
+            audio = "its audio" if job.audio_seconds is None else f"{job.audio_seconds:g} s of audio"
+            why = (f"its time limit ({limit:g} s: WHISPER_JOB_TIMEOUT_BASE_SECONDS + "
+                   f"WHISPER_JOB_TIMEOUT_PER_AUDIO_SECOND x {audio})")
+        return f"the engine ran longer than {why} and was stopped (its whole process group was killed)"
+
+    async def _take_in_legacy(self, job: Job):
+        """A job queued before intake existed: decode its upload now, under the same rules, or fail it."""
+        legacy = self.files.legacy_upload(job.id)
+        if legacy is None:
+            await self._fail(job, "the uploaded audio is missing from the server's disk")
+            return None
+        try:
+            media = await Intake(self.config).accept(legacy, legacy.parent, job.filename)
+        except IntakeError as exc:
+            await self._fail(job, exc.message)
+            return None
+        legacy.unlink()
+        job.audio_seconds = media.duration
+        return media.canonical_path
 
     async def _warn(self, job: Job, warning: str) -> None:
         if warning not in job.warnings:

@@ -61,6 +61,7 @@ class Service:
         self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0
+        self.uploads_by_address: dict[str, int] = {}  # a share of the slots per client address
         threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
         # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
         self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \

@@ -33,8 +33,9 @@ class SubmitHandler(UploadHandler):
             request = parse_job_request(form.fields, self.service.config, self.service.offline)
         except UploadError as exc:
             self.refuse(ApiError(exc.status, exc.message))
-        if not await self.probe_upload(form):
-            return
+        media = await self.take_in(form)
+        if media is None:
+            return  # the client left while its file was taken in
         if request.callback_url:
             try:
                 await self.service.webhooks.check_destination(request.callback_url)
@@ -53,7 +54,7 @@ class SubmitHandler(UploadHandler):
             )
             log.warning("job %s: diarization requested without a Hugging Face token; running without it", self._job_id)
         new_job = self.new_job(
-            form, language=request.language, model=request.model,
+            form, media, language=request.language, model=request.model,
             response_format=request.response_format, diarize=diarize, prompt=request.prompt,
             device=request.device, device_index=request.device_index, warnings=warnings,
             callback_url=request.callback_url,

@@ -286,12 +286,12 @@ class SQLiteLedger:
         async def work(conn, now):
             await conn.execute(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
-                " model, response_format, diarize, prompt, device, device_index, warnings, callback_url)"
-                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " model, response_format, diarize, prompt, device, device_index, warnings, callback_url,"
+                " audio_seconds) VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id, job.owner, now, job.filename, job.upload_bytes, job.language,
                     job.model, job.response_format, int(job.diarize), job.prompt, job.device,
-                    job.device_index, json.dumps(job.warnings), job.callback_url,
+                    job.device_index, json.dumps(job.warnings), job.callback_url, job.audio_seconds,
                 ),
             )
             await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)
