@@ -23,7 +23,8 @@ from .results import EngineOutputError, build_response, load_engine_result
 from .retention import expire_old_jobs
 from .runner import JobRunner
 from .scheduler import Scheduler
-from .tokens import LedgerTokens
+from .authguard import FailureGuard
+from .tokens import LedgerTokens, prefix_of
 from .worker_client import EngineWorker
 from .webhooks import WebhookSender
 
@@ -44,12 +45,14 @@ def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
     """A site's own validator, else the spec's any-token check if asked for, else the ledger's tokens."""
     if not config.ENABLE_AUTHORIZATION:
         return Authenticator(False)
+    guard = FailureGuard(config.WHISPER_AUTH_FAILURES_PER_MINUTE)
     if config.WHISPER_TOKEN_VALIDATOR:
-        return Authenticator(True, load_validator(config.WHISPER_TOKEN_VALIDATOR))
+        return Authenticator(True, load_validator(config.WHISPER_TOKEN_VALIDATOR), guard=guard)
     if config.WHISPER_API_ALLOW_ANY_TOKEN:
         return Authenticator(True, accept_any_token)
     tokens = LedgerTokens(ledger)
-    return Authenticator(True, tokens, tokens.none_exist)
+    return Authenticator(True, tokens, tokens.none_exist, guard=guard, prefix_of=prefix_of,
+                         verified_before=tokens.verified_before)
 
 
 class Service:

@@ -10,6 +10,7 @@ from typing import Any
 from tornado.web import HTTPError, RequestHandler
 
 from ..auth import AuthError, Identity
+from ..authguard import Throttled
 from ..ledger import LedgerBusy
 from ..service import Service
 
@@ -42,9 +43,12 @@ class BaseHandler(RequestHandler):
         if self.request.method == "OPTIONS" or not self.requires_auth:
             return
         try:
-            self.identity = await self.service.auth.identify(self.request.headers.get("Authorization"))
+            self.identity = await self.service.auth.identify(self.request.headers.get("Authorization"),
+                                                             self.request.remote_ip)
         except AuthError as exc:
             raise ApiError(401, str(exc), {"WWW-Authenticate": 'Bearer realm="whisperd"'}) from None
+        except Throttled as exc:
+            raise ApiError(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
 
     def options(self, *args: Any) -> None:
         methods = ", ".join(self.allowed_methods)

@@ -84,7 +84,8 @@ class UploadHandler(BaseHandler):
         address = self.request.remote_ip or "?"
         held = self.service.uploads_by_address.get(address, 0)
         if held >= config.uploads_per_address:
-            raise ApiError(429, f"this client address already has {held} uploads in progress, its share of the "
+            raise ApiError(429, f"this client address already has {held} upload{'s' if held > 1 else ''} in progress, "
+                                f"its share of the "
                                 f"server's {cap} (WHISPER_UPLOAD_SHARE_PER_ADDRESS={config.WHISPER_UPLOAD_SHARE_PER_ADDRESS:g});"
                                 " wait for one to finish", {"Retry-After": "5"})
         self.service.uploads_in_flight += 1
