@@ -57,9 +57,10 @@ class Tripwire:
         return tripped
 
 
-def post_file(server, name: str, content: bytes, token: str = TOKEN, **fields):
+def post_file(server, name: str, content: bytes, token: str = TOKEN, timeout: float = 30, **fields):
     data = {"diarize": "false", **fields}
-    return server.api("POST", "/transcription", token=token, files={"file": (name, content)}, data=data)
+    return server.api("POST", "/transcription", token=token, files={"file": (name, content)}, data=data,
+                      timeout=timeout)
 
 
 def no_job_and_no_upload(server, ignore: tuple[str, ...] = ()) -> None:
@@ -513,10 +514,40 @@ def test_jfk_is_transcribed_from_its_canonical_file(make_server, engine):
     server = make_server(WHISPER_ENGINE=engine, WHISPER_CMD=str(REPO / "whisperx.sh"),
                          WHISPER_MODELS_DIR=str(REPO / "models"), SYNC_REQUEST_TIMEOUT_SECONDS="300", RUST_LOG="info")
     # Named .mp3, holding FLAC: the probe's finding, not the name, picks the demuxer.
-    response = post_file(server, "jfk.mp3", JFK.read_bytes(), sync="true", language="en", response_format="json")
+    response = post_file(server, "jfk.mp3", JFK.read_bytes(), timeout=300, sync="true", language="en",
+                         response_format="json")
     assert response.status_code == 200, response.text
     heard = words(response.json()["text"])
     expected = words(JFK_TEXT)
     assert len(set(heard) & set(expected)) >= len(set(expected)) - 2, heard
     (row,) = server.rows("SELECT audio_seconds FROM jobs")
     assert 10.5 < row["audio_seconds"] < 11.5
+
+
+# -- jobs queued before intake existed ---------------------------------------------------------------
+
+
+def test_jobs_queued_by_an_older_version_pass_intake_before_they_run(make_server, tmp_path):
+    server = make_server()
+    server.stop()
+    mp3 = tmp_path / "tone.mp3"
+    ffmpeg("-f", "lavfi", "-i", "sine=d=1", str(mp3))
+    legacy = {"audio.mp3": mp3.read_bytes(), "audio.m3u8": playlist(str(JFK))}
+    ids = {}
+    with server.db() as conn:
+        for name, content in legacy.items():
+            job_id = ids[name] = str(uuid.uuid4())
+            directory = Path(server.env["WHISPER_TMP_FILES"]) / job_id
+            directory.mkdir(parents=True)
+            (directory / name).write_bytes(content)
+            conn.execute("INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language, model,"
+                         " response_format, diarize, prompt, device, device_index, warnings) VALUES"
+                         " (?, 'anyone', 'Queued', '2026-01-01T00:00:00.000Z', ?, ?, 'en', 'tiny.en', 'json', 0, '',"
+                         " 'cpu', '0', '[]')", (job_id, name, len(content)))
+    server.restart()
+    done = server.wait_status(ids["audio.mp3"])
+    assert done["status"] == "Completed", done
+    (run,) = server.engine_runs()
+    assert run["argv"][1].endswith(f"/{ids['audio.mp3']}/audio.wav")
+    refused = server.wait_status(ids["audio.m3u8"])
+    assert refused["status"] == "Failed" and "hls, a playlist" in refused["data"]
