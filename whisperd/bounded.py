@@ -1,7 +1,7 @@
 """Run a helper program (ffprobe, ffmpeg) on an upload with a time limit, bounded output, and a way to stop it.
 
 Blocking: called from an executor thread. Output is read by two threads that keep at most
-`max_stdout` bytes and the last STDERR_TAIL bytes, so a file that makes ffmpeg print an error
+`max_stdout` bytes and the first and last bytes of stderr, so a file that makes ffmpeg print an error
 per frame costs no memory; the program runs in its own session and is killed as a group.
 """
 
@@ -13,7 +13,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-STDERR_TAIL = 64 * 1024
+STDERR_HEAD = 16 * 1024  # ffprobe names the format it found in its first lines
+STDERR_TAIL = 48 * 1024  # ffmpeg's reason for failing is in its last ones
 
 
 class RunTimeout(Exception):
@@ -60,13 +61,19 @@ class BoundedRun:
                 if len(buffer) < limit:
                     buffer += chunk[:limit - len(buffer)]
 
-        def keep_tail(stream, buffer: bytearray) -> None:
+        head = bytearray()
+
+        def keep_ends(stream, tail: bytearray) -> None:
             for chunk in iter(lambda: stream.read(65536), b""):
-                buffer += chunk
-                del buffer[:-STDERR_TAIL]
+                if len(head) < STDERR_HEAD:
+                    taken = chunk[:STDERR_HEAD - len(head)]
+                    head.extend(taken)
+                    chunk = chunk[len(taken):]
+                tail += chunk
+                del tail[:-STDERR_TAIL]
 
         readers = [threading.Thread(target=keep_head, args=(proc.stdout, out, max_stdout), daemon=True),
-                   threading.Thread(target=keep_tail, args=(proc.stderr, err), daemon=True)]
+                   threading.Thread(target=keep_ends, args=(proc.stderr, err), daemon=True)]
         for reader in readers:
             reader.start()
         timed_out = False
@@ -89,7 +96,7 @@ class BoundedRun:
             raise RunCanceled()
         if timed_out:
             raise RunTimeout()
-        return Ran(proc.returncode, bytes(out), err.decode("utf-8", errors="replace"))
+        return Ran(proc.returncode, bytes(out), (bytes(head) + bytes(err)).decode("utf-8", errors="replace"))
 
 
 def _killpg(pid: int) -> None:
