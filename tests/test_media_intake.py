@@ -292,6 +292,15 @@ def test_the_engine_gets_a_canonical_wav_made_from_the_upload(server, tmp_path):
     assert 1.4 < row["audio_seconds"] < 1.7 and row["upload_bytes"] == mp3.stat().st_size
 
 
+def test_without_ffmpeg_uploads_are_503_not_passed_through(make_server):
+    server = make_server(WHISPER_FFMPEG="/nonexistent/ffmpeg")
+    assert "WHISPER_FFMPEG=/nonexistent/ffmpeg not found" in server.log()
+    response = server.submit(diarize="false")
+    assert response.status_code == 503
+    assert "WHISPER_FFMPEG=/nonexistent/ffmpeg is not installed" in response.json()["error"]
+    no_job_and_no_upload(server)
+
+
 def test_a_forced_error_after_intake_leaves_no_staged_file(make_server):
     server = make_server(WHISPERD_FAIL_AT="intake-done")
     response = server.submit(diarize="false")
