@@ -100,25 +100,33 @@ class Authenticator:
         token = bearer_token(header)
         digest = token_digest(token)
         prefix = self.prefix_of(token)
-        if self.guard is not None:
-            if self.guard.recently_failed(digest):
-                metrics.auth_refused("remembered")
-                raise AuthError(INVALID)
-            if not self.verified_before(digest):
-                try:
-                    self.guard.check(address, prefix)
-                except Throttled:
-                    metrics.auth_refused("throttled")
-                    raise
-        identity = self.validate(token)
-        if inspect.isawaitable(identity):
-            identity = await identity
+        if self.guard is not None and self.guard.recently_failed(digest):
+            metrics.auth_refused("remembered")
+            raise AuthError(INVALID)
+        spent = False
+        if self.guard is not None and not self.verified_before(digest):
+            try:
+                self.guard.take(address, prefix)
+            except Throttled:
+                metrics.auth_refused("throttled")
+                raise
+            spent = True
+        try:
+            identity = self.validate(token)
+            if inspect.isawaitable(identity):
+                identity = await identity
+        except BaseException:  # the check itself broke (a busy ledger): the caller did not fail it
+            if spent:
+                self.guard.give_back(address, prefix)
+            raise
         if isinstance(identity, str) and identity:
             identity = Identity(identity)
         if identity is None:
             if self.guard is not None:
-                self.guard.failed(digest, address, prefix)
+                self.guard.failed(digest)
             raise AuthError(INVALID)
+        if spent:
+            self.guard.give_back(address, prefix)
         if not isinstance(identity, Identity):
             raise TypeError(f"the token validator returned {type(identity).__name__}, not an Identity, a name or None")
         return identity

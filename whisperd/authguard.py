@@ -50,6 +50,10 @@ class _Buckets:
         level = self._level(key, now)
         return 0.0 if level >= 1 else (1 - level) / self.rate
 
+    def refund(self, key: str, now: float) -> None:
+        if key in self._state:
+            self._state[key] = (min(float(self.capacity), self._level(key, now) + 1), now)
+
     def spend(self, key: str, now: float) -> None:
         self._state[key] = (max(0.0, self._level(key, now) - 1), now)
         self._state.move_to_end(key)
@@ -73,21 +77,30 @@ class FailureGuard:
             return False
         return True
 
-    def check(self, address: str | None, prefix: str | None) -> None:
-        """Throttled when this address or prefix has no failure left to spend."""
+    def take(self, address: str | None, prefix: str | None) -> None:
+        """Spend one failure of this address and this prefix before the check (Throttled when none is
+        left), so that concurrent requests cannot all pass while the first hashes are still running;
+        a check that succeeds gives it back (give_back)."""
         now = self.clock()
         wait = max(self._addresses.wait_seconds(address, now) if address else 0.0,
                    self._prefixes.wait_seconds(prefix, now) if prefix else 0.0)
         if wait > 0:
             raise Throttled(max(1, math.ceil(wait)))
-
-    def failed(self, digest: bytes, address: str | None, prefix: str | None) -> None:
-        now = self.clock()
-        self._failed[digest] = now
-        self._failed.move_to_end(digest)
-        while len(self._failed) > MAX_ENTRIES:
-            self._failed.popitem(last=False)
         if address:
             self._addresses.spend(address, now)
         if prefix:
             self._prefixes.spend(prefix, now)
+
+    def give_back(self, address: str | None, prefix: str | None) -> None:
+        now = self.clock()
+        if address:
+            self._addresses.refund(address, now)
+        if prefix:
+            self._prefixes.refund(prefix, now)
+
+    def failed(self, digest: bytes) -> None:
+        """Remember a token that failed (its failure was spent by take())."""
+        self._failed[digest] = self.clock()
+        self._failed.move_to_end(digest)
+        while len(self._failed) > MAX_ENTRIES:
+            self._failed.popitem(last=False)
