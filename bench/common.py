@@ -211,13 +211,11 @@ def multipart(fields: dict[str, str], filename: str, file_size: int, boundary: s
 
 def probe_ms(path: Path, runs: int = 10) -> float:
     """Median wall time of the server's own upload check (whisperd.probe: ffprobe) on one file."""
-    import asyncio
-
     from whisperd import probe
 
     def once() -> float:
         start = time.perf_counter()
-        asyncio.run(probe.probe("ffprobe", path))
+        probe.probe("ffprobe", path)
         return 1000 * (time.perf_counter() - start)
 
     return round(median([once() for _ in range(runs)]), 1)

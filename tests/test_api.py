@@ -330,7 +330,9 @@ def test_unknown_and_malformed_ids_are_404(server):
             assert "error" in response.json()
 
 
-def test_fifo_queue_positions_and_order(server):
+def test_fifo_queue_positions_and_order(make_server):
+    # Long enough for three more uploads to pass intake (ffprobe and ffmpeg each) meanwhile.
+    server = make_server(FAKE_WHISPERX_SLOW_SECONDS="10")
     first = server.submit_ok(diarize="false", prompt="fake:slow")
     server.wait_status(first, ("Processing",))
     queued = [server.submit_ok(diarize="false") for _ in range(3)]
@@ -348,7 +350,8 @@ def test_fifo_queue_positions_and_order(server):
 
 
 def test_concurrent_mode_runs_several_and_reports_batches(make_server):
-    server = make_server(ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2")
+    # Long enough for five more uploads to pass intake (ffprobe and ffmpeg each) meanwhile.
+    server = make_server(ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", FAKE_WHISPERX_SLOW_SECONDS="10")
     running = [server.submit_ok(diarize="false", prompt="fake:slow") for _ in range(2)]
     for job_id in running:
         server.wait_status(job_id, ("Processing",))

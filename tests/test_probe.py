@@ -1,29 +1,47 @@
-"""The upload probe's fast path reads WAV and FLAC headers itself and agrees with ffprobe."""
+"""The probe asks ffprobe under rules: every file probed, only allow-listed containers opened."""
 
 from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from conftest import JFK, make_wav
-from whisperd.probe import _probe_sync, sniff
+from whisperd.probe import ProbeRefused, probe
 
 
-def test_wav_and_flac_headers_are_read_without_ffprobe(tmp_path):
-    wav = make_wav(tmp_path / "tone.wav")
-    assert sniff(wav).ok and "16000 Hz" in sniff(wav).found
-    assert sniff(JFK).ok and sniff(JFK).found == "flac (audio: flac, 44100 Hz)"
-    for path in (wav, JFK):
-        assert _probe_sync("ffprobe", path).ok  # ffprobe agrees
+def test_real_audio_is_probed_with_its_duration(tmp_path):
+    wav = make_wav(tmp_path / "tone.wav", seconds=2)
+    found = probe("ffprobe", wav)
+    assert found.demuxer == "wav" and found.duration == pytest.approx(2.0)
+    flac = probe("ffprobe", JFK)
+    assert flac.demuxer == "flac" and 10 < flac.duration < 12 and "44100 Hz" in flac.found
+    mp4 = tmp_path / "x.m4a"
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-y", str(mp4)], check=True)
+    found = probe("ffprobe", mp4)
+    assert found.format_name.startswith("mov,mp4") and found.demuxer == "mov"
 
 
-def test_anything_else_is_left_to_ffprobe(tmp_path):
+def test_headers_that_look_right_are_still_probed(tmp_path):
+    # The old fast path took these first bytes at their word; ffprobe does not.
     for name, data in (("notes.wav", b"this is not audio"), ("empty-riff.wav", b"RIFF\0\0\0\0WAVEfmt " + b"\0" * 40),
                        ("fake.flac", b"fLaC" + b"\0" * 60)):
         path = tmp_path / name
         path.write_bytes(data)
-        assert sniff(path) is None, name
-        assert not _probe_sync("ffprobe", path).ok, name
-    mp3 = tmp_path / "x.mp3"
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(make_wav(tmp_path / "t.wav")),
-                    "-y", str(mp3)], check=True)
-    assert sniff(mp3) is None and _probe_sync("ffprobe", mp3).ok
+        with pytest.raises(ProbeRefused):
+            probe("ffprobe", path)
+
+
+def test_a_playlist_is_named_and_refused_without_being_opened(tmp_path):
+    playlist = tmp_path / "upload"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:20\n#EXTINF:11,\n{JFK}\n#EXT-X-ENDLIST\n")
+    with pytest.raises(ProbeRefused) as refused:
+        probe("ffprobe", playlist)
+    assert refused.value.status == 415
+    assert refused.value.found.startswith("hls, a playlist")
+
+
+def test_a_missing_ffprobe_is_503(tmp_path):
+    with pytest.raises(ProbeRefused) as refused:
+        probe("/nonexistent/ffprobe", make_wav(tmp_path / "a.wav"))
+    assert refused.value.status == 503

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from .limits import UNSET, Limits
+from . import metrics
+from .authguard import FailureGuard, Throttled, token_digest
 
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]{1,512})$")
 
@@ -69,31 +71,65 @@ def load_validator(spec: str) -> TokenValidator:
     return function
 
 
+INVALID = "invalid, expired or revoked token"
+
+
 class Authenticator:
+    """Checks the Bearer token; with a `guard`, failed checks are remembered and rate-limited (authguard.py)."""
+
     def __init__(self, enabled: bool, validate: TokenValidator = accept_any_token,
-                 none_exist: Callable[[], Awaitable[bool]] | None = None) -> None:
+                 none_exist: Callable[[], Awaitable[bool]] | None = None, guard: FailureGuard | None = None,
+                 prefix_of: Callable[[str], str | None] | None = None,
+                 verified_before: Callable[[bytes], bool] | None = None) -> None:
         self.enabled = enabled
         self.validate = validate
         self.none_exist = none_exist  # tells a refused caller that no token has been made yet
+        self.guard = guard
+        self.prefix_of = prefix_of or (lambda token: None)
+        self.verified_before = verified_before or (lambda digest: False)
 
-    async def identify(self, header: str | None) -> Identity:
+    async def identify(self, header: str | None, address: str | None = None) -> Identity:
+        """The caller's identity; AuthError (401) or Throttled (429) otherwise."""
         if not self.enabled:
             return ANONYMOUS
         try:
-            return await self._identify(header)
+            return await self._identify(header, address)
         except AuthError:
             if self.none_exist is not None and await self.none_exist():
                 raise AuthError(NO_TOKENS) from None
             raise
 
-    async def _identify(self, header: str | None) -> Identity:
-        identity = self.validate(bearer_token(header))
-        if inspect.isawaitable(identity):
-            identity = await identity
+    async def _identify(self, header: str | None, address: str | None) -> Identity:
+        token = bearer_token(header)
+        digest = token_digest(token)
+        prefix = self.prefix_of(token)
+        if self.guard is not None and self.guard.recently_failed(digest):
+            metrics.auth_refused("remembered")
+            raise AuthError(INVALID)
+        spent = False
+        if self.guard is not None and not self.verified_before(digest):
+            try:
+                self.guard.take(address, prefix)
+            except Throttled:
+                metrics.auth_refused("throttled")
+                raise
+            spent = True
+        try:
+            identity = self.validate(token)
+            if inspect.isawaitable(identity):
+                identity = await identity
+        except BaseException:  # the check itself broke (a busy ledger): the caller did not fail it
+            if spent:
+                self.guard.give_back(address, prefix)
+            raise
         if isinstance(identity, str) and identity:
             identity = Identity(identity)
         if identity is None:
-            raise AuthError("invalid, expired or revoked token")
+            if self.guard is not None:
+                self.guard.failed(digest)
+            raise AuthError(INVALID)
+        if spent:
+            self.guard.give_back(address, prefix)
         if not isinstance(identity, Identity):
             raise TypeError(f"the token validator returned {type(identity).__name__}, not an Identity, a name or None")
         return identity

@@ -93,6 +93,13 @@ def _validator_spec(value: Any) -> str:
     return text
 
 
+def _fraction(value: Any) -> float:
+    number = _float(0)(value)
+    if not 0 < number <= 1:
+        raise ValueError("expected a fraction > 0 and <= 1")
+    return number
+
+
 def _device_index(value: Any) -> str:
     return str(_int(0)(value))
 
@@ -182,7 +189,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WHISPER_KILL_GRACE_SECONDS", 5.0, _float(0),
             "TERM → KILL grace when stopping an engine"),
     Setting("WHISPER_JOB_TIMEOUT_SECONDS", 0.0, _float(0),
-            "per-job time limit (0 = none)"),
+            "per-job time limit; 0 = scaled to the audio (WHISPER_JOB_TIMEOUT_BASE_SECONDS + "
+            "WHISPER_JOB_TIMEOUT_PER_AUDIO_SECOND x its duration)"),
     Setting("WHISPER_MAX_ATTEMPTS", 3, _int(1),
             "engine starts before a job that keeps dying is failed as poison"),
     Setting("WHISPER_MAX_PROMPT_CHARS", 4000, _int(0),
@@ -268,6 +276,25 @@ SETTINGS: tuple[Setting, ...] = (
             "/health fails when a running engine shows no progress (no progress line, no CPU time) this long (0 = never)"),
     Setting("WHISPER_ACCEPT_LEDGER_RESET", False, parse_bool,
             "start even when the ledger looks reset beside many job directories (they are quarantined)"),
+    # Hostile media and shared resources (issue 13; docs/security.md).
+    Setting("WHISPER_FFMPEG", "ffmpeg", _text,
+            "the ffmpeg that decodes each upload once, at intake, into the 16 kHz mono WAV the engine gets"),
+    Setting("WHISPER_MAX_AUDIO_SECONDS", 14400.0, _float(0),
+            "longest audio accepted, in seconds (0 = no limit); longer uploads are refused with 413"),
+    Setting("WHISPER_JOB_TIMEOUT_BASE_SECONDS", 120.0, _float(0),
+            "the scaled job time limit's fixed part (engine start, model load)"),
+    Setting("WHISPER_JOB_TIMEOUT_PER_AUDIO_SECOND", 3.0, _float(0),
+            "the scaled job time limit's part per second of audio (3: three times real time on the CPU)"),
+    Setting("WHISPER_MAX_QUEUED_JOBS", 1000, _int(0),
+            "jobs waiting in the queue, all clients together, before 429 (0 = no limit)"),
+    Setting("WHISPER_UPLOAD_MIN_BYTES_PER_SECOND", 65536, _int(0),
+            "a request body slower than this, averaged over WHISPER_UPLOAD_RATE_WINDOW_SECONDS, is cut (0 = never)"),
+    Setting("WHISPER_UPLOAD_RATE_WINDOW_SECONDS", 30.0, _float(0.1),
+            "the window over which an upload's rate is averaged"),
+    Setting("WHISPER_UPLOAD_SHARE_PER_ADDRESS", 0.5, _fraction,
+            "the share of WHISPER_MAX_PENDING_UPLOADS one client address may hold (at least one slot)"),
+    Setting("WHISPER_AUTH_FAILURES_PER_MINUTE", 30, _int(1),
+            "failed token checks allowed per client address and per token prefix; beyond, 429"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -292,6 +319,20 @@ class _Derived:
         if self.WHISPER_DB_PATH:
             return self.WHISPER_DB_PATH
         return str(Path(self.WHISPER_TMP_FILES).resolve().parent / "whisperd.db")
+
+    @property
+    def uploads_per_address(self) -> int:
+        """Upload slots one client address may hold at once (of WHISPER_MAX_PENDING_UPLOADS)."""
+        return max(1, int(self.WHISPER_MAX_PENDING_UPLOADS * self.WHISPER_UPLOAD_SHARE_PER_ADDRESS))
+
+    def job_timeout(self, audio_seconds: float | None) -> float | None:
+        """Seconds a job may run: the explicit limit, else scaled to its audio (None: no limit)."""
+        if self.WHISPER_JOB_TIMEOUT_SECONDS > 0:
+            return self.WHISPER_JOB_TIMEOUT_SECONDS
+        if audio_seconds is None:
+            audio_seconds = self.WHISPER_MAX_AUDIO_SECONDS or 0.0
+        limit = self.WHISPER_JOB_TIMEOUT_BASE_SECONDS + self.WHISPER_JOB_TIMEOUT_PER_AUDIO_SECOND * audio_seconds
+        return limit or None
 
     @property
     def openai_model(self) -> str:

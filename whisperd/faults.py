@@ -22,3 +22,19 @@ POINTS = (
 def crash_point(name: str) -> None:
     if os.environ.get("WHISPERD_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Named failure points: WHISPERD_FAIL_AT=<point> raises there, as an unexpected bug would; the
+# tests check that nothing is left half-done behind it.
+FAIL_POINTS = (
+    "intake-done",  # upload decoded into its canonical file, job not submitted yet
+)
+
+
+class InjectedFault(RuntimeError):
+    """Raised at a fail point (tests only)."""
+
+
+def fail_point(name: str) -> None:
+    if os.environ.get("WHISPERD_FAIL_AT") == name:
+        raise InjectedFault(f"injected failure at {name}")

@@ -24,7 +24,7 @@ from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
 
 from .config import Config
-from .jobfiles import display_name, safe_suffix
+from .jobfiles import UPLOAD_NAME, display_name
 from .urlpolicy import CheckingResolver, HostPolicy, PolicyError, check_url, resolve_checked
 
 log = logging.getLogger("whisperd.fetch")
@@ -120,14 +120,14 @@ class MediaFetcher:
             raise PolicyError(str(exc)) from None
 
     async def fetch(self, url: str, directory: Path) -> tuple[Path, int, str]:
-        """Download into directory/audio<suffix>; (path, bytes, display name) or FetchError/PolicyError."""
+        """Download into directory/upload; (path, bytes, display name) or FetchError/PolicyError."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.total_timeout
         directory.mkdir(parents=True, exist_ok=True)
         for hop in range(MAX_REDIRECTS + 1):
             check_url(url, FIELD, CREDENTIALS_HINT)  # a redirect's target too
             name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or "download"
-            path = directory / ("audio" + safe_suffix(name))
+            path = directory / UPLOAD_NAME  # the name's extension decides nothing (intake.py)
             try:
                 with path.open("wb") as sink:
                     body = await self._get(url, sink, deadline)

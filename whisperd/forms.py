@@ -35,6 +35,11 @@ class JobRequest:
     url: str | None = None  # media to fetch
 
 
+def is_ascii_number(text: str) -> bool:
+    """Digits 0-9 only: str.isdigit() also takes "²" and "٣", which int() then refuses (or reads)."""
+    return bool(text) and text.isascii() and text.isdigit()
+
+
 def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
     if name not in fields or fields[name].strip() == "":
         return default
@@ -89,7 +94,7 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         raise ServiceError(400, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters")
 
     device_index = fields.get("device_index", "").strip() or config.WHISPER_DEVICE_INDEX
-    if not device_index.isdigit() or len(device_index) > 3:
+    if not is_ascii_number(device_index) or len(device_index) > 3:
         raise ServiceError(400, f"'device_index' must be a whole number >= 0, got {device_index[:40]!r}")
 
     callback_url = fields.get("callback_url", "").strip() or None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -17,6 +16,10 @@ RESUMABLE = ".uploads"  # tus uploads' bytes, one file per upload row; they outl
 TOKEN_FILE = ".hf_token"
 QUARANTINE = ".quarantine"  # what start-up found and the ledger did not know; never deleted by us
 _SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,10}$")
+# The client's bytes as received, with no extension (nothing may take a hint from the client's
+# name); removed once intake has decoded them into the canonical file the engine reads.
+UPLOAD_NAME = "upload"
+CANONICAL_NAME = "audio.wav"  # the same name as intake.CANONICAL_NAME
 
 
 def new_job_id() -> str:
@@ -28,14 +31,6 @@ def is_job_id(text: str) -> bool:
         return str(uuid.UUID(text)) == text
     except (ValueError, TypeError, AttributeError):
         return False
-
-
-def safe_suffix(client_name: str | None) -> str:
-    """Only a short alphanumeric extension of the client's name survives (ffmpeg likes a hint)."""
-    if not client_name:
-        return ""
-    suffix = Path(client_name.replace("\\", "/").split("/")[-1]).suffix.lower()
-    return suffix if _SAFE_SUFFIX.match(suffix) else ""
 
 
 def display_name(client_name: str | None) -> str:
@@ -73,9 +68,16 @@ class JobFiles:
         return self.output_root / job_id
 
     def audio_path(self, job_id: str) -> Path | None:
+        """The canonical 16 kHz mono WAV intake made: the only file the engine is given."""
+        path = self.upload_dir(job_id) / CANONICAL_NAME
+        return path if path.is_file() else None
+
+    def legacy_upload(self, job_id: str) -> Path | None:
+        """An upload queued by a version that kept the client's file as `audio.<ext>` (no intake yet)."""
         directory = self.upload_dir(job_id)
-        for candidate in sorted(directory.glob("audio*")) if directory.is_dir() else []:
-            return candidate
+        for candidate in sorted(directory.glob("audio.*")) if directory.is_dir() else []:
+            if candidate.name != CANONICAL_NAME:
+                return candidate
         return None
 
     def token_path(self, job_id: str) -> Path:
@@ -121,7 +123,7 @@ class JobFiles:
         """Move a finished upload's bytes into a new job's staging dir (a rename: no copy)."""
         staged = self.staging_dir(job_id)
         staged.mkdir(parents=True, exist_ok=True)
-        target = staged / ("audio" + safe_suffix(client_name))
+        target = staged / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
         os.rename(self.resumable_path(upload_id), target)
         return target
 

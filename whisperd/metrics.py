@@ -50,6 +50,11 @@ def setup(directory: str) -> None:
                               "Seconds of audio in jobs that completed (ffprobe's duration at upload)"),
         requests=Counter("whisperd_http_requests_total", "HTTP requests answered",
                          ["handler", "method", "status"]),
+        refused=Counter("whisperd_uploads_refused_total", "Uploads intake refused, by HTTP status", ["status"]),
+        cut=Counter("whisperd_uploads_cut_total", "Request bodies cut for arriving too slowly"),
+        hashes=Counter("whisperd_token_hashes_total", "Slow token hashes computed (a token not yet verified)"),
+        auth_refused=Counter("whisperd_auth_refused_total", "Token checks refused without hashing",
+                             ["why"]),
         lag=Histogram("whisperd_ioloop_lag_seconds", "How late the IOLoop ran a timer (blocking work shows here)",
                       buckets=_LAG_BUCKETS),
     )
@@ -100,6 +105,25 @@ def upload_received(size: int) -> None:
 def audio_processed(seconds: float | None) -> None:
     if _m and seconds:
         _m["audio_seconds"].inc(seconds)
+def upload_refused(status: int) -> None:
+    if _m:
+        _m["refused"].labels(str(status)).inc()
+
+
+def upload_cut() -> None:
+    if _m:
+        _m["cut"].inc()
+
+
+def token_hashed() -> None:
+    if _m:
+        _m["hashes"].inc()
+
+
+def auth_refused(why: str) -> None:
+    """why: "remembered" (a token that failed moments ago) or "throttled" (too many failures)."""
+    if _m:
+        _m["auth_refused"].labels(why).inc()
 
 
 def request_done(handler: str, method: str, status: int) -> None:

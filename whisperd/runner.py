@@ -12,6 +12,7 @@ from . import capabilities, metrics
 from .config import Config
 from .engines import Engine, EngineOptions, EngineResult
 from .faults import crash_point
+from .intake import Intake, IntakeError
 from .jobfiles import JobFiles
 from .languages import AUTO
 from .models import model_info
@@ -130,9 +131,8 @@ class JobRunner:
         job = running.job
         metrics.job_started(job.created_at, job.started_at)
         running.t_start = time.monotonic()
-        audio = self.files.audio_path(job.id)
+        audio = self.files.audio_path(job.id) or await self._take_in_legacy(job)
         if audio is None:
-            await self._fail(job, "the uploaded audio is missing from the server's disk")
             return
         token = self.files.read_token(job.id)
         engine_language = job.language
@@ -181,7 +181,7 @@ class JobRunner:
         self.files.remove_output(job.id)
         opts.output_dir.mkdir(parents=True, exist_ok=True)
         running.engine = self.engine
-        timeout = self.config.WHISPER_JOB_TIMEOUT_SECONDS or None
+        timeout = self.config.job_timeout(job.audio_seconds)
         progress = ProgressWriter(self.ledger, running)
         try:
             result = await self.engine.run(job.id, opts, progress.offer, self._started(running), timeout)
@@ -216,8 +216,7 @@ class JobRunner:
                     job.id, "server shutting down; the job will run again at the next start")):
                 self.files.remove_output(job.id)
         elif because == "timeout":
-            limit = self.config.WHISPER_JOB_TIMEOUT_SECONDS
-            await self._fail(job, f"the engine ran longer than WHISPER_JOB_TIMEOUT_SECONDS ({limit:g} s) and was stopped")
+            await self._fail(job, self._timeout_reason(job))
         elif result.retry and not result.charge:
             # The engine died beside this job (the culprit is not known yet) or was restarted to
             # stop another job: run it again without using up one of its attempts.
@@ -257,6 +256,31 @@ class JobRunner:
         if not changed:
             log.warning("job %s: %s not recorded: the job is no longer Processing here", job.id, what)
         return changed
+
+    def _timeout_reason(self, job: Job) -> str:
+        limit = self.config.job_timeout(job.audio_seconds) or 0
+        if self.config.WHISPER_JOB_TIMEOUT_SECONDS > 0:
+            why = f"WHISPER_JOB_TIMEOUT_SECONDS ({limit:g} s)"
+        else:
+            audio = "its audio" if job.audio_seconds is None else f"{job.audio_seconds:g} s of audio"
+            why = (f"its time limit ({limit:g} s: WHISPER_JOB_TIMEOUT_BASE_SECONDS + "
+                   f"WHISPER_JOB_TIMEOUT_PER_AUDIO_SECOND x {audio})")
+        return f"the engine ran longer than {why} and was stopped (its whole process group was killed)"
+
+    async def _take_in_legacy(self, job: Job):
+        """A job queued before intake existed: decode its upload now, under the same rules, or fail it."""
+        legacy = self.files.legacy_upload(job.id)
+        if legacy is None:
+            await self._fail(job, "the uploaded audio is missing from the server's disk")
+            return None
+        try:
+            media = await Intake(self.config).accept(legacy, legacy.parent, job.filename)
+        except IntakeError as exc:
+            await self._fail(job, exc.message)
+            return None
+        legacy.unlink()
+        job.audio_seconds = media.duration
+        return media.canonical_path
 
     async def _warn(self, job: Job, warning: str) -> None:
         if warning not in job.warnings:

@@ -69,9 +69,10 @@ def check_environment(config: Config) -> None:
                         token_file, token_file)
     except OSError:
         pass  # no token file: diarization falls back with a warning per job
-    if not probe.available(config.WHISPER_FFPROBE):
-        log.error("WHISPER_FFPROBE=%s not found (install ffmpeg): uploads are queued without checking that "
-                  "they are audio", config.WHISPER_FFPROBE)
+    for name, program in (("WHISPER_FFPROBE", config.WHISPER_FFPROBE), ("WHISPER_FFMPEG", config.WHISPER_FFMPEG)):
+        if not probe.available(program):
+            log.error("%s=%s not found (install ffmpeg): every upload is refused with 503 until it is, since "
+                      "nothing unchecked may reach the engine", name, program)
     free_mb = files.free_disk_mb()
     if free_mb < config.WHISPER_MIN_FREE_DISK_MB:
         log.warning("only %.0f MB free under WHISPER_TMP_FILES/WHISPER_OUTPUT_DIR, below WHISPER_MIN_FREE_DISK_MB=%d:"

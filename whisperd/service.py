@@ -30,12 +30,14 @@ from .results import EngineOutputError, build_response, load_engine_result
 from .retention import Retention, expire_uploads
 from .runner import JobRunner
 from .scheduler import Scheduler
+from .authguard import FailureGuard
 from .tasks import spawn
-from .tokens import LedgerTokens
+from .tokens import LedgerTokens, prefix_of
 from .urlpolicy import PolicyError
 from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
+QUEUE_FULL_RETRY_SECONDS = 30
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
 
 
@@ -43,12 +45,14 @@ def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
     """A site's own validator, else the spec's any-token check if asked for, else the ledger's tokens."""
     if not config.ENABLE_AUTHORIZATION:
         return Authenticator(False)
+    guard = FailureGuard(config.WHISPER_AUTH_FAILURES_PER_MINUTE)
     if config.WHISPER_TOKEN_VALIDATOR:
-        return Authenticator(True, load_validator(config.WHISPER_TOKEN_VALIDATOR))
+        return Authenticator(True, load_validator(config.WHISPER_TOKEN_VALIDATOR), guard=guard)
     if config.WHISPER_API_ALLOW_ANY_TOKEN:
         return Authenticator(True, accept_any_token)
     tokens = LedgerTokens(ledger)
-    return Authenticator(True, tokens, tokens.none_exist)
+    return Authenticator(True, tokens, tokens.none_exist, guard=guard, prefix_of=prefix_of,
+                         verified_before=tokens.verified_before)
 
 
 class Service:
@@ -64,6 +68,7 @@ class Service:
         self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0  # this process's uploads still streaming (take_upload_slot)
+        self.uploads_by_address: dict[str, int] = {}  # a share of the slots per client address
         # shared_engine: the socket of the box's one engine worker (several HTTP processes).
         self.engine = make_engine(config, offline, shared_engine)
         self.outcomes = OutcomeRecorder()
@@ -156,9 +161,9 @@ class Service:
         except Exception:  # retried at the next interval; the failure is logged
             log.exception("retention pass failed")
 
-    async def identify(self, authorization: str | None) -> Identity:
-        """The caller named by the Authorization header, or AuthError."""
-        return await self.auth.identify(authorization)
+    async def identify(self, authorization: str | None, address: str | None = None) -> Identity:
+        """The caller named by the Authorization header; AuthError, or Throttled after too many failures."""
+        return await self.auth.identify(authorization, address)
 
     def _start_checkpoint(self) -> None:
         # Off the request path: a timer's task; one at a time.
@@ -178,16 +183,40 @@ class Service:
 
     # -- submission
 
-    def take_upload_slot(self) -> None:
-        """Count one more upload streaming in this process, or 429 when WHISPER_MAX_PENDING_UPLOADS are."""
+    async def check_queue_room(self) -> None:
+        """429 while WHISPER_MAX_QUEUED_JOBS jobs wait (0: no cap). Approximate across processes:
+        a few uploads racing past a nearly full queue are accepted."""
+        cap = self.config.WHISPER_MAX_QUEUED_JOBS
+        if not cap:
+            return
+        queued = (await self.ledger.counts())["Queued"]
+        if queued >= cap:
+            raise ServiceError(429, f"the queue is full ({queued} jobs waiting, WHISPER_MAX_QUEUED_JOBS={cap}); "
+                                    "try again later", {"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)})
+
+    def take_upload_slot(self, address: str) -> None:
+        """Count one more upload streaming in this process, or 429: when WHISPER_MAX_PENDING_UPLOADS
+        are, or when this client address holds its share of them already."""
         cap = self.config.WHISPER_MAX_PENDING_UPLOADS
         if self.uploads_in_flight >= cap:
             raise ServiceError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
                                {"Retry-After": "5"})
+        held = self.uploads_by_address.get(address, 0)
+        if held >= self.config.uploads_per_address:
+            raise ServiceError(429, f"this client address already has {held} upload{'s' if held > 1 else ''} in "
+                                    f"progress, its share of the server's {cap} (WHISPER_UPLOAD_SHARE_PER_ADDRESS="
+                                    f"{self.config.WHISPER_UPLOAD_SHARE_PER_ADDRESS:g}); wait for one to finish",
+                               {"Retry-After": "5"})
         self.uploads_in_flight += 1
+        self.uploads_by_address[address] = held + 1
 
-    def release_upload_slot(self) -> None:
+    def release_upload_slot(self, address: str) -> None:
         self.uploads_in_flight -= 1
+        left = self.uploads_by_address.get(address, 1) - 1
+        if left > 0:
+            self.uploads_by_address[address] = left
+        else:
+            self.uploads_by_address.pop(address, None)
 
     def check_disk(self) -> None:
         """507 below the floor (not the upload's size: a disk that fills up during the write is refused

@@ -10,7 +10,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from .errors import ServiceError
-from .jobfiles import display_name, safe_suffix
+from .jobfiles import UPLOAD_NAME, display_name
 
 MAX_FIELDS = 64
 MAX_FIELD_BYTES = 64 * 1024
@@ -158,7 +158,7 @@ class MultipartReceiver:
                 raise ServiceError(400, f"more than one '{self.file_field}' field: send one audio file per request")
             raw_name = params[b"filename"].decode("utf-8", errors="replace")
             self.form.client_filename = display_name(raw_name)
-            path = self.directory / ("audio" + safe_suffix(raw_name))
+            path = self.directory / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
             self.directory.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "wb")  # small sequential writes: fine on the IOLoop
             self.form.file_path = path

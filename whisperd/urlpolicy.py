@@ -27,6 +27,29 @@ _HOST_NAME = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (mapped, compatible, translated, NAT64, 6to4, Teredo)."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address in _IPV4_COMPATIBLE and int(address) > 1:  # :: and ::1 are IPv6's own
+        return [low32]
+    if address in _IPV4_TRANSLATED or any(address in network for network in _NAT64):
+        return [low32]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)  # (server, client): both must be allowed
+    return []
+
+
 class PolicyError(Exception):
     """The URL or address may not be called; the message says why and what would be allowed."""
 
@@ -78,10 +101,11 @@ class HostPolicy:
         return False
 
     def allows_ip(self, address: IPAddress) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
         if any(address in network for network in self.networks):
             return True
+        embedded = embedded_ipv4(address)
+        if embedded:  # ::7f00:1 and 64:ff9b::7f00:1 reach 127.0.0.1: judged as what they reach
+            return all(self.allows_ip(inner) for inner in embedded)
         return self.public and address.is_global and not address.is_multicast
 
     def check_ip(self, host: str, address: IPAddress) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from tornado.web import RequestHandler
 
 from ..auth import AuthError, Identity
+from ..authguard import Throttled
 from ..errors import ServiceError
 from ..service import Service
 
@@ -43,9 +44,12 @@ class BaseHandler(RequestHandler):
         if self.request.method == "OPTIONS" or not self.requires_auth:
             return
         try:
-            self.identity = await self.service.identify(self.request.headers.get("Authorization"))
+            self.identity = await self.service.identify(self.request.headers.get("Authorization"),
+                                                        self.request.remote_ip)
         except AuthError as exc:
             raise ServiceError(401, str(exc), {"WWW-Authenticate": 'Bearer realm="whisperd"'}) from None
+        except Throttled as exc:
+            raise ServiceError(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
 
     def on_finish(self) -> None:
         self._leave()

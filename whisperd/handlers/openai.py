@@ -91,10 +91,11 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
             request = self._parse(form.fields, form.lists.get(GRANULARITIES_FIELD, []))
         except OpenAIError as exc:
             self.refuse(exc)
-        if not await self.probe_upload(form):
-            return
+        media = await self.take_in(form)
+        if media is None:
+            return  # the client left while its file was taken in
         new_job = self.new_job(
-            form, language=request["language"], model=request["model"],
+            form, media, language=request["language"], model=request["model"],
             response_format=JOB_FORMAT[request["response_format"]], diarize=False,
             prompt=request["prompt"], device=self.service.config.WHISPER_DEVICE,
             device_index=self.service.config.WHISPER_DEVICE_INDEX, task=self.task,

@@ -17,7 +17,7 @@ class StatusHandler(BaseHandler):
             counts = await self.service.queue_counts()
         except Exception as exc:  # the spec's shape has a place for this: report, don't fail
             counts, error = {"Queued": None, "Processing": None}, f"cannot read the queue: {exc.__class__.__name__}"
-        self.send_json({
+        body = {
             "server": {
                 "host": config.WHISPER_API_HOST,
                 "port": str(config.WHISPER_API_PORT),
@@ -42,5 +42,11 @@ class StatusHandler(BaseHandler):
             "security": {"authorization_enabled": config.ENABLE_AUTHORIZATION},
             "queue_state": {"queued_jobs": counts["Queued"], "processing_jobs": counts["Processing"]},
             "error": error,
-            "engine": self.service.engine_status(),  # beyond the spec: the warm engine's state
-        })
+        }
+        if self.identity.admin:
+            body["engine"] = self.service.engine_status()  # beyond the spec: the warm engine's state
+        else:
+            # Where the server listens and how its engine is doing (pid, failure reasons) help an
+            # attacker more than a client: an ordinary token sees the rest of the spec's fields.
+            del body["server"]["host"], body["server"]["port"]
+        self.send_json(body)

@@ -50,11 +50,12 @@ class SubmitHandler(UploadHandler):
         await self.intake(form, request)
 
     async def intake(self, form: ReceivedForm, request: JobRequest) -> None:
-        """A staged file, whatever brought it, becomes a job: probe, webhook check, submit, answer.
-
-        The one path for every source (multipart file, resumable upload, URL)."""
-        if not await self.probe_upload(form):
-            return
+        """A staged file, whatever brought it, becomes a job: intake (probe, allow-list, duration,
+        canonical audio), webhook check, submit, answer. The one path for every source
+        (multipart file, resumable upload, URL)."""
+        media = await self.take_in(form)
+        if media is None:
+            return  # the client left while its file was taken in
         if request.callback_url:
             try:
                 await self.service.check_callback(request.callback_url)
@@ -66,7 +67,7 @@ class SubmitHandler(UploadHandler):
         # hand) is decided once, by the runner, with the token this resolves now.
         hf_token = self.service.resolve_hf_token(request.hf_token) if request.diarize else None
         new_job = self.new_job(
-            form, language=request.language, model=request.model,
+            form, media, language=request.language, model=request.model,
             response_format=request.response_format, diarize=request.diarize, prompt=request.prompt,
             device=request.device, device_index=request.device_index, callback_url=request.callback_url,
             task=request.task,

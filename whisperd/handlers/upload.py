@@ -11,16 +11,20 @@ import asyncio
 import logging
 from typing import Any
 
+from tornado.ioloop import PeriodicCallback
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
+from .. import metrics
 from ..errors import ServiceError
+from ..faults import fail_point
 from ..fetch import FetchError
+from ..forms import is_ascii_number
+from ..intake import CLIENT_LEFT, Intake, IntakeError, Media
 from ..jobfiles import is_job_id, new_job_id
 from ..jobs import Job, NewJob, now_iso
 from ..ledger import QuotaExceeded
 from ..limits import LimitExceeded, Limits, check_usage, file_size_limit, quota, refusal
-from ..probe import duration, probe
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
 from ..urlpolicy import PolicyError
 from .base import BaseHandler
@@ -37,9 +41,13 @@ class UploadHandler(BaseHandler):
     _receiver: MultipartReceiver | None = None
     _job_id: str | None = None
     _committed = False
-    _holds_slot = False
+    _slot_address: str | None = None
     _fetching: "asyncio.Future | None" = None
-    _audio_seconds: float | None = None
+    _intake: Intake | None = None
+    _rate_timer: PeriodicCallback | None = None
+    _received = 0
+    _received_at_check = 0
+    _declared: int | None = None
     limits: Limits
 
     async def prepare(self) -> None:
@@ -50,19 +58,24 @@ class UploadHandler(BaseHandler):
         limit, limit_name = file_size_limit(self.limits, self.service.config.MAX_FILE_SIZE)
         length = self.request.headers.get("Content-Length")
         if length is not None:
-            if not length.isdigit():
+            if not is_ascii_number(length):
                 raise ServiceError(400, "Content-Length is not a number")
             if int(length) > limit + FORM_OVERHEAD:
                 raise ServiceError(413, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
-        await self.check_limits()  # before a byte is stored: a refused upload leaves nothing
-        self.service.take_upload_slot()
-        self._holds_slot = True
+            self._declared = int(length)
+        # Before a byte is stored: a refused upload leaves nothing.
+        await self.service.check_queue_room()
+        await self.check_limits()
+        address = self.request.remote_ip or "?"
+        self.service.take_upload_slot(address)
+        self._slot_address = address
         self.service.check_disk()
         boundary = boundary_of(self.request.headers.get("Content-Type"))
         self._job_id = new_job_id()
         staging = self.service.staging_dir(self._job_id)
         self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields,
                                            limit_name=limit_name)
+        self._watch_rate()
 
     async def check_limits(self, adding_seconds: float = 0.0) -> None:
         """ServiceError 429 (with Retry-After) when the caller is over its queue or daily audio limit."""
@@ -73,17 +86,53 @@ class UploadHandler(BaseHandler):
             raise ServiceError(exc.status, exc.message, headers) from None
 
     def _release_upload_slot(self) -> None:
-        if self._holds_slot:
-            self._holds_slot = False
-            self.service.release_upload_slot()
+        self._stop_rate_watch()
+        address, self._slot_address = self._slot_address, None
+        if address is not None:
+            self.service.release_upload_slot(address)
+
+    def _watch_rate(self) -> None:
+        """Cut a body that arrives slower than the floor: a trickle must not hold a slot for minutes."""
+        config = self.service.config
+        if not config.WHISPER_UPLOAD_MIN_BYTES_PER_SECOND:
+            return
+        self._rate_timer = PeriodicCallback(self._check_rate, config.WHISPER_UPLOAD_RATE_WINDOW_SECONDS * 1000)
+        self._rate_timer.start()
+
+    def _stop_rate_watch(self) -> None:
+        if self._rate_timer is not None:
+            self._rate_timer.stop()
+            self._rate_timer = None
+
+    def _check_rate(self) -> None:
+        config = self.service.config
+        window = config.WHISPER_UPLOAD_RATE_WINDOW_SECONDS
+        floor = config.WHISPER_UPLOAD_MIN_BYTES_PER_SECOND
+        got = self._received - self._received_at_check
+        self._received_at_check = self._received
+        wanted = floor * window
+        if self._declared is not None:  # the last bytes of a body need not fill a whole window
+            wanted = min(wanted, self._declared - self._received + got)
+        if got >= wanted or self._finished:
+            return
+        log.warning("upload from %s cut: %d bytes in the last %.0f s, below WHISPER_UPLOAD_MIN_BYTES_PER_SECOND=%d",
+                    self.request.remote_ip, got, window, floor)
+        metrics.upload_cut()
+        self._discard()
+        message = (f"the upload was too slow: {got / window / 1024:.1f} KiB/s over the last {window:g} s, below the "
+                   f"minimum of {floor / 1024:g} KiB/s (WHISPER_UPLOAD_MIN_BYTES_PER_SECOND); the connection is closed")
+        self.send_error(408, exc_info=(ServiceError, ServiceError(408, message), None))
 
     def on_finish(self) -> None:
         super().on_finish()
         self._release_upload_slot()
+        if not self._committed:  # whatever ended the request (a bug too), the staged files go
+            self._discard()
 
     def data_received(self, chunk: bytes) -> None:
         if self._receiver is None or self._finished:
             return
+        self._received += len(chunk)
         try:
             self._receiver.feed(chunk)
         except ServiceError as exc:
@@ -102,6 +151,9 @@ class UploadHandler(BaseHandler):
             self._discard()
 
     def _discard(self) -> None:
+        if self._intake is not None:
+            self._intake.stop()
+            self._intake = None
         if self._receiver is not None:
             self._receiver.close_file()
             self._receiver = None
@@ -116,6 +168,7 @@ class UploadHandler(BaseHandler):
     def received_form(self, file_required: bool = True) -> ReceivedForm:
         """The finished form, or ServiceError (and the staged file is gone)."""
         assert self._receiver is not None
+        self._stop_rate_watch()  # the whole body is here
         try:
             return self._receiver.finish(file_required)
         except ServiceError:
@@ -169,37 +222,45 @@ class UploadHandler(BaseHandler):
         form.file_path, form.file_bytes, form.client_filename = path, size, name
         return True
 
-    async def probe_upload(self, form: ReceivedForm) -> bool:
-        """ffprobe the staged file: ServiceError 415 when it holds no sound; False when the client left meanwhile."""
-        assert form.file_path is not None
-        probed = await probe(self.service.config.WHISPER_FFPROBE, form.file_path)
-        if not probed.ok:
-            self._discard()
-            raise ServiceError(415, f"the uploaded file '{form.client_filename}' is not audio or video with sound: "
-                                f"ffprobe found {probed.found}")
-        self._audio_seconds = await duration(self.service.config.WHISPER_FFPROBE, form.file_path)
-        if self._receiver is None:
-            return False  # the client left while the file was probed; on_connection_close cleaned up
+    async def take_in(self, form: ReceivedForm) -> Media | None:
+        """Probe, check and decode the staged file (intake.py), then weigh its audio against the
+        caller's daily budget; ServiceError when refused, None when the client left meanwhile."""
+        assert form.file_path is not None and self._job_id is not None
+        intake = self._intake = Intake(self.service.config)
         try:
-            await self.check_limits(self._audio_seconds or 0.0)  # now that the daily budget can be weighed
+            media = await intake.accept(form.file_path, form.file_path.parent, form.client_filename)
+        except IntakeError as exc:
+            self._discard()
+            if exc.status == CLIENT_LEFT:
+                return None
+            metrics.upload_refused(exc.status)
+            raise ServiceError(exc.status, exc.message) from None
+        if self._intake is None:  # the client left while its file was decoded; on_connection_close cleaned up
+            return None
+        self._intake = None
+        form.file_path.unlink()  # the engine gets the canonical file only
+        fail_point("intake-done")
+        try:
+            await self.check_limits(media.duration)  # now that the daily budget can be weighed
         except ServiceError as exc:
             self.refuse(exc)
-        return self._receiver is not None
+        return media
 
     def refuse(self, error: Exception) -> None:
         """A form we will not run: drop the staged file before the error goes out."""
         self._discard()
         raise error
 
-    def new_job(self, form: ReceivedForm, **fields: Any) -> NewJob:
+    def new_job(self, form: ReceivedForm, media: Media, **fields: Any) -> NewJob:
         assert self._job_id is not None
         return NewJob(id=self._job_id, owner=self.identity.name, filename=form.client_filename,
-                      upload_bytes=form.file_bytes, audio_seconds=self._audio_seconds, **fields)
+                      upload_bytes=form.file_bytes, audio_seconds=round(media.duration, 3), **fields)
 
     async def submit(self, new_job: NewJob, hf_token: str | None) -> Job:
         try:
             # Checked again in the transaction that writes the row: other uploads of this caller
             # (in this process or another) may have been accepted since the checks above.
+            await self.service.check_queue_room()  # again: others may have filled it while this body arrived
             job = await self.service.submit(new_job, hf_token, quota(self.limits))
         except QuotaExceeded as exc:
             self._discard()

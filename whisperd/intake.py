@@ -1,0 +1,151 @@
+"""Intake: every file that is to become a job passes here, whatever brought it (upload, URL, ...).
+
+    media = await Intake(config).accept(path, out_dir)   # or accept_sync() from a thread
+
+1. ffprobe, under the rules of probe.py: an allow-listed container with an audio stream, or 415.
+2. Its declared duration against WHISPER_MAX_AUDIO_SECONDS, or 413 — before anything is decoded,
+   so a 70 KB FLAC that declares ten hours of silence costs one ffprobe, not ten hours of PCM.
+3. One decode by ffmpeg into `<out_dir>/audio.wav`, 16 kHz mono 16-bit: only the file protocol,
+   the demuxer forced to the probed one, the output capped at the limit (for containers whose
+   declared duration lies), and a time limit. The engine reads that file and nothing else, and
+   the original goes (the caller removes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bounded import BoundedRun, RunCanceled, RunTimeout
+from .config import Config
+from .jobfiles import CANONICAL_NAME
+from .probe import ACCEPTED_TEXT, ProbeRefused, common_args, probe
+
+log = logging.getLogger("whisperd.intake")
+
+SAMPLE_RATE = 16000
+BYTES_PER_SECOND = SAMPLE_RATE * 2  # mono, 16-bit
+WAV_HEADER = 44  # ffmpeg's wav muxer with bitexact and no metadata writes the plain header
+DECODE_BASE_SECONDS = 60.0
+DECODE_SECONDS_PER_AUDIO_SECOND = 0.1  # ffmpeg decodes audio hundreds of times faster than real time
+CLIENT_LEFT = 499  # IntakeError's status when stop() ended it: nobody is left to answer
+UNKNOWN_DURATION = 36000.0  # the decode time limit's basis when neither the file nor the limit gives one
+
+
+class IntakeError(Exception):
+    """The file is not accepted: HTTP status and a message for the client (no server paths)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Media:
+    format: str  # the container ffprobe found, e.g. "flac"
+    duration: float  # seconds of audio in the canonical file
+    canonical_path: Path
+
+
+def describe_seconds(seconds: float) -> str:
+    """36000 -> "10 hours"; 5400 -> "1 hour 30 minutes"; 42.4 -> "42 seconds"."""
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = []
+    for value, unit in ((hours, "hour"), (minutes, "minute"), (secs, "second")):
+        if value:
+            parts.append(f"{value} {unit}{'' if value == 1 else 's'}")
+    if hours:
+        parts = parts[:2] if minutes else parts[:1]
+    return " ".join(parts) or f"{seconds:.1f} seconds"
+
+
+class Intake:
+    """One file's intake; stop() kills its ffprobe/ffmpeg (the client left)."""
+
+    # Decodes at once per process: each is one busy core, and the engine needs the others.
+    _slots: asyncio.Semaphore | None = None
+
+    def __init__(self, config: Config) -> None:
+        self.ffprobe = config.WHISPER_FFPROBE
+        self.ffmpeg = config.WHISPER_FFMPEG
+        self.max_seconds = config.WHISPER_MAX_AUDIO_SECONDS
+        self._run = BoundedRun()
+
+    def stop(self) -> None:
+        self._run.stop()
+
+    async def accept(self, path: Path, out_dir: Path, shown_name: str = "upload") -> Media:
+        """accept_sync() in an executor thread, never on the IOLoop."""
+        if Intake._slots is None:
+            Intake._slots = asyncio.Semaphore(max(1, (os.cpu_count() or 1)))
+        async with Intake._slots:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, self.accept_sync, path, out_dir, shown_name)
+
+    def accept_sync(self, path: Path, out_dir: Path, shown_name: str = "upload") -> Media:
+        try:
+            probed = probe(self.ffprobe, path, self._run)
+        except ProbeRefused as exc:
+            if exc.status == 503:
+                raise IntakeError(503, f"the server cannot check uploads now: ffprobe found {exc.found}") from None
+            raise IntakeError(exc.status, f"the uploaded file '{shown_name}' is not audio or video with sound: "
+                                          f"ffprobe found {exc.found}. Accepted: {ACCEPTED_TEXT}") from None
+        except RunCanceled:
+            raise IntakeError(CLIENT_LEFT, "the client left") from None
+        if self.max_seconds and probed.duration is not None and probed.duration > self.max_seconds:
+            raise IntakeError(413, self._too_long(shown_name, probed.duration, exact=True))
+        out = out_dir / CANONICAL_NAME
+        self._decode(path, out, probed.demuxer, probed.duration, shown_name)
+        seconds = max(0.0, (out.stat().st_size - WAV_HEADER) / BYTES_PER_SECOND)
+        if self.max_seconds and seconds > self.max_seconds:
+            out.unlink()
+            raise IntakeError(413, self._too_long(shown_name, seconds, exact=False))
+        if seconds <= 0:
+            out.unlink()
+            raise IntakeError(415, f"the uploaded file '{shown_name}' holds no audio samples "
+                                   f"(ffprobe found {probed.found})")
+        log.debug("intake %s: %s, %.2f s", out_dir.name, probed.found, seconds)
+        return Media(probed.format_name, seconds, out)
+
+    def _decode(self, source: Path, out: Path, demuxer: str, declared: float | None, shown_name: str) -> None:
+        argv = [self.ffmpeg, "-nostdin", "-hide_banner", "-v", "error", *common_args(), "-f", demuxer,
+                "-i", "file:" + str(source.resolve()),
+                "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-c:a", "pcm_s16le",
+                "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:a", "+bitexact"]
+        if self.max_seconds:
+            # A second past the limit: enough to tell "longer than allowed" from "exactly the limit".
+            argv += ["-t", f"{self.max_seconds + 1:g}"]
+        argv += ["-f", "wav", "-y", "file:" + str(out.resolve())]
+        basis = declared if declared is not None else (self.max_seconds or UNKNOWN_DURATION)
+        timeout = DECODE_BASE_SECONDS + DECODE_SECONDS_PER_AUDIO_SECOND * basis
+        try:
+            done = self._run(argv, timeout, 0, cwd=str(out.parent))
+        except RunTimeout:
+            raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded within {timeout:.0f} s") from None
+        except RunCanceled:
+            raise IntakeError(CLIENT_LEFT, "the client left") from None
+        except FileNotFoundError:
+            raise IntakeError(503, f"the server cannot decode uploads now: WHISPER_FFMPEG={self.ffmpeg} "
+                                   "is not installed") from None
+        if done.returncode != 0 or not out.is_file():
+            reason = _last_line(done.stderr, (str(source.resolve()), str(out.resolve())))
+            raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded: {reason}")
+
+    def _too_long(self, shown_name: str, seconds: float, exact: bool) -> str:
+        length = describe_seconds(seconds) if exact else f"more than {describe_seconds(self.max_seconds)}"
+        return (f"the audio of '{shown_name}' lasts {length} ({seconds:.0f} s); this server accepts at most "
+                f"{describe_seconds(self.max_seconds)} (WHISPER_MAX_AUDIO_SECONDS={self.max_seconds:g})")
+
+
+def _last_line(stderr: str, paths: tuple[str, ...]) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    line = lines[-1] if lines else "ffmpeg gave no reason"
+    for path in paths:
+        line = line.replace("file:" + path, "the file").replace(path, "the file")
+    return line[:300]
