@@ -15,7 +15,6 @@ STAGING = ".incoming"  # uploads in flight; a directory under it never has a job
 RESUMABLE = ".uploads"  # tus uploads' bytes, one file per upload row; they outlive a restart
 TOKEN_FILE = ".hf_token"
 QUARANTINE = ".quarantine"  # what start-up found and the ledger did not know; never deleted by us
-_SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,10}$")
 # The client's bytes as received, with no extension (nothing may take a hint from the client's
 # name); removed once intake has decoded them into the canonical file the engine reads.
 UPLOAD_NAME = "upload"
