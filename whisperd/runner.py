@@ -69,15 +69,16 @@ class ProgressWriter:
     def __init__(self, ledger: Ledger, running: RunningJob) -> None:
         self.ledger = ledger
         self.running = running
-        self._newest: float | None = None
+        self._newest: tuple[float, str] | None = None  # (percent, stage)
         self._writing = False
         self.closed = False
 
-    def offer(self, percent: float) -> None:
+    def offer(self, percent: float, stage: str = "transcribing") -> None:
+        """The engines' progress callback (engine.ProgressCallback: percent, stage)."""
         self.running.last_activity = time.monotonic()
         if self.closed:
             return
-        self._newest = percent
+        self._newest = (percent, stage)
         if not self._writing:
             self._writing = True
             spawn(self._write(), f"progress of job {self.running.job.id}")
@@ -85,10 +86,10 @@ class ProgressWriter:
     async def _write(self) -> None:
         try:
             while self._newest is not None and not self.closed:
-                percent, self._newest = self._newest, None
+                (percent, stage), self._newest = self._newest, None
                 began = time.monotonic()
                 try:
-                    await self.ledger.set_progress(self.running.job.id, percent, "transcribing")
+                    await self.ledger.set_progress(self.running.job.id, percent, stage)
                 except LedgerError as exc:
                     log.debug("job %s: progress %.0f%% not recorded (ledger busy): %s",
                               self.running.job.id, percent, exc)

@@ -263,3 +263,25 @@ async def no_job_files(service: Service, timeout: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+async def delivered(service: Service, job_id: str, timeout: float = 5.0) -> bool:
+    """True once the job's row records its delivery: like its files' removal (no_job_files), the
+    delivery is recorded just after the client has the last byte of the result."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        job = await service.ledger.get(job_id)
+        if job is not None and job.delivered_at:
+            return True
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+
+
+async def run_retention_after_a_jump(service: Service) -> None:
+    """Retention once the test moved the clock forward by more than retention.JUMP_TOLERANCE_SECONDS:
+    the first pass takes the jump for a wall-clock step and keeps to the monotonic clock; the
+    second confirms the jump and expires by the new time (whisperd/retention.py)."""
+    await service.run_retention()
+    await service.run_retention()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .harness import body_of, engine_runs, job_files, no_job_files
+from .harness import body_of, delivered, engine_runs, job_files, no_job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
@@ -239,10 +239,11 @@ async def test_status_of_a_failed_job_carries_the_reason(api):
 
 
 @gen_test
-async def test_status_after_delivery_says_the_files_are_gone(api):
+async def test_status_after_delivery_says_the_files_are_gone(api, service):
     job_id = await api.submit_ok()
     await api.wait_status(job_id)
     assert (await api.call("GET", f"/transcription/{job_id}/result")).code == 200
+    assert await delivered(service, job_id)  # recorded just after the client has the last byte
     code, body = await api.status(job_id)
     assert code == 200 and "result delivered at" in body["data"]
 
@@ -339,10 +340,11 @@ async def test_result_of_a_failed_job_is_422(api):
 
 
 @gen_test
-async def test_result_is_delivered_once_then_410(api):
+async def test_result_is_delivered_once_then_410(api, service):
     job_id = await api.submit_ok()
     await api.wait_status(job_id)
     assert (await api.call("GET", f"/transcription/{job_id}/result")).code == 200
+    assert await delivered(service, job_id)  # recorded just after the client has the last byte
     again = await api.call("GET", f"/transcription/{job_id}/result")
     assert again.code == 410
     assert "already delivered" in body_of(again)["error"]
@@ -414,7 +416,8 @@ async def test_status_needs_a_token(api):
 async def test_health_is_ok_without_a_token(api):
     response = await api.call("GET", "/health", token=None)
     assert response.code == 200
-    assert body_of(response) == {"status": "ok", "checks": {"process": "ok", "ledger": "ok", "engine": "ok"}}
+    assert body_of(response) == {"status": "ok",
+                                 "checks": {"process": "ok", "ledger": "ok", "engine": "ok", "jobs": "ok"}}
 
 
 @pytest.mark.settings(WHISPER_CMD="/nonexistent/whisperx")

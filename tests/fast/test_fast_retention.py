@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from .harness import body_of, job_files, no_job_files
+from .harness import body_of, job_files, no_job_files, run_retention_after_a_jump
 
 gen_test = pytest.mark.gen_test(timeout=30)
 pytestmark = pytest.mark.settings(WHISPER_JOB_RETENTION_HOURS="48")
@@ -17,10 +17,10 @@ async def test_a_completed_job_is_kept_until_its_retention_ends(api, service, cl
     job_id = await api.submit_ok()
     await api.wait_status(job_id)
     clock.advance(hours=47)
-    await service.run_retention()
+    await run_retention_after_a_jump(service)
     assert (await api.status(job_id))[0] == 200
     clock.advance(hours=2)
-    await service.run_retention()
+    await run_retention_after_a_jump(service)
     code, body = await api.status(job_id)
     assert code == 410 and "expired at" in body["error"]
     assert await no_job_files(service)
@@ -29,11 +29,27 @@ async def test_a_completed_job_is_kept_until_its_retention_ends(api, service, cl
 
 
 @gen_test
+async def test_one_pass_after_a_big_clock_jump_expires_nothing_the_next_confirms_it(api, service, clock, caplog):
+    job_id = await api.submit_ok()
+    await api.wait_status(job_id)
+    await service.run_retention()  # a pass before the jump, with the clocks agreeing
+    clock.advance(hours=49)
+    await service.run_retention()
+    assert "wall clock jumped forward" in caplog.text
+    assert (await service.ledger.get(job_id)).expired_at is None
+    assert (await api.status(job_id))[0] == 200
+    await service.run_retention()
+    assert "jump is confirmed" in caplog.text
+    assert (await service.ledger.get(job_id)).expired_at
+    assert await no_job_files(service)
+
+
+@gen_test
 async def test_an_expired_result_is_410(api, service, clock):
     job_id = await api.submit_ok()
     await api.wait_status(job_id)
     clock.advance(hours=49)
-    await service.run_retention()
+    await run_retention_after_a_jump(service)
     response = await api.call("GET", f"/transcription/{job_id}/result")
     assert response.code == 410 and "retention period over" in body_of(response)["error"]
 
@@ -43,7 +59,7 @@ async def test_failed_jobs_expire_too(api, service, clock):
     job_id = await api.submit_ok({"prompt": "fake:fail"})
     await api.wait_status(job_id)
     clock.advance(hours=49)
-    await service.run_retention()
+    await run_retention_after_a_jump(service)
     assert (await service.ledger.get(job_id)).expired_at
 
 
@@ -53,7 +69,7 @@ async def test_queued_and_running_jobs_never_expire(api, service, clock):
     await api.wait_status(running, ("Processing",))
     queued = await api.submit_ok()
     clock.advance(days=30)
-    await service.run_retention()
+    await run_retention_after_a_jump(service)
     for job_id in (running, queued):
         job = await service.ledger.get(job_id)
         assert job.expired_at is None
@@ -65,10 +81,11 @@ async def test_expiry_is_recorded_once(api, service, clock):
     job_id = await api.submit_ok()
     await api.wait_status(job_id)
     clock.advance(hours=49)
-    await service.run_retention()
+    await run_retention_after_a_jump(service)
     first = (await service.ledger.get(job_id)).expired_at
+    assert first
     clock.advance(hours=49)
-    await service.run_retention()
+    await run_retention_after_a_jump(service)
     assert (await service.ledger.get(job_id)).expired_at == first
     with sqlite3.connect(service.config.db_path) as conn:
         events = [row[0] for row in conn.execute("SELECT event FROM job_events WHERE job_id=?", (job_id,))]
@@ -80,7 +97,7 @@ async def test_events_of_an_expired_job_say_so_and_end(api, service, clock):
     job_id = await api.submit_ok()
     await api.wait_status(job_id)
     clock.advance(hours=49)
-    await service.run_retention()
+    await run_retention_after_a_jump(service)
     response = await api.call("GET", f"/transcription/{job_id}/events")
     assert response.code == 200 and "expired at" in response.body.decode()
 

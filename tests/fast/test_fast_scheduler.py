@@ -90,11 +90,11 @@ async def test_a_scheduler_pass_that_fails_is_retried(api, service, monkeypatch)
     calls = {"n": 0}
     claim = service.ledger.claim
 
-    async def flaky(max_running):
+    async def flaky(*args, **kwargs):  # claim(max_running, policy)
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("ledger hiccup")
-        return await claim(max_running)
+        return await claim(*args, **kwargs)
 
     monkeypatch.setattr(service.ledger, "claim", flaky)
     service.scheduler.tick_seconds = 0.05
