@@ -23,9 +23,11 @@ from .faults import crash_point
 from .fetch import MediaFetcher
 from .jobfiles import JobFiles, is_job_id
 from .clock import utc_now
-from .jobs import Job, NewJob, Quota
+from .jobs import Job, NewJob, Quota, TokenRecord
+from .limits import Limits, check_usage
 from .ledger import Ledger, LedgerError, open_ledger
 from .outcomes import OutcomeRecorder
+from .resumable import ResumableUploads
 from .results import EngineOutputError, build_response, load_engine_result
 from .retention import Retention, expire_uploads
 from .runner import JobRunner
@@ -77,6 +79,7 @@ class Service:
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
+        self.resumable = ResumableUploads(self.ledger, self.files)
         self.draining = False
         self.requests_in_flight = 0  # handlers count themselves: shutdown waits for them
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -352,6 +355,21 @@ class Service:
     async def check_ledger_writable(self) -> None:
         """Raises when the ledger cannot be written (a health probe)."""
         await self.ledger.check_writable()
+
+    async def list_jobs(self, owner: str | None, status: str | None, before_seq: int | None,
+                        limit: int) -> list[Job]:
+        """Newest first: one owner's jobs (None: everyone's), optionally of one status, below a cursor."""
+        return await self.ledger.list_jobs(owner, status, before_seq, limit)
+
+    async def usage(self, owner: str | None, day_start: str, window_start: str) -> dict[str, dict[str, Any]]:
+        return await self.ledger.usage(owner, day_start, window_start)
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return await self.ledger.list_tokens()
+
+    async def check_usage(self, owner: str, limits: Limits, adding_seconds: float = 0.0) -> None:
+        """LimitExceeded when the caller is over its queue or daily audio limit (limits.py)."""
+        await check_usage(self.ledger, owner, limits, adding_seconds)
 
     async def queue_position(self, job: Job) -> int:
         position = await self.ledger.queue_position(job, self.config.WHISPER_SCHEDULING)

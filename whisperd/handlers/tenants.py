@@ -74,7 +74,7 @@ async def list_jobs(handler: BaseHandler) -> None:
     identity = handler.identity
     owner = None if identity.admin else identity.name
     # One more than asked tells whether another page exists.
-    jobs = await handler.service.ledger.list_jobs(owner, status, before, limit + 1)
+    jobs = await handler.service.list_jobs(owner, status, before, limit + 1)
     page = jobs[:limit]
     more = len(jobs) > limit
     handler.send_json({
@@ -89,17 +89,16 @@ class UsageHandler(BaseHandler):
     allowed_methods = ("OPTIONS", "GET")
 
     async def get(self) -> None:
-        ledger = self.service.ledger
         config = self.service.config
         today, window = usage_windows()
         identity = self.identity
-        used = await ledger.usage(None if identity.admin else identity.name, today, window)
+        used = await self.service.usage(None if identity.admin else identity.name, today, window)
         body = usage_entry(identity.name, used.get(identity.name, {}), identity.limits.resolved(config))
         body["day_started_at"] = today
         body["window_started_at"] = window
         body["as_of"] = now_iso()
         if identity.admin:
-            tokens = {record.name: limits_of(record) for record in await ledger.list_tokens()
+            tokens = {record.name: limits_of(record) for record in await self.service.list_tokens()
                       if record.in_force(now_iso())}
             names = sorted(set(tokens) | set(used))
             body["tokens"] = [

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 from tornado.web import stream_request_body
 
-from ..jobfiles import display_name, is_job_id, new_job_id
+from ..jobfiles import display_name, new_job_id
 from ..jobs import UploadRecord, now_iso
 from ..errors import ServiceError
 from .base import BaseHandler
@@ -132,7 +132,7 @@ class _TusBase(BaseHandler):
 
     def _check_disk(self, needed: int) -> None:
         floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
-        free_mb = self.service.files.free_disk_mb()
+        free_mb = self.service.resumable.free_disk_mb()
         if free_mb - needed / 2**20 < floor_mb:
             raise ServiceError(507, f"the server is short of disk space for this upload ({free_mb:.0f} MB free, keeps "
                                 f"at least WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
@@ -177,12 +177,7 @@ class UploadsHandler(_TusBase):
             filename=display_name(metadata.get("filename") or metadata.get("name")), metadata=metadata_text,
             created_at=stamp, updated_at=stamp, expires_at=iso_in(config.WHISPER_UPLOAD_EXPIRY_HOURS),
         )
-        await self.service.ledger.create_upload(upload)  # the row first: retention removes bytes without one
-        try:
-            self.service.files.create_resumable(upload.id)
-        except OSError:
-            await self.service.ledger.delete_upload(upload.id)
-            raise
+        await self.service.resumable.create(upload)
         log.info("upload %s created: %s, %d bytes expected", upload.id, upload.filename, length)
         self.set_header("Location", f"/uploads/{upload.id}")
         self.set_header("Upload-Expires", http_date(upload.expires_at))
@@ -209,7 +204,7 @@ class UploadHandler(_TusBase):
 
     async def _own(self, upload_id: str | None) -> UploadRecord:
         """The caller's upload, or 404 (unknown and another token's look the same), or 410 (expired)."""
-        upload = await self.service.ledger.get_upload(upload_id) if upload_id and is_job_id(upload_id) else None
+        upload = await self.service.resumable.get(upload_id)
         if upload is None or upload.owner != self.identity.name:
             raise ServiceError(404, f"no upload with id {str(upload_id)[:60]!r}")
         if upload.expired(now_iso()):
@@ -246,7 +241,7 @@ class UploadHandler(_TusBase):
             raise ServiceError(413, f"this PATCH would take the upload past its Upload-Length ({upload.upload_length} bytes)")
         algorithm, expected = self._checksum()
         self._check_disk(0)
-        path = self.service.files.resumable_path(upload.id)
+        path = self.service.resumable.path(upload.id)
         try:
             handle = open(path, "r+b")
         except FileNotFoundError:
@@ -317,9 +312,9 @@ class UploadHandler(_TusBase):
 
     async def _record(self, upload: UploadRecord, start: int, received: int) -> None:
         """Make the bytes durable, then move the ledger's offset (only then do they count)."""
-        path = self.service.files.resumable_path(upload.id)
+        path = self.service.resumable.path(upload.id)
         await asyncio.get_running_loop().run_in_executor(None, _fsync, path)
-        if not await self.service.ledger.advance_upload(upload.id, start, start + received):
+        if not await self.service.resumable.advance(upload.id, start, start + received):
             raise ServiceError(409, f"upload {upload.id} changed meanwhile (another PATCH, used, or expired); "
                                 "ask HEAD for its offset")
         upload.upload_offset = start + received
@@ -353,9 +348,8 @@ class UploadHandler(_TusBase):
         upload = await self._own(upload_id)
         if upload.job_id is not None:
             raise ServiceError(409, f"upload {upload.id} already became job {upload.job_id}; cancel the job instead")
-        if not await self.service.ledger.delete_upload(upload.id):
+        if not await self.service.resumable.terminate(upload.id):
             raise ServiceError(404, f"no upload with id {upload.id!r}")
-        self.service.files.remove_resumable(upload.id)
         log.info("upload %s terminated by the client", upload.id)
         self.set_status(204)
         self.finish()

@@ -21,10 +21,10 @@ from ..faults import fail_point
 from ..fetch import FetchError
 from ..forms import is_ascii_number
 from ..intake import CLIENT_LEFT, Intake, IntakeError, Media
-from ..jobfiles import is_job_id, new_job_id
-from ..jobs import Job, NewJob, now_iso
+from ..jobfiles import new_job_id
+from ..jobs import Job, NewJob
 from ..ledger import QuotaExceeded
-from ..limits import LimitExceeded, Limits, check_usage, file_size_limit, quota, refusal
+from ..limits import LimitExceeded, Limits, file_size_limit, quota, refusal
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
 from ..urlpolicy import PolicyError
 from .base import BaseHandler
@@ -80,7 +80,7 @@ class UploadHandler(BaseHandler):
     async def check_limits(self, adding_seconds: float = 0.0) -> None:
         """ServiceError 429 (with Retry-After) when the caller is over its queue or daily audio limit."""
         try:
-            await check_usage(self.service.ledger, self.identity.name, self.limits, adding_seconds)
+            await self.service.check_usage(self.identity.name, self.limits, adding_seconds)
         except LimitExceeded as exc:
             headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
             raise ServiceError(exc.status, exc.message, headers) from None
@@ -177,25 +177,12 @@ class UploadHandler(BaseHandler):
 
     async def stage_resumable(self, form: ReceivedForm, upload_id: str) -> None:
         """A finished tus upload becomes this request's staged file (used once), or ServiceError."""
-        ledger = self.service.ledger
-        upload = await ledger.get_upload(upload_id) if is_job_id(upload_id) else None
-        if upload is None or upload.owner != self.identity.name or upload.expired(now_iso()):
-            self.refuse(ServiceError(404, f"no resumable upload with id {upload_id[:60]!r} (unknown, another "
-                                      "token's, or expired)"))
-        if upload.job_id is not None:
-            self.refuse(ServiceError(409, f"upload {upload_id} was already used by job {upload.job_id}; "
-                                      "an upload becomes one job only: upload the file again"))
-        if not upload.complete:
-            self.refuse(ServiceError(409, f"upload {upload_id} is not finished: {upload.upload_offset} of "
-                                      f"{upload.upload_length} bytes received; PATCH the rest first"))
         assert self._job_id is not None
-        if not await ledger.use_upload(upload_id, self._job_id):
-            self.refuse(ServiceError(409, f"upload {upload_id} was just used by another request (or expired)"))
         try:
-            path = self.service.files.stage_resumable(upload_id, self._job_id, upload.filename)
-        except FileNotFoundError:
-            self.refuse(ServiceError(410, f"the bytes of upload {upload_id} are gone from the server; upload again"))
-        form.file_path, form.file_bytes, form.client_filename = path, upload.upload_length, upload.filename
+            staged = await self.service.resumable.take_for_job(upload_id, self.identity.name, self._job_id)
+        except ServiceError as exc:
+            self.refuse(exc)
+        form.file_path, form.file_bytes, form.client_filename = staged
 
     async def stage_fetched(self, form: ReceivedForm, url: str) -> bool:
         """Download `url` into this request's staging dir, or ServiceError; False when the client left."""
