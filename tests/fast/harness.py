@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import signal
+import struct
+import subprocess
 import uuid
 import wave
 from datetime import timedelta
@@ -32,15 +35,10 @@ from whisperd.service import Service
 REPO = Path(__file__).resolve().parents[2]
 FAKE_ENGINE = REPO / "tests" / "fake_whisperx.py"
 TOKEN = "fast-test-token"
-# A stand-in ffprobe: every upload "holds sound" unless its bytes start with NOSOUND.
-FAKE_FFPROBE = """#!/bin/sh
-for last; do :; done
-if head -c 7 "$last" | grep -q NOSOUND; then
-  echo '{"streams": [{"codec_type": "video"}], "format": {"format_name": "mov"}}'
-else
-  echo '{"streams": [{"codec_type": "audio", "codec_name": "pcm_s16le"}], "format": {"format_name": "wav"}}'
-fi
-"""
+# Intake runs the real ffprobe and ffmpeg (Debian's), as in production: every upload is probed under
+# the format allow-list and decoded into the canonical 16 kHz mono WAV (whisperd/intake.py).
+FFPROBE = "/usr/bin/ffprobe"
+FFMPEG = "/usr/bin/ffmpeg"
 
 
 class Clock:
@@ -67,13 +65,11 @@ def base_environment(root: Path) -> dict[str, str]:
     (models / "tiny.en" / "model.bin").write_bytes(b"fake")
     (models / "small").mkdir(parents=True, exist_ok=True)
     (models / "small" / "model.bin").write_bytes(b"fake")
-    ffprobe = root / "ffprobe"
-    ffprobe.write_text(FAKE_FFPROBE)
-    ffprobe.chmod(0o755)
     return {
         "WHISPER_CMD": str(FAKE_ENGINE),
         "WHISPER_ENGINE": "cli",
-        "WHISPER_FFPROBE": str(ffprobe),
+        "WHISPER_FFPROBE": FFPROBE,
+        "WHISPER_FFMPEG": FFMPEG,
         "WHISPER_MODELS_DIR": str(models),
         "WHISPER_TMP_FILES": str(root / "tmp"),
         "WHISPER_OUTPUT_DIR": str(root / "output"),
@@ -157,18 +153,23 @@ def base_url(http_port) -> str:
 # -- requests
 
 
-def wav_bytes(seconds: float = 0.1, rate: int = 16000) -> bytes:
-    """A real (silent) mono WAV: whisperd reads its header without running ffprobe."""
+def wav_bytes(seconds: float = 0.1, rate: int = 16000, freq: float = 440.0) -> bytes:
+    """A real mono 16-bit tone (as tests/harness.py make_wav): ffprobe and ffmpeg accept it, and at
+    16 kHz ffmpeg's canonical audio.wav holds the very same bytes."""
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(rate)
-        out.writeframes(b"\0\0" * int(seconds * rate))
+        out.writeframes(b"".join(struct.pack("<h", int(8000 * math.sin(2 * math.pi * freq * i / rate)))
+                                 for i in range(int(seconds * rate))))
     return buffer.getvalue()
 
 
-WAV = wav_bytes()
+WAV_SECONDS = 0.1
+
+
+WAV = wav_bytes(WAV_SECONDS)
 
 
 def multipart(fields: dict[str, Any] | None = None, file: bytes | None = WAV,
@@ -285,3 +286,9 @@ async def run_retention_after_a_jump(service: Service) -> None:
     second confirms the jump and expires by the new time (whisperd/retention.py)."""
     await service.run_retention()
     await service.run_retention()
+
+
+def ffmpeg_made(path: Path, *args: str) -> bytes:
+    """A file the real ffmpeg writes (lavfi sources, e.g. a video without sound), as bytes to upload."""
+    subprocess.run([FFMPEG, "-nostdin", "-hide_banner", "-v", "error", *args, "-y", str(path)], check=True, timeout=30)
+    return path.read_bytes()

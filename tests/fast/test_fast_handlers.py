@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .harness import body_of, delivered, engine_runs, job_files, no_job_files
+from .harness import body_of, delivered, engine_runs, ffmpeg_made, job_files, no_job_files
 
 gen_test = pytest.mark.gen_test(timeout=30)
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
@@ -124,12 +124,30 @@ async def test_an_empty_file_is_400(api):
     assert "is empty" in body_of(response)["error"]
 
 
+@pytest.fixture
+def silent_movie(tmp_path) -> bytes:
+    """A real QuickTime file with one video stream and no audio stream."""
+    return ffmpeg_made(tmp_path / "silent.mov", "-f", "lavfi", "-i", "color=c=black:s=16x16:r=10:d=0.2",
+                       "-c:v", "mpeg4", "-f", "mov")
+
+
 @gen_test
-async def test_a_file_without_sound_is_415_with_what_ffprobe_saw(api, service):
-    response = await api.submit(file=b"NOSOUND movie", filename="clip.mov")
+async def test_a_file_without_sound_is_415_with_what_ffprobe_saw(api, service, silent_movie):
+    response = await api.submit(file=silent_movie, filename="clip.mov")
     assert response.code == 415
     error = body_of(response)["error"]
-    assert "'clip.mov' is not audio or video with sound" in error and "mov" in error
+    assert "'clip.mov' is not audio or video with sound: ffprobe found mov" in error
+    assert "(video: mpeg4)" in error and "Accepted: WAV" in error
+    assert await no_job_files(service)
+
+
+@gen_test
+async def test_a_format_off_the_allow_list_is_415_and_never_opened(api, service):
+    response = await api.submit(file=b";FFMETADATA1\ntitle=no sound here\n", filename="notes.wav")
+    assert response.code == 415
+    error = body_of(response)["error"]
+    assert "'notes.wav' is not audio or video with sound: ffprobe found ffmetadata, a format this server " \
+           "does not accept" in error
     assert await no_job_files(service)
 
 

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from .harness import WAV, body_of, job_files, no_job_files, multipart
+from .harness import WAV, WAV_SECONDS, body_of, job_files, no_job_files, multipart
 
 gen_test = pytest.mark.gen_test(timeout=30)
 
@@ -147,7 +147,10 @@ async def test_an_accepted_upload_moves_from_staging_to_its_job_directory(api, s
     job_id = await api.submit_ok()
     assert staged(service) == []
     audio = service.files.audio_path(job_id)
+    # ffmpeg's canonical 16 kHz mono WAV of a 16 kHz mono tone: the same samples, the plain header.
     assert audio is not None and audio.read_bytes() == WAV and audio.suffix == ".wav"
+    job = await service.ledger.get(job_id)
+    assert job.audio_seconds == pytest.approx(WAV_SECONDS, abs=0.001)
 
 
 @gen_test
@@ -178,5 +181,19 @@ async def test_a_busy_ledger_is_503_with_retry_after(api, service, monkeypatch):
 
 @pytest.mark.settings(WHISPER_FFPROBE="/nonexistent/ffprobe")
 @gen_test
-async def test_without_ffprobe_uploads_that_are_not_wav_or_flac_are_queued_unchecked(api):
-    assert (await api.submit(file=b"ID3 an mp3 perhaps", filename="a.mp3")).code == 202
+async def test_without_ffprobe_uploads_are_503_and_nothing_unchecked_is_queued(api, service):
+    # docs/security.md: without ffprobe or ffmpeg, uploads are refused with 503, a WAV as well.
+    response = await api.submit(filename="a.wav")
+    assert response.code == 503
+    assert "the server cannot check uploads now" in body_of(response)["error"]
+    assert staged(service) == [] and await no_job_files(service)
+    assert sum((await service.ledger.status_counts()).values()) == 0
+
+
+@pytest.mark.settings(WHISPER_FFMPEG="/nonexistent/ffmpeg")
+@gen_test
+async def test_without_ffmpeg_uploads_are_503(api, service):
+    response = await api.submit(filename="a.wav")
+    assert response.code == 503
+    assert "the server cannot decode uploads now" in body_of(response)["error"]
+    assert staged(service) == [] and await no_job_files(service)
