@@ -203,7 +203,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WHISPER_TOKEN_VALIDATOR", "", _validator_spec,
             "module:function that checks tokens instead of the ledger"),
     Setting("WHISPER_FFPROBE", "ffprobe", _text,
-            "the ffprobe that checks each upload holds sound (WAV and FLAC headers are read without it)"),
+            "the ffprobe that probes every upload (format allow-list, duration) before it is decoded"),
     Setting("WHISPER_MAX_PENDING_UPLOADS", 32, _int(1),
             "uploads in flight per worker process before 429"),
     Setting("WHISPER_MIN_FREE_DISK_MB", 500, _int(0),
