@@ -19,6 +19,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from unittest import mock
 
+import aiosqlite
+
 from whisperd.ledger import sqlite as ledger_module
 
 from .common import PROFILER, REPO, Whisperd, cpu_seconds, free_port, prune_profile, stop_process, wait_http
@@ -75,27 +77,25 @@ def fill(db_path: Path, total: int, queued: int) -> dict[str, list[str]]:
 
 
 async def _traced_reads(db_path: Path, job_id: str) -> list[str]:
-    """The SQL the status endpoints run, captured from the server's own Ledger methods (on every
-    connection the ledger opens, whichever of them a read goes through)."""
+    """The SQL the status endpoints run, captured from the server's own Ledger methods."""
     statements: list[str] = []
-    ledger = ledger_module.SQLiteLedger(str(db_path), "bench")
-    real_connect = ledger._connect_sync
+    real_connect = aiosqlite.connect
 
-    def traced(timeout: float) -> sqlite3.Connection:
-        conn = real_connect(timeout)
-        conn.set_trace_callback(statements.append)
+    async def traced_connect(*args, **kwargs):
+        conn = await real_connect(*args, **kwargs)
+        await conn.set_trace_callback(statements.append)
         return conn
 
-    with mock.patch.object(ledger, "_connect_sync", traced):
+    with mock.patch.object(ledger_module.aiosqlite, "connect", traced_connect):
+        ledger = ledger_module.SQLiteLedger(str(db_path), "bench")
         await ledger.open()
-    await ledger._reader.set_trace_callback(statements.append)
-    statements.clear()  # the PRAGMAs of opening are not part of a request
-    try:
-        job = await ledger.get(job_id)  # GET /transcription/{id}
-        await ledger.queue_position(job)  # ... of a Queued job
-        await ledger.counts()  # GET /status
-    finally:
-        await ledger.close()
+        statements.clear()  # the PRAGMAs of opening are not part of a request
+        try:
+            job = await ledger.get(job_id)  # GET /transcription/{id}
+            await ledger.queue_position(job)  # ... of a Queued job
+            await ledger.counts()  # GET /status
+        finally:
+            await ledger.close()
     return statements
 
 

@@ -65,7 +65,7 @@ def shared_server(make_server):
 
 def test_two_http_processes_share_one_engine_worker(shared_server):
     server = shared_server(HTTP_WORKER_NUMBER="2", ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2")
-    token = server.create_token("alice")
+    token = server.create_token("alice", "--admin")  # /status shows the engine to admins
     wait_for(lambda: server.api("GET", "/status", token=token).json()["engine"]["state"] == "ready",
              what="the shared worker")
     ids: list[str] = []
@@ -129,7 +129,7 @@ def test_cancels_while_the_worker_starts_kill_nothing(shared_server, tmp_path):
     gate = tmp_path / "worker-may-start"
     server = shared_server(FAKE_WHISPERX_WORKER_GATE=str(gate), ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2",
                            WHISPER_WORKER_START_SECONDS="300")
-    alice, bob = server.create_token("alice"), server.create_token("bob")
+    alice, bob = server.create_token("alice"), server.create_token("bob", "--admin")
     for _ in range(8):  # right as they start: the worker is still starting
         job_id = server.submit_ok(token=alice, diarize="false", prompt="fake:slow")
         assert server.api("DELETE", f"/transcription/{job_id}", token=alice).status_code == 200
@@ -145,7 +145,7 @@ def test_cancels_while_the_worker_starts_kill_nothing(shared_server, tmp_path):
 
 def test_a_cancel_costs_its_own_job_only(shared_server):
     server = shared_server(ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", FAKE_WHISPERX_SLOW_SECONDS="3")
-    alice, bob = server.create_token("alice"), server.create_token("bob")
+    alice, bob = server.create_token("alice"), server.create_token("bob", "--admin")
     theirs = server.submit_ok(token=bob, diarize="false", prompt="fake:slow")
     mine = server.submit_ok(token=alice, diarize="false", prompt="fake:slow")
     wait_for(lambda: jobs_run(server, theirs) and jobs_run(server, mine), what="both jobs in the worker")
