@@ -19,7 +19,7 @@ PASSED_ENV = (
 PASSED_PREFIXES = ("WHISPERX_", "FAKE_WHISPERX_")
 _NOISE = re.compile(r"^\s*$|^\s*\d+%\|.*\||^\s*(Lightning|Model was trained with|Bad things might happen)")
 
-ProgressCallback = Callable[[float], Awaitable[None] | None]
+ProgressCallback = Callable[[float, str], Awaitable[None] | None]  # (percent, stage)
 StartedCallback = Callable[[int], Awaitable[None] | None]  # the engine process's pid, when it has one
 
 

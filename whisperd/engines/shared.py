@@ -8,7 +8,7 @@ Engine that speaks JSON lines over that socket:
 
   client -> host  {"op": "run", "id": ..., "job": {the worker's job line}, "timeout": s | null}
                   {"op": "stop", "id": ..., "because": "canceled" | "timeout" | "shutdown"}
-  host -> client  {"event": "progress", "id": ..., "percent": 42.0}
+  host -> client  {"event": "progress", "id": ..., "percent": 42.0, "stage": "transcribing"}
                   {"event": "result", "id": ..., "result": {EngineResult's fields}}
                   {"event": "status", "status": {...}, "healthy": [true, null]}   on connect and every STATUS_EVERY s
 
@@ -34,6 +34,7 @@ from tornado.process import Subprocess
 from tornado.tcpserver import TCPServer
 
 from ..config import Config
+from ..tasks import spawn
 from .base import EngineOptions, EngineResult, ProgressCallback, StartedCallback
 from .worker import EngineWorker, job_message
 
@@ -73,9 +74,9 @@ class EngineHost(TCPServer):
                 message = json.loads(await stream.read_until(b"\n", max_bytes=MAX_LINE))
                 if message.get("op") == "run":
                     jobs.add(message["id"])
-                    asyncio.ensure_future(self._run(stream, jobs, message))
+                    spawn(self._run(stream, jobs, message), f"engine host: job {message['id']}")
                 elif message.get("op") == "stop":
-                    asyncio.ensure_future(self.worker.stop(message["id"], message.get("because") or "canceled"))
+                    spawn(self.worker.stop(message["id"], message.get("because") or "canceled"), "engine host: stop")
         except (StreamClosedError, json.JSONDecodeError, KeyError):
             pass
         finally:
@@ -87,8 +88,8 @@ class EngineHost(TCPServer):
     async def _run(self, stream: IOStream, jobs: set[str], message: dict[str, Any]) -> None:
         job_id = message["id"]
 
-        def progress(percent: float) -> None:
-            self._send(stream, {"event": "progress", "id": job_id, "percent": percent})
+        def progress(percent: float, stage: str = "transcribing") -> None:
+            self._send(stream, {"event": "progress", "id": job_id, "percent": percent, "stage": stage})
 
         try:
             result = await self.worker.run_message(job_id, message["job"], progress, message.get("timeout"))
@@ -213,9 +214,9 @@ class SharedEngine:
         if event == "progress":
             callback = self._progress.get(job_id)
             if callback is not None:
-                outcome = callback(float(message.get("percent", 0)))
+                outcome = callback(float(message.get("percent", 0)), str(message.get("stage") or "transcribing"))
                 if asyncio.iscoroutine(outcome):
-                    asyncio.ensure_future(outcome)
+                    spawn(outcome, "progress callback")
         elif event == "result":
             future = self._results.get(job_id)
             if future is not None and not future.done():
