@@ -26,8 +26,43 @@ JFK_TEXT = "And so my fellow Americans, ask not what your country can do for you
 TOKEN = "test-token-123"
 
 
+# These API test files run twice: on SQLite (the default ledger) and on PostgreSQL (the
+# cluster's). WHISPERD_TEST_BACKENDS=sqlite (or postgresql) runs one of the two only.
+BOTH_BACKENDS = {"test_api", "test_security", "test_durability"}
+BACKENDS = [name for name in os.environ.get("WHISPERD_TEST_BACKENDS", "sqlite,postgresql").split(",") if name]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine: runs the real WhisperX engine (slow, needs scripts/setup-engine.sh)")
+
+
+def pytest_generate_tests(metafunc):
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in BOTH_BACKENDS and "make_server" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL for the whole run (each test gets a database of its own)."""
+    from pg import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def backend(request) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def new_ledger_url(backend, request):
+    """Makes a fresh PostgreSQL database's URL per call when the test runs on PostgreSQL; None on SQLite."""
+    if backend != "postgresql":
+        return lambda: None
+    return request.getfixturevalue("postgres").new_database
 
 
 def make_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> Path:
@@ -52,7 +87,7 @@ def free_port() -> int:
 class Server:
     """One whisperd process with its own directories, ledger and fake-engine log."""
 
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, env: dict[str, str], db_url: str | None = None) -> None:
         self.root = root
         self.port = free_port()
         models = root / "models"
@@ -90,8 +125,11 @@ class Server:
             "WHISPER_API_ALLOW_ANY_TOKEN": "true",
             "PYTHONUNBUFFERED": "1",
         })
+        if db_url:
+            base["WHISPER_DB_URL"] = db_url
         base.update(env)
         self.env = base
+        self.db_url = self.env.get("WHISPER_DB_URL") or None
         self.log_path = root / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -206,11 +244,16 @@ class Server:
         return [json.loads(line) for line in self.engine_log.read_text().splitlines() if line.strip()]
 
     def db(self) -> sqlite3.Connection:
+        assert not self.db_url, "db() is the SQLite ledger's file; use rows() on either backend"
         conn = sqlite3.connect(self.env["WHISPER_DB_PATH"], timeout=10)
         conn.row_factory = sqlite3.Row
         return conn
 
-    def rows(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    def rows(self, sql: str, params: tuple = ()) -> list:
+        """Rows of a query on whichever ledger this server uses (`?` placeholders on both)."""
+        if self.db_url:
+            from pg import fetch
+            return fetch(self.db_url, sql, params)
         with self.db() as conn:
             return conn.execute(sql, params).fetchall()
 
@@ -219,7 +262,8 @@ class Server:
         found = []
         for root in (Path(self.env["WHISPER_TMP_FILES"]), Path(self.env["WHISPER_OUTPUT_DIR"])):
             if root.exists():
-                found += [str(p) for p in root.rglob("*") if p.name != ".incoming"]
+                found += [str(p) for p in root.rglob("*") if p.name not in (".incoming", ".nodes")
+                          and p.parent.name != ".nodes"]
         return found
 
     def log(self) -> str:
@@ -227,11 +271,12 @@ class Server:
 
 
 @pytest.fixture
-def make_server(tmp_path):
+def make_server(tmp_path, new_ledger_url):
     servers: list[Server] = []
 
     def factory(start: bool = True, **env) -> Server:
-        server = Server(tmp_path / f"srv{len(servers)}", {k: str(v) for k, v in env.items()})
+        server = Server(tmp_path / f"srv{len(servers)}", {k: str(v) for k, v in env.items()},
+                        None if "WHISPER_DB_URL" in env else new_ledger_url())
         server.root.mkdir(parents=True, exist_ok=True)
         servers.append(server)
         return server.start() if start else server

@@ -204,4 +204,4 @@ def test_ledger_is_readable_with_the_sqlite3_cli(make_server):
     assert out[1:] == ["accepted", "started", "warning", "completed"]
     tables = sqlite3.connect(server.env["WHISPER_DB_PATH"]).execute(
         "SELECT name FROM schema_migrations").fetchall()
-    assert tables == [("0001_jobs",), ("0002_tokens",), ("0003_webhooks",)]
+    assert tables == [("0001_jobs",), ("0002_tokens",), ("0003_webhooks",), ("0010_cluster",)]

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,7 @@ log = logging.getLogger("whisperd.files")
 
 STAGING = ".incoming"  # uploads in flight; a directory under it never has a job row
 TOKEN_FILE = ".hf_token"
+MARKERS = ".nodes"  # the cluster's node markers (nodes.py), not a job
 _SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,10}$")
 
 
@@ -102,18 +104,35 @@ class JobFiles:
         for path in (self.upload_dir(job_id), self.output_dir(job_id), self.staging_dir(job_id)):
             _remove_tree(path)
 
-    def sweep(self, live_jobs: set[str]) -> list[str]:
-        """Remove whatever belongs to no live job (run at start, before serving)."""
+    def sweep(self, live_jobs: set[str], min_age_seconds: float = 0.0) -> list[str]:
+        """Remove whatever belongs to no live job (run at start, before serving).
+
+        min_age_seconds > 0 (a cluster: other nodes write here while this one starts): what
+        is younger may be an upload whose row is about to be committed elsewhere, so it stays
+        until a later start; the decision is the ledger's, never "no process of mine uses it".
+        """
         removed = []
-        _remove_tree(self.tmp_root / STAGING)
-        (self.tmp_root / STAGING).mkdir(parents=True, exist_ok=True)
-        for root in (self.tmp_root, self.output_root):
+        staging = self.tmp_root / STAGING
+        if min_age_seconds <= 0:
+            _remove_tree(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - min_age_seconds
+        for root, skip in ((staging, set()), (self.tmp_root, {STAGING, MARKERS}), (self.output_root, set())):
             for entry in root.iterdir():
-                if entry.name == STAGING or entry.name in live_jobs:
+                if entry.name in skip or entry.name in live_jobs:
+                    continue
+                if min_age_seconds > 0 and _mtime(entry) > cutoff:
                     continue
                 _remove_tree(entry)
                 removed.append(str(entry))
         return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _remove_tree(path: Path) -> None:

@@ -15,6 +15,7 @@ from .jobfiles import JobFiles
 from .languages import AUTO
 from .jobs import Job
 from .ledger import Ledger
+from .nodes import ABANDONED
 from .results import EngineOutputError, load_engine_result, write_engine_result
 from .worker_client import EngineWorker, WorkerJob, job_message
 
@@ -56,6 +57,9 @@ class JobRunner:
         try:
             await self._run(running)
         except Exception:  # a bug here must not strand the job as Processing forever
+            if running.stop_reason == ABANDONED:  # the ledger is gone too; the job's next runner writes
+                log.warning("job %s: abandoned (lease lost)", job.id)
+                return
             log.exception("job %s: unexpected error", job.id)
             await self._fail(job, "internal error while running the job (see the server log)")
         finally:
@@ -149,7 +153,10 @@ class JobRunner:
     async def _record(self, running: RunningJob, opts: EngineOptions, result: EngineResult) -> None:
         job = running.job
         because = result.killed_because or running.stop_reason
-        if because == "canceled":
+        if because == ABANDONED:
+            # Another node runs it again (or already does): its files and its row are not ours now.
+            log.warning("job %s: abandoned without a result: this node lost its lease", job.id)
+        elif because == "canceled":
             await self.ledger.mark_canceled(job.id, "engine stopped while processing")
             running.ended("Canceled")
             self.files.remove_all(job.id)

@@ -14,7 +14,7 @@ from pathlib import Path
 from tornado.netutil import bind_sockets
 from tornado.process import Subprocess
 
-from . import capabilities, config as config_module, ledger as ledger_module, metrics, probe
+from . import capabilities, config as config_module, ledger as ledger_module, metrics, nodes, probe
 from .app import make_app, make_server
 from .auth import load_validator
 from .config import Config
@@ -121,7 +121,7 @@ def recover(config: Config) -> ledger_module.Recovery:
     if report.webhooks_pending:
         log.warning("%d webhook notice(s) the previous run left unsent are sent again", len(report.webhooks_pending))
     files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
-    removed = files.sweep(report.live_jobs)
+    removed = files.sweep(report.live_jobs, nodes.SWEEP_MIN_AGE_SECONDS if config.WHISPER_DB_URL else 0.0)
     if removed:
         log.info("removed %d file(s) or directories that belonged to no job", len(removed))
     return report
@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.RUST_LOG)
     try:
         check_environment(config)
+        log.info("ledger: %s; node %s, role %s", ledger_module.describe(config), config.node_name,
+                 config.WHISPER_NODE_ROLE)
+        if config.WHISPER_DB_URL:
+            others = nodes.mark_shared_storage(config)
+            log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
+                     (": " + ", ".join(others)) if others else "")
         report = recover(config)
         check_tokens(config, report.live_tokens)
         try:

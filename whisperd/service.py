@@ -19,6 +19,7 @@ from .faults import crash_point
 from .jobfiles import JobFiles
 from .jobs import Job, NewJob
 from .ledger import Ledger, open_ledger
+from .nodes import NodeKeeper
 from .results import EngineOutputError, build_response, load_engine_result
 from .retention import expire_old_jobs
 from .runner import JobRunner
@@ -29,6 +30,8 @@ from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
+# Job events (from any node) after which a scheduler may find work: a new job or a freed slot.
+WAKES_SCHEDULER = {"accepted", "requeued", "completed", "failed", "canceled", "cancel-requested"}
 
 
 class JobError(Exception):
@@ -63,11 +66,14 @@ class Service:
         self.uploads_in_flight = 0
         threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
         # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
-        self.worker = EngineWorker(config, offline, config.max_running, threads) if config.WHISPER_ENGINE == "worker" \
-            else None
+        self.worker = EngineWorker(config, offline, config.max_running, threads) \
+            if config.WHISPER_ENGINE == "worker" and config.runs_jobs else None
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, threads, self.worker)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running)
         self.webhooks = WebhookSender(config, self.ledger)
+        self.keeper = NodeKeeper(config, self.ledger, lambda: self.scheduler.running, self.scheduler.wake,
+                                 self._taken_back)
+        self.scheduler.may_claim = lambda: self.keeper.connected
         self.draining = False
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._retention: PeriodicCallback | None = None
@@ -78,7 +84,10 @@ class Service:
         if self.worker is not None:
             self.worker.start()  # in the background: imports and the default model load while we serve
         await self.webhooks.resume(await self.ledger.claim_pending_webhooks())
-        self.scheduler.start()
+        await self.ledger.listen(self._changed_elsewhere)
+        if self.config.runs_jobs:  # WHISPER_NODE_ROLE=api: answers, runs nothing
+            self.scheduler.start()
+        self.keeper.start()
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
         self._retention = PeriodicCallback(self.run_retention, interval_ms)
         self._retention.start()
@@ -96,6 +105,7 @@ class Service:
             for event in events:
                 event.set()
         await self.webhooks.stop()
+        await self.keeper.stop()
         await self.ledger.close()
 
     def engine_status(self) -> dict[str, Any]:
@@ -151,10 +161,29 @@ class Service:
 
     def notify(self, job_id: str) -> None:
         """A job changed state here: wake its waiters and, if it ended, send its webhook."""
-        for event in self._waiters.get(job_id, ()):
-            event.set()
+        self._wake_waiters(job_id)
         if self.webhooks.enabled:
             asyncio.ensure_future(self._after_change(job_id))
+
+    def _wake_waiters(self, job_id: str) -> None:
+        for event in self._waiters.get(job_id, ()):
+            event.set()
+
+    def _changed_elsewhere(self, event: str, job_id: str | None) -> None:
+        """A NOTIFY from the shared ledger (any node, this one included): wake who cares.
+
+        Webhooks are not sent from here: only the process that ended a job sends its notice.
+        """
+        if job_id is not None:
+            self._wake_waiters(job_id)
+        if event in WAKES_SCHEDULER or job_id is None or job_id in self.scheduler.running:
+            self.scheduler.wake()  # a new job, a freed slot, or a cancel of a job running here
+
+    def _taken_back(self, requeued: list[str], poisoned: list[str]) -> None:
+        """Jobs of a dead node: the requeued run again anywhere; the failed lose their files."""
+        for job_id in poisoned:
+            self.files.remove_all(job_id)
+            self.notify(job_id)
 
     async def _after_change(self, job_id: str) -> None:
         try:

@@ -43,4 +43,16 @@ class StatusHandler(BaseHandler):
             "queue_state": {"queued_jobs": counts["Queued"], "processing_jobs": counts["Processing"]},
             "error": error,
             "engine": self.service.engine_status(),  # beyond the spec: the warm engine's state
+            **(await self._cluster()),
         })
+
+    async def _cluster(self) -> dict:
+        """Beyond the spec: this node, and for an admin every node of the cluster."""
+        config = self.service.config
+        body: dict = {"node": {"name": config.node_name, "role": config.WHISPER_NODE_ROLE}}
+        if self.identity.admin:
+            try:
+                body["nodes"] = await self.service.ledger.nodes()
+            except Exception:  # like the counts: report (as null), don't fail
+                body["nodes"] = None
+        return body
