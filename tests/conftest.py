@@ -34,11 +34,13 @@ BACKENDS = [name for name in os.environ.get("WHISPERD_TEST_BACKENDS", "sqlite,po
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine: runs the real WhisperX engine (slow, needs scripts/setup-engine.sh)")
+    config.addinivalue_line("markers", "sqlite_only: about the SQLite file itself (not run on PostgreSQL)")
 
 
 def pytest_generate_tests(metafunc):
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    if module in BOTH_BACKENDS and "make_server" in metafunc.fixturenames:
+    if module in BOTH_BACKENDS and "make_server" in metafunc.fixturenames \
+            and not metafunc.definition.get_closest_marker("sqlite_only"):
         metafunc.parametrize("backend", BACKENDS, indirect=True)
 
 

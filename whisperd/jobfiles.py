@@ -121,8 +121,9 @@ class JobFiles:
             for entry in root.iterdir():
                 if entry.name in skip or entry.name in live_jobs:
                     continue
-                if min_age_seconds > 0 and _mtime(entry) > cutoff:
-                    continue
+                if min_age_seconds > 0 and (entry.name.startswith(".") or is_job_id(entry.name)
+                                            and _mtime(entry) > cutoff):
+                    continue  # another node's check file, or perhaps a job whose row is being committed
                 _remove_tree(entry)
                 removed.append(str(entry))
         return removed

@@ -88,7 +88,7 @@ class NodeKeeper:
             if job_id in running:
                 log.error("job %s: its lease was taken back by another node; stopping it here", job_id)
                 await running[job_id].stop(ABANDONED)
-        if not self.ledger.shared or not self.config.runs_jobs:
+        if not self.ledger.shared:  # any live node takes back, an api node too (it may be the last)
             return
         try:
             report = await self.ledger.take_back_expired(self.config.WHISPER_MAX_ATTEMPTS)

@@ -49,7 +49,7 @@ def check_environment(config: Config) -> None:
     try:
         files.ensure_roots()
         for root in (files.tmp_root, files.output_root):
-            marker = root / ".write-test"
+            marker = root / f".write-test-{config.node_name}-{os.getpid()}"  # nodes may share the root
             marker.write_bytes(b"")
             marker.unlink()
     except OSError as exc:
@@ -121,6 +121,8 @@ def recover(config: Config) -> ledger_module.Recovery:
     if report.webhooks_pending:
         log.warning("%d webhook notice(s) the previous run left unsent are sent again", len(report.webhooks_pending))
     files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+    for job_id in report.poisoned:  # failed just now: by the ledger's word, their files go
+        files.remove_all(job_id)
     removed = files.sweep(report.live_jobs, nodes.SWEEP_MIN_AGE_SECONDS if config.WHISPER_DB_URL else 0.0)
     if removed:
         log.info("removed %d file(s) or directories that belonged to no job", len(removed))
