@@ -264,12 +264,26 @@ class Server:
         found = []
         for root in (Path(self.env["WHISPER_TMP_FILES"]), Path(self.env["WHISPER_OUTPUT_DIR"])):
             if root.exists():
-                found += [str(p) for p in root.rglob("*") if p.name not in (".incoming", ".nodes")
-                          and p.parent.name != ".nodes"]
+                found += [str(p) for p in root.rglob("*") if _job_file(p.relative_to(root).parts)]
         return found
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _job_file(parts: tuple[str, ...]) -> bool:
+    """Not the staging directory itself (nor a node's own one on shared storage), not node markers."""
+    if parts[0] == ".nodes" or parts == (".incoming",):
+        return False
+    return not (parts[0] == ".incoming" and len(parts) == 2 and not _is_uuid(parts[1]))
+
+
+def _is_uuid(text: str) -> bool:
+    import uuid
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 @pytest.fixture

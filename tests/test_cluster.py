@@ -253,3 +253,22 @@ def test_the_database_password_never_reaches_a_log_or_an_error(cluster, postgres
     bad = subprocess.run([sys.executable, str(REPO / "whisperd.py")], capture_output=True, text=True, timeout=60,
                          env={**env, "WHISPER_DB_URL": "mysql://user:hunter2@x/db"})
     assert bad.returncode == 2 and "hunter2" not in bad.stderr and "WHISPER_DB_URL" in bad.stderr
+
+
+def test_a_node_that_cannot_renew_its_lease_abandons_the_job_without_a_result(cluster, postgres):
+    node = cluster("cutoff", "all", FAKE_WHISPERX_SLOW_SECONDS="6")
+    job_id = node.submit_ok(diarize="false", prompt="fake:slow")
+    node.wait_status(job_id, ("Processing",))
+    deadline = time.monotonic() + 10
+    while not node.engine_runs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (first,) = node.engine_runs()
+    postgres.restart(down_seconds=5.0)  # longer than the 3 s lease: the node cannot prove the job is its own
+    assert not alive(first["pid"]), "the engine of an abandoned job must be stopped"
+    assert "abandon" in node.log()
+    assert node.wait_status(job_id, timeout=60)["status"] == "Completed"
+    (row,) = node.rows("SELECT attempts FROM jobs WHERE id=?", (job_id,))
+    assert row["attempts"] == 2
+    events = events_of(node, job_id)
+    assert events.count("completed") == 1 and events.count("requeued") == 1, events
+    assert "failed" not in events

@@ -15,6 +15,7 @@ log = logging.getLogger("whisperd.files")
 STAGING = ".incoming"  # uploads in flight; a directory under it never has a job row
 TOKEN_FILE = ".hf_token"
 MARKERS = ".nodes"  # the cluster's node markers (nodes.py), not a job
+NODE_FILE = ".node"  # in a job's upload directory on shared storage: the node that accepted it
 _SAFE_SUFFIX = re.compile(r"^\.[a-z0-9]{1,10}$")
 
 
@@ -49,12 +50,22 @@ def display_name(client_name: str | None) -> str:
 class JobFiles:
     """The upload directory and the engine output directory of every job."""
 
-    def __init__(self, tmp_root: str, output_root: str) -> None:
+    def __init__(self, tmp_root: str, output_root: str, node: str | None = None) -> None:
         self.tmp_root = Path(tmp_root).resolve()
         self.output_root = Path(output_root).resolve()
+        # On storage several nodes share, each node stages its uploads in a directory of its
+        # own, which it alone may empty at start.
+        self.staging_root = self.tmp_root / STAGING / node if node else self.tmp_root / STAGING
+        self.node = node
+
+    @classmethod
+    def of(cls, config) -> "JobFiles":
+        """The configured roots; per-node staging when the ledger (and so the disk) is shared."""
+        return cls(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR,
+                   config.node_name if config.WHISPER_DB_URL else None)
 
     def ensure_roots(self) -> None:
-        for root in (self.tmp_root, self.output_root, self.tmp_root / STAGING):
+        for root in (self.tmp_root, self.output_root, self.tmp_root / STAGING, self.staging_root):
             root.mkdir(parents=True, exist_ok=True)
             os.chmod(root, 0o700)
 
@@ -63,7 +74,7 @@ class JobFiles:
         return min(shutil.disk_usage(root).free for root in (self.tmp_root, self.output_root)) / 2**20
 
     def staging_dir(self, job_id: str) -> Path:
-        return self.tmp_root / STAGING / job_id
+        return self.staging_root / job_id
 
     def upload_dir(self, job_id: str) -> Path:
         return self.tmp_root / job_id
@@ -94,6 +105,8 @@ class JobFiles:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(hf_token)
+        if self.node:  # whose upload this is, until its row is committed (see sweep)
+            (staged / NODE_FILE).write_text(self.node, encoding="utf-8")
         os.rename(staged, self.upload_dir(job_id))
 
     def remove_output(self, job_id: str) -> None:
@@ -112,21 +125,28 @@ class JobFiles:
         until a later start; the decision is the ledger's, never "no process of mine uses it".
         """
         removed = []
-        staging = self.tmp_root / STAGING
-        if min_age_seconds <= 0:
-            _remove_tree(staging)
-        staging.mkdir(parents=True, exist_ok=True)
+        _remove_tree(self.staging_root)  # this node's uploads in flight died with its last run
+        self.staging_root.mkdir(parents=True, exist_ok=True)
         cutoff = time.time() - min_age_seconds
-        for root, skip in ((staging, set()), (self.tmp_root, {STAGING, MARKERS}), (self.output_root, set())):
+        for root, skip in ((self.tmp_root, {STAGING, MARKERS}), (self.output_root, set())):
             for entry in root.iterdir():
                 if entry.name in skip or entry.name in live_jobs:
                     continue
                 if min_age_seconds > 0 and (entry.name.startswith(".") or is_job_id(entry.name)
-                                            and _mtime(entry) > cutoff):
-                    continue  # another node's check file, or perhaps a job whose row is being committed
+                                            and _mtime(entry) > cutoff and _made_by(entry) != self.node):
+                    # Another node's check file, or an upload another node may be committing
+                    # right now; an upload this node made in its previous life is dead.
+                    continue
                 _remove_tree(entry)
                 removed.append(str(entry))
         return removed
+
+
+def _made_by(directory: Path) -> str | None:
+    try:
+        return (directory / NODE_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _mtime(path: Path) -> float:

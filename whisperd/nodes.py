@@ -58,7 +58,8 @@ class NodeKeeper:
         self._last_renewed = time.monotonic()
         self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.beat()  # registered before the first request is served
         self._task = asyncio.ensure_future(self._loop())
 
     async def stop(self) -> None:
@@ -68,8 +69,8 @@ class NodeKeeper:
 
     async def _loop(self) -> None:
         while True:
-            await self.beat()
             await asyncio.sleep(self.interval)
+            await self.beat()
 
     async def beat(self) -> None:
         """One round: heartbeat and renewals, then take-backs (each failure handled here)."""

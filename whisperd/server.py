@@ -45,7 +45,7 @@ def setup_logging(level: str) -> None:
 
 def check_environment(config: Config) -> None:
     """Warn about what will hurt later; raise StartupError for what cannot work at all."""
-    files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+    files = JobFiles.of(config)
     try:
         files.ensure_roots()
         for root in (files.tmp_root, files.output_root):
@@ -120,7 +120,7 @@ def recover(config: Config) -> ledger_module.Recovery:
         log.error("failed %d job(s) that crashed %d times", len(report.poisoned), config.WHISPER_MAX_ATTEMPTS)
     if report.webhooks_pending:
         log.warning("%d webhook notice(s) the previous run left unsent are sent again", len(report.webhooks_pending))
-    files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+    files = JobFiles.of(config)
     for job_id in report.poisoned:  # failed just now: by the ledger's word, their files go
         files.remove_all(job_id)
     removed = files.sweep(report.live_jobs, nodes.SWEEP_MIN_AGE_SECONDS if config.WHISPER_DB_URL else 0.0)

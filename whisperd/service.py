@@ -61,7 +61,7 @@ class Service:
         self.offline = offline
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.ledger = open_ledger(config, self.actor)
-        self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+        self.files = JobFiles.of(config)
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0
         threads = max(1, (os.cpu_count() or 1) // config.max_running) if config.max_running > 1 else None
@@ -87,7 +87,7 @@ class Service:
         await self.ledger.listen(self._changed_elsewhere)
         if self.config.runs_jobs:  # WHISPER_NODE_ROLE=api: answers, runs nothing
             self.scheduler.start()
-        self.keeper.start()
+        await self.keeper.start()
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
         self._retention = PeriodicCallback(self.run_retention, interval_ms)
         self._retention.start()

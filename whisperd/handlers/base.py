@@ -10,7 +10,7 @@ from typing import Any
 from tornado.web import HTTPError, RequestHandler
 
 from ..auth import AuthError, Identity
-from ..ledger import LedgerBusy
+from ..ledger import LedgerBusy, LedgerUnavailable
 from ..service import Service
 
 log = logging.getLogger("whisperd.http")
@@ -71,6 +71,11 @@ class BaseHandler(RequestHandler):
             self.set_status(503)
             self.set_header("Retry-After", "5")
             message = "the job ledger is busy; try again in a moment"
+        elif isinstance(exc, LedgerUnavailable):
+            # The shared database is away (restarting, network): the request may be tried again.
+            self.set_status(503)
+            self.set_header("Retry-After", "5")
+            message = "the job ledger is unavailable; try again in a moment"
         elif status_code == 405:
             message = f"method {self.request.method} is not allowed here; allowed: {', '.join(self.allowed_methods)}"
             self.set_header("Allow", ", ".join(self.allowed_methods))
