@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, alive
+from conftest import REPO, _job_file, alive
 from pg import PASSWORD
 
 
@@ -51,7 +51,7 @@ def shared_files(root: Path) -> list[str]:
     for sub in ("tmp", "output"):
         base = root / sub
         if base.exists():
-            found += [str(p) for p in base.rglob("*") if ".nodes" not in p.parts and p.name != ".incoming"]
+            found += [str(p) for p in base.rglob("*") if _job_file(p.relative_to(base).parts)]
     return found
 
 
