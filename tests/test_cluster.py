@@ -272,3 +272,30 @@ def test_a_node_that_cannot_renew_its_lease_abandons_the_job_without_a_result(cl
     events = events_of(node, job_id)
     assert events.count("completed") == 1 and events.count("requeued") == 1, events
     assert "failed" not in events
+
+
+def test_a_webhook_is_sent_once_across_the_cluster(cluster):
+    from test_webhooks import LOOPBACK, Receiver
+
+    receiver = Receiver()
+    try:
+        api = cluster("hookapi", "api", **LOOPBACK)
+        workers = [cluster(f"hookw{i}", "worker", FAKE_WHISPERX_SLOW_SECONDS="0.3", **LOOPBACK) for i in range(2)]
+        ids = [api.submit_ok(diarize="false", prompt="fake:slow", callback_url=receiver.url(f"/hook/{i}"))
+               for i in range(6)]
+        canceled = api.submit_ok(diarize="false", prompt="fake:slow", callback_url=receiver.url("/hook/c"))
+        api.api("DELETE", f"/transcription/{canceled}")
+        for job_id in ids:
+            api.wait_status(job_id)
+        deadline = time.monotonic() + 15
+        while len(receiver.calls) < 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # a second copy, were there one, would arrive by now
+        paths = sorted(call["path"] for call in receiver.calls)
+        assert paths == sorted([f"/hook/{i}" for i in range(6)] + ["/hook/c"])
+        for job_id in ids + [canceled]:
+            assert events_of(api, job_id).count("webhook-delivered") == 1
+        assert len({row["node"] for row in api.rows("SELECT node FROM jobs WHERE id = ANY(?)", (ids,))}) >= 1
+        assert all(w.proc.poll() is None for w in workers)
+    finally:
+        receiver.httpd.shutdown()
