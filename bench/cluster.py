@@ -8,8 +8,9 @@
   throughput  jobs/s end to end (submit to Completed) on the no-op engine with 1, 2 and 3 worker
               nodes behind one api node, each worker node running 2 jobs at a time.
   claims      claim latency (accepted -> started, from job_events) with 3 worker nodes competing.
+  status      status reads on one node, the SQLite ledger beside the PostgreSQL one (20,000 jobs).
 
-Run: .venv/bin/python bench/cluster.py [soak|throughput|claims|all] [--jobs N]. Each takes a few
+Run: .venv/bin/python bench/cluster.py [soak|throughput|claims|status|all] [--jobs N]. Each takes a few
 minutes at most on 2 cores; needs Debian's postgresql (scripts/setup.sh installs it).
 """
 
@@ -200,9 +201,70 @@ def claims(postgres: PostgresServer, jobs: int = 150) -> dict:
             "max_ms": round(max(latencies), 1), "per_node": per_node}
 
 
+def _fill(server: Server, total: int) -> list[str]:
+    """`total` finished jobs straight into the server's ledger (as the CLI of either database would)."""
+    import uuid
+    now = datetime.now().astimezone().strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    rows = [(str(uuid.uuid4()), "anyone", "Completed", now, "a.wav", 1000, "en", "tiny.en", "txt", 0, "", "cpu", "0",
+             now, now) for _ in range(total)]
+    columns = ("id", "owner", "status", "created_at", "filename", "upload_bytes", "language", "model",
+               "response_format", "diarize", "prompt", "device", "device_index", "started_at", "finished_at")
+    if server.db_url:
+        import asyncio
+
+        import asyncpg
+
+        async def copy():
+            conn = await asyncpg.connect(server.db_url)
+            try:
+                await conn.copy_records_to_table("jobs", records=rows, columns=columns)
+                await conn.execute("ANALYZE jobs")
+            finally:
+                await conn.close()
+
+        asyncio.run(copy())
+    else:
+        with server.db() as conn:
+            conn.executemany(f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", rows)
+    return [row[0] for row in rows]
+
+
+def status_reads(postgres: PostgresServer, jobs: int = 20000, reads: int = 4000) -> dict[str, dict]:
+    """GET /transcription/{id} from 8 client threads on one node, SQLite beside PostgreSQL."""
+    figures = {}
+    for backend in ("sqlite", "postgresql"):
+        root = Path(tempfile.mkdtemp(prefix="whisperd-cluster-status-"))
+        env = {"RUST_LOG": "warn", "FAKE_WHISPERX_LOG": ""}
+        if backend == "postgresql":
+            env["WHISPER_DB_URL"] = postgres.new_database()
+        server = Server(root, env).start()
+        ids = _fill(server, jobs)
+        picks = [random.choice(ids) for _ in range(reads)]
+        session = threading.local()
+
+        def read(job_id: str) -> float:
+            if not hasattr(session, "s"):
+                session.s = requests.Session()
+            started = time.perf_counter()
+            response = session.s.get(server.url(f"/transcription/{job_id}"),
+                                     headers={"Authorization": "Bearer bench"}, timeout=30)
+            assert response.status_code == 200, response.text
+            return 1000 * (time.perf_counter() - started)
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            latencies = list(pool.map(read, picks))
+        elapsed = time.monotonic() - started
+        figures[backend] = {"reads_per_s": round(reads / elapsed), "p50_ms": round(pct(latencies, 50), 2),
+                            "p99_ms": round(pct(latencies, 99), 2)}
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", nargs="?", default="all", choices=("soak", "throughput", "claims", "all"))
+    parser.add_argument("what", nargs="?", default="all", choices=("soak", "throughput", "claims", "status", "all"))
     parser.add_argument("--jobs", type=int, default=1000, help="soak jobs")
     parser.add_argument("--kill-every", type=int, default=200, help="soak: kill -9 a node after this many jobs")
     args = parser.parse_args()
@@ -219,6 +281,11 @@ def main() -> int:
         if args.what in ("claims", "all"):
             result = claims(postgres)
             line = f"claim latency (accepted -> started) with 3 worker nodes: {result}"
+            print(line)
+            lines.append(line)
+        if args.what in ("status", "all"):
+            result = status_reads(postgres)
+            line = f"status reads (GET /transcription/{{id}}, 20,000 jobs, 8 client threads, one node): {result}"
             print(line)
             lines.append(line)
         if args.what in ("soak", "all"):
