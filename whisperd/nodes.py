@@ -96,10 +96,11 @@ class NodeKeeper:
         except Exception as exc:
             log.warning("could not look for expired leases: %s", exc.__class__.__name__)
             return
-        if report.requeued or report.poisoned:
-            log.warning("took back %d job(s) whose node stopped renewing its lease (%d requeued, %d failed)",
-                        len(report.requeued) + len(report.poisoned), len(report.requeued), len(report.poisoned))
-            self._on_taken_back(report.requeued, report.poisoned)
+        if report.requeued or report.poisoned or report.canceled:
+            log.warning("took back %d job(s) whose node stopped renewing its lease (%d requeued, %d failed, "
+                        "%d canceled as asked)", len(report.requeued) + len(report.poisoned) + len(report.canceled),
+                        len(report.requeued), len(report.poisoned), len(report.canceled))
+            self._on_taken_back(report.requeued, report.poisoned + report.canceled)  # ended: their files go
             self._wake()
 
     async def _unreachable(self, exc: Exception, running: dict) -> None:

@@ -321,9 +321,10 @@ class Service:
             self.scheduler.wake()  # a new job, a freed slot, or a cancel of a job running here
 
     def _taken_back(self, requeued: list[str], poisoned: list[str]) -> None:
-        """Jobs of a dead node: the requeued run again anywhere; the failed lose their files."""
+        """Jobs of a dead node: the requeued run again anywhere; those that ended (failed as
+        poison, or canceled as asked) lose their files."""
         for job_id in poisoned:
-            self.delete_job_files(job_id, "failed")
+            self.delete_job_files(job_id, "ended after its node died")
             self.notify(job_id)
 
     async def _after_change(self, job_id: str) -> None:

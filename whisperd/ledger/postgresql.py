@@ -13,22 +13,24 @@ import asyncio
 import json
 import logging
 import threading
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from ..config import REPO_DIR
-from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, TokenRecord, now_iso
-from .errors import LedgerUnavailable, TokenNameTaken
+from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, Quota, TokenRecord, UploadRecord, now_iso
+from .errors import LedgerUnavailable, QuotaExceeded, TokenNameTaken
 from .notify import CHANNEL, Listener
 from .recovery import Recovery
+from .sqlite import TOKEN_LIMITS, fair_position  # plain Python: the same rules on both backends
 
 log = logging.getLogger("whisperd.ledger")
 MIGRATIONS_DIR = REPO_DIR / "migrations" / "postgresql"
 MIGRATION_LOCK = 0x77687370  # pg_advisory_xact_lock key: one node migrates, the others wait
 CLAIM_LOCK = 0x7768636C      # with hashtext(node): one claim at a time per node (its slot count)
 WEBHOOK_LOCK = 0x77687768    # one claim of pending webhooks at a time, across the cluster
+QUOTA_LOCK = 0x77687175      # with hashtext(owner): one quota check and insert at a time per owner
 RETRY_SECONDS = 10.0         # a restarting database: reads and writes wait this long before failing
 CONNECT_TIMEOUT = 5.0
 # The connection broke or the server is (re)starting: worth trying again on a new connection.
@@ -80,6 +82,19 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1]) if status and status[-1].isdigit() else 0
 
 
+# The claim's choice of the next job, per scheduling policy (FOR UPDATE SKIP LOCKED: a row another
+# node is claiming right now is passed over, never waited for).
+_FIFO_NEXT = "SELECT seq FROM jobs WHERE status='Queued' ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+# fair: the oldest queued job of each owner, the owner served least recently first (never
+# served counts as longest ago; ties go to the older job), as in sqlite.py.
+_FAIR_NEXT = (
+    "SELECT j.seq FROM jobs j LEFT JOIN scheduling_turns t ON t.owner = j.owner"
+    " WHERE j.status='Queued' AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.status='Queued'"
+    " AND o.owner = j.owner AND o.seq < j.seq)"
+    " ORDER BY coalesce(t.turn, 0), j.seq LIMIT 1 FOR UPDATE OF j SKIP LOCKED"
+)
+
+
 # --- schema -------------------------------------------------------------------------------
 
 
@@ -124,8 +139,11 @@ def prepare(url: str, node: str, max_attempts: int, actor: str) -> Recovery:
         conn = await _connect(url)
         try:
             await migrate(conn)
-            report = await _take_back(conn, "node = $1", (node,), max_attempts, actor,
-                                      f"node {node} restarted while processing")
+            # This node's Processing jobs, and any Queued one whose cancel was pending when a
+            # graceful stop put it back (requeued jobs belong to no node).
+            report = await _take_back(conn, "(node = $1 OR status = 'Queued')", (node,), max_attempts, actor,
+                                      f"node {node} restarted while processing", queued_too=True)
+            report.job_rows = await conn.fetchval("SELECT count(*) FROM jobs")
             report.webhooks_pending = await _mark_pending_webhooks(conn, node, actor)
             report.live_tokens = await conn.fetchval(
                 "SELECT count(*) FROM api_tokens WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1)",
@@ -168,20 +186,33 @@ def release_worker(url: str, worker: str, max_attempts: int, actor: str) -> Reco
 
 
 async def _take_back(conn: asyncpg.Connection, where: str, params: tuple, max_attempts: int, actor: str,
-                     why: str) -> Recovery:
-    """Processing jobs matching `where` go back to the queue, or fail after max_attempts."""
+                     why: str, queued_too: bool = False) -> Recovery:
+    """Processing jobs matching `where` go back to the queue, fail after max_attempts, or, when
+    their cancel was asked for, end Canceled: a crash never undoes a cancel (queued_too: also
+    the Queued rows a graceful stop put back while their cancel was pending)."""
     report = Recovery()
     async with conn.transaction():
         stamp = now_iso()
+        statuses = "('Processing', 'Queued')" if queued_too else "('Processing')"
         rows = await conn.fetch(
-            f"SELECT id, attempts, engine_pid FROM jobs WHERE status='Processing' AND {where}"
+            f"SELECT id, status, attempts, engine_pid, cancel_requested FROM jobs WHERE status IN {statuses}"
+            f" AND (status='Processing' OR cancel_requested=1) AND {where}"
             " ORDER BY seq FOR UPDATE SKIP LOCKED",
             *params,
         )
         for row in rows:
             if row["engine_pid"]:
                 report.engine_pids[row["id"]] = row["engine_pid"]
-            if row["attempts"] >= max_attempts:
+            if row["cancel_requested"]:
+                await conn.execute(
+                    "UPDATE jobs SET status='Canceled', finished_at=$1, error='canceled by the client',"
+                    " worker=NULL, engine_pid=NULL, progress=NULL, stage=NULL, lease_until=NULL WHERE id=$2",
+                    stamp, row["id"],
+                )
+                await _event(conn, row["id"], stamp, "canceled", actor,
+                             f"{why}; its cancel was asked for, so it ends here")
+                report.canceled.append(row["id"])
+            elif row["attempts"] >= max_attempts:
                 reason = (
                     f"gave up after {row['attempts']} attempts: the server or the engine "
                     "stopped while running this job each time"
@@ -203,6 +234,24 @@ async def _take_back(conn: asyncpg.Connection, where: str, params: tuple, max_at
                 await _event(conn, row["id"], stamp, "requeued", actor, why)
                 report.requeued.append(row["id"])
     return report
+
+
+def known_jobs(url: str, ids: Iterable[str]) -> set[str]:
+    """Which of these ids the ledger has a row for (start-up: a directory of a known job that
+    ended may go; one of an unknown job is quarantined)."""
+
+    async def run() -> set[str]:
+        conn = await _connect(url)
+        try:
+            rows = await conn.fetch("SELECT id FROM jobs WHERE id = ANY($1::text[])", list(ids))
+            return {row[0] for row in rows}
+        finally:
+            await conn.close()
+
+    try:
+        return _run_sync(run)
+    except (*CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+        raise _unavailable(url, exc) from None
 
 
 async def _mark_pending_webhooks(conn: asyncpg.Connection, node: str, actor: str) -> list[str]:
@@ -314,26 +363,57 @@ class PostgreSQLLedger:
 
     # -- the interface
 
-    async def submit(self, job: NewJob, detail: str | None = None) -> None:
+    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> None:
         async def work(conn, now):
             exists = await conn.fetchval("SELECT 1 FROM jobs WHERE id=$1", job.id)
             if exists:  # a retry after a commit whose answer was lost
                 return
+            if quota is not None and (quota.max_active or quota.max_audio_seconds):
+                await self._check_quota(conn, job, quota)
             await conn.execute(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
-                " model, response_format, diarize, prompt, device, device_index, warnings, callback_url)"
-                " VALUES ($1, $2, 'Queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                " model, response_format, diarize, prompt, device, device_index, warnings, callback_url,"
+                " task, audio_seconds, temperature)"
+                " VALUES ($1, $2, 'Queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
                 job.id, job.owner, now, job.filename, job.upload_bytes, job.language,
                 job.model, job.response_format, int(job.diarize), job.prompt, job.device,
-                job.device_index, json.dumps(job.warnings), job.callback_url,
+                job.device_index, json.dumps(job.warnings), job.callback_url, job.task, job.audio_seconds,
+                job.temperature,
             )
             await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)
 
         await self._write(work)
 
-    async def claim(self, max_running: int) -> Job | None:
-        """Move the oldest Queued job no other node is taking to Processing, on this node, if
-        fewer than max_running run on this node (a node is a GPU box: its limit is its own)."""
+    @staticmethod
+    async def _check_quota(conn, job: NewJob, quota: Quota) -> None:
+        # Inside the inserting transaction, under a per-owner advisory lock held to its commit:
+        # no other process of any node can insert for this owner between this count and the
+        # INSERT. The same jobs count as in usage(): not those canceled before they ran.
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", QUOTA_LOCK, job.owner)
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE status IN ('Queued', 'Processing')) AS active,"
+            " coalesce(sum(audio_seconds) FILTER (WHERE created_at >= $1"
+            " AND NOT (status='Canceled' AND started_at IS NULL)), 0)::float8 AS seconds"
+            " FROM jobs WHERE owner=$2",
+            quota.since, job.owner,
+        )
+        active, seconds = int(row["active"] or 0), float(row["seconds"] or 0.0)
+        if quota.max_active and active >= quota.max_active:
+            raise QuotaExceeded("max_queued", active)
+        adding = job.audio_seconds or 0.0
+        if quota.max_audio_seconds and (seconds + adding > quota.max_audio_seconds
+                                        or (not adding and seconds >= quota.max_audio_seconds)):
+            raise QuotaExceeded("max_audio_seconds", seconds)
+
+    async def claim(self, max_running: int, policy: str = "fifo") -> Job | None:
+        """Move the next Queued job no other node is taking to Processing, on this node, if
+        fewer than max_running run on this node (a node is a GPU box: its limit is its own).
+
+        fifo: the oldest job. fair: the oldest job of the identity served least recently (as in
+        sqlite.py). Every claim, under either policy, records its identity's turn in the same
+        transaction, so the order holds across nodes and survives a switch of policy.
+        """
+        pick = _FAIR_NEXT if policy == "fair" else _FIFO_NEXT
 
         async def work(conn, now):
             # The worker processes of one node count the same slots: one claim at a time per node.
@@ -346,14 +426,19 @@ class PostgreSQLLedger:
                 "UPDATE jobs SET status='Processing', started_at=$1, attempts=attempts+1,"
                 " worker=$2, node=$3, lease_until=now() + make_interval(secs => $4),"
                 " progress=0, stage='starting'"
-                " WHERE seq=(SELECT seq FROM jobs WHERE status='Queued' ORDER BY seq LIMIT 1"
-                " FOR UPDATE SKIP LOCKED)"
+                f" WHERE seq=({pick})"
                 " RETURNING *",
                 now, self.actor, self.node, float(self.lease_seconds),
             )
             if row is None:
                 return None
             job = Job.from_row(row)
+            await conn.execute(
+                "INSERT INTO scheduling_turns (owner, turn)"
+                " VALUES ($1, (SELECT coalesce(max(turn), 0) + 1 FROM scheduling_turns))"
+                " ON CONFLICT (owner) DO UPDATE SET turn = EXCLUDED.turn",
+                job.owner,
+            )
             await self._add_event(conn, job.id, now, "started", f"attempt {job.attempts} on node {self.node}")
             return job
 
@@ -427,6 +512,16 @@ class PostgreSQLLedger:
             job_id, "requeued", reason,
         )
 
+    async def requeue_uncounted(self, job_id: str, reason: str) -> bool:
+        """Put a Processing job back in its place without using up the attempt its claim counted
+        (the engine died beside it, or was restarted to stop another job)."""
+        return await self._transition(
+            "UPDATE jobs SET status='Queued', started_at=NULL, worker=NULL, node=NULL, engine_pid=NULL,"
+            " progress=NULL, stage=NULL, lease_until=NULL, attempts=greatest(attempts - 1, 0)"
+            " WHERE id=$1 AND status='Processing' AND worker=$3 AND $2::text IS NOT NULL",
+            job_id, "requeued", reason,
+        )
+
     async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]:
         """Cancel a Queued job at once; flag a Processing one for its runner (on any node) to stop.
 
@@ -464,12 +559,18 @@ class PostgreSQLLedger:
         )
 
     async def mark_delivered(self, job_id: str, actor: str) -> bool:
-        """Record that the result went out; only the first caller wins (no double delivery)."""
+        """Record that the whole result went out, and to whom; only the first caller wins."""
         return await self._transition(
-            "UPDATE jobs SET delivered_at=$2 WHERE id=$1 AND status='Completed'"
+            "UPDATE jobs SET delivered_at=$2, delivered_to=$4 WHERE id=$1 AND status='Completed'"
             " AND delivered_at IS NULL AND expired_at IS NULL AND $3::text IS NOT NULL",
-            job_id, "delivered", "files deleted", actor,
+            job_id, "delivered", "result sent in full; files go after the grace window", actor, actor,
         )
+
+    async def checkpoint(self) -> tuple[int, int, int]:
+        """SQLite's WAL checkpoint; PostgreSQL checkpoints on its own: nothing to do here."""
+        if self._pool is None:
+            raise LedgerUnavailable("ledger is not open")
+        return 0, 0, 0
 
     async def expire(self, cutoff_iso: str, limit: int = 500) -> list[str]:
         """Mark finished jobs older than the cutoff as expired; returns their ids."""
@@ -492,10 +593,57 @@ class PostgreSQLLedger:
         row = await self._fetch_one("SELECT * FROM jobs WHERE id=$1", job_id)
         return Job.from_row(row) if row else None
 
-    async def queue_position(self, job: Job) -> int:
-        """1-based place among Queued jobs (of the whole cluster)."""
-        row = await self._fetch_one("SELECT count(*) FROM jobs WHERE status='Queued' AND seq <= $1", job.seq)
-        return int(row[0]) if row else 0
+    async def queue_position(self, job: Job, policy: str = "fifo") -> int:
+        """1-based place among Queued jobs (of the whole cluster) in the order `claim(policy=...)` takes them."""
+        if policy != "fair":
+            row = await self._fetch_one("SELECT count(*) FROM jobs WHERE status='Queued' AND seq <= $1", job.seq)
+            return int(row[0]) if row else 0
+        row = await self._fetch_one(
+            "SELECT count(*) FROM jobs WHERE status='Queued' AND owner=$1 AND seq <= $2", job.owner, job.seq)
+        rank = int(row[0]) if row else 0
+        if rank == 0:
+            return 0
+        # Another owner delays this job by at most `rank` jobs: count no further than that.
+        owners = await self._fetch_all(
+            "SELECT j.owner, least(count(*), $1)::int AS n, min(j.seq) AS head, coalesce(max(t.turn), 0) AS turn"
+            " FROM jobs j LEFT JOIN scheduling_turns t ON t.owner = j.owner"
+            " WHERE j.status='Queued' GROUP BY j.owner",
+            rank,
+        )
+        return fair_position(job.owner, rank, [(r["owner"], r["n"], r["turn"], r["head"]) for r in owners])
+
+    async def list_jobs(self, owner: str | None, status: str | None, before_seq: int | None,
+                        limit: int) -> list[Job]:
+        """Jobs newest first: one owner's (None: everyone's), optionally of one status, below a seq."""
+        where, params = [], []
+        for column, value in (("owner=", owner), ("status=", status), ("seq<", before_seq)):
+            if value is not None:
+                params.append(value)
+                where.append(f"{column}${len(params)}")
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        params.append(limit)
+        rows = await self._fetch_all(f"SELECT * FROM jobs{clause} ORDER BY seq DESC LIMIT ${len(params)}", *params)
+        return [Job.from_row(row) for row in rows]
+
+    async def usage(self, owner: str | None, day_start: str, window_start: str) -> dict[str, dict[str, Any]]:
+        """Per owner (one, or None: all): active jobs, and jobs and audio seconds since each time.
+
+        A job canceled before it ever ran costs nothing and is not counted.
+        """
+        rows = await self._fetch_all(
+            "SELECT owner,"
+            " count(*) FILTER (WHERE status IN ('Queued', 'Processing')) AS active,"
+            " count(*) FILTER (WHERE created_at >= $1) AS jobs_today,"
+            " coalesce(sum(audio_seconds) FILTER (WHERE created_at >= $1), 0)::float8 AS seconds_today,"
+            " count(*) FILTER (WHERE created_at >= $2) AS jobs_window,"
+            " coalesce(sum(audio_seconds) FILTER (WHERE created_at >= $2), 0)::float8 AS seconds_window"
+            " FROM jobs WHERE (created_at >= $2 OR status IN ('Queued', 'Processing'))"
+            " AND NOT (status='Canceled' AND started_at IS NULL)"
+            " AND ($3::text IS NULL OR owner=$3)"
+            " GROUP BY owner ORDER BY owner",
+            day_start, window_start, owner,
+        )
+        return {row["owner"]: {key: row[key] for key in row.keys() if key != "owner"} for row in rows}
 
     async def counts(self) -> dict[str, int]:
         rows = await self._fetch_all(
@@ -572,16 +720,22 @@ class PostgreSQLLedger:
         await self._write(work)
 
     async def insert_token(self, name: str, prefix: str, algorithm: str, salt: str, digest: str,
-                           admin: bool, expires_at: str | None) -> str:
-        """Store a new token's row; returns its creation time. TokenNameTaken if the name is in force."""
+                           admin: bool, expires_at: str | None, limits: dict[str, Any] | None = None) -> str:
+        """Store a new token's row; returns its creation time. TokenNameTaken if the name is in force.
+
+        `limits`: max_queued, max_audio_minutes_per_day, max_file_size (absent or None: the default)."""
+        limits = limits or {}
 
         async def work(conn, now):
             try:
                 async with conn.transaction():  # a savepoint: the outer transaction survives the refusal
                     await conn.execute(
-                        "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at)"
-                        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at,"
+                        " max_queued, max_audio_minutes_per_day, max_file_size)"
+                        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                         name, prefix, algorithm, salt, digest, int(admin), now, expires_at,
+                        _int_or_none(limits.get("max_queued")), _float_or_none(limits.get("max_audio_minutes_per_day")),
+                        _int_or_none(limits.get("max_file_size")),
                     )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == "api_tokens_live_name":
@@ -594,6 +748,26 @@ class PostgreSQLLedger:
     async def list_tokens(self) -> list[TokenRecord]:
         rows = await self._fetch_all("SELECT * FROM api_tokens ORDER BY revoked_at IS NOT NULL, name, id")
         return [TokenRecord.from_row(row) for row in rows]
+
+    async def update_token_limits(self, name: str, limits: dict[str, Any]) -> bool:
+        """Set the named limits (None: back to the default) of the token in force; False when none."""
+        unknown = set(limits) - set(TOKEN_LIMITS)
+        if unknown:
+            raise ValueError(f"unknown token limits: {sorted(unknown)}")
+
+        async def work(conn, now):
+            if not limits:
+                return await conn.fetchval(
+                    "SELECT 1 FROM api_tokens WHERE name=$1 AND revoked_at IS NULL", name) is not None
+            columns = list(limits)
+            values = [_float_or_none(limits[c]) if c == "max_audio_minutes_per_day" else _int_or_none(limits[c])
+                      for c in columns]
+            assignments = ", ".join(f"{column}=${index}" for index, column in enumerate(columns, start=2))
+            status = await conn.execute(
+                f"UPDATE api_tokens SET {assignments} WHERE name=$1 AND revoked_at IS NULL", name, *values)
+            return bool(_count(status))
+
+        return await self._write(work)
 
     async def revoke_token(self, name: str) -> bool:
         """Revoke the token in force with this name; False when there is none."""
@@ -657,6 +831,83 @@ class PostgreSQLLedger:
         if self._listener is None:
             self._listener = Listener(lambda: _connect(self.url), callback)
             self._listener.start()
+
+
+    # -- resumable uploads (tus): the rows; the bytes are JobFiles' business
+
+    async def create_upload(self, upload: UploadRecord) -> None:
+        async def work(conn, now):
+            await conn.execute(
+                "INSERT INTO uploads (id, owner, upload_length, upload_offset, filename, metadata,"
+                " created_at, updated_at, expires_at) VALUES ($1, $2, $3, 0, $4, $5, $6, $6, $7)",
+                upload.id, upload.owner, upload.upload_length, upload.filename, upload.metadata,
+                upload.created_at, upload.expires_at,
+            )
+
+        await self._write(work)
+
+    async def get_upload(self, upload_id: str) -> UploadRecord | None:
+        row = await self._fetch_one("SELECT * FROM uploads WHERE id=$1", upload_id)
+        return UploadRecord.from_row(row) if row else None
+
+    async def advance_upload(self, upload_id: str, from_offset: int, to_offset: int) -> bool:
+        """Record that the bytes up to to_offset are on disk; False when the offset moved meanwhile
+        (another PATCH won, on any node), the upload was used, or it expired."""
+
+        async def work(conn, now):
+            status = await conn.execute(
+                "UPDATE uploads SET upload_offset=$3, updated_at=$4,"
+                " finished_at=CASE WHEN $3 = upload_length THEN $4 END"
+                " WHERE id=$1 AND upload_offset=$2 AND job_id IS NULL AND expires_at > $4",
+                upload_id, from_offset, to_offset, now,
+            )
+            return bool(_count(status))
+
+        return await self._write(work)
+
+    async def use_upload(self, upload_id: str, job_id: str) -> bool:
+        """Mark a finished upload as becoming this job; only the first caller wins (used once)."""
+
+        async def work(conn, now):
+            status = await conn.execute(
+                "UPDATE uploads SET job_id=$1, used_at=$2 WHERE id=$3 AND job_id IS NULL"
+                " AND upload_offset=upload_length AND expires_at > $2",
+                job_id, now, upload_id,
+            )
+            return bool(_count(status))
+
+        return await self._write(work)
+
+    async def delete_upload(self, upload_id: str) -> bool:
+        """tus termination: forget an upload not yet used (False: none such)."""
+
+        async def work(conn, now):
+            status = await conn.execute("DELETE FROM uploads WHERE id=$1 AND job_id IS NULL", upload_id)
+            return bool(_count(status))
+
+        return await self._write(work)
+
+    async def expire_uploads(self, at_iso: str, limit: int = 500) -> list[str]:
+        """Delete the rows whose expires_at has passed (used ones too: their bytes became a job's);
+        returns their ids, for their bytes to be deleted."""
+
+        async def work(conn, now):
+            rows = await conn.fetch(
+                "DELETE FROM uploads WHERE id IN (SELECT id FROM uploads WHERE expires_at <= $1 LIMIT $2"
+                " FOR UPDATE SKIP LOCKED) RETURNING id",
+                at_iso, limit,
+            )
+            return [row[0] for row in rows]
+
+        return await self._write(work)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def prepare_schema(url: str) -> None:
