@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (FAKE_ENGINE, JFK, JFK_TEXT, REPO, SHARED, TOKEN, Server, alive, free_port,  # noqa: F401
+from harness import (FAKE_ENGINE, JFK, JFK_TEXT, REPO, SHARED, TOKEN, Server, _job_file, alive, free_port,  # noqa: F401
                      make_wav, metric, wait_until, words)
 
 # `-m "not slow"` is the inner loop (tests/fast and the unit tests); these are left to the full run.
