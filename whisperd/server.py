@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(config, sockets, offline))
 
     # One warm engine for the box, not one per HTTP process (each would load its own model).
-    shared = socket_path(config) if config.WHISPER_ENGINE == "worker" else None
+    # WHISPER_NODE_ROLE=api runs no job: no engine host either.
+    shared = socket_path(config) if config.WHISPER_ENGINE == "worker" and config.runs_jobs else None
     if shared and len(shared.encode()) > 107:  # sun_path's limit
         print(f"whisperd: the engine host's socket path {shared} is longer than a Unix socket allows (107 bytes):"
               " put WHISPER_DB_PATH in a shorter directory", file=sys.stderr)
