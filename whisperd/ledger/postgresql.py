@@ -34,8 +34,9 @@ QUOTA_LOCK = 0x77687175      # with hashtext(owner): one quota check and insert 
 RETRY_SECONDS = 10.0         # a restarting database: reads and writes wait this long before failing
 CONNECT_TIMEOUT = 5.0
 # The connection broke or the server is (re)starting: worth trying again on a new connection.
+# InternalClientError: a connection the server dropped mid-commit ("cannot switch to state").
 CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                     asyncpg.exceptions.OperatorInterventionError)
+                     asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InternalClientError)
 
 
 def shown_url(url: str) -> str:
@@ -338,7 +339,9 @@ class PostgreSQLLedger:
                     return await action(conn)
             except CONNECTION_ERRORS as exc:
                 if self._pool is None or loop.time() + delay > deadline:
-                    raise LedgerUnavailable(f"the PostgreSQL ledger is unreachable: {exc.__class__.__name__}") from None
+                    unreachable = LedgerUnavailable(f"the PostgreSQL ledger is unreachable: {exc.__class__.__name__}")
+                    unreachable.transient = self._pool is not None  # open, but the database is away: retry later
+                    raise unreachable from None
                 log.warning("ledger connection lost (%s); trying again", exc.__class__.__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
