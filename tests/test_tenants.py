@@ -247,6 +247,7 @@ def test_max_queued_per_token_with_the_setting_as_default(secure):
     server.submit_ok(token=two)
     # And back to the setting's default (1): two has three now, so it is refused again.
     assert server.cli("token", "update", "two", "--max-queued", "default").returncode == 0
+    time.sleep(1.1)  # a token's row is read again at most once a second (tokens.RECHECK_SECONDS)
     refused = server.submit(token=two)
     assert refused.status_code == 429 and "max_queued is 1 for 'two', which has 3" in refused.json()["error"]
     # Its listing says what it has.
