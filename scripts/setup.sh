@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything whisperd needs on a new Debian machine, idempotently:
-#   1. Debian packages (ffmpeg, espeak-ng, sox, sqlite3), only when one is missing;
+#   1. Debian packages (ffmpeg, espeak-ng, sox, sqlite3, postgresql), only when one is missing;
 #   2. the server's venv .venv (requirements.txt, and requirements-dev.txt with --dev);
 #   3. the WhisperX engine venv and the tiny.en model (scripts/setup-engine.sh).
 # A second run takes a few seconds.
@@ -12,7 +12,8 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 
-packages=(ffmpeg espeak-ng sox sqlite3)
+# postgresql: the cluster's ledger; the tests start a throwaway server with its initdb and pg_ctl.
+packages=(ffmpeg espeak-ng sox sqlite3 postgresql)
 # chromium: the browser tests of the web page (tests/test_web.py) drive it through Playwright.
 # systemd: systemd-analyze checks deploy/whisperd.service (tests/test_deploy.py).
 [ $dev = 1 ] && packages+=(chromium systemd)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import (FAKE_ENGINE, JFK, JFK_TEXT, REPO, SHARED, TOKEN, Server, alive, free_port,  # noqa: F401
+from harness import (FAKE_ENGINE, JFK, JFK_TEXT, REPO, SHARED, TOKEN, Server, _job_file, alive, free_port,  # noqa: F401
                      make_wav, metric, wait_until, words)
 
 # `-m "not slow"` is the inner loop (tests/fast and the unit tests); these are left to the full run.
@@ -17,10 +17,17 @@ SLOW_FIXTURES = {"make_server"}  # a whisperd process of its own (and its engine
 SLOW_FILES = {"test_web.py"}  # a real browser
 
 
+# These API test files run twice: on SQLite (the default ledger) and on PostgreSQL (the
+# cluster's). WHISPERD_TEST_BACKENDS=sqlite (or postgresql) runs one of the two only.
+BOTH_BACKENDS = {"test_api", "test_security", "test_durability", "test_tenants", "test_tus"}
+BACKENDS = [name for name in os.environ.get("WHISPERD_TEST_BACKENDS", "sqlite,postgresql").split(",") if name]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "engine: runs the real WhisperX engine (slow, needs scripts/setup-engine.sh)")
     config.addinivalue_line("markers", "slow: real engine, browser, soak or whisperd processes; "
                                        "set by pytest_collection_modifyitems, skipped by -m 'not slow'")
+    config.addinivalue_line("markers", "sqlite_only: about the SQLite file itself (not run on PostgreSQL)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,12 +37,43 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_generate_tests(metafunc):
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in BOTH_BACKENDS and "make_server" in metafunc.fixturenames \
+            and not metafunc.definition.get_closest_marker("sqlite_only"):
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One PostgreSQL for the whole run (each test gets a database of its own)."""
+    from pg import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def make_server(tmp_path):
+def backend(request) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def new_ledger_url(backend, request):
+    """Makes a fresh PostgreSQL database's URL per call when the test runs on PostgreSQL; None on SQLite."""
+    if backend != "postgresql":
+        return lambda: None
+    return request.getfixturevalue("postgres").new_database
+
+
+@pytest.fixture
+def make_server(tmp_path, new_ledger_url):
     servers: list[Server] = []
 
     def factory(start: bool = True, **env) -> Server:
-        server = Server(tmp_path / f"srv{len(servers)}", {k: str(v) for k, v in env.items()})
+        server = Server(tmp_path / f"srv{len(servers)}", {k: str(v) for k, v in env.items()},
+                        db_url=None if "WHISPER_DB_URL" in env else new_ledger_url())
         server.root.mkdir(parents=True, exist_ok=True)
         servers.append(server)
         return server.start() if start else server

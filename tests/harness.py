@@ -52,7 +52,8 @@ def free_port() -> int:
 class Server:
     """One whisperd process with its own directories, ledger and fake-engine log."""
 
-    def __init__(self, root: Path, env: dict[str, str], wrap: list[str] | None = None) -> None:
+    def __init__(self, root: Path, env: dict[str, str], wrap: list[str] | None = None,
+                 db_url: str | None = None) -> None:
         self.root = root
         self.wrap = wrap or []  # interpreter options before whisperd.py (a profiler, for one)
         self.port = free_port()
@@ -95,8 +96,11 @@ class Server:
             "WHISPER_RESULT_GRACE_SECONDS": "0",
             "PYTHONUNBUFFERED": "1",
         })
+        if db_url:  # the ledger on PostgreSQL (the cluster's); unset: SQLite at WHISPER_DB_PATH
+            base["WHISPER_DB_URL"] = db_url
         base.update(env)
         self.env = base
+        self.db_url = self.env.get("WHISPER_DB_URL") or None
         self.log_path = root / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -211,11 +215,16 @@ class Server:
         return [json.loads(line) for line in self.engine_log.read_text().splitlines() if line.strip()]
 
     def db(self) -> sqlite3.Connection:
+        assert not self.db_url, "db() is the SQLite ledger's file; use rows() on either backend"
         conn = sqlite3.connect(self.env["WHISPER_DB_PATH"], timeout=10)
         conn.row_factory = sqlite3.Row
         return conn
 
-    def rows(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    def rows(self, sql: str, params: tuple = ()) -> list:
+        """Rows of a query on whichever ledger this server uses (`?` placeholders on both)."""
+        if self.db_url:
+            from pg import fetch  # tests/pg.py
+            return fetch(self.db_url, sql, params)
         with self.db() as conn:
             return conn.execute(sql, params).fetchall()
 
@@ -228,7 +237,7 @@ class Server:
                 for root in (Path(self.env["WHISPER_TMP_FILES"]), Path(self.env["WHISPER_OUTPUT_DIR"])):
                     if root.exists():
                         found += [str(p) for p in root.rglob("*") if p.name not in (".incoming", ".uploads")
-                                  and ".quarantine" not in p.relative_to(root).parts]
+                                  and _job_file(p.relative_to(root).parts)]
                 return found
             except FileNotFoundError:
                 time.sleep(0.01)
@@ -246,6 +255,21 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _job_file(parts: tuple[str, ...]) -> bool:
+    """Not the quarantine, not node markers, not a node's own staging directory on shared storage."""
+    if parts[0] in (".nodes", ".quarantine") or parts in ((".incoming",), (".uploads",)):
+        return False
+    return not (parts[0] == ".incoming" and len(parts) == 2 and not _is_uuid(parts[1]))
+
+
+def _is_uuid(text: str) -> bool:
+    import uuid
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def alive(pid: int) -> bool:

@@ -417,6 +417,11 @@ def test_status_endpoint_has_the_specs_shape(make_server):
     body = server.api("GET", "/status").json()
     # One key beyond the spec's, the engine's state (the warm engine's is tested in test_worker.py).
     assert body.pop("engine") == {"mode": "cli", "state": "ready", "loaded_models": []}
+    # And this node; an admin (the any-token caller is one) sees every node of the ledger.
+    node = body.pop("node")
+    assert node["role"] == "all" and node["name"]
+    (listed,) = body.pop("nodes")
+    assert listed["name"] == node["name"] and listed["role"] == "all" and listed["running_jobs"] == 0
     assert body == {
         "server": {"host": "127.0.0.1", "port": str(server.port), "timeout": 480, "keepalive": 480, "worker_number": 1},
         "processing": {"concurrent_mode": False, "max_concurrent_jobs": 6, "device": "cpu", "device_index": "0",

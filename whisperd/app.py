@@ -61,9 +61,14 @@ WEB_ROUTES = [
 ]
 
 
+# A worker node (WHISPER_NODE_ROLE=worker) runs jobs and answers only these.
+WORKER_ROUTES = [(pattern, handler) for pattern, handler in ROUTES if handler in (HealthHandler, MetricsHandler)]
+
+
 def make_app(service: Service) -> Application:
+    routes = ROUTES + WEB_ROUTES if service.config.answers_api else WORKER_ROUTES
     return Application(
-        [(pattern, handler, {"service": service}) for pattern, handler in ROUTES + WEB_ROUTES],
+        [(pattern, handler, {"service": service}) for pattern, handler in routes],
         default_handler_class=NotFoundHandler,
         default_handler_args={"service": service},
         log_function=log_request,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
@@ -107,6 +108,22 @@ def _device_index(value: Any) -> str:
 def _host_policy(value: Any) -> str:
     text = _text(value)
     HostPolicy.parse(text)  # a bad entry stops start-up here, with the entry named
+    return text
+
+
+def _db_url(value: Any) -> str | None:
+    text = _text(value).strip()
+    if not text:
+        return None
+    if not re.match(r"^postgres(ql)?://", text):
+        raise ValueError("expected postgresql://user:password@host:port/database (or unset for SQLite)")
+    return text
+
+
+def _node_name(value: Any) -> str:
+    text = _text(value).strip()
+    if text and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,99}", text):
+        raise ValueError("expected 1-100 letters, digits, '.', '_', '@' or '-'")
     return text
 
 
@@ -295,6 +312,16 @@ SETTINGS: tuple[Setting, ...] = (
             "the share of WHISPER_MAX_PENDING_UPLOADS one client address may hold (at least one slot)"),
     Setting("WHISPER_AUTH_FAILURES_PER_MINUTE", 30, _int(1),
             "failed token checks allowed per client address and per token prefix; beyond, 429"),
+    # Cluster (issue 14, docs/cluster.md): several nodes on one PostgreSQL ledger.
+    Setting("WHISPER_DB_URL", None, _db_url,
+            "postgresql://user:password@host:port/db puts the ledger on PostgreSQL (unset: SQLite at WHISPER_DB_PATH)",
+            secret=True),
+    Setting("WHISPER_NODE_NAME", "", _node_name,
+            "this node's name in the ledger (empty: the host name); unique per node"),
+    Setting("WHISPER_NODE_ROLE", "all", _choice("all", "api", "worker"),
+            "all; api (answers, runs no job); worker (runs jobs, answers /health and /metrics only)"),
+    Setting("WHISPER_LEASE_SECONDS", 30.0, _float(1),
+            "a running job's lease, renewed while it runs; an expired one is taken back by any node"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -333,6 +360,18 @@ class _Derived:
             audio_seconds = self.WHISPER_MAX_AUDIO_SECONDS or 0.0
         limit = self.WHISPER_JOB_TIMEOUT_BASE_SECONDS + self.WHISPER_JOB_TIMEOUT_PER_AUDIO_SECOND * audio_seconds
         return limit or None
+
+    @property
+    def node_name(self) -> str:
+        return self.WHISPER_NODE_NAME or socket.gethostname()
+
+    @property
+    def runs_jobs(self) -> bool:
+        return self.WHISPER_NODE_ROLE in ("all", "worker")
+
+    @property
+    def answers_api(self) -> bool:
+        return self.WHISPER_NODE_ROLE in ("all", "api")
 
     @property
     def openai_model(self) -> str:

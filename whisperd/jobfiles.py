@@ -15,6 +15,8 @@ STAGING = ".incoming"  # uploads in flight; a directory under it never has a job
 RESUMABLE = ".uploads"  # tus uploads' bytes, one file per upload row; they outlive a restart
 TOKEN_FILE = ".hf_token"
 QUARANTINE = ".quarantine"  # what start-up found and the ledger did not know; never deleted by us
+MARKERS = ".nodes"  # the cluster's node markers (nodes.py), not a job
+NODE_FILE = ".node"  # in a job's upload directory on shared storage: the node that accepted it
 # The client's bytes as received, with no extension (nothing may take a hint from the client's
 # name); removed once intake has decoded them into the canonical file the engine reads.
 UPLOAD_NAME = "upload"
@@ -44,12 +46,22 @@ def display_name(client_name: str | None) -> str:
 class JobFiles:
     """The upload directory and the engine output directory of every job."""
 
-    def __init__(self, tmp_root: str, output_root: str) -> None:
+    def __init__(self, tmp_root: str, output_root: str, node: str | None = None) -> None:
         self.tmp_root = Path(tmp_root).resolve()
         self.output_root = Path(output_root).resolve()
+        # On storage several nodes share, each node stages its uploads in a directory of its
+        # own, which it alone may empty at start.
+        self.staging_root = self.tmp_root / STAGING / node if node else self.tmp_root / STAGING
+        self.node = node
+
+    @classmethod
+    def of(cls, config) -> "JobFiles":
+        """The configured roots; per-node staging when the ledger (and so the disk) is shared."""
+        return cls(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR,
+                   config.node_name if config.WHISPER_DB_URL else None)
 
     def ensure_roots(self) -> None:
-        for root in (self.tmp_root, self.output_root, self.tmp_root / STAGING):
+        for root in (self.tmp_root, self.output_root, self.tmp_root / STAGING, self.staging_root):
             root.mkdir(parents=True, exist_ok=True)
             os.chmod(root, 0o700)
 
@@ -58,7 +70,7 @@ class JobFiles:
         return min(shutil.disk_usage(root).free for root in (self.tmp_root, self.output_root)) / 2**20
 
     def staging_dir(self, job_id: str) -> Path:
-        return self.tmp_root / STAGING / job_id
+        return self.staging_root / job_id
 
     def upload_dir(self, job_id: str) -> Path:
         return self.tmp_root / job_id
@@ -96,6 +108,8 @@ class JobFiles:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(hf_token)
+        if self.node:  # whose upload this is, until its row is committed (see sweep)
+            (staged / NODE_FILE).write_text(self.node, encoding="utf-8")
         os.rename(staged, self.upload_dir(job_id))
 
     # -- resumable uploads
@@ -134,26 +148,38 @@ class JobFiles:
         for path in (self.upload_dir(job_id), self.output_dir(job_id), self.staging_dir(job_id)):
             _remove_tree(path)
 
-    def leftovers(self, live_jobs: set[str]) -> list[Path]:
-        """Entries under both roots that belong to no live job (staging and quarantine aside)."""
+    def leftovers(self, live_jobs: set[str], min_age_seconds: float = 0.0) -> list[Path]:
+        """Entries under both roots that belong to no live job (staging, quarantine, markers aside).
+
+        min_age_seconds > 0 (a cluster: other nodes write here while this one starts): what
+        is younger may be an upload whose row is about to be committed elsewhere, so it stays
+        until a later start; the decision is the ledger's, never "no process of mine uses it".
+        """
         found = []
+        cutoff = time.time() - min_age_seconds
         for root in (self.tmp_root, self.output_root):
             for entry in root.iterdir():
                 # Resumable uploads answer to their ledger rows: retention removes the orphans.
-                if entry.name in (STAGING, QUARANTINE, RESUMABLE) or entry.name in live_jobs:
+                if entry.name in (STAGING, QUARANTINE, RESUMABLE, MARKERS) or entry.name in live_jobs:
+                    continue
+                if min_age_seconds > 0 and (entry.name.startswith(".") or is_job_id(entry.name)
+                                            and _mtime(entry) > cutoff and _made_by(entry) != self.node):
+                    # Another node's check file, or an upload another node may be committing
+                    # right now; an upload this node made in its previous life is dead.
                     continue
                 found.append(entry)
         return found
 
-    def sweep(self, live_jobs: set[str], known_jobs: set[str]) -> tuple[list[str], Path | None]:
+    def sweep(self, live_jobs: set[str], known_jobs: set[str],
+              min_age_seconds: float = 0.0) -> tuple[list[str], Path | None]:
         """At start, before serving: unfinished uploads and the files of jobs that ended go;
         whatever the ledger does not know moves to WHISPER_TMP_FILES/.quarantine/<time>/.
         Returns (removed, the quarantine directory used or None)."""
         removed = []
-        _remove_tree(self.tmp_root / STAGING)
-        (self.tmp_root / STAGING).mkdir(parents=True, exist_ok=True)
+        _remove_tree(self.staging_root)  # this node's uploads in flight died with its last run
+        self.staging_root.mkdir(parents=True, exist_ok=True)
         quarantine = None
-        for entry in self.leftovers(live_jobs):
+        for entry in self.leftovers(live_jobs, min_age_seconds):
             if entry.name in known_jobs:
                 _remove_tree(entry)
                 removed.append(str(entry))
@@ -169,6 +195,20 @@ class JobFiles:
             except OSError as exc:
                 log.error("could not quarantine %s: %s", entry, exc)
         return removed, quarantine
+
+
+def _made_by(directory: Path) -> str | None:
+    try:
+        return (directory / NODE_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _remove_tree(path: Path) -> None:

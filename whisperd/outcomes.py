@@ -39,9 +39,9 @@ class OutcomeRecorder:
             attempt += 1
             try:
                 changed = await write()
-            except LedgerUnavailable:
-                raise  # closed: only at shutdown, after every runner has returned
-            except Exception as exc:  # busy, disk full, I/O error: the same write may work later
+            except Exception as exc:  # busy, disk full, I/O error, a shared database away: may work later
+                if isinstance(exc, LedgerUnavailable) and not exc.transient:
+                    raise  # closed: only at shutdown, after every runner has returned
                 if self._abandon.is_set():
                     self._waiting.pop(job_id, None)
                     raise OutcomeAbandoned(f"job {job_id}: {what} not recorded: {exc}") from exc

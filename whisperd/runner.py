@@ -18,6 +18,7 @@ from .languages import AUTO
 from .models import model_info
 from .jobs import Job
 from .ledger import Ledger, LedgerError
+from .nodes import ABANDONED
 from .outcomes import OutcomeAbandoned, OutcomeRecorder
 from .results import EngineOutputError, load_engine_result, write_engine_result
 from .tasks import spawn
@@ -120,6 +121,9 @@ class JobRunner:
         except OutcomeAbandoned as exc:
             log.error("%s; the next start takes the job back", exc)
         except Exception:  # a bug here must not strand the job as Processing forever
+            if running.stop_reason == ABANDONED:  # the ledger is gone too; the job's next runner writes
+                log.warning("job %s: abandoned (lease lost)", job.id)
+                return
             log.exception("job %s: unexpected error", job.id)
             try:
                 await self._fail(job, "internal error while running the job (see the server log)")
@@ -208,7 +212,10 @@ class JobRunner:
     async def _record(self, running: RunningJob, opts: EngineOptions, result: EngineResult) -> None:
         job = running.job
         because = result.killed_because or running.stop_reason
-        if because == "canceled":
+        if because == ABANDONED:
+            # Another node runs it again (or already does): its files and its row are not ours now.
+            log.warning("job %s: abandoned without a result: this node lost its lease", job.id)
+        elif because == "canceled":
             if await self._outcome(job, "cancel", lambda: self.ledger.mark_canceled(job.id, "engine stopped while processing")):
                 running.ended("Canceled")
                 self.delete_files(job.id, "canceled")

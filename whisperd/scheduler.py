@@ -26,6 +26,7 @@ class Scheduler:
         self.tick_seconds = tick_seconds
         self.running: dict[str, RunningJob] = {}
         self.accepting = True
+        self.may_claim = lambda: True  # nodes.py: False while this node cannot renew its leases
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
@@ -52,7 +53,7 @@ class Scheduler:
                 log.exception("scheduler pass failed; retrying")
 
     async def _claim_what_fits(self) -> None:
-        while self.accepting and len(self.running) < self.max_running:
+        while self.accepting and self.may_claim() and len(self.running) < self.max_running:
             job = await self.ledger.claim(self.max_running, self.policy)
             if job is None:
                 return

@@ -15,7 +15,7 @@ from pathlib import Path
 from tornado.netutil import bind_sockets
 from tornado.process import Subprocess
 
-from . import capabilities, config as config_module, ledger as ledger_module, metrics, probe
+from . import capabilities, config as config_module, ledger as ledger_module, metrics, nodes, probe
 from .app import make_app, make_server
 from .auth import load_validator
 from .config import Config
@@ -48,11 +48,11 @@ def setup_logging(level: str) -> None:
 
 def check_environment(config: Config) -> None:
     """Warn about what will hurt later; raise StartupError for what cannot work at all."""
-    files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+    files = JobFiles.of(config)
     try:
         files.ensure_roots()
         for root in (files.tmp_root, files.output_root):
-            marker = root / ".write-test"
+            marker = root / f".write-test-{config.node_name}-{os.getpid()}"  # nodes may share the root
             marker.write_bytes(b"")
             marker.unlink()
     except OSError as exc:
@@ -132,8 +132,8 @@ def recover(config: Config) -> ledger_module.Recovery:
                     len(report.canceled))
     if report.webhooks_pending:
         log.warning("%d webhook notice(s) the previous run left unsent are sent again", len(report.webhooks_pending))
-    files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
-    for job_id in report.poisoned + report.canceled:
+    files = JobFiles.of(config)
+    for job_id in report.poisoned + report.canceled:  # ended just now: by the ledger's word, their files go
         files.remove_all(job_id)
     sweep_job_dirs(config, files, report)
     return report
@@ -142,7 +142,10 @@ def recover(config: Config) -> ledger_module.Recovery:
 def sweep_job_dirs(config: Config, files: JobFiles, report: ledger_module.Recovery) -> None:
     """Directories of jobs that ended go; those the ledger does not know are quarantined, never
     deleted: the ledger may be the one that lost something (a deleted WAL, a restored backup)."""
-    leftovers = files.leftovers(report.live_jobs)
+    # On shared storage (a cluster), younger entries may be another node's upload whose row is
+    # about to be committed: they stay until a later start (nodes.SWEEP_MIN_AGE_SECONDS).
+    min_age = nodes.SWEEP_MIN_AGE_SECONDS if config.WHISPER_DB_URL else 0.0
+    leftovers = files.leftovers(report.live_jobs, min_age)
     names = {path.name for path in leftovers}
     try:
         known = ledger_module.known_jobs(config, {name for name in names if is_job_id(name)})
@@ -158,7 +161,7 @@ def sweep_job_dirs(config: Config, files: JobFiles, report: ledger_module.Recove
                 "moved to WHISPER_TMP_FILES/.quarantine, not deleted)")
         log.error("WHISPER_ACCEPT_LEDGER_RESET=true: starting beside %d job directories the ledger does not know",
                   len(unknown_jobs))
-    removed, quarantine = files.sweep(report.live_jobs, known)
+    removed, quarantine = files.sweep(report.live_jobs, known, min_age)
     if removed:
         log.info("removed %d file(s) or directories of jobs that ended", len(removed))
     if quarantine is not None:
@@ -221,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.RUST_LOG)
     try:
         check_environment(config)
+        log.info("ledger: %s; node %s, role %s", ledger_module.describe(config), config.node_name,
+                 config.WHISPER_NODE_ROLE)
+        if config.WHISPER_DB_URL:
+            others = nodes.mark_shared_storage(config)
+            log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
+                     (": " + ", ".join(others)) if others else "")
         report = recover(config)
         check_tokens(config, report.live_tokens)
         try:
@@ -243,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(config, sockets, offline))
 
     # One warm engine for the box, not one per HTTP process (each would load its own model).
-    shared = socket_path(config) if config.WHISPER_ENGINE == "worker" else None
+    # WHISPER_NODE_ROLE=api runs no job: no engine host either.
+    shared = socket_path(config) if config.WHISPER_ENGINE == "worker" and config.runs_jobs else None
     if shared and len(shared.encode()) > 107:  # sun_path's limit
         print(f"whisperd: the engine host's socket path {shared} is longer than a Unix socket allows (107 bytes):"
               " put WHISPER_DB_PATH in a shorter directory", file=sys.stderr)
@@ -263,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         report = ledger_module.release_worker(config, f"{host}:{pid}", f"{host}:{os.getpid()}")
         for job_id, engine_pid in report.engine_pids.items():
             kill_orphan_group(engine_pid, job_id)
-        files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+        files = JobFiles.of(config)
         for job_id in report.poisoned + report.canceled:
             files.remove_all(job_id)
         metrics.process_died(pid)

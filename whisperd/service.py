@@ -28,6 +28,7 @@ from .limits import Limits, check_usage
 from .ledger import Ledger, LedgerError, open_ledger
 from .outcomes import OutcomeRecorder
 from .resumable import ResumableUploads
+from .nodes import NodeKeeper
 from .results import EngineOutputError, build_response, load_engine_result
 from .retention import Retention, expire_uploads
 from .runner import JobRunner
@@ -41,6 +42,8 @@ from .webhooks import WebhookSender
 log = logging.getLogger("whisperd.service")
 QUEUE_FULL_RETRY_SECONDS = 30
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
+# Job events (from any node) after which a scheduler may find work: a new job or a freed slot.
+WAKES_SCHEDULER = {"accepted", "requeued", "completed", "failed", "canceled", "cancel-requested"}
 
 
 def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
@@ -67,7 +70,7 @@ class Service:
         self.offline = offline
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.ledger = open_ledger(config, self.actor)
-        self.files = JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR)
+        self.files = JobFiles.of(config)
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0  # this process's uploads still streaming (take_upload_slot)
         self.uploads_by_address: dict[str, int] = {}  # a share of the slots per client address
@@ -80,6 +83,9 @@ class Service:
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
         self.resumable = ResumableUploads(self.ledger, self.files)
+        self.keeper = NodeKeeper(config, self.ledger, lambda: self.scheduler.running, self.scheduler.wake,
+                                 self._taken_back)
+        self.scheduler.may_claim = lambda: self.keeper.connected
         self.draining = False
         self.requests_in_flight = 0  # handlers count themselves: shutdown waits for them
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -92,9 +98,13 @@ class Service:
 
     async def start(self) -> None:
         await self.ledger.open()
-        self.engine.start()  # in the background: a warm engine imports and loads its model while we serve
+        if self.config.runs_jobs:  # WHISPER_NODE_ROLE=api loads no engine
+            self.engine.start()  # in the background: a warm engine imports and loads its model while we serve
         await self.webhooks.resume(await self.ledger.claim_pending_webhooks())
-        self.scheduler.start()
+        await self.ledger.listen(self._changed_elsewhere)
+        if self.config.runs_jobs:  # WHISPER_NODE_ROLE=api: answers, runs nothing
+            self.scheduler.start()
+        await self.keeper.start()
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
         self._retention = PeriodicCallback(self.run_retention, interval_ms)
         self._retention.start()
@@ -136,7 +146,15 @@ class Service:
         return self.requests_in_flight
 
     async def close(self) -> None:
+        await self.keeper.stop()
         await self.ledger.close()
+
+    async def cluster_nodes(self) -> list[dict[str, Any]] | None:
+        """Every node of the cluster (its row in the ledger), or None when the ledger cannot say."""
+        try:
+            return await self.ledger.nodes()
+        except Exception:  # like the queue counts in /status: report (as null), don't fail
+            return None
 
     def engine_status(self) -> dict[str, Any]:
         """The engine's part of /status (and of a health probe): mode, state, loaded models."""
@@ -284,10 +302,30 @@ class Service:
 
     def notify(self, job_id: str) -> None:
         """A job changed state here: wake its waiters and, if it ended, send its webhook."""
-        for event in self._waiters.get(job_id, ()):
-            event.set()
+        self._wake_waiters(job_id)
         if self.webhooks.enabled:
             spawn(self._after_change(job_id), f"webhook of job {job_id}")
+
+    def _wake_waiters(self, job_id: str) -> None:
+        for event in self._waiters.get(job_id, ()):
+            event.set()
+
+    def _changed_elsewhere(self, event: str, job_id: str | None) -> None:
+        """A NOTIFY from the shared ledger (any node, this one included): wake who cares.
+
+        Webhooks are not sent from here: only the process that ended a job sends its notice.
+        """
+        if job_id is not None:
+            self._wake_waiters(job_id)
+        if event in WAKES_SCHEDULER or job_id is None or job_id in self.scheduler.running:
+            self.scheduler.wake()  # a new job, a freed slot, or a cancel of a job running here
+
+    def _taken_back(self, requeued: list[str], poisoned: list[str]) -> None:
+        """Jobs of a dead node: the requeued run again anywhere; those that ended (failed as
+        poison, or canceled as asked) lose their files."""
+        for job_id in poisoned:
+            self.delete_job_files(job_id, "ended after its node died")
+            self.notify(job_id)
 
     async def _after_change(self, job_id: str) -> None:
         try:

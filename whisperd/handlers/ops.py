@@ -37,7 +37,9 @@ class HealthHandler(BaseHandler):
         except Exception as exc:  # any failure to write is the finding, whatever its kind
             checks["ledger"] = failing = f"ledger not writable: {exc.__class__.__name__}: {exc}"[:300]
         command = Path(self.service.config.WHISPER_CMD)
-        if not command.is_file() or not os.access(command, os.X_OK):
+        if not self.service.config.runs_jobs:
+            checks["engine"] = "not used (WHISPER_NODE_ROLE=api)"
+        elif not command.is_file() or not os.access(command, os.X_OK):
             checks["engine"] = "engine command (WHISPER_CMD) is missing or not executable"
             failing = failing or checks["engine"]
         else:

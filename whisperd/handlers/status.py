@@ -43,8 +43,11 @@ class StatusHandler(BaseHandler):
             "queue_state": {"queued_jobs": counts["Queued"], "processing_jobs": counts["Processing"]},
             "error": error,
         }
+        # Beyond the spec: this node; for an admin every node of the cluster and the warm engine's state.
+        body["node"] = {"name": config.node_name, "role": config.WHISPER_NODE_ROLE}
         if self.identity.admin:
             body["engine"] = self.service.engine_status()  # beyond the spec: the warm engine's state
+            body["nodes"] = await self.service.cluster_nodes()
         else:
             # Where the server listens and how its engine is doing (pid, failure reasons) help an
             # attacker more than a client: an ordinary token sees the rest of the spec's fields.

@@ -1,14 +1,14 @@
 """The job ledger: one narrow async interface, and the backend the configuration picks.
 
 Nothing outside this package imports a database driver or writes SQL. The interface is what
-`Ledger` below lists; each backend module (sqlite.py today) implements all of it, plus the
+`Ledger` below lists; each backend module (sqlite.py, postgresql.py) implements all of it, plus the
 synchronous start-up steps `prepare` (migrate, take back what a dead run left) and
 `release_worker` (a dead worker process's jobs), which run before any event loop exists.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from ..jobs import Job, NewJob, Quota, TokenRecord, UploadRecord
 from .errors import LedgerBusy, LedgerError, LedgerUnavailable, QuotaExceeded, TokenNameTaken
@@ -18,13 +18,14 @@ if TYPE_CHECKING:
     from ..config import Config
 
 __all__ = ["Ledger", "LedgerBusy", "LedgerError", "LedgerUnavailable", "QuotaExceeded", "TokenNameTaken", "Recovery",
-           "open_ledger", "prepare", "prepare_schema", "release_worker", "known_jobs"]
+           "open_ledger", "describe", "prepare", "prepare_schema", "release_worker", "known_jobs"]
 
 
 class Ledger(Protocol):
     """What the service, scheduler, runner, retention, tokens, webhooks and the CLI may ask."""
 
     actor: str
+    shared: bool  # True: other nodes use this ledger too (leases, take-backs and NOTIFY apply)
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -75,16 +76,36 @@ class Ledger(Protocol):
     async def use_upload(self, upload_id: str, job_id: str) -> bool: ...
     async def delete_upload(self, upload_id: str) -> bool: ...
     async def expire_uploads(self, at_iso: str, limit: int = 500) -> list[str]: ...
+    # nodes and leases (the cluster: whisperd/nodes.py)
+    async def heartbeat(self, role: str, started_at: str, job_ids: list[str]) -> list[str]: ...
+    async def take_back_expired(self, max_attempts: int) -> Recovery: ...
+    async def nodes(self) -> list[dict[str, Any]]: ...
+    async def listen(self, callback: Callable[[str, str | None], None]) -> None: ...
 
 
 def open_ledger(config: "Config", actor: str) -> Ledger:
     """The configured backend's ledger, not yet opened (call `await ledger.open()`)."""
+    if config.WHISPER_DB_URL:
+        from . import postgresql
+        return postgresql.PostgreSQLLedger(config.WHISPER_DB_URL, actor, config.node_name,
+                                           config.WHISPER_LEASE_SECONDS)
     from . import sqlite
-    return sqlite.SQLiteLedger(config.db_path, actor, config.WHISPER_DB_BUSY_TIMEOUT_MS)
+    return sqlite.SQLiteLedger(config.db_path, actor, config.WHISPER_DB_BUSY_TIMEOUT_MS, config.node_name)
+
+
+def describe(config: "Config") -> str:
+    """Where the ledger is, for a log line (never with the database password)."""
+    if config.WHISPER_DB_URL:
+        from . import postgresql
+        return f"PostgreSQL {postgresql.shown_url(config.WHISPER_DB_URL)}"
+    return f"SQLite {config.db_path}"
 
 
 def prepare(config: "Config", actor: str) -> Recovery:
     """Create or migrate the ledger and take back what the previous run left (before any fork)."""
+    if config.WHISPER_DB_URL:
+        from . import postgresql
+        return postgresql.prepare(config.WHISPER_DB_URL, config.node_name, config.WHISPER_MAX_ATTEMPTS, actor)
     from . import sqlite
     try:
         return sqlite.prepare(config.db_path, config.WHISPER_MAX_ATTEMPTS, actor, config.WHISPER_DB_BUSY_TIMEOUT_MS)
@@ -94,6 +115,10 @@ def prepare(config: "Config", actor: str) -> Recovery:
 
 def prepare_schema(config: "Config") -> None:
     """Create or migrate the ledger only (the admin commands), touching no job."""
+    if config.WHISPER_DB_URL:
+        from . import postgresql
+        postgresql.prepare_schema(config.WHISPER_DB_URL)
+        return
     from . import sqlite
     try:
         sqlite.open_admin(config.db_path, config.WHISPER_DB_BUSY_TIMEOUT_MS).close()
@@ -104,6 +129,9 @@ def prepare_schema(config: "Config") -> None:
 def release_worker(config: "Config", worker: str, actor: str) -> Recovery:
     """A worker process died: its Processing jobs go back to the queue (or fail as poison, or
     end Canceled when their cancel was asked for)."""
+    if config.WHISPER_DB_URL:
+        from . import postgresql
+        return postgresql.release_worker(config.WHISPER_DB_URL, worker, config.WHISPER_MAX_ATTEMPTS, actor)
     from . import sqlite
     return sqlite.release_worker(config.db_path, worker, config.WHISPER_MAX_ATTEMPTS, actor,
                                  config.WHISPER_DB_BUSY_TIMEOUT_MS)
@@ -111,6 +139,9 @@ def release_worker(config: "Config", worker: str, actor: str) -> Recovery:
 
 def known_jobs(config: "Config", ids: Iterable[str]) -> set[str]:
     """Which of these job ids the ledger has a row for (start-up's sweep of the job directories)."""
+    if config.WHISPER_DB_URL:
+        from . import postgresql
+        return postgresql.known_jobs(config.WHISPER_DB_URL, ids)
     from . import sqlite
     try:
         return sqlite.known_jobs(config.db_path, ids, config.WHISPER_DB_BUSY_TIMEOUT_MS)

@@ -13,6 +13,8 @@ class LedgerUnavailable(LedgerError, ServiceError):
     str() is the detail, for the log and the command line; a client gets a 503 without it (it
     may name a path), and may try again or another instance."""
 
+    transient = False  # True: the ledger is open but its database is away for now (PostgreSQL)
+
     def __init__(self, detail: str) -> None:
         ServiceError.__init__(self, 503, "the job ledger is not available (the server is stopping?); try again in a "
                                          "moment", {"Retry-After": "10"})

@@ -298,10 +298,13 @@ def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: st
 class SQLiteLedger:
     """One writer connection (serialised by a lock) and one reader connection per process."""
 
-    def __init__(self, path: str, actor: str, busy_ms: int = BUSY_TIMEOUT_MS) -> None:
+    shared = False  # one box: jobs are taken back by process at start, not by lease
+
+    def __init__(self, path: str, actor: str, busy_ms: int = BUSY_TIMEOUT_MS, node: str | None = None) -> None:
         self.path = path
         self.actor = actor  # host:pid, recorded on the events this process writes
         self.busy_ms = busy_ms
+        self.node = node or actor.split(":")[0]
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
@@ -424,11 +427,11 @@ class SQLiteLedger:
         async def work(conn, now):
             async with conn.execute(
                 "UPDATE jobs SET status='Processing', started_at=?, attempts=attempts+1,"
-                " worker=?, progress=0, stage='starting'"
+                " worker=?, node=?, progress=0, stage='starting'"
                 f" WHERE seq=({pick})"
                 " AND (SELECT count(*) FROM jobs WHERE status='Processing') < ?"
                 " RETURNING *",
-                (now, self.actor, max_running),
+                (now, self.actor, self.node, max_running),
             ) as cursor:
                 row = await cursor.fetchone()
             if row is None:
@@ -782,6 +785,35 @@ class SQLiteLedger:
             return bool(cursor.rowcount)
 
         return await self._write(work)
+
+    # -- nodes (one box: its row in /status; no lease is ever taken back)
+
+    async def heartbeat(self, role: str, started_at: str, job_ids: list[str]) -> list[str]:
+        async def work(conn, now):
+            await conn.execute(
+                "INSERT INTO nodes (name, role, started_at, last_seen, actor) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET role=excluded.role, started_at=excluded.started_at,"
+                " last_seen=excluded.last_seen, actor=excluded.actor",
+                (self.node, role, started_at, now, self.actor),
+            )
+
+        await self._write(work)
+        return []
+
+    async def take_back_expired(self, max_attempts: int) -> Recovery:
+        return Recovery()  # a single box takes back by process (prepare, release_worker)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        rows = await self._fetch_all(
+            "SELECT n.name, n.role, n.started_at, n.last_seen,"
+            " (julianday('now') - julianday(n.last_seen)) * 86400.0 AS seconds_since_seen,"
+            " (SELECT count(*) FROM jobs j WHERE j.status = 'Processing') AS running_jobs"
+            " FROM nodes n ORDER BY n.name"
+        )
+        return [dict(row) for row in rows]
+
+    async def listen(self, callback) -> None:
+        return None  # one box: every change is made by this ledger's own processes
 
     # -- resumable uploads (tus): the rows; the bytes are JobFiles' business
 

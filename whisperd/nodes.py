@@ -1,0 +1,118 @@
+"""This node in the cluster: its heartbeat, the leases of the jobs it runs, taking back expired ones.
+
+Every WHISPER_LEASE_SECONDS / 3 a process of a node: records the node as alive (the nodes
+table /status lists), renews the lease of each job it runs, and takes back every job whose
+lease ran out on any node (requeued, or failed after WHISPER_MAX_ATTEMPTS). A job it no longer
+holds (another node took it back) is stopped without a word written. When the ledger cannot
+be reached, the node stops claiming; once it has gone a lease without renewing, another node
+may already run its jobs, so it stops them all and writes nothing (their next runner does).
+On SQLite (one box) only the heartbeat applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import Config
+from .jobs import now_iso
+from .ledger import Ledger
+
+log = logging.getLogger("whisperd.nodes")
+from .jobfiles import MARKERS  # under WHISPER_TMP_FILES: one file per node that uses this storage
+ABANDONED = "abandoned"  # the stop reason of a job whose lease this node lost
+# On shared storage, a start leaves younger entries without a row alone: an upload on another
+# node may be between its rename into place and its row's commit.
+SWEEP_MIN_AGE_SECONDS = 3600.0
+
+
+def mark_shared_storage(config: Config) -> list[str]:
+    """Leave this node's marker beside the job files; returns the other nodes seen there
+    (with several nodes, the storage must be one that all of them mount at the same path)."""
+    directory = Path(config.WHISPER_TMP_FILES) / MARKERS
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / config.node_name
+    marker.write_text(json.dumps({"node": config.node_name, "role": config.WHISPER_NODE_ROLE,
+                                  "host": socket.gethostname(), "pid": os.getpid(), "started_at": now_iso()}) + "\n")
+    return sorted(p.name for p in directory.iterdir() if p.name != config.node_name)
+
+
+class NodeKeeper:
+    def __init__(self, config: Config, ledger: Ledger, running: Callable[[], dict], wake: Callable[[], None],
+                 on_taken_back: Callable[[list[str], list[str]], None]) -> None:
+        self.config = config
+        self.ledger = ledger
+        self._running = running  # job id -> RunningJob, those this process runs now
+        self._wake = wake
+        self._on_taken_back = on_taken_back
+        self.lease = config.WHISPER_LEASE_SECONDS
+        self.interval = max(0.2, self.lease / 3)
+        self.started_at = now_iso()
+        self.connected = True  # False while the ledger cannot be reached: claim nothing
+        self._last_renewed = time.monotonic()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.beat()  # registered before the first request is served
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.beat()
+
+    async def beat(self) -> None:
+        """One round: heartbeat and renewals, then take-backs (each failure handled here)."""
+        running = self._running()
+        try:
+            lost = await self.ledger.heartbeat(self.config.WHISPER_NODE_ROLE, self.started_at, list(running))
+        except Exception as exc:
+            await self._unreachable(exc, running)
+            return
+        self._last_renewed = time.monotonic()
+        if not self.connected:
+            log.warning("ledger reachable again: claiming jobs again")
+            self.connected = True
+            self._wake()
+        for job_id in lost:
+            if job_id in running:
+                log.error("job %s: its lease was taken back by another node; stopping it here", job_id)
+                await running[job_id].stop(ABANDONED)
+        if not self.ledger.shared:  # any live node takes back, an api node too (it may be the last)
+            return
+        try:
+            report = await self.ledger.take_back_expired(self.config.WHISPER_MAX_ATTEMPTS)
+        except Exception as exc:
+            log.warning("could not look for expired leases: %s", exc.__class__.__name__)
+            return
+        if report.requeued or report.poisoned or report.canceled:
+            log.warning("took back %d job(s) whose node stopped renewing its lease (%d requeued, %d failed, "
+                        "%d canceled as asked)", len(report.requeued) + len(report.poisoned) + len(report.canceled),
+                        len(report.requeued), len(report.poisoned), len(report.canceled))
+            self._on_taken_back(report.requeued, report.poisoned + report.canceled)  # ended: their files go
+            self._wake()
+
+    async def _unreachable(self, exc: Exception, running: dict) -> None:
+        if not self.ledger.shared:
+            log.warning("node heartbeat failed: %s", exc.__class__.__name__)
+            return
+        if self.connected:
+            log.error("ledger unreachable (%s): claiming nothing until it is back", exc.__class__.__name__)
+            self.connected = False
+        # Our leases were last renewed at _last_renewed; past one lease, another node may
+        # have taken the jobs back: keep nothing we cannot prove is still ours.
+        if running and time.monotonic() - self._last_renewed >= self.lease - self.interval:
+            log.error("could not renew the leases of %d job(s) in time: abandoning them (another node "
+                      "runs them again)", len(running))
+            await asyncio.gather(*(job.stop(ABANDONED) for job in list(running.values())))
