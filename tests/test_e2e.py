@@ -131,16 +131,17 @@ def test_video_without_sound_is_refused_before_it_is_queued(real_server, tmp_pat
     assert server.rows("SELECT id FROM jobs") == [] and server.files_gone()
 
 
-def test_audio_with_a_good_header_and_garbage_fails_with_the_engines_reason(real_server, tmp_path):
-    # The header passes the upload probe; the engine cannot decode what follows it.
+def test_audio_with_a_good_header_and_garbage_is_refused_at_intake(real_server, tmp_path):
+    # The header passes the probe; the decode at intake (intake.py) finds no audio behind it, so
+    # the upload is refused in words before it is a job, and the engine never sees it.
     broken = tmp_path / "broken.flac"
     broken.write_bytes(JFK.read_bytes()[:8192] + random.Random(4).randbytes(200_000))
     server = real_server()
-    job_id = server.submit_ok(broken, diarize="false")
-    status = server.wait_status(job_id, timeout=120)
-    assert status["status"] == "Failed"
-    reason = status["data"]
-    assert reason and "\n" not in reason and "Traceback" not in reason and "/" not in reason, reason
+    response = server.submit(broken, diarize="false")
+    assert response.status_code == 415, response.text
+    reason = response.json()["error"]
+    assert "broken.flac" in reason and "\n" not in reason and "Traceback" not in reason, reason
+    assert server.rows("SELECT count(*) FROM jobs")[0][0] == 0
     assert server.files_gone()
 
 
