@@ -43,9 +43,10 @@ class StatusHandler(BaseHandler):
             "queue_state": {"queued_jobs": counts["Queued"], "processing_jobs": counts["Processing"]},
             "error": error,
         }
-        # Beyond the spec: this node; for an admin every node of the cluster and the warm engine's state.
-        body["node"] = {"name": config.node_name, "role": config.WHISPER_NODE_ROLE}
+        # Beyond the spec, for admins: this node (its name is the host name by default), every node of
+        # the cluster and the warm engine's state.
         if self.identity.admin:
+            body["node"] = {"name": config.node_name, "role": config.WHISPER_NODE_ROLE}
             body["engine"] = self.service.engine_status()  # beyond the spec: the warm engine's state
             body["nodes"] = await self.service.cluster_nodes()
         else:
