@@ -15,6 +15,7 @@ anywhere in --initial_prompt:
   ok          write the outputs, exit 0 (segments carry words unless --no_align is given)
   slow        print "Progress: X%..." lines for FAKE_WHISPERX_SLOW_SECONDS (default 5), then ok
   fail        traceback-like stderr ending "RuntimeError: fake engine failure", exit 1, no output
+              (after FAKE_WHISPERX_FAIL_AFTER_SECONDS, default 0)
   hang        ignore SIGTERM and sleep until killed
   grandchild  start `sleep 300` in our process group, sleep FAKE_WHISPERX_SLOW_SECONDS, then
               ok, leaving the sleep behind
@@ -387,6 +388,7 @@ def main():
     if mode == "fail":
         check_audio(args.audio)
         info(args, "Performing transcription...")
+        time.sleep(float(os.environ.get("FAKE_WHISPERX_FAIL_AFTER_SECONDS", "0")))
         traceback_exit(
             [
                 '  File "whisperx/asr.py", line 271, in transcribe',

@@ -78,7 +78,8 @@ def test_a_held_ledger_delays_the_end_of_a_job_but_loses_nothing(make_server):
 
 
 def test_a_held_ledger_at_the_end_of_a_failing_job_keeps_it_failed_not_stranded(make_server):
-    server = make_server(WHISPER_DB_BUSY_TIMEOUT_MS="200", FAKE_WHISPERX_SLOW_SECONDS="1")
+    # The engine fails 2 s after it logs its run: the hold below is in place by then.
+    server = make_server(WHISPER_DB_BUSY_TIMEOUT_MS="200", FAKE_WHISPERX_FAIL_AFTER_SECONDS="2")
     held = None
     job_id = server.submit_ok(diarize="false", prompt="fake:fail")
     # Hold the ledger as soon as the engine has started, before it fails.
