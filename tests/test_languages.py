@@ -196,6 +196,8 @@ def test_openai_translations_run_the_translate_task_and_answer_every_format(mult
     jobs = [run["worker_job"] for run in server.engine_runs() if "worker_job" in run]
     assert len(jobs) == 4 and all(j["task"] == "translate" and j["language"] is None for j in jobs)
     assert all(j["model"].endswith("/models/base") for j in jobs) and jobs[-1]["prompt"] == "Names: Ada"
+    # A delivery is recorded just after the client has the last byte: wait for its files to go.
+    assert server.files_gone()
     rows = server.rows("SELECT task, language, delivered_at FROM jobs")
     assert len(rows) == 4 and all(r["task"] == "translate" and r["language"] == "auto" and r["delivered_at"]
                                   for r in rows)
