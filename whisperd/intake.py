@@ -2,6 +2,8 @@
 
     media = await Intake(config).accept(path, out_dir)   # or accept_sync() from a thread
 
+0. A 16 kHz mono 16-bit PCM WAV is already what the engine reads: its samples are copied under a
+   fresh header by canonical_wav.py (capped at the limit), and steps 1-3 do not run.
 1. ffprobe, under the rules of probe.py: an allow-listed container with an audio stream, or 415.
 2. Its declared duration against WHISPER_MAX_AUDIO_SECONDS, or 413 — before anything is decoded,
    so a 70 KB FLAC that declares ten hours of silence costs one ffprobe, not ten hours of PCM.
@@ -14,12 +16,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .bounded import BoundedRun, RunCanceled, RunTimeout
+from .canonical_wav import copy_if_canonical
 from .config import Config
 from .jobfiles import CANONICAL_NAME
 from .probe import ACCEPTED_TEXT, ProbeRefused, common_args, probe
@@ -32,6 +37,8 @@ WAV_HEADER = 44  # ffmpeg's wav muxer with bitexact and no metadata writes the p
 DECODE_BASE_SECONDS = 60.0
 DECODE_SECONDS_PER_AUDIO_SECOND = 0.1  # ffmpeg decodes audio hundreds of times faster than real time
 CLIENT_LEFT = 499  # IntakeError's status when stop() ended it: nobody is left to answer
+CANONICAL_FOUND = "already 16 kHz mono 16-bit PCM WAV"
+INLINE_COPY_BYTES = 64 * 1024  # a canonical WAV up to this size is copied on the IOLoop (2 s of audio)
 UNKNOWN_DURATION = 36000.0  # the decode time limit's basis when neither the file nor the limit gives one
 
 
@@ -81,7 +88,12 @@ class Intake:
         self._run.stop()
 
     async def accept(self, path: Path, out_dir: Path, shown_name: str = "upload") -> Media:
-        """accept_sync() in an executor thread, never on the IOLoop."""
+        """accept_sync() in an executor thread, never on the IOLoop; except a small canonical
+        WAV, whose copy costs less than the trip to a thread (about 0.1 ms for a second of audio)."""
+        if path.stat().st_size <= INLINE_COPY_BYTES:
+            media = self._copied(path, out_dir / CANONICAL_NAME, shown_name)
+            if media is not None:
+                return media
         if Intake._slots is None:
             Intake._slots = asyncio.Semaphore(max(1, (os.cpu_count() or 1)))
         async with Intake._slots:
@@ -89,6 +101,10 @@ class Intake:
             return await loop.run_in_executor(None, self.accept_sync, path, out_dir, shown_name)
 
     def accept_sync(self, path: Path, out_dir: Path, shown_name: str = "upload") -> Media:
+        out = out_dir / CANONICAL_NAME
+        media = self._copied(path, out, shown_name)
+        if media is not None:
+            return media
         try:
             probed = probe(self.ffprobe, path, self._run)
         except ProbeRefused as exc:
@@ -100,18 +116,39 @@ class Intake:
             raise IntakeError(CLIENT_LEFT, "the client left") from None
         if self.max_seconds and probed.duration is not None and probed.duration > self.max_seconds:
             raise IntakeError(413, self._too_long(shown_name, probed.duration, exact=True))
-        out = out_dir / CANONICAL_NAME
         self._decode(path, out, probed.demuxer, probed.duration, shown_name)
         seconds = max(0.0, (out.stat().st_size - WAV_HEADER) / BYTES_PER_SECOND)
+        return self._checked(out, seconds, probed.format_name, f"ffprobe found {probed.found}", shown_name)
+
+    def _copied(self, path: Path, out: Path, shown_name: str) -> Media | None:
+        """A 16 kHz mono PCM WAV copied as it is (no ffprobe or ffmpeg to start), or None."""
+        # Without ffprobe and ffmpeg the server refuses every upload (503), a WAV as well: an
+        # operator sees the broken install at once, not on the first MP3.
+        if not self._tools_installed():
+            return None
+        max_frames = int(self.max_seconds * SAMPLE_RATE) if self.max_seconds else None
+        try:
+            frames = copy_if_canonical(path, out, max_frames)
+        except OSError as exc:
+            out.unlink(missing_ok=True)
+            raise IntakeError(*_disk_error(exc)) from None
+        if frames is None:
+            return None
+        return self._checked(out, frames / SAMPLE_RATE, "wav", CANONICAL_FOUND, shown_name)
+
+    def _tools_installed(self) -> bool:
+        return shutil.which(self.ffprobe) is not None and shutil.which(self.ffmpeg) is not None
+
+    def _checked(self, out: Path, seconds: float, format_name: str, found: str, shown_name: str) -> Media:
+        """The canonical file's length against the limit; it goes when refused."""
         if self.max_seconds and seconds > self.max_seconds:
             out.unlink()
             raise IntakeError(413, self._too_long(shown_name, seconds, exact=False))
         if seconds <= 0:
             out.unlink()
-            raise IntakeError(415, f"the uploaded file '{shown_name}' holds no audio samples "
-                                   f"(ffprobe found {probed.found})")
-        log.debug("intake %s: %s, %.2f s", out_dir.name, probed.found, seconds)
-        return Media(probed.format_name, seconds, out)
+            raise IntakeError(415, f"the uploaded file '{shown_name}' holds no audio samples ({found})")
+        log.debug("intake %s: %s, %.2f s", out.parent.name, found, seconds)
+        return Media(format_name, seconds, out)
 
     def _decode(self, source: Path, out: Path, demuxer: str, declared: float | None, shown_name: str) -> None:
         argv = [self.ffmpeg, "-nostdin", "-hide_banner", "-v", "error", *common_args(), "-f", demuxer,
@@ -135,12 +172,21 @@ class Intake:
                                    "is not installed") from None
         if done.returncode != 0 or not out.is_file():
             reason = _last_line(done.stderr, (str(source.resolve()), str(out.resolve())))
+            if "No space left on device" in reason:
+                out.unlink(missing_ok=True)
+                raise IntakeError(*_disk_error(OSError(errno.ENOSPC, reason)))
             raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded: {reason}")
 
     def _too_long(self, shown_name: str, seconds: float, exact: bool) -> str:
         length = describe_seconds(seconds) if exact else f"more than {describe_seconds(self.max_seconds)}"
         return (f"the audio of '{shown_name}' lasts {length} ({seconds:.0f} s); this server accepts at most "
                 f"{describe_seconds(self.max_seconds)} (WHISPER_MAX_AUDIO_SECONDS={self.max_seconds:g})")
+
+
+def _disk_error(exc: OSError) -> tuple[int, str]:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507, "the server has no disk space left for this upload's audio; try again later"
+    return 500, f"the server could not write this upload's audio ({exc.strerror or 'I/O error'})"
 
 
 def _last_line(stderr: str, paths: tuple[str, ...]) -> str:
