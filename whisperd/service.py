@@ -287,15 +287,14 @@ class Service:
         self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
         crash_point("upload-committed")
         try:
-            await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes", quota=quota)
+            job = await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes",
+                                           quota=quota)
         except BaseException:
             self.delete_job_files(new_job.id, "refused")
             raise
         crash_point("job-accepted")
         metrics.upload_received(new_job.upload_bytes)
         self.scheduler.wake()
-        job = await self.ledger.get(new_job.id)
-        assert job is not None
         return job
 
     # -- waiting

@@ -197,3 +197,30 @@ async def test_without_ffmpeg_uploads_are_503(api, service):
     assert response.code == 503
     assert "the server cannot decode uploads now" in body_of(response)["error"]
     assert staged(service) == [] and await no_job_files(service)
+
+
+@pytest.mark.settings(WHISPER_MAX_QUEUED_JOBS="1", WHISPER_UPLOAD_MIN_BYTES_PER_SECOND="0",
+                      FAKE_WHISPERX_SLOW_SECONDS="10")
+@gen_test
+async def test_a_body_slower_than_a_second_meets_the_queue_cap_again_before_its_job_is_written(base_url, service, api):
+    # The room is checked before the body is read; a body that took longer than a second is
+    # checked again, since the queue may have filled while it arrived.
+    body, content_type = multipart({"diarize": "false"})
+    host, port = base_url.rsplit("/", 1)[-1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write((f"POST /transcription HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer fast-test-token\r\n"
+                  f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:-200])
+    await writer.drain()
+    await until(lambda: staged(service) != [])
+    running = await api.submit_ok({"diarize": "false", "prompt": "fake:slow"})
+    await api.wait_status(running, ("Processing",))
+    await api.submit_ok({"diarize": "false"})  # the one place in the queue
+    await asyncio.sleep(1.1)
+    writer.write(body[-200:])
+    await writer.drain()
+    answer = (await reader.read(4096)).decode()
+    writer.close()
+    assert answer.startswith("HTTP/1.1 429"), answer
+    assert "the queue is full (1 jobs waiting, WHISPER_MAX_QUEUED_JOBS=1)" in answer
+    await until(lambda: staged(service) == [])
+    assert sum((await service.ledger.status_counts()).values()) == 2

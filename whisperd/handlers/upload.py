@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from tornado.ioloop import PeriodicCallback
@@ -31,6 +32,10 @@ from .base import BaseHandler
 
 log = logging.getLogger("whisperd.http")
 
+# The queue's room is checked before a body is read, and again before its job is written if the
+# body took longer than this to arrive (the cap is approximate across processes anyway).
+QUEUE_RECHECK_SECONDS = 1.0
+
 
 @stream_request_body
 class UploadHandler(BaseHandler):
@@ -48,6 +53,7 @@ class UploadHandler(BaseHandler):
     _received = 0
     _received_at_check = 0
     _declared: int | None = None
+    _room_checked_at = 0.0
     limits: Limits
 
     async def prepare(self) -> None:
@@ -65,6 +71,7 @@ class UploadHandler(BaseHandler):
             self._declared = int(length)
         # Before a byte is stored: a refused upload leaves nothing.
         await self.service.check_queue_room()
+        self._room_checked_at = time.monotonic()
         await self.check_limits()
         address = self.request.remote_ip or "?"
         self.service.take_upload_slot(address)
@@ -247,7 +254,8 @@ class UploadHandler(BaseHandler):
         try:
             # Checked again in the transaction that writes the row: other uploads of this caller
             # (in this process or another) may have been accepted since the checks above.
-            await self.service.check_queue_room()  # again: others may have filled it while this body arrived
+            if time.monotonic() - self._room_checked_at > QUEUE_RECHECK_SECONDS:
+                await self.service.check_queue_room()  # again: others may have filled it while this body arrived
             job = await self.service.submit(new_job, hf_token, quota(self.limits))
         except QuotaExceeded as exc:
             self._discard()

@@ -366,26 +366,28 @@ class PostgreSQLLedger:
 
     # -- the interface
 
-    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> None:
+    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> Job:
         async def work(conn, now):
-            exists = await conn.fetchval("SELECT 1 FROM jobs WHERE id=$1", job.id)
+            exists = await conn.fetchrow("SELECT * FROM jobs WHERE id=$1", job.id)
             if exists:  # a retry after a commit whose answer was lost
-                return
+                return Job.from_row(exists)
             if quota is not None and (quota.max_active or quota.max_audio_seconds):
                 await self._check_quota(conn, job, quota)
-            await conn.execute(
+            row = await conn.fetchrow(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
                 " model, response_format, diarize, prompt, device, device_index, warnings, callback_url,"
                 " task, audio_seconds, temperature)"
-                " VALUES ($1, $2, 'Queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                " VALUES ($1, $2, 'Queued', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+                " RETURNING *",
                 job.id, job.owner, now, job.filename, job.upload_bytes, job.language,
                 job.model, job.response_format, int(job.diarize), job.prompt, job.device,
                 job.device_index, json.dumps(job.warnings), job.callback_url, job.task, job.audio_seconds,
                 job.temperature,
             )
             await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)
+            return Job.from_row(row)
 
-        await self._write(work)
+        return await self._write(work)
 
     @staticmethod
     async def _check_quota(conn, job: NewJob, quota: Quota) -> None:

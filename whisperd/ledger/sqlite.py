@@ -292,6 +292,94 @@ def _event(conn: sqlite3.Connection, job_id: str, at: str, event: str, actor: st
     )
 
 
+# --- one transaction, one call on the writer's thread ------------------------------------
+#
+# aiosqlite runs each statement as its own call on the connection's thread: a transaction of five
+# statements was five round trips through the IOLoop (and a claim, a completion and a submission
+# each one). The transactions below are written once, as coroutines over `conn.execute`, and are
+# run to their end inside the thread instead: there `conn` answers every await at once, so no
+# round trip happens between BEGIN and COMMIT. (aiosqlite has no public call for "run this on
+# the connection's thread": Connection._execute is used, with aiosqlite pinned in requirements.txt.)
+
+
+class _Ready:
+    """`await x` and `async with x` for a value that is already there."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self):
+        return self.value
+        yield  # noqa: unreachable: it makes __await__ a generator
+
+    async def __aenter__(self) -> Any:
+        return self.value
+
+    async def __aexit__(self, *exc: Any) -> bool:
+        return False
+
+
+class _ThreadCursor:
+    __slots__ = ("_cursor",)
+
+    def __init__(self, cursor: sqlite3.Cursor) -> None:
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def fetchone(self) -> _Ready:
+        return _Ready(self._cursor.fetchone())
+
+    def fetchall(self) -> _Ready:
+        return _Ready(self._cursor.fetchall())
+
+
+class _ThreadConnection:
+    """What a transaction's `conn` is, on the writer's thread: aiosqlite's calls, answered at once."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> _Ready:
+        return _Ready(_ThreadCursor(self._conn.execute(sql, params)))
+
+
+def _in_writer_thread(conn: sqlite3.Connection, work, now: str, durable: bool) -> Any:
+    if not durable:
+        conn.execute("PRAGMA synchronous=NORMAL")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            transaction = work(_ThreadConnection(conn), now)
+            try:
+                transaction.send(None)
+            except StopIteration as done:
+                result = done.value
+            else:
+                transaction.close()
+                raise RuntimeError("a ledger transaction awaited something other than its connection")
+            conn.execute("COMMIT")
+        except BaseException:
+            # A COMMIT refused (disk full) leaves the transaction open: end it, or every later
+            # BEGIN on this connection would fail.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as exc:
+                    log.warning("ROLLBACK failed: %s", exc)
+            raise
+        return result
+    finally:
+        if not durable:
+            conn.execute("PRAGMA synchronous=FULL")
+
+
 # --- the asynchronous interface ---------------------------------------------------------
 
 
@@ -330,31 +418,18 @@ class SQLiteLedger:
 
     # -- helpers
 
-    async def _write(self, work) -> Any:
-        """Run `work(conn, now)` inside BEGIN IMMEDIATE ... COMMIT, one writer at a time."""
+    async def _write(self, work, durable: bool = True) -> Any:
+        """Run `work(conn, now)` inside BEGIN IMMEDIATE ... COMMIT, one writer at a time, as one
+        call on the writer's thread (see _in_writer_thread).
+
+        durable=False commits without waiting for the disk (synchronous=NORMAL): for what a
+        restart resets anyway (a claim, progress, the engine's pid, a running job's warning).
+        The WAL is one file written in order, so the next durable commit makes it durable too."""
         if self._writer is None:
             raise LedgerUnavailable("ledger is not open")
         async with self._lock:
             with _busy_as_ledger_busy():
-                await self._writer.execute("BEGIN IMMEDIATE")
-                try:
-                    result = await work(self._writer, now_iso())
-                    await self._writer.execute("COMMIT")
-                except BaseException:
-                    # A COMMIT refused (disk full) leaves the transaction open: end it, or
-                    # every later BEGIN on this connection would fail.
-                    await self._rollback()
-                    raise
-                return result
-
-    async def _rollback(self) -> None:
-        if self._writer is None:
-            return
-        try:
-            if self._writer.in_transaction:
-                await self._writer.execute("ROLLBACK")
-        except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite's connection is gone
-            log.warning("ROLLBACK failed: %s", exc)
+                return await self._writer._execute(_in_writer_thread, self._writer._conn, work, now_iso(), durable)
 
     async def _add_event(self, conn, job_id, at, event, detail=None, actor=None) -> None:
         await conn.execute(
@@ -376,25 +451,27 @@ class SQLiteLedger:
 
     # -- the interface
 
-    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> None:
+    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> Job:
         async def work(conn, now):
             if quota is not None and (quota.max_active or quota.max_audio_seconds):
                 await self._check_quota(conn, job, quota)
-            await conn.execute(
+            async with conn.execute(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
                 " model, response_format, diarize, prompt, device, device_index, warnings, callback_url,"
                 " task, audio_seconds, temperature)"
-                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, 'Queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (
                     job.id, job.owner, now, job.filename, job.upload_bytes, job.language,
                     job.model, job.response_format, int(job.diarize), job.prompt, job.device,
                     job.device_index, json.dumps(job.warnings), job.callback_url, job.task, job.audio_seconds,
                     job.temperature,
                 ),
-            )
+            ) as cursor:
+                row = await cursor.fetchone()
             await self._add_event(conn, job.id, now, "accepted", detail, actor=job.owner)
+            return Job.from_row(row)
 
-        await self._write(work)
+        return await self._write(work)
 
     @staticmethod
     async def _check_quota(conn, job: NewJob, quota: Quota) -> None:
@@ -446,13 +523,13 @@ class SQLiteLedger:
             await self._add_event(conn, job.id, now, "started", f"attempt {job.attempts}")
             return job
 
-        return await self._write(work)
+        return await self._write(work, durable=False)
 
     async def set_engine_pid(self, job_id: str, pid: int | None) -> None:
         async def work(conn, now):
             await conn.execute("UPDATE jobs SET engine_pid=? WHERE id=?", (pid, job_id))
 
-        await self._write(work)
+        await self._write(work, durable=False)
 
     async def set_progress(self, job_id: str, progress: float | None, stage: str | None) -> None:
         async def work(conn, now):
@@ -461,7 +538,7 @@ class SQLiteLedger:
                 (progress, stage, job_id),
             )
 
-        await self._write(work)
+        await self._write(work, durable=False)
 
     async def add_warning(self, job_id: str, warning: str) -> None:
         async def work(conn, now):
@@ -471,7 +548,7 @@ class SQLiteLedger:
             )
             await self._add_event(conn, job_id, now, "warning", warning)
 
-        await self._write(work)
+        await self._write(work, durable=False)
 
     async def _transition(self, sql: str, job_id: str, event: str, detail: str | None,
                           actor: str | None = None, **params: Any) -> bool:
