@@ -58,7 +58,9 @@ def test_one_tokens_backlog_does_not_starve_anothers_single_job(secure, policy):
     server = secure(WHISPER_SCHEDULING=policy, FAKE_WHISPERX_SLOW_SECONDS="120")
     token_a, token_b = server.create_token("tenant-a"), server.create_token("tenant-b")
     a_jobs = [server.submit_ok(token=token_a, prompt="fake:slow")]
-    wait_rows(server, "SELECT count(*) FROM jobs WHERE status='Processing'", 1)
+    # Its engine has started (logged its run), not just been claimed: a cancel before that
+    # would leave no run to see in the order below.
+    wait_until(lambda: run_order(server, a_jobs) == a_jobs, 60, "the first job's engine to start")
     a_jobs += [server.submit_ok(token=token_a) for _ in range(7)]
     b_job = server.submit_ok(token=token_b)
 
