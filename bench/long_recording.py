@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,8 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from conftest import Server  # noqa: E402  the test harness's real-server launcher
-from bench.common import cpu_seconds, rss_kib  # noqa: E402
+from bench.common import cpu_seconds, machine, rss_kib  # noqa: E402
+from whisperd import config  # noqa: E402
 
 SENTENCES = [
     "Good morning everyone, let us start the weekly planning meeting.",
@@ -127,6 +129,11 @@ def main() -> int:
         print(text, flush=True)
         lines.append(text)
 
+    host = machine()
+    say(f"bench/long_recording.py --minutes {args.minutes:g} --via {args.via}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {host['cores']} cores ({host['cpu']}), "
+        f"{host['ram_gib']} GiB, load average {host['load_avg_1m_at_start']:.1f} at the start; "
+        "tiny.en, warm engine worker, CPU, int8")
     with tempfile.TemporaryDirectory(prefix="bench-long-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
@@ -193,7 +200,7 @@ def main() -> int:
             data = result.json()
             spoken = " ".join(segment.get("text", "") for segment in data.get("segments", []))
             say(f"job: Completed in {took:.0f} s wall for {seconds:.0f} s of audio "
-                f"({seconds / took:.1f}x real time on a shared machine); engine CPU {peaks['engine_cpu']:.0f} s "
+                f"({seconds / took:.1f}x real time; load average {os.getloadavg()[0]:.1f} at the end); engine CPU {peaks['engine_cpu']:.0f} s "
                 f"({seconds / max(peaks['engine_cpu'], 1):.1f}x real time per CPU second)")
             stages: dict[str, list[str]] = {}
             for t, p, stage in progress:
@@ -205,6 +212,9 @@ def main() -> int:
             say(f"server RSS: {server_before / 1024:.0f} MiB before, peak {peaks['server'] / 1024:.0f} MiB "
                 f"(the HTTP process; the file streamed to disk)")
             say(f"engine worker RSS: peak {peaks['engine'] / 1024:.0f} MiB")
+            limit = config.load(environ={}, conf_path=os.devnull).job_timeout(seconds)
+            say(f"job time limit by default (WHISPER_JOB_TIMEOUT_BASE_SECONDS + _PER_AUDIO_SECOND x its audio): "
+                f"{limit:.0f} s, {limit / took:.0f}x what it took")
             say(f"result: {len(result.content) / 1024:.0f} KiB JSON body, {len(data.get('segments', []))} segments, "
                 f"{len(spoken.encode()) / 1024:.0f} KiB of segment text, {len(spoken.split())} words")
         finally:
