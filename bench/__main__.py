@@ -53,7 +53,7 @@ def upload_rows(r: dict) -> list[dict]:
             _row("", "throughput vs FastAPI+UploadFile", f"{ours['mib_per_s']:.0f} MiB/s",
                  f"FastAPI {peer['mib_per_s']:.0f} MiB/s", f"{vs_peer:.2f}x", ">= 2x" if big else "",
                  vs_peer >= 2 if big else None),
-            _row("", "of which the ffprobe check", f"{r['ffprobe_ms'][name]:.0f} ms per upload"),
+            _row("", "of which intake (16 kHz WAV: copied)", f"{r['intake_ms'][name]:.0f} ms per upload"),
             _row("", "server RSS growth", f"{ours['rss_growth_mib']:.1f} MiB",
                  f"raw {raw['rss_growth_mib']:.1f}, FastAPI {peer['rss_growth_mib']:.1f} MiB", "",
                  "<= 32 MiB" if big else "", ours["rss_growth_mib"] <= 32 if big else None),
@@ -97,13 +97,19 @@ def scheduling_rows(r: dict) -> list[dict]:
                  f"median {lat['median_ms']:.1f} / p99 {lat['p99_ms']:.1f} ms",
                  f"spawn -> first instr. {lat['baseline_spawn_to_first_instruction_median_ms']:.1f} ms",
                  f"+{lat['scheduler_share_median_ms']:.1f} ms", "median <= 20 ms", lat["median_ms"] <= 20)]
-    for key, label in (("sequential", "sequential"), ("concurrent", "6 concurrent")):
-        q = r[key]
+    for key, label in (("sequential", "sequential"), ("concurrent", "6 concurrent"),
+                       ("sequential_decoded", "sequential, 44.1 kHz WAV")):
+        q = r.get(key)
+        if q is None:
+            continue
+        # The goal is the service's own share on uploads it takes as they are (16 kHz mono WAV);
+        # other audio adds one ffprobe and one ffmpeg run per job, reported beside it.
+        judged = key != "sequential_decoded"
         rows.append(_row(f"4 queue, {q['jobs']} jobs" if key == "sequential" else "", f"{label}: jobs/s end to end",
                          f"{q['jobs_per_s']:.0f} jobs/s, +{q['overhead_ms_per_job']:.1f} ms/job "
-                         f"(server CPU {q['server_cpu_ms_per_job']:.1f}, ffprobe {q['ffprobe_ms_per_upload']:.0f} ms/job)",
+                         f"(server CPU {q['server_cpu_ms_per_job']:.1f}, intake {q['intake_ms_per_upload']:.0f} ms/job)",
                          f"engine alone {q['baseline_direct_jobs_per_s']:.0f} jobs/s", f"{q['ratio_to_direct']:.2f}x",
-                         "<= 10 ms/job", q["overhead_ms_per_job"] <= 10))
+                         "<= 10 ms/job" if judged else "report", q["overhead_ms_per_job"] <= 10 if judged else None))
     return rows
 
 

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -209,20 +210,27 @@ def multipart(fields: dict[str, str], filename: str, file_size: int, boundary: s
     return head, tail, f"multipart/form-data; boundary={boundary}"
 
 
-def probe_ms(path: Path, runs: int = 10) -> float:
-    """Median wall time of the server's own upload check (whisperd.probe: ffprobe) on one file."""
-    from whisperd import probe
+def intake_ms(path: Path, runs: int = 10) -> float:
+    """Median wall time of the server's own intake (whisperd.intake: the fast WAV copy, or ffprobe
+    and an ffmpeg decode) on one file, outside the server."""
+    from types import SimpleNamespace
+
+    from whisperd.intake import Intake
+
+    config = SimpleNamespace(WHISPER_FFPROBE="ffprobe", WHISPER_FFMPEG="ffmpeg", WHISPER_MAX_AUDIO_SECONDS=0.0)
 
     def once() -> float:
-        start = time.perf_counter()
-        probe.probe("ffprobe", path)
-        return 1000 * (time.perf_counter() - start)
+        with tempfile.TemporaryDirectory(prefix="bench-intake-") as out:
+            start = time.perf_counter()
+            Intake(config).accept_sync(path, Path(out))
+            return 1000 * (time.perf_counter() - start)
 
     return round(median([once() for _ in range(runs)]), 1)
 
 
 def wav_header(data_bytes: int, rate: int = 16000) -> bytes:
-    """A 16-bit mono PCM WAV header: with any bytes after it, the file passes the server's ffprobe check."""
+    """A 16-bit mono PCM WAV header: any bytes after it are samples; at 16 kHz the server copies them
+    as they are, at any other rate it probes and decodes them."""
     return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVEfmt "
             + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16) + b"data" + struct.pack("<I", data_bytes))
 

@@ -53,7 +53,7 @@ slower or busier machine moves both sides:
 | 1 | multipart `POST /transcription` uploads: throughput, server CPU per MiB, RSS growth | a raw loopback socket server writing the bytes to disk; FastAPI + `UploadFile` under uvicorn |
 | 2 | a 100,000-job ledger: p50/p99 and requests/s of `GET /transcription/{id}` and `GET /status` (wrk, 1 and 8 connections, 1 and 2 HTTP processes), and the query plans | a bare Tornado handler answering a constant JSON |
 | 3 | one job at a time: the 202's arrival → the engine's first instruction | the engine spawned directly (spawn → first instruction) |
-| 4 | a queue of jobs submitted at once, sequential and 6 concurrent: jobs/s, service overhead per job, server CPU per job | the same engine runs started directly, 1 or 6 at a time |
+| 4 | a queue of jobs submitted at once (after 5 untimed warm-up jobs), sequential and 6 concurrent: jobs/s, service overhead per job, server CPU per job; and sequential with 44.1 kHz WAVs, which intake probes and decodes (report only) | the same engine runs started directly, 1 or 6 at a time |
 | 5 | `jfk.flac` with tiny.en on the CPU through the WhisperX CLI, split into start-up, import, model load and transcription | the warm transcription |
 """
 
@@ -67,16 +67,17 @@ are kept beside the figures:
 - `bench/results/queue-profile.txt`: jobs run one at a time (the sequential service overhead).
 - `bench/results/status-profile.txt`: status reads on one connection against the 100k-job ledger.
 
-What the status-read and queue profiles led to: a point read (a job, a token's row, a queue
-position, the `/status` counts) runs on a synchronous SQLite connection on the IOLoop's own
-thread instead of a hop to aiosqlite's thread (the hop, not the indexed read, was most of a read's
-cost); a write transaction runs at once on the IOLoop's thread when the write lock is free (WAL,
-synchronous=NORMAL: a commit does not wait for the disk) and as one hop to the ledger's writer
-thread when another process holds it, instead of one hop per statement; the server's connections
-never checkpoint the WAL inside a commit (a timer does it beside the requests); a token's ledger
-row is remembered for one second (a revocation takes effect within it), so a request pays a
-SHA-256 and no read; the pre-run warnings of a job are written while its engine starts; the
-start-up heap is frozen out of the garbage collector's sight (`gc.freeze()`).
+What the profiles led to: an upload that already is 16 kHz mono 16-bit PCM WAV is copied by the
+server instead of being probed and decoded by ffprobe and ffmpeg (each start of Debian's costs
+about 110 ms: 215 shared libraries), so benchmark 4 also reports a 44.1 kHz WAV, which still takes
+that path; a ledger write transaction is one call on the ledger's writer thread instead of one
+IOLoop round trip per statement, and claims, progress, engine pids and running jobs' warnings
+commit without waiting for the disk (synchronous=NORMAL for those; submissions and outcomes wait
+for it); a submission returns the row it wrote instead of reading it again; a token's ledger row
+is remembered for one second (a revocation takes effect within it), so a request pays a SHA-256
+and no read; the pre-run warnings of a job are written while its engine starts; a timer
+checkpoints the WAL beside the requests; the start-up heap is frozen out of the garbage
+collector's sight (`gc.freeze()`). A point read is still one hop to aiosqlite's reader thread.
 
 The ledger benchmark also reports the server's CPU per request beside bare Tornado's: unlike
 latencies, it is not inflated by a busy machine, so it shows what whisperd itself adds.
