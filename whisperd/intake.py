@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,8 @@ DECODE_BASE_SECONDS = 60.0
 DECODE_SECONDS_PER_AUDIO_SECOND = 0.1  # ffmpeg decodes audio hundreds of times faster than real time
 CLIENT_LEFT = 499  # IntakeError's status when stop() ended it: nobody is left to answer
 CANONICAL_FOUND = "already 16 kHz mono 16-bit PCM WAV"
+TOOLS_RECHECK_SECONDS = 5.0
+_TOOLS_SEEN: dict[tuple[str, str], tuple[float, bool]] = {}
 INLINE_COPY_BYTES = 64 * 1024  # a canonical WAV up to this size is copied on the IOLoop (2 s of audio)
 UNKNOWN_DURATION = 36000.0  # the decode time limit's basis when neither the file nor the limit gives one
 
@@ -137,7 +140,14 @@ class Intake:
         return self._checked(out, frames / SAMPLE_RATE, "wav", CANONICAL_FOUND, shown_name)
 
     def _tools_installed(self) -> bool:
-        return shutil.which(self.ffprobe) is not None and shutil.which(self.ffmpeg) is not None
+        # A PATH search is ~0.1 ms a program: remembered for a few seconds, per pair of names.
+        key = (self.ffprobe, self.ffmpeg)
+        now = time.monotonic()
+        known = _TOOLS_SEEN.get(key)
+        if known is None or now - known[0] > TOOLS_RECHECK_SECONDS:
+            known = _TOOLS_SEEN[key] = (now, shutil.which(self.ffprobe) is not None
+                                        and shutil.which(self.ffmpeg) is not None)
+        return known[1]
 
     def _checked(self, out: Path, seconds: float, format_name: str, found: str, shown_name: str) -> Media:
         """The canonical file's length against the limit; it goes when refused."""
