@@ -6,24 +6,17 @@ tokens where two clients matter.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import alive
+from conftest import alive, wait_until
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(wait_until, timeout=20.0)
 
 
 def workers(server) -> list[dict]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import time
 
 import pytest
 
-from conftest import alive
+from conftest import alive, wait_until
 
 
 @pytest.fixture
@@ -32,14 +32,7 @@ def engine_status(server) -> dict:
     return server.api("GET", "/status").json()["engine"]
 
 
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(wait_until, timeout=10.0)
 
 
 def test_one_worker_serves_many_jobs_and_status_shows_it(worker_server):
