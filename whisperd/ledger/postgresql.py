@@ -23,7 +23,7 @@ import asyncpg
 
 from ..config import REPO_DIR
 from ..jobs import now_iso
-from .core import migration_files, CLAIM, QUOTA, WEBHOOKS, SqlLedger, Work
+from .core import CLAIM, QUOTA, WEBHOOKS, SqlLedger, Work, migration_files
 from .errors import LedgerUnavailable
 from .notify import CHANNEL, Listener
 from .recovery import Recovery

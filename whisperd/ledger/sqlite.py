@@ -19,7 +19,7 @@ import aiosqlite
 
 from ..config import REPO_DIR
 from ..jobs import now_iso
-from .core import migration_files, TOKEN_LIMITS, SqlLedger, Work, fair_position  # noqa: F401  (re-exported)
+from .core import SqlLedger, Work, migration_files
 from .errors import LedgerBusy, LedgerUnavailable
 from .recovery import Recovery
 
@@ -172,12 +172,13 @@ def _busy_as_ledger_busy():
         raise
 
 
+# --- one transaction, one call on the writer's thread ------------------------------------
 #
 # aiosqlite runs each statement as its own call on the connection's thread: a transaction of five
 # statements was five round trips through the IOLoop (and a claim, a completion and a submission
-# each one). The transactions below are written once, as coroutines over `conn.execute`, and are
-# run to their end inside the thread instead: there `conn` answers every await at once, so no
-# round trip happens between BEGIN and COMMIT. (aiosqlite has no public call for "run this on
+# each one). The core's transactions, coroutines over `tx`, are run to their end inside the
+# thread instead: there `tx` answers every await at once, so no round trip happens between
+# BEGIN and COMMIT. (aiosqlite has no public call for "run this on
 # the connection's thread": Connection._execute is used, with aiosqlite pinned in requirements.txt.)
 
 
@@ -240,8 +241,6 @@ def _in_writer_thread(conn: sqlite3.Connection, work, now: str, durable: bool) -
     finally:
         if not durable:
             conn.execute("PRAGMA synchronous=FULL")
-
-
 
 
 # --- the asynchronous interface: SQLite's dialect of core.SqlLedger -----------------------
