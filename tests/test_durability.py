@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import REPO, alive
+from conftest import REPO, alive, wait_until
 
 
 def test_restart_after_kill9_loses_no_job(make_server):
@@ -86,6 +86,27 @@ def test_graceful_stop_requeues_running_jobs_and_exits_0(make_server):
     server.env["FAKE_WHISPERX_SLOW_SECONDS"] = "0.1"
     server.start()
     assert server.wait_status(job_id)["status"] == "Completed"
+
+
+def test_graceful_restarts_spend_no_attempt(make_server):
+    """Issue 24 item 8: two SIGTERM restarts and a kill -9 under WHISPER_MAX_ATTEMPTS=2 leave the
+    job running again, not Failed "gave up after 2 attempts": only the kill -9 counts."""
+    server = make_server(FAKE_WHISPERX_SLOW_SECONDS="30", WHISPER_SHUTDOWN_GRACE_SECONDS="1", WHISPER_MAX_ATTEMPTS="2")
+    job_id = server.submit_ok(diarize="false", prompt="fake:slow")
+    for started, how in enumerate(("SIGTERM", "SIGTERM", "kill -9"), start=1):
+        server.wait_status(job_id, ("Processing",))
+        wait_until(lambda: len(server.engine_runs()) >= started, what="the engine's start")
+        if how == "kill -9":
+            server.kill9()
+            server.env["FAKE_WHISPERX_SLOW_SECONDS"] = "0.1"
+        else:
+            assert server.stop(signal.SIGTERM) == 0
+            (row,) = server.rows("SELECT status, attempts FROM jobs")
+            assert (row["status"], row["attempts"]) == ("Queued", 0)
+        server.start()
+    assert server.wait_status(job_id)["status"] == "Completed"
+    (row,) = server.rows("SELECT attempts FROM jobs")
+    assert row["attempts"] == 2  # the run the kill -9 cut short, and the one that finished
 
 
 def test_retention_expires_old_jobs_but_keeps_the_row(make_server):

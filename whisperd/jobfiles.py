@@ -133,11 +133,13 @@ class JobFiles:
         _remove_tree(self.resumable_path(upload_id))
 
     def stage_resumable(self, upload_id: str, job_id: str, client_name: str) -> Path:
-        """Move a finished upload's bytes into a new job's staging dir (a rename: no copy)."""
+        """A finished upload's bytes in a new job's staging dir: a second name for the same file
+        (no copy), so that the upload stays whole until the job's row commits (issue 24); the
+        upload's own name goes after that commit (Service.submit)."""
         staged = self.staging_dir(job_id)
         staged.mkdir(parents=True, exist_ok=True)
         target = staged / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
-        os.rename(self.resumable_path(upload_id), target)
+        os.link(self.resumable_path(upload_id), target)
         return target
 
     def remove_output(self, job_id: str) -> None:

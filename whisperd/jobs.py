@@ -70,6 +70,7 @@ class Job:
     audio_seconds: float | None = None
     delivered_to: str | None = None  # identity that received the result (grace window)
     temperature: float | None = None  # None: the engine's own fallback schedule
+    lease: str | None = None  # the running claim's token: its runner's writes carry it (ledger/core.py)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":

@@ -61,8 +61,8 @@ class ResumableUploads:
         if not upload.complete:
             raise ServiceError(409, f"upload {upload_id} is not finished: {upload.upload_offset} of "
                                     f"{upload.upload_length} bytes received; PATCH the rest first")
-        if not await self.ledger.use_upload(upload_id, job_id):
-            raise ServiceError(409, f"upload {upload_id} was just used by another request (or expired)")
+        # Not used up here: the job's own transaction does that (ledger.submit(upload_id=...)), so
+        # a submission that never commits (killed, refused, database away) leaves it usable.
         try:
             path = self.files.stage_resumable(upload_id, job_id, upload.filename)
         except FileNotFoundError:

@@ -65,7 +65,9 @@ async def expire_old_jobs(ledger: Ledger, delete_files: Callable[[str, str], Non
     cutoff_iso = now_iso(now - timedelta(hours=retention_hours))
     expired: list[str] = []
     while True:
-        batch = await ledger.expire(cutoff_iso)
+        # In a cluster the database's clock places the cutoff (a node whose clock runs ahead must
+        # not expire the others' results: issue 24); a single box's cutoff is its guarded clock.
+        batch = await ledger.expire(cutoff_iso, older_than=retention_hours * 3600)
         if batch:
             crash_point("retention-marked")
         for job_id in batch:

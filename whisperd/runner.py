@@ -90,7 +90,7 @@ class ProgressWriter:
                 (percent, stage), self._newest = self._newest, None
                 began = time.monotonic()
                 try:
-                    await self.ledger.set_progress(self.running.job.id, percent, stage)
+                    await self.ledger.set_progress(self.running.job.id, percent, stage, self.running.job.lease)
                 except LedgerError as exc:
                     log.debug("job %s: progress %.0f%% not recorded (ledger busy): %s",
                               self.running.job.id, percent, exc)
@@ -202,7 +202,7 @@ class JobRunner:
         async def started(pid: int) -> None:
             running.pid = pid
             try:
-                await self.ledger.set_engine_pid(job.id, pid)
+                await self.ledger.set_engine_pid(job.id, pid, job.lease)
             except LedgerError as exc:  # only a crash's clean-up needs it: the job goes on
                 log.warning("job %s: engine pid not recorded: %s", job.id, exc)
             crash_point("engine-started")
@@ -216,25 +216,31 @@ class JobRunner:
             # Another node runs it again (or already does): its files and its row are not ours now.
             log.warning("job %s: abandoned without a result: this node lost its lease", job.id)
         elif because == "canceled":
-            if await self._outcome(job, "cancel", lambda: self.ledger.mark_canceled(job.id, "engine stopped while processing")):
+            if await self._outcome(job, "cancel", lambda: self.ledger.mark_canceled(
+                    job.id, "engine stopped while processing", job.lease)):
                 running.ended("Canceled")
                 self.delete_files(job.id, "canceled")
         elif because == "shutdown":
-            if await self._outcome(job, "requeue", lambda: self.ledger.requeue(
-                    job.id, "server shutting down; the job will run again at the next start")):
+            # A graceful stop is no fault of the job's: its attempt is given back (issue 24).
+            if await self._outcome(job, "requeue", lambda: self.ledger.requeue_uncounted(
+                    job.id, "server shutting down; the job will run again at the next start", job.lease)):
                 self.files.remove_output(job.id)
+        elif because == "timeout" and not await self._still_ours(job):
+            # Frozen past the limit (SIGSTOP, a stalled VM): the lease ran out meanwhile and the job
+            # went back to the queue; its row and its files are the next runner's now.
+            log.warning("job %s: time limit reached after its lease was lost; left to its next run", job.id)
         elif because == "timeout":
             await self._fail(job, self._timeout_reason(job))
         elif result.retry and not result.charge:
             # The engine died beside this job (the culprit is not known yet) or was restarted to
             # stop another job: run it again without using up one of its attempts.
             why = f"run again, no attempt counted: {_public(result.reason(), opts)}"
-            if await self._outcome(job, "requeue", lambda: self.ledger.requeue_uncounted(job.id, why)):
+            if await self._outcome(job, "requeue", lambda: self.ledger.requeue_uncounted(job.id, why, job.lease)):
                 self.files.remove_output(job.id)
         elif result.retry and job.attempts < self.config.WHISPER_MAX_ATTEMPTS:
             # The worker died under this job alone: run it again, counting the attempt (poison rules).
             why = f"the engine worker died: {_public(result.reason(), opts)}"
-            if await self._outcome(job, "requeue", lambda: self.ledger.requeue(job.id, why)):
+            if await self._outcome(job, "requeue", lambda: self.ledger.requeue(job.id, why, job.lease)):
                 self.files.remove_output(job.id)
         elif result.retry:
             await self._fail(job, f"gave up after {job.attempts} attempts: the engine worker died each time "
@@ -253,7 +259,7 @@ class JobRunner:
             if result.detected_language and engine_result.get("language") != language:
                 engine_result["language"] = language  # keep the canonical copy truthful
                 write_engine_result(opts.output_dir, engine_result)
-            if await self._outcome(job, "completion", lambda: self.ledger.complete(job.id, language)):
+            if await self._outcome(job, "completion", lambda: self.ledger.complete(job.id, language, job.lease)):
                 metrics.audio_processed(job.audio_seconds)
                 running.ended("Completed")
 
@@ -264,6 +270,15 @@ class JobRunner:
         if not changed:
             log.warning("job %s: %s not recorded: the job is no longer Processing here", job.id, what)
         return changed
+
+    async def _still_ours(self, job: Job) -> bool:
+        """Whether this process still holds the job's claim (a write refused later means the same;
+        this asks before acting on a clock that may have been frozen). Unknown: assume so, and let
+        the lease-guarded write decide."""
+        try:
+            return await self.ledger.holds(job.id, job.lease)
+        except LedgerError:
+            return True
 
     def _timeout_reason(self, job: Job) -> str:
         limit = self.config.job_timeout(job.audio_seconds) or 0
@@ -295,13 +310,13 @@ class JobRunner:
             job.warnings.append(warning)
             log.warning("job %s: %s", job.id, warning)
             try:
-                await self.ledger.add_warning(job.id, warning)
+                await self.ledger.add_warning(job.id, warning, job.lease)
             except LedgerError as exc:  # a warning is worth less than the job: go on without it
                 log.error("job %s: warning not recorded: %s", job.id, exc)
 
     async def _fail(self, job: Job, reason: str) -> None:
         log.warning("job %s failed: %s", job.id, reason)
-        if await self._outcome(job, "failure", lambda: self.ledger.fail(job.id, reason)):
+        if await self._outcome(job, "failure", lambda: self.ledger.fail(job.id, reason, job.lease)):
             metrics.job_finished("Failed", metrics.seconds_since(job.started_at))
             self.delete_files(job.id, "failed")
 

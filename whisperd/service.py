@@ -280,19 +280,24 @@ class Service:
         except (OSError, UnicodeDecodeError):
             return None
 
-    async def submit(self, new_job: NewJob, hf_token: str | None, quota: Quota | None = None) -> Job:
+    async def submit(self, new_job: NewJob, hf_token: str | None, quota: Quota | None = None,
+                     upload_id: str | None = None) -> Job:
         """Move the staged upload into place and commit the row; only then is the job accepted.
 
-        With a quota, the ledger may refuse the row (QuotaExceeded): the files go, nothing stays."""
+        With a quota, the ledger may refuse the row (QuotaExceeded): the files go, nothing stays.
+        upload_id: the tus upload this job is made of, used up in the row's own transaction
+        (UploadUnusable when another submission took it first); its bytes go after the commit."""
         self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
         crash_point("upload-committed")
         try:
             job = await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes",
-                                           quota=quota)
+                                           quota=quota, upload_id=upload_id)
         except BaseException:
             self.delete_job_files(new_job.id, "refused")
             raise
         crash_point("job-accepted")
+        if upload_id is not None:
+            self.files.remove_resumable(upload_id)  # the job has its own name for those bytes
         metrics.upload_received(new_job.upload_bytes)
         self.scheduler.wake()
         return job

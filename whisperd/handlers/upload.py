@@ -24,7 +24,7 @@ from ..forms import is_ascii_number
 from ..intake import CLIENT_LEFT, Intake, IntakeError, Media
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
-from ..ledger import QuotaExceeded
+from ..ledger import QuotaExceeded, UploadUnusable
 from ..limits import LimitExceeded, Limits, file_size_limit, quota, refusal
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
 from ..urlpolicy import PolicyError
@@ -54,6 +54,7 @@ class UploadHandler(BaseHandler):
     _received_at_check = 0
     _declared: int | None = None
     _room_checked_at = 0.0
+    _upload_id: str | None = None  # the tus upload this request's job is made of
     limits: Limits
 
     async def prepare(self) -> None:
@@ -190,6 +191,7 @@ class UploadHandler(BaseHandler):
         except ServiceError as exc:
             self.refuse(exc)
         form.file_path, form.file_bytes, form.client_filename = staged
+        self._upload_id = upload_id
 
     async def stage_fetched(self, form: ReceivedForm, url: str) -> bool:
         """Download `url` into this request's staging dir, or ServiceError; False when the client left."""
@@ -227,6 +229,10 @@ class UploadHandler(BaseHandler):
             self._discard()
             if exc.status == CLIENT_LEFT:
                 return None
+            if self._upload_id is not None and exc.status < 500:
+                # Its content is refused (not audio, too long...): it can never become a job, so
+                # it goes now, row and bytes; a refusal for a passing reason (5xx) leaves it usable.
+                await self.service.resumable.terminate(self._upload_id)
             metrics.upload_refused(exc.status)
             raise ServiceError(exc.status, exc.message) from None
         if self._intake is None:  # the client left while its file was decoded; on_connection_close cleaned up
@@ -256,7 +262,10 @@ class UploadHandler(BaseHandler):
             # (in this process or another) may have been accepted since the checks above.
             if time.monotonic() - self._room_checked_at > QUEUE_RECHECK_SECONDS:
                 await self.service.check_queue_room()  # again: others may have filled it while this body arrived
-            job = await self.service.submit(new_job, hf_token, quota(self.limits))
+            job = await self.service.submit(new_job, hf_token, quota(self.limits), self._upload_id)
+        except UploadUnusable as exc:
+            self._discard()
+            raise ServiceError(409, f"upload {exc.upload_id} was just used by another request (or expired)") from None
         except QuotaExceeded as exc:
             self._discard()
             over = refusal(self.identity.name, self.limits, exc.limit, exc.used, new_job.audio_seconds or 0.0)

@@ -1,7 +1,8 @@
 """The job ledger: one narrow async interface, and the backend the configuration picks.
 
 Nothing outside this package imports a database driver or writes SQL. The interface is what
-`Ledger` below lists; each backend module (sqlite.py, postgresql.py) implements all of it, plus the
+`Ledger` below lists; core.py implements all of it once (SqlLedger), and each backend module
+(sqlite.py, postgresql.py) supplies its dialect, its connections, and a `Backend` with the
 synchronous start-up steps `prepare` (migrate, take back what a dead run left) and
 `release_worker` (a dead worker process's jobs), which run before any event loop exists.
 """
@@ -11,14 +12,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from ..jobs import Job, NewJob, Quota, TokenRecord, UploadRecord
-from .errors import LedgerBusy, LedgerError, LedgerUnavailable, QuotaExceeded, TokenNameTaken
+from .errors import LedgerBusy, LedgerError, LedgerUnavailable, QuotaExceeded, TokenNameTaken, UploadUnusable
 from .recovery import Recovery
 
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["Ledger", "LedgerBusy", "LedgerError", "LedgerUnavailable", "QuotaExceeded", "TokenNameTaken", "Recovery",
-           "open_ledger", "describe", "prepare", "prepare_schema", "release_worker", "known_jobs"]
+__all__ = ["Ledger", "LedgerBusy", "LedgerError", "LedgerUnavailable", "QuotaExceeded", "TokenNameTaken",
+           "UploadUnusable", "Recovery", "backend", "open_ledger", "describe", "prepare", "prepare_schema",
+           "release_worker", "known_jobs"]
 
 
 class Ledger(Protocol):
@@ -31,23 +33,32 @@ class Ledger(Protocol):
     async def close(self) -> None: ...
     # jobs
     # quota (issue 15): checked in the inserting transaction; QuotaExceeded and nothing written when over
-    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None) -> Job: ...
+    # upload_id: a finished tus upload becomes this job in the same transaction (UploadUnusable when not)
+    async def submit(self, job: NewJob, detail: str | None = None, quota: Quota | None = None,
+                     upload_id: str | None = None) -> Job: ...
     # policy: "fifo" (the oldest job) or "fair" (the oldest job of the owner served least
     # recently; every claim records its owner's turn, whatever the policy). Issue 15.
     async def claim(self, max_running: int, policy: str = "fifo") -> Job | None: ...
-    async def set_engine_pid(self, job_id: str, pid: int | None) -> None: ...
-    async def set_progress(self, job_id: str, progress: float | None, stage: str | None) -> None: ...
-    async def add_warning(self, job_id: str, warning: str) -> None: ...
-    async def complete(self, job_id: str, detected_language: str | None) -> bool: ...
-    async def fail(self, job_id: str, reason: str) -> bool: ...
-    async def requeue(self, job_id: str, reason: str) -> bool: ...
-    async def requeue_uncounted(self, job_id: str, reason: str) -> bool: ...  # no attempt used up
+    # A runner's writes to its job (lease: Job.lease of its claim): each changes the row only
+    # while this process holds that claim, else False and nothing written (issue 24).
+    async def set_engine_pid(self, job_id: str, pid: int | None, lease: str | None = None) -> bool: ...
+    async def set_progress(self, job_id: str, progress: float | None, stage: str | None,
+                           lease: str | None = None) -> bool: ...
+    async def add_warning(self, job_id: str, warning: str, lease: str | None = None) -> bool: ...
+    async def complete(self, job_id: str, detected_language: str | None, lease: str | None = None) -> bool: ...
+    async def fail(self, job_id: str, reason: str, lease: str | None = None) -> bool: ...
+    async def requeue(self, job_id: str, reason: str, lease: str | None = None) -> bool: ...
+    # no attempt used up: a shutdown, or the engine died beside the job
+    async def requeue_uncounted(self, job_id: str, reason: str, lease: str | None = None) -> bool: ...
+    async def holds(self, job_id: str, lease: str | None) -> bool: ...  # the claim still ours?
     async def cancel(self, job_id: str, actor: str) -> tuple[str, Job | None]: ...
-    async def mark_canceled(self, job_id: str, detail: str) -> bool: ...
+    async def mark_canceled(self, job_id: str, detail: str, lease: str | None = None) -> bool: ...
     async def mark_delivered(self, job_id: str, actor: str) -> bool: ...
     async def checkpoint(self) -> tuple[int, int, int]: ...
-    async def expire(self, cutoff_iso: str, limit: int = 500) -> list[str]: ...
+    # older_than (seconds): a cluster's database clock places the cutoff instead of cutoff_iso
+    async def expire(self, cutoff_iso: str, limit: int = 500, older_than: float | None = None) -> list[str]: ...
     async def get(self, job_id: str) -> Job | None: ...
+    async def events(self, job_id: str) -> list[dict[str, Any]]: ...  # at, event, actor, detail; oldest first
     async def queue_position(self, job: Job, policy: str = "fifo") -> int: ...
     # tenants (issue 15): newest first; owner None = every owner; before_seq: the cursor
     async def list_jobs(self, owner: str | None, status: str | None, before_seq: int | None,
@@ -83,67 +94,42 @@ class Ledger(Protocol):
     async def listen(self, callback: Callable[[str, str | None], None]) -> None: ...
 
 
+def backend(config: "Config") -> Any:
+    """The configured backend's entry points (sqlite.Backend or postgresql.Backend): the one place
+    where the configuration picks a backend; everything below asks it."""
+    if config.WHISPER_DB_URL:
+        from .postgresql import Backend
+    else:
+        from .sqlite import Backend
+    return Backend(config)
+
+
 def open_ledger(config: "Config", actor: str) -> Ledger:
     """The configured backend's ledger, not yet opened (call `await ledger.open()`)."""
-    if config.WHISPER_DB_URL:
-        from . import postgresql
-        return postgresql.PostgreSQLLedger(config.WHISPER_DB_URL, actor, config.node_name,
-                                           config.WHISPER_LEASE_SECONDS)
-    from . import sqlite
-    return sqlite.SQLiteLedger(config.db_path, actor, config.WHISPER_DB_BUSY_TIMEOUT_MS, config.node_name)
+    return backend(config).ledger(actor)
 
 
 def describe(config: "Config") -> str:
     """Where the ledger is, for a log line (never with the database password)."""
-    if config.WHISPER_DB_URL:
-        from . import postgresql
-        return f"PostgreSQL {postgresql.shown_url(config.WHISPER_DB_URL)}"
-    return f"SQLite {config.db_path}"
+    return backend(config).describe()
 
 
 def prepare(config: "Config", actor: str) -> Recovery:
     """Create or migrate the ledger and take back what the previous run left (before any fork)."""
-    if config.WHISPER_DB_URL:
-        from . import postgresql
-        return postgresql.prepare(config.WHISPER_DB_URL, config.node_name, config.WHISPER_MAX_ATTEMPTS, actor)
-    from . import sqlite
-    try:
-        return sqlite.prepare(config.db_path, config.WHISPER_MAX_ATTEMPTS, actor, config.WHISPER_DB_BUSY_TIMEOUT_MS)
-    except (OSError, sqlite.sqlite3.Error) as exc:
-        raise LedgerUnavailable(f"cannot open the ledger WHISPER_DB_PATH={config.db_path}: {exc}") from None
+    return backend(config).prepare(actor)
 
 
 def prepare_schema(config: "Config") -> None:
     """Create or migrate the ledger only (the admin commands), touching no job."""
-    if config.WHISPER_DB_URL:
-        from . import postgresql
-        postgresql.prepare_schema(config.WHISPER_DB_URL)
-        return
-    from . import sqlite
-    try:
-        sqlite.open_admin(config.db_path, config.WHISPER_DB_BUSY_TIMEOUT_MS).close()
-    except (OSError, sqlite.sqlite3.Error) as exc:
-        raise LedgerUnavailable(f"cannot open the ledger WHISPER_DB_PATH={config.db_path}: {exc}") from None
+    backend(config).prepare_schema()
 
 
 def release_worker(config: "Config", worker: str, actor: str) -> Recovery:
     """A worker process died: its Processing jobs go back to the queue (or fail as poison, or
     end Canceled when their cancel was asked for)."""
-    if config.WHISPER_DB_URL:
-        from . import postgresql
-        return postgresql.release_worker(config.WHISPER_DB_URL, worker, config.WHISPER_MAX_ATTEMPTS, actor)
-    from . import sqlite
-    return sqlite.release_worker(config.db_path, worker, config.WHISPER_MAX_ATTEMPTS, actor,
-                                 config.WHISPER_DB_BUSY_TIMEOUT_MS)
+    return backend(config).release_worker(worker, actor)
 
 
 def known_jobs(config: "Config", ids: Iterable[str]) -> set[str]:
     """Which of these job ids the ledger has a row for (start-up's sweep of the job directories)."""
-    if config.WHISPER_DB_URL:
-        from . import postgresql
-        return postgresql.known_jobs(config.WHISPER_DB_URL, ids)
-    from . import sqlite
-    try:
-        return sqlite.known_jobs(config.db_path, ids, config.WHISPER_DB_BUSY_TIMEOUT_MS)
-    except (OSError, sqlite.sqlite3.Error) as exc:
-        raise LedgerUnavailable(f"cannot read the ledger WHISPER_DB_PATH={config.db_path}: {exc}") from None
+    return backend(config).known_jobs(ids)

@@ -46,3 +46,12 @@ class QuotaExceeded(LedgerError):
         super().__init__(f"{limit} exceeded ({used:g} used)")
         self.limit = limit
         self.used = used
+
+
+class UploadUnusable(LedgerError):
+    """submit() with an upload_id: that upload is not finished, expired, or already became a job;
+    the job was not inserted either."""
+
+    def __init__(self, upload_id: str) -> None:
+        super().__init__(f"upload {upload_id} cannot become this job (used, unfinished or expired)")
+        self.upload_id = upload_id
