@@ -6,10 +6,11 @@ the service; neither touches the ledger or the job directories itself.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import ServiceError
-from .jobfiles import JobFiles, is_job_id
+from .jobfiles import UPLOAD_NAME, JobFiles, is_job_id
 from .jobs import UploadRecord, now_iso
 from .ledger import Ledger
 
@@ -48,9 +49,18 @@ class ResumableUploads:
         self.files.remove_resumable(upload_id)
         return True
 
-    async def take_for_job(self, upload_id: str, owner: str, job_id: str) -> tuple[Path, int, str]:
-        """A finished upload of `owner` becomes job `job_id`'s staged file, once: (path, bytes,
-        file name), or ServiceError saying why not."""
+    async def open_uploads(self, owner: str | None) -> tuple[int, int, int]:
+        """(count, declared bytes, bytes still to come) of the open uploads of `owner` (None: all)."""
+        return await self.ledger.open_uploads(owner)
+
+    async def set_expiry(self, upload_id: str, expires_at: str) -> bool:
+        return await self.ledger.set_upload_expiry(upload_id, expires_at)
+
+    async def stage_for_job(self, upload_id: str, owner: str, job_id: str, max_bytes: int,
+                            limit_name: str) -> tuple[Path, int, str]:
+        """A finished upload of `owner` linked into job `job_id`'s staging dir: (path, bytes, file
+        name), or ServiceError saying why not. Nothing is used up here: the upload stays usable
+        until use() (a job accepted) or use_up() (its content refused as media)."""
         upload = await self.get(upload_id)
         if upload is None or upload.owner != owner or upload.expired(now_iso()):
             raise ServiceError(404, f"no resumable upload with id {upload_id[:60]!r} (unknown, another "
@@ -61,10 +71,33 @@ class ResumableUploads:
         if not upload.complete:
             raise ServiceError(409, f"upload {upload_id} is not finished: {upload.upload_offset} of "
                                     f"{upload.upload_length} bytes received; PATCH the rest first")
-        if not await self.ledger.use_upload(upload_id, job_id):
-            raise ServiceError(409, f"upload {upload_id} was just used by another request (or expired)")
+        if upload.upload_length > max_bytes:  # the token's limit may have been lowered since creation
+            raise ServiceError(413, f"upload {upload_id} is {upload.upload_length} bytes, larger than {limit_name} "
+                                    f"({max_bytes} bytes)")
+        staged = self.files.staging_dir(job_id)
+        staged.mkdir(parents=True, exist_ok=True)
+        target = staged / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
         try:
-            path = self.files.stage_resumable(upload_id, job_id, upload.filename)
+            # A second name for the same bytes (both live under WHISPER_TMP_FILES): intake reads and
+            # removes this one; the upload's own stays until a job is accepted.
+            os.link(self.files.resumable_path(upload_id), target)
         except FileNotFoundError:
             raise ServiceError(410, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
-        return path, upload.upload_length, upload.filename
+        return target, upload.upload_length, upload.filename
+
+    async def use(self, upload_id: str, job_id: str) -> None:
+        """Mark the upload as becoming job `job_id` (just before its row is written), or 409."""
+        if not await self.ledger.use_upload(upload_id, job_id):
+            raise ServiceError(409, f"upload {upload_id} was just used by another request (or expired)")
+
+    async def release(self, upload_id: str, job_id: str) -> None:
+        """The job use() was for was not written: the upload is usable again."""
+        await self.ledger.release_upload(upload_id, job_id)
+
+    def used(self, upload_id: str) -> None:
+        """The job is written: the upload's own bytes go (the job has its canonical audio)."""
+        self.files.remove_resumable(upload_id)
+
+    async def use_up(self, upload_id: str) -> None:
+        """Its content was refused as media (415): sending it again cannot help, so it goes."""
+        await self.terminate(upload_id)

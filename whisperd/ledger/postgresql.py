@@ -736,11 +736,12 @@ class PostgreSQLLedger:
                 async with conn.transaction():  # a savepoint: the outer transaction survives the refusal
                     await conn.execute(
                         "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at,"
-                        " max_queued, max_audio_minutes_per_day, max_file_size)"
-                        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                        " max_queued, max_audio_minutes_per_day, max_file_size, max_open_uploads, max_upload_bytes)"
+                        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
                         name, prefix, algorithm, salt, digest, int(admin), now, expires_at,
                         _int_or_none(limits.get("max_queued")), _float_or_none(limits.get("max_audio_minutes_per_day")),
-                        _int_or_none(limits.get("max_file_size")),
+                        _int_or_none(limits.get("max_file_size")), _int_or_none(limits.get("max_open_uploads")),
+                        _int_or_none(limits.get("max_upload_bytes")),
                     )
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == "api_tokens_live_name":
@@ -903,6 +904,39 @@ class PostgreSQLLedger:
                 at_iso, limit,
             )
             return [row[0] for row in rows]
+
+        return await self._write(work)
+
+
+    # holes: issue 23 (open-upload caps, idle expiry, an upload kept by a refusal)
+
+    async def open_uploads(self, owner: str | None) -> tuple[int, int, int]:
+        """(count, declared bytes, bytes still to come) of the uploads not yet used nor expired:
+        one owner's, or everyone's (None)."""
+        row = await self._fetch_one(
+            "SELECT count(*) AS n, coalesce(sum(upload_length), 0) AS declared,"
+            " coalesce(sum(upload_length - upload_offset), 0) AS pending FROM uploads"
+            " WHERE job_id IS NULL AND expires_at > $1 AND ($2::text IS NULL OR owner = $2)",
+            now_iso(), owner)
+        return int(row["n"]), int(row["declared"]), int(row["pending"])
+
+    async def set_upload_expiry(self, upload_id: str, expires_at: str) -> bool:
+        """Move an upload's Upload-Expires (not one already used); False when there is none such."""
+
+        async def work(conn, now):
+            status = await conn.execute("UPDATE uploads SET expires_at=$1 WHERE id=$2 AND job_id IS NULL",
+                                        expires_at, upload_id)
+            return bool(_count(status))
+
+        return await self._write(work)
+
+    async def release_upload(self, upload_id: str, job_id: str) -> bool:
+        """Undo use_upload when the job it was for was not written after all (the upload stays usable)."""
+
+        async def work(conn, now):
+            status = await conn.execute("UPDATE uploads SET job_id=NULL, used_at=NULL WHERE id=$1 AND job_id=$2",
+                                        upload_id, job_id)
+            return bool(_count(status))
 
         return await self._write(work)
 

@@ -20,7 +20,8 @@ from .recovery import Recovery
 
 log = logging.getLogger("whisperd.ledger")
 MIGRATIONS_DIR = REPO_DIR / "migrations" / "sqlite"
-TOKEN_LIMITS = ("max_queued", "max_audio_minutes_per_day", "max_file_size")  # api_tokens columns
+TOKEN_LIMITS = ("max_queued", "max_audio_minutes_per_day", "max_file_size",  # api_tokens columns
+                "max_open_uploads", "max_upload_bytes")  # holes: issue 23, migration 0011
 
 # The claim's choice of the next job, per scheduling policy (a subquery returning one seq).
 _FIFO_NEXT = "SELECT seq FROM jobs WHERE status='Queued' ORDER BY seq LIMIT 1"
@@ -816,10 +817,11 @@ class SQLiteLedger:
             try:
                 await conn.execute(
                     "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at,"
-                    " max_queued, max_audio_minutes_per_day, max_file_size)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " max_queued, max_audio_minutes_per_day, max_file_size, max_open_uploads, max_upload_bytes)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (name, prefix, algorithm, salt, digest, int(admin), now, expires_at,
-                     limits.get("max_queued"), limits.get("max_audio_minutes_per_day"), limits.get("max_file_size")),
+                     limits.get("max_queued"), limits.get("max_audio_minutes_per_day"), limits.get("max_file_size"),
+                     limits.get("max_open_uploads"), limits.get("max_upload_bytes")),
                 )
             except sqlite3.IntegrityError as exc:
                 if "name" in str(exc):
@@ -957,6 +959,39 @@ class SQLiteLedger:
                 (at_iso, limit),
             ) as cursor:
                 return [row[0] for row in await cursor.fetchall()]
+
+        return await self._write(work)
+
+
+    # holes: issue 23 (open-upload caps, idle expiry, an upload kept by a refusal)
+
+    async def open_uploads(self, owner: str | None) -> tuple[int, int, int]:
+        """(count, declared bytes, bytes still to come) of the uploads not yet used nor expired:
+        one owner's, or everyone's (None)."""
+        row = await self._fetch_one(
+            "SELECT count(*) AS n, coalesce(sum(upload_length), 0) AS declared,"
+            " coalesce(sum(upload_length - upload_offset), 0) AS pending FROM uploads"
+            " WHERE job_id IS NULL AND expires_at > ? AND (? IS NULL OR owner = ?)",
+            (now_iso(), owner, owner))
+        return int(row["n"]), int(row["declared"]), int(row["pending"])
+
+    async def set_upload_expiry(self, upload_id: str, expires_at: str) -> bool:
+        """Move an upload's Upload-Expires (not one already used); False when there is none such."""
+
+        async def work(conn, now):
+            cursor = await conn.execute("UPDATE uploads SET expires_at=? WHERE id=? AND job_id IS NULL",
+                                        (expires_at, upload_id))
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def release_upload(self, upload_id: str, job_id: str) -> bool:
+        """Undo use_upload when the job it was for was not written after all (the upload stays usable)."""
+
+        async def work(conn, now):
+            cursor = await conn.execute("UPDATE uploads SET job_id=NULL, used_at=NULL WHERE id=? AND job_id=?",
+                                        (upload_id, job_id))
+            return bool(cursor.rowcount)
 
         return await self._write(work)
 
