@@ -3,8 +3,10 @@
 The request goes through Tornado's TCPClient with urlpolicy's CheckingResolver, so the address
 the socket connects to is the one the policy checked (DNS rebinding), for the first request and
 for each of at most MAX_REDIRECTS redirects, whose URLs are checked again as if a client had sent
-them. The body goes to disk chunk by chunk and stops at MAX_FILE_SIZE. Three clocks: connect,
-silence between two reads, and the whole fetch. Whoever calls fetch() owns the directory and
+them. The body goes to disk chunk by chunk and stops at MAX_FILE_SIZE (or the caller's lower
+limit). Three clocks: connect, silence between two reads, and the whole fetch; and the uploads'
+rate floor (ratefloor.py), so that a server trickling a byte now and then cannot hold the
+request's upload slot for the whole fetch time. Whoever calls fetch() owns the directory and
 removes it on any error: nothing here is left behind by the caller's cleanup.
 """
 
