@@ -27,7 +27,7 @@ from tornado.tcpclient import TCPClient
 
 from .config import Config
 from .jobfiles import UPLOAD_NAME, display_name
-from .numbers import BadInteger, strict_int
+from .integers import BadInteger, strict_int
 from .ratefloor import RateFloor
 from .urlpolicy import CheckingResolver, HostPolicy, PolicyError, check_url, resolve_checked
 

@@ -10,7 +10,7 @@ from ..jobs import ACTIVE, TERMINAL, Job, now_iso
 from ..limits import UNSET, Limits, usage_windows
 from ..tokens import limits_of
 from ..errors import ServiceError
-from ..numbers import BadInteger, strict_int
+from ..integers import BadInteger, strict_int
 from .base import BaseHandler
 
 DEFAULT_PAGE = 20

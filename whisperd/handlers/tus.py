@@ -28,7 +28,7 @@ from ..limits import LimitExceeded, check_open_uploads, file_size_limit
 from ..ratefloor import RateFloor
 from ..jobs import UploadRecord, now_iso
 from ..errors import ServiceError
-from ..numbers import BadInteger, strict_int
+from ..integers import BadInteger, strict_int
 from .base import BaseHandler
 
 log = logging.getLogger("whisperd.tus")

@@ -19,7 +19,7 @@ from .. import metrics
 from ..errors import ServiceError
 from ..faults import fail_point
 from ..fetch import FetchError
-from ..numbers import integer_input
+from ..integers import integer_input
 from ..intake import CLIENT_LEFT, Intake, IntakeError, Media
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob

@@ -1,5 +1,8 @@
 """The one strict parser for every whole number that comes from outside: headers, query parameters,
-form fields, and the headers of a server we fetch from."""
+form fields, and the headers of a server we fetch from.
+
+(Not "numbers.py": engine_worker.py runs as a script from this directory, where that name would
+hide the standard library's numbers module.)"""
 
 from __future__ import annotations
 
