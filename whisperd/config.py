@@ -319,7 +319,8 @@ SETTINGS: tuple[Setting, ...] = (
             "the share of WHISPER_MAX_PENDING_UPLOADS one client address may hold (at least one slot)"),
     Setting("WHISPER_UPLOAD_SHARE_PER_TOKEN", 0.5, _fraction,
             "the share of WHISPER_MAX_PENDING_UPLOADS one identity may hold, from any address (at least one slot); "
-            "multipart bodies, url= fetches and tus PATCHes each take a slot"),
+            "multipart bodies, url= fetches and tus PATCHes each take a slot (the identity all callers share "
+            "under WHISPER_API_ALLOW_ANY_TOKEN has none)"),
     Setting("WHISPER_AUTH_FAILURES_PER_MINUTE", 30, _int(1),
             "failed token checks allowed per client address and per token prefix; beyond, 429"),
     # Cluster (issue 14, docs/cluster.md): several nodes on one PostgreSQL ledger.

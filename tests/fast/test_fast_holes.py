@@ -250,22 +250,62 @@ async def test_a_patch_holds_an_upload_slot_while_its_body_streams(api, base_url
     assert (await api.submit()).code == 202
 
 
-@pytest.mark.settings(WHISPER_MAX_PENDING_UPLOADS="4", WHISPER_UPLOAD_SHARE_PER_ADDRESS="1",
-                      WHISPER_UPLOAD_SHARE_PER_TOKEN="0.5", WHISPER_UPLOAD_MIN_BYTES_PER_SECOND="0")
+async def ledger_token(service, name: str) -> str:
+    from whisperd import tokens
+
+    token, prefix = tokens.new_token()
+    algorithm, salt, digest = tokens.hashed_for_storage(token)
+    await service.ledger.insert_token(name, prefix, algorithm, salt, digest, False, None, {})
+    return token
+
+
+async def raw_patch_as(base_url: str, location: str, token: str):
+    host, port = base_url.rsplit("/", 1)[-1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write((f"PATCH {location} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                  f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\nContent-Type: {OCTETS}\r\n"
+                  f"Content-Length: 100000\r\n\r\n").encode() + b"\0" * 10)
+    await writer.drain()
+    return reader, writer
+
+
+@pytest.mark.settings(WHISPER_API_ALLOW_ANY_TOKEN="false", WHISPER_MAX_PENDING_UPLOADS="4",
+                      WHISPER_UPLOAD_SHARE_PER_ADDRESS="1", WHISPER_UPLOAD_SHARE_PER_TOKEN="0.5",
+                      WHISPER_UPLOAD_MIN_BYTES_PER_SECOND="0")
 @gen_test
 async def test_one_token_holds_at_most_its_share_of_the_upload_slots(api, base_url, service):
+    greedy, other = await ledger_token(service, "greedy"), await ledger_token(service, "other")
     held = []
     for _ in range(2):
-        location = await created(api, 100_000)
-        held.append(await raw_patch(base_url, location, 100_000, b"\0" * 10))
+        location = await created(api, 100_000, token=greedy)
+        held.append(await raw_patch_as(base_url, location, greedy))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
     while service.uploads_in_flight < 2:
         assert loop.time() < deadline
         await asyncio.sleep(0.01)
-    refused = await api.submit()
+    refused = await api.submit(token=greedy)
     assert refused.code == 429, refused.body
     assert "WHISPER_UPLOAD_SHARE_PER_TOKEN" in body_of(refused)["error"]
+    assert (await api.submit(token=other)).code == 202  # the same address, another token: slots are left
+    for _reader, writer in held:
+        writer.close()
+
+
+@pytest.mark.settings(WHISPER_MAX_PENDING_UPLOADS="4", WHISPER_UPLOAD_SHARE_PER_ADDRESS="1",
+                      WHISPER_UPLOAD_SHARE_PER_TOKEN="0.5", WHISPER_UPLOAD_MIN_BYTES_PER_SECOND="0")
+@gen_test
+async def test_the_identity_every_caller_shares_has_no_share_of_its_own(api, base_url, service):
+    """WHISPER_API_ALLOW_ANY_TOKEN: every caller is 'anyone'; a per-token share would halve the slots."""
+    held = []
+    for _ in range(3):
+        location = await created(api, 100_000)
+        held.append(await raw_patch_as(base_url, location, TOKEN))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while service.uploads_in_flight < 3:
+        assert loop.time() < deadline, "the shared identity was held to a share"
+        await asyncio.sleep(0.01)
     for _reader, writer in held:
         writer.close()
 

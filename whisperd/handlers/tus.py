@@ -30,6 +30,7 @@ from ..jobs import UploadRecord, now_iso
 from ..errors import ServiceError
 from ..integers import BadInteger, strict_int
 from .base import BaseHandler
+from .upload import slot_owner
 
 log = logging.getLogger("whisperd.tus")
 
@@ -219,7 +220,7 @@ class UploadHandler(_TusBase):
     _writing: _Writing | None = None
     _upload: UploadRecord | None = None
     _refused = False
-    _slot: tuple[str, str] | None = None
+    _slot: tuple[str, str | None] | None = None
     _rate: RateFloor | None = None
 
     async def prepare(self) -> None:
@@ -271,8 +272,9 @@ class UploadHandler(_TusBase):
         # A PATCH body is an upload in flight like any other: it takes a slot (the address's and
         # the identity's share of them) and is held to the same minimum rate.
         address = self.request.remote_ip or "?"
-        self.service.take_upload_slot(address, self.identity.name)
-        self._slot = (address, self.identity.name)
+        owner = slot_owner(self.identity)
+        self.service.take_upload_slot(address, owner)
+        self._slot = (address, owner)
         path = self.service.resumable.path(upload.id)
         try:
             handle = open(path, "r+b")

@@ -16,6 +16,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from .. import metrics
+from ..auth import ANONYMOUS, ANY_TOKEN, Identity
 from ..errors import ServiceError
 from ..faults import fail_point
 from ..fetch import FetchError
@@ -35,6 +36,13 @@ log = logging.getLogger("whisperd.http")
 # The queue's room is checked before a body is read, and again before its job is written if the
 # body took longer than this to arrive (the cap is approximate across processes anyway).
 QUEUE_RECHECK_SECONDS = 1.0
+
+
+def slot_owner(identity: Identity) -> str | None:
+    """Whose share of the upload slots an upload counts against: None for the one identity every
+    caller shares (WHISPER_API_ALLOW_ANY_TOKEN, authorization off), where a per-token share
+    would only halve the server's slots for everyone."""
+    return None if identity is ANY_TOKEN or identity is ANONYMOUS else identity.name
 
 
 @stream_request_body
@@ -73,7 +81,7 @@ class UploadHandler(BaseHandler):
         self._room_checked_at = time.monotonic()
         await self.check_limits()
         address = self.request.remote_ip or "?"
-        self.service.take_upload_slot(address, self.identity.name)
+        self.service.take_upload_slot(address, slot_owner(self.identity))
         self._slot_address = address
         self.service.check_disk()
         boundary = boundary_of(self.request.headers.get("Content-Type"))
@@ -95,7 +103,7 @@ class UploadHandler(BaseHandler):
         self._stop_rate_watch()
         address, self._slot_address = self._slot_address, None
         if address is not None:
-            self.service.release_upload_slot(address, self.identity.name)
+            self.service.release_upload_slot(address, slot_owner(self.identity))
 
     def _watch_rate(self) -> None:
         """Cut a body that arrives slower than the floor: a trickle must not hold a slot for minutes."""
