@@ -231,7 +231,10 @@ class UploadHandler(BaseHandler):
                 return None
             metrics.upload_refused(exc.status)
             if exc.status == 415 and self._resumable_id is not None:
-                await self.service.resumable.use_up(self._resumable_id)  # not media: no retry can help
+                try:
+                    await self.service.resumable.use_up(self._resumable_id)  # not media: no retry can help
+                except Exception as failure:  # retention removes it when it expires
+                    log.warning("upload %s: refused as media but not removed: %s", self._resumable_id, failure)
             raise ServiceError(exc.status, exc.message) from None
         if self._intake is None:  # the client left while its file was decoded; on_connection_close cleaned up
             return None
