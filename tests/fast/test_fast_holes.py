@@ -54,12 +54,14 @@ class Served:
 
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, dict[str, str], list[bytes], float]] = {}
+        self.requested: list[str] = []
         served = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):  # noqa: N802 (http.server's naming)
+                served.requested.append(self.path)
                 status, headers, pieces, pause = served.routes[self.path]
                 self.send_response(status)
                 for name, value in headers.items():
@@ -118,7 +120,8 @@ async def test_the_token_file_size_limit_holds_at_tus_creation(api, service):
     response = await create(api, 1_100_000)
     assert response.code == 413, response.body
     assert "this token's max_file_size (100000 bytes)" in body_of(response)["error"]
-    assert list((service.files.tmp_root / ".uploads").glob("*")) == [] if (service.files.tmp_root / ".uploads").exists() else True
+    stored = service.files.tmp_root / ".uploads"
+    assert not stored.exists() or not any(stored.iterdir())
     assert (await create(api, 100_000)).code == 201
 
 
@@ -136,6 +139,22 @@ async def test_the_token_file_size_limit_holds_for_url_by_content_length_and_whi
     response = await api.submit({"url": chunked}, file=None)
     assert response.code == 413, response.body
     assert "this token's max_file_size (100000 bytes)" in body_of(response)["error"]
+
+
+@pytest.mark.settings(WHISPER_TOKEN_MAX_QUEUED="1", FAKE_WHISPERX_SLOW_SECONDS="5", **LOCAL_FETCH)
+@gen_test
+async def test_the_queue_limit_holds_for_upload_and_url_before_anything_is_used_or_fetched(api, service, served):
+    upload_id = await finished_upload(api, WAV)
+    url = served.add("/never.wav", WAV)
+    busy = await api.submit_ok({"prompt": "fake:slow"})  # the one job this identity may have
+    for fields in ({"upload": upload_id}, {"url": url}):
+        refused = await api.submit(fields, file=None)
+        assert refused.code == 429, (fields, refused.body)
+        assert "max_queued is 1" in body_of(refused)["error"]
+    row = await service.ledger.get_upload(upload_id)
+    assert row.job_id is None and service.files.resumable_path(upload_id).exists()
+    assert "/never.wav" not in served.requested  # refused before any connection
+    await api.call("DELETE", f"/transcription/{busy}")
 
 
 # -- 2. open uploads: counted and capped per token, space reserved, idle ones expire sooner
