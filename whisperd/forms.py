@@ -9,7 +9,7 @@ from .fetch import CREDENTIALS_HINT, FIELD
 from .languages import AUTO, WHISPER_LANGUAGES
 from .models import TASKS, installed_models, is_valid_name, local_model_dir, model_info, refusal
 from .errors import ServiceError
-from .integers import integer_input, is_ascii_number  # noqa: F401  (is_ascii_number: imported from here before)
+from .integers import integer_input
 from .urlpolicy import PolicyError, check_url
 
 FIELDS = (
