@@ -6,7 +6,9 @@ the service; neither touches the ledger or the job directories itself.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 from pathlib import Path
 
 from .errors import ServiceError
@@ -77,12 +79,15 @@ class ResumableUploads:
         staged = self.files.staging_dir(job_id)
         staged.mkdir(parents=True, exist_ok=True)
         target = staged / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
+        source = self.files.resumable_path(upload_id)
         try:
             # A second name for the same bytes (both live under WHISPER_TMP_FILES): intake reads and
             # removes this one; the upload's own stays until a job is accepted.
-            os.link(self.files.resumable_path(upload_id), target)
+            os.link(source, target)
         except FileNotFoundError:
             raise ServiceError(410, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
+        except OSError:  # a file system without hard links: a copy, off the IOLoop
+            await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, source, target)
         return target, upload.upload_length, upload.filename
 
     async def use(self, upload_id: str, job_id: str) -> None:

@@ -511,3 +511,19 @@ async def test_a_job_the_ledger_refuses_leaves_its_upload_usable(api, service, m
     assert service.files.resumable_path(upload_id).exists()
     monkeypatch.undo()
     assert (await api.submit({"upload": upload_id}, file=None)).code == 202
+
+
+@gen_test
+async def test_without_hard_links_the_upload_is_copied_and_still_used_only_by_its_job(api, service, monkeypatch):
+    import errno
+    import os
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    upload_id = await finished_upload(api, WAV)
+    monkeypatch.setattr(os, "link", no_links)
+    accepted = await api.submit({"upload": upload_id}, file=None)
+    assert accepted.code == 202, accepted.body
+    assert (await service.ledger.get_upload(upload_id)).job_id == body_of(accepted)["job_id"]
+    assert not service.files.resumable_path(upload_id).exists()
