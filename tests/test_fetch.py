@@ -231,6 +231,8 @@ class _Config:
     WHISPER_FETCH_CONNECT_TIMEOUT_SECONDS = 2.0
     WHISPER_FETCH_READ_TIMEOUT_SECONDS = 2.0
     WHISPER_FETCH_TIMEOUT_SECONDS = 5.0
+    WHISPER_UPLOAD_MIN_BYTES_PER_SECOND = 65536  # the defaults: a fetch is held to the uploads' rate floor
+    WHISPER_UPLOAD_RATE_WINDOW_SECONDS = 30.0
 
 
 _AUDIT: list[tuple[str, object]] = []

@@ -419,7 +419,8 @@ def test_usage_sums_the_probed_durations_today_and_over_30_days(secure, tmp_path
     assert body["today"] == {"jobs": 2, "audio_seconds": pytest.approx(0.5 + 3.25, abs=0.01)}
     assert body["last_30_days"] == {"jobs": 3, "audio_seconds": pytest.approx(1.5 + 0.5 + 3.25, abs=0.01)}
     assert body["active_jobs"] == 0
-    assert body["limits"] == {"max_queued": 5, "max_audio_minutes_per_day": 0.0, "max_file_size": 900000}
+    assert body["limits"] == {"max_queued": 5, "max_audio_minutes_per_day": 0.0, "max_file_size": 900000,
+                              "max_open_uploads": 10, "max_upload_bytes": 2147483648}  # the settings' defaults
 
     listed = {job["job_id"]: job["audio_seconds"] for job in
               server.api("GET", "/transcription", token=user).json()["jobs"]}

@@ -12,7 +12,7 @@ import pytest
 from tusclient import client as tus_client
 from tusclient.exceptions import TusCommunicationError
 
-from conftest import TOKEN, Server, make_wav
+from conftest import TOKEN, Server, make_wav, wait_until
 
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = "application/offset+octet-stream"
@@ -266,3 +266,32 @@ def test_tuspy_reports_a_refusal(server):
     with pytest.raises(TusCommunicationError) as refused:
         client.uploader(str(big), chunk_size=512).upload()
     assert refused.value.status_code == 401
+
+
+def test_open_upload_limits_set_on_the_command_line_hold_at_creation(make_server):
+    """Issue 23: a token's size limit holds at POST /uploads (from Upload-Length), and so do its
+    caps on open uploads and on the bytes they declare; `token update` changes them live."""
+    server = make_server(WHISPER_API_ALLOW_ANY_TOKEN="false")
+    token = server.create_token("uploader", "--max-file-size", "30000", "--max-open-uploads", "2",
+                                "--max-upload-bytes", "45000")
+    listing = server.cli("token", "list").stdout
+    assert "OPEN UPLOADS" in listing and "UPLOAD BYTES" in listing
+
+    def attempt(size: int):
+        return server.api("POST", "/uploads", token=token, headers={**TUS, "Upload-Length": str(size)})
+
+    too_big = attempt(1_100_000)
+    assert too_big.status_code == 413
+    assert too_big.json()["error"] == "Upload-Length 1100000 is larger than this token's max_file_size (30000 bytes)"
+    first = create(server, 20_000, token=token)
+    over_bytes = attempt(30_000)  # 20,000 + 30,000 > 45,000
+    assert over_bytes.status_code == 429 and "max_upload_bytes is 45000" in over_bytes.json()["error"]
+    create(server, 20_000, token=token)
+    over_count = attempt(1_000)
+    assert over_count.status_code == 429 and "max_open_uploads is 2" in over_count.json()["error"]
+    assert server.api("DELETE", first, token=token, headers=dict(TUS)).status_code == 204
+    assert server.cli("token", "update", "uploader", "--max-upload-bytes", "default").returncode == 0
+    # Token rows are read again at most once a second per prefix (tokens.py): wait for the change.
+    response = wait_until(lambda: (lambda r: r if r.status_code != 429 else None)(attempt(30_000)),
+                          timeout=10, what="the token's new limit to take effect")
+    assert response.status_code == 201, response.text

@@ -76,6 +76,10 @@ def _limit_options(parser: argparse.ArgumentParser, allow_default: bool) -> None
                         help=f"minutes of audio submitted per UTC day; 0 = no limit{tail}")
     parser.add_argument("--max-file-size", type=_limit_value(int, allow_default), metavar="BYTES",
                         help=f"bytes per uploaded file (MAX_FILE_SIZE still applies); 0 = no limit{tail}")
+    parser.add_argument("--max-open-uploads", type=_limit_value(int, allow_default), metavar="N",
+                        help=f"resumable uploads open at once (created, not yet used or expired); 0 = no limit{tail}")
+    parser.add_argument("--max-upload-bytes", type=_limit_value(int, allow_default), metavar="BYTES",
+                        help=f"bytes the open resumable uploads may declare together; 0 = no limit{tail}")
 
 
 def _limits_given(args: argparse.Namespace) -> dict:
@@ -128,7 +132,8 @@ async def _create(store: ledger.Ledger, args: argparse.Namespace) -> int:
 async def _update(store: ledger.Ledger, args: argparse.Namespace) -> int:
     changes = _limits_given(args)
     if not changes:
-        print("whisperd: nothing to change: give --max-queued, --max-audio-minutes-per-day or --max-file-size",
+        print("whisperd: nothing to change: give --max-queued, --max-audio-minutes-per-day, --max-file-size, "
+              "--max-open-uploads or --max-upload-bytes",
               file=sys.stderr)
         return 2
     if not await store.update_token_limits(args.name, changes):
@@ -152,12 +157,13 @@ async def _list(store: ledger.Ledger, args: argparse.Namespace) -> int:
         print("no tokens; create one with: python whisperd.py token create --name NAME")
         return 0
     now = now_iso()
-    rows = [("NAME", "PREFIX", "ADMIN", "CREATED", "EXPIRES", "LAST USED", "MAX QUEUED", "MAX MIN/DAY",
-             "MAX FILE", "STATE")]
+    rows = [("NAME", "PREFIX", "ADMIN", "CREATED", "EXPIRES", "LAST USED", "OPEN UPLOADS", "UPLOAD BYTES",
+             "MAX QUEUED", "MAX MIN/DAY", "MAX FILE", "STATE")]
     for r in records:
         state = "revoked " + r.revoked_at if r.revoked_at else ("in force" if r.in_force(now) else "expired")
         rows.append((r.name, r.prefix, "yes" if r.admin else "no", r.created_at, r.expires_at or "never",
-                     r.last_used_at or "never", _shown(r.max_queued), _shown(r.max_audio_minutes_per_day),
+                     r.last_used_at or "never", _shown(r.max_open_uploads), _shown(r.max_upload_bytes),
+                     _shown(r.max_queued), _shown(r.max_audio_minutes_per_day),
                      _shown(r.max_file_size), state))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

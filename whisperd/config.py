@@ -263,6 +263,9 @@ SETTINGS: tuple[Setting, ...] = (
     # Large and remote media, issue 17 (docs/large-media.md).
     Setting("WHISPER_UPLOAD_EXPIRY_HOURS", 24.0, _float(0.0001),
             "a resumable upload (/uploads) not finished and used within this is deleted by retention"),
+    Setting("WHISPER_UPLOAD_IDLE_HOURS", 1.0, _float(0.0001),
+            "an unfinished resumable upload that receives no bytes for this long expires (at most "
+            "WHISPER_UPLOAD_EXPIRY_HOURS); a finished one keeps WHISPER_UPLOAD_EXPIRY_HOURS"),
     Setting("WHISPER_FETCH_ENABLED", True, parse_bool,
             "accept url= (the server fetches the media); false: url= is refused with 400"),
     Setting("WHISPER_FETCH_ALLOWED_HOSTS", "", _host_policy,
@@ -282,6 +285,10 @@ SETTINGS: tuple[Setting, ...] = (
             "minutes of audio one identity may submit per UTC day (0 = no limit)"),
     Setting("WHISPER_TOKEN_MAX_FILE_SIZE", 0, _int(0),
             "bytes one identity may upload per file, below MAX_FILE_SIZE (0 = MAX_FILE_SIZE only)"),
+    Setting("WHISPER_TOKEN_MAX_OPEN_UPLOADS", 10, _int(0),
+            "resumable uploads (/uploads) one identity may have open (created, not yet used or expired) (0 = no limit)"),
+    Setting("WHISPER_TOKEN_MAX_UPLOAD_BYTES", 2147483648, _int(0),
+            "bytes one identity's open resumable uploads may declare together (Upload-Length) (0 = no limit)"),
     # Durability (issue 19, docs/operations.md).
     Setting("WHISPER_DB_BUSY_TIMEOUT_MS", 10000, _int(1),
             "how long one ledger statement waits for a lock held by someone else before it counts as busy"),
@@ -310,6 +317,10 @@ SETTINGS: tuple[Setting, ...] = (
             "the window over which an upload's rate is averaged"),
     Setting("WHISPER_UPLOAD_SHARE_PER_ADDRESS", 0.5, _fraction,
             "the share of WHISPER_MAX_PENDING_UPLOADS one client address may hold (at least one slot)"),
+    Setting("WHISPER_UPLOAD_SHARE_PER_TOKEN", 0.5, _fraction,
+            "the share of WHISPER_MAX_PENDING_UPLOADS one identity may hold, from any address (at least one slot); "
+            "multipart bodies, url= fetches and tus PATCHes each take a slot (the identity all callers share "
+            "under WHISPER_API_ALLOW_ANY_TOKEN has none)"),
     Setting("WHISPER_AUTH_FAILURES_PER_MINUTE", 30, _int(1),
             "failed token checks allowed per client address and per token prefix; beyond, 429"),
     # Cluster (issue 14, docs/cluster.md): several nodes on one PostgreSQL ledger.
@@ -351,6 +362,11 @@ class _Derived:
     def uploads_per_address(self) -> int:
         """Upload slots one client address may hold at once (of WHISPER_MAX_PENDING_UPLOADS)."""
         return max(1, int(self.WHISPER_MAX_PENDING_UPLOADS * self.WHISPER_UPLOAD_SHARE_PER_ADDRESS))
+
+    @property
+    def uploads_per_token(self) -> int:
+        """Upload slots one identity may hold at once (of WHISPER_MAX_PENDING_UPLOADS)."""
+        return max(1, int(self.WHISPER_MAX_PENDING_UPLOADS * self.WHISPER_UPLOAD_SHARE_PER_TOKEN))
 
     def job_timeout(self, audio_seconds: float | None) -> float | None:
         """Seconds a job may run: the explicit limit, else scaled to its audio (None: no limit)."""

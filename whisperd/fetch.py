@@ -3,8 +3,10 @@
 The request goes through Tornado's TCPClient with urlpolicy's CheckingResolver, so the address
 the socket connects to is the one the policy checked (DNS rebinding), for the first request and
 for each of at most MAX_REDIRECTS redirects, whose URLs are checked again as if a client had sent
-them. The body goes to disk chunk by chunk and stops at MAX_FILE_SIZE. Three clocks: connect,
-silence between two reads, and the whole fetch. Whoever calls fetch() owns the directory and
+them. The body goes to disk chunk by chunk and stops at MAX_FILE_SIZE (or the caller's lower
+limit). Three clocks: connect, silence between two reads, and the whole fetch; and the uploads'
+rate floor (ratefloor.py), so that a server trickling a byte now and then cannot hold the
+request's upload slot for the whole fetch time. Whoever calls fetch() owns the directory and
 removes it on any error: nothing here is left behind by the caller's cleanup.
 """
 
@@ -25,6 +27,8 @@ from tornado.tcpclient import TCPClient
 
 from .config import Config
 from .jobfiles import UPLOAD_NAME, display_name
+from .integers import BadInteger, strict_int
+from .ratefloor import RateFloor
 from .urlpolicy import CheckingResolver, HostPolicy, PolicyError, check_url, resolve_checked
 
 log = logging.getLogger("whisperd.fetch")
@@ -59,8 +63,12 @@ def shown(url: str) -> str:
 class _Body(httputil.HTTPMessageDelegate):
     """Receives one response: the status and headers, and (for a 200 only) the body into a file."""
 
-    def __init__(self, fetcher: "MediaFetcher", sink: BinaryIO, url: str, stream) -> None:
-        self.fetcher = fetcher
+    def __init__(self, sink: BinaryIO, url: str, stream, max_bytes: int, limit_name: str,
+                 rate: RateFloor) -> None:
+        self.max_bytes = max_bytes
+        self.limit_name = limit_name
+        self.rate = rate
+        self.declared: int | None = None
         self.sink = sink
         self.url = url
         self.stream = stream
@@ -74,19 +82,30 @@ class _Body(httputil.HTTPMessageDelegate):
         self.last_read = asyncio.get_running_loop().time()
         self.code = start_line.code
         self.headers = headers
-        length = headers.get("Content-Length", "")
-        if self.code == 200 and length.isdigit() and int(length) > self.fetcher.max_bytes:
+        length = headers.get("Content-Length")
+        if length is None:
+            return
+        try:
+            self.declared = strict_int(length, "Content-Length")
+        except BadInteger:
+            self._stop(FetchError(502, f"the media's server sent a Content-Length that is not a number "
+                                       f"({length[:40]!r}) for {shown(self.url)}"))
+            return
+        if self.code == 200 and self.declared > self.max_bytes:
             self._stop(FetchError(413, f"the media at {shown(self.url)} is {length} bytes, larger than "
-                                       f"MAX_FILE_SIZE ({self.fetcher.max_bytes} bytes)"))
+                                       f"{self.limit_name} ({self.max_bytes} bytes)"))
+        elif self.code == 200:
+            self.rate.declared = self.declared
 
     def data_received(self, chunk: bytes) -> None:  # type: ignore[override]
         self.last_read = asyncio.get_running_loop().time()
         if self.code != 200 or self.error is not None:
             return  # a redirect's or an error's body: not ours to keep
         self.received += len(chunk)
-        if self.received > self.fetcher.max_bytes:
-            self._stop(FetchError(413, f"the media at {shown(self.url)} is larger than MAX_FILE_SIZE "
-                                       f"({self.fetcher.max_bytes} bytes); the fetch was stopped there"))
+        self.rate.add(len(chunk))
+        if self.received > self.max_bytes:
+            self._stop(FetchError(413, f"the media at {shown(self.url)} is larger than {self.limit_name} "
+                                       f"({self.max_bytes} bytes); the fetch was stopped there"))
             return
         try:
             self.sink.write(chunk)  # small sequential writes, as for uploads
@@ -104,6 +123,7 @@ class _Body(httputil.HTTPMessageDelegate):
 
 class MediaFetcher:
     def __init__(self, config: Config) -> None:
+        self.config = config
         self.policy = fetch_policy(config)
         self.max_bytes = config.MAX_FILE_SIZE
         self.connect_timeout = config.WHISPER_FETCH_CONNECT_TIMEOUT_SECONDS
@@ -119,8 +139,13 @@ class MediaFetcher:
         except OSError as exc:
             raise PolicyError(str(exc)) from None
 
-    async def fetch(self, url: str, directory: Path) -> tuple[Path, int, str]:
-        """Download into directory/upload; (path, bytes, display name) or FetchError/PolicyError."""
+    async def fetch(self, url: str, directory: Path, max_bytes: int | None = None,
+                    limit_name: str = "MAX_FILE_SIZE") -> tuple[Path, int, str]:
+        """Download into directory/upload; (path, bytes, display name) or FetchError/PolicyError.
+
+        max_bytes (named limit_name in refusals): the caller's own limit, below MAX_FILE_SIZE."""
+        if max_bytes is None or max_bytes > self.max_bytes:
+            max_bytes, limit_name = self.max_bytes, "MAX_FILE_SIZE"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.total_timeout
         directory.mkdir(parents=True, exist_ok=True)
@@ -130,7 +155,7 @@ class MediaFetcher:
             path = directory / UPLOAD_NAME  # the name's extension decides nothing (intake.py)
             try:
                 with path.open("wb") as sink:
-                    body = await self._get(url, sink, deadline)
+                    body = await self._get(url, sink, deadline, max_bytes, limit_name)
             except BaseException:
                 path.unlink(missing_ok=True)  # refused, broken, cancelled: no partial file stays
                 raise
@@ -153,7 +178,7 @@ class MediaFetcher:
             return path, body.received, display_name(name)
         raise AssertionError("unreachable")
 
-    async def _get(self, url: str, sink: BinaryIO, deadline: float) -> _Body:
+    async def _get(self, url: str, sink: BinaryIO, deadline: float, max_bytes: int, limit_name: str) -> _Body:
         loop = asyncio.get_running_loop()
         scheme, host, port = check_url(url, FIELD, CREDENTIALS_HINT)
         tls = ssl.create_default_context() if scheme == "https" else None
@@ -175,7 +200,14 @@ class MediaFetcher:
         connection = HTTP1Connection(stream, True, HTTP1ConnectionParameters(
             no_keep_alive=True, max_header_size=MAX_HEADER_BYTES, max_body_size=2 * self.max_bytes + 1,
             decompress=False, chunk_size=256 * 1024))
-        body = _Body(self, sink, url, stream)
+        slow: list[str] = []
+
+        def too_slow(got: int) -> None:  # the media's server trickles: it must not hold an upload slot
+            slow.append(f"the media's server at {shown(url)} sent {rate.message(got)}; the fetch was stopped")
+            stream.close()
+
+        rate = RateFloor(self.config, too_slow)
+        body = _Body(sink, url, stream, max_bytes, limit_name, rate)
         headers = httputil.HTTPHeaders({"Host": parts.netloc, "User-Agent": "whisperd-fetch/1",
                                         "Accept": "audio/*, video/*, */*;q=0.5", "Accept-Encoding": "identity",
                                         "Connection": "close"})
@@ -183,6 +215,7 @@ class MediaFetcher:
         try:
             connection.write_headers(httputil.RequestStartLine("GET", target, "HTTP/1.1"), headers)
             connection.finish()
+            rate.start()
             reading = asyncio.ensure_future(connection.read_response(body))
             while not reading.done():
                 now = loop.time()
@@ -203,14 +236,19 @@ class MediaFetcher:
         except (OSError, StreamClosedError, httputil.HTTPInputError) as exc:
             if body.error is not None:
                 raise body.error from None
+            if slow:
+                raise FetchError(504, slow[0]) from None
             raise FetchError(502, f"fetching {shown(url)} broke: {_why(exc)}") from None
         except asyncio.CancelledError:
             stream.close()
             raise
         finally:
+            rate.stop()
             stream.close()
         if body.error is not None:
             raise body.error
+        if slow:
+            raise FetchError(504, slow[0])
         if timed_out:
             raise FetchError(504, timed_out)
         if not complete or not body.code:

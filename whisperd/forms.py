@@ -9,6 +9,7 @@ from .fetch import CREDENTIALS_HINT, FIELD
 from .languages import AUTO, WHISPER_LANGUAGES
 from .models import TASKS, installed_models, is_valid_name, local_model_dir, model_info, refusal
 from .errors import ServiceError
+from .integers import integer_input
 from .urlpolicy import PolicyError, check_url
 
 FIELDS = (
@@ -33,11 +34,6 @@ class JobRequest:
     task: str = "transcribe"
     upload: str | None = None  # a finished tus upload's id
     url: str | None = None  # media to fetch
-
-
-def is_ascii_number(text: str) -> bool:
-    """Digits 0-9 only: str.isdigit() also takes "²" and "٣", which int() then refuses (or reads)."""
-    return bool(text) and text.isascii() and text.isdigit()
 
 
 def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
@@ -94,8 +90,7 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         raise ServiceError(400, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters")
 
     device_index = fields.get("device_index", "").strip() or config.WHISPER_DEVICE_INDEX
-    if not is_ascii_number(device_index) or len(device_index) > 3:
-        raise ServiceError(400, f"'device_index' must be a whole number >= 0, got {device_index[:40]!r}")
+    device_number = integer_input(device_index, "'device_index'", maximum=999)
 
     callback_url = fields.get("callback_url", "").strip() or None
     if callback_url is not None:
@@ -128,7 +123,7 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         hf_token=fields.get("hf_token", "").strip() or None,
         response_format=_closed(fields, "response_format", config.WHISPER_OUTPUT_FORMAT, OUTPUT_FORMATS),
         device=_closed(fields, "device", config.WHISPER_DEVICE, DEVICES),
-        device_index=str(int(device_index)),
+        device_index=str(device_number),
         sync=_bool(fields, "sync", config.DEFAULT_SYNC_MODE),
         callback_url=callback_url,
         task=task,

@@ -3,7 +3,8 @@
     media = await Intake(config).accept(path, out_dir)   # or accept_sync() from a thread
 
 0. A 16 kHz mono 16-bit PCM WAV is already what the engine reads: its samples are copied under a
-   fresh header by canonical_wav.py (capped at the limit), and steps 1-3 do not run.
+   fresh header by canonical_wav.py (capped at the limit, bounded in chunks, stopped when the
+   client leaves, under the decode's time limit), and steps 1-3 do not run.
 1. ffprobe, under the rules of probe.py: an allow-listed container with an audio stream, or 415.
 2. Its declared duration against WHISPER_MAX_AUDIO_SECONDS, or 413 — before anything is decoded,
    so a 70 KB FLAC that declares ten hours of silence costs one ffprobe, not ten hours of PCM.
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .bounded import BoundedRun, RunCanceled, RunTimeout
-from .canonical_wav import copy_if_canonical
+from .canonical_wav import (MAX_CHUNKS_BEFORE_DATA, FastPathStopped, FastPathTimeout, TooManyChunks,
+                            copy_if_canonical)
 from .config import Config
 from .jobfiles import CANONICAL_NAME
 from .probe import ACCEPTED_TEXT, ProbeRefused, common_args, probe
@@ -86,8 +88,10 @@ class Intake:
         self.ffmpeg = config.WHISPER_FFMPEG
         self.max_seconds = config.WHISPER_MAX_AUDIO_SECONDS
         self._run = BoundedRun()
+        self._stopped = False  # read by the WAV copy between blocks (it may run in a thread)
 
     def stop(self) -> None:
+        self._stopped = True
         self._run.stop()
 
     async def accept(self, path: Path, out_dir: Path, shown_name: str = "upload") -> Media:
@@ -130,8 +134,19 @@ class Intake:
         if not self._tools_installed():
             return None
         max_frames = int(self.max_seconds * SAMPLE_RATE) if self.max_seconds else None
+        # The same time limit as the decode by ffmpeg, for the audio the file can hold at most.
+        timeout = decode_timeout(min(path.stat().st_size / BYTES_PER_SECOND, self.max_seconds or UNKNOWN_DURATION))
         try:
-            frames = copy_if_canonical(path, out, max_frames)
+            frames = copy_if_canonical(path, out, max_frames, stopped=lambda: self._stopped,
+                                       deadline=time.monotonic() + timeout)
+        except TooManyChunks:
+            raise IntakeError(415, f"the uploaded file '{shown_name}' is a WAV with more than "
+                                   f"{MAX_CHUNKS_BEFORE_DATA} chunks before its audio; a real recording has a "
+                                   "handful (re-save it, or send another format)") from None
+        except FastPathStopped:
+            raise IntakeError(CLIENT_LEFT, "the client left") from None
+        except FastPathTimeout:
+            raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded within {timeout:.0f} s") from None
         except OSError as exc:
             out.unlink(missing_ok=True)
             raise IntakeError(*_disk_error(exc)) from None
@@ -169,8 +184,7 @@ class Intake:
             # A second past the limit: enough to tell "longer than allowed" from "exactly the limit".
             argv += ["-t", f"{self.max_seconds + 1:g}"]
         argv += ["-f", "wav", "-y", "file:" + str(out.resolve())]
-        basis = declared if declared is not None else (self.max_seconds or UNKNOWN_DURATION)
-        timeout = DECODE_BASE_SECONDS + DECODE_SECONDS_PER_AUDIO_SECOND * basis
+        timeout = decode_timeout(declared if declared is not None else (self.max_seconds or UNKNOWN_DURATION))
         try:
             done = self._run(argv, timeout, 0, cwd=str(out.parent))
         except RunTimeout:
@@ -191,6 +205,11 @@ class Intake:
         length = describe_seconds(seconds) if exact else f"more than {describe_seconds(self.max_seconds)}"
         return (f"the audio of '{shown_name}' lasts {length} ({seconds:.0f} s); this server accepts at most "
                 f"{describe_seconds(self.max_seconds)} (WHISPER_MAX_AUDIO_SECONDS={self.max_seconds:g})")
+
+
+def decode_timeout(audio_seconds: float) -> float:
+    """The time limit of turning an upload into the canonical file, by ffmpeg or by the WAV copy."""
+    return DECODE_BASE_SECONDS + DECODE_SECONDS_PER_AUDIO_SECOND * audio_seconds
 
 
 def _disk_error(exc: OSError) -> tuple[int, str]:

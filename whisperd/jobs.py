@@ -130,6 +130,8 @@ class TokenRecord:
     max_queued: int | None = None
     max_audio_minutes_per_day: float | None = None
     max_file_size: int | None = None
+    max_open_uploads: int | None = None  # resumable uploads not yet used (issue 23)
+    max_upload_bytes: int | None = None  # their Upload-Lengths together
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "TokenRecord":

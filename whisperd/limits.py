@@ -13,12 +13,14 @@ from typing import Any
 
 from .jobs import Quota
 
-NAMES = ("max_queued", "max_audio_minutes_per_day", "max_file_size")
+NAMES = ("max_queued", "max_audio_minutes_per_day", "max_file_size", "max_open_uploads", "max_upload_bytes")
 # The setting that gives each limit its default.
 SETTING_OF = {
     "max_queued": "WHISPER_TOKEN_MAX_QUEUED",
     "max_audio_minutes_per_day": "WHISPER_TOKEN_MAX_AUDIO_MINUTES_PER_DAY",
     "max_file_size": "WHISPER_TOKEN_MAX_FILE_SIZE",
+    "max_open_uploads": "WHISPER_TOKEN_MAX_OPEN_UPLOADS",
+    "max_upload_bytes": "WHISPER_TOKEN_MAX_UPLOAD_BYTES",
 }
 
 
@@ -29,6 +31,9 @@ class Limits:
     max_queued: int | None = None
     max_audio_minutes_per_day: float | None = None
     max_file_size: int | None = None
+    # Resumable uploads (tus) not yet used or expired: how many, and their Upload-Lengths together.
+    max_open_uploads: int | None = None
+    max_upload_bytes: int | None = None
 
     def resolved(self, config: Any) -> "Limits":
         """Every field set: this object's values, else the configured defaults."""
@@ -84,6 +89,25 @@ def file_size_limit(limits: Limits, server_max: int) -> tuple[int, str]:
     if limits.max_file_size and limits.max_file_size < server_max:
         return limits.max_file_size, "this token's max_file_size"
     return server_max, "MAX_FILE_SIZE"
+
+
+OPEN_UPLOADS_RETRY_AFTER_SECONDS = 60
+
+
+def check_open_uploads(name: str, limits: Limits, count: int, declared: int, adding: int) -> None:
+    """LimitExceeded when one more resumable upload of `adding` bytes would take the caller past
+    max_open_uploads or max_upload_bytes (count and declared: its open uploads now)."""
+    if limits.max_upload_bytes and adding > limits.max_upload_bytes:
+        raise LimitExceeded(413, f"Upload-Length {adding} is larger than max_upload_bytes ({limits.max_upload_bytes} "
+                                 f"bytes), the most {name!r} may have in open uploads")
+    if limits.max_open_uploads and count >= limits.max_open_uploads:
+        raise LimitExceeded(429, f"too many open uploads: max_open_uploads is {limits.max_open_uploads} for {name!r}, "
+                                 f"which has {count} not yet used; use (upload=<id>) or DELETE one, or wait for "
+                                 "unfinished ones to expire", OPEN_UPLOADS_RETRY_AFTER_SECONDS)
+    if limits.max_upload_bytes and declared + adding > limits.max_upload_bytes:
+        raise LimitExceeded(429, f"too many bytes in open uploads: max_upload_bytes is {limits.max_upload_bytes} for "
+                                 f"{name!r}, whose open uploads declare {declared} already and this one {adding} "
+                                 "more; use or DELETE one first", OPEN_UPLOADS_RETRY_AFTER_SECONDS)
 
 
 def quota(limits: Limits) -> Quota:

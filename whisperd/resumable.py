@@ -6,10 +6,13 @@ the service; neither touches the ledger or the job directories itself.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 from pathlib import Path
 
 from .errors import ServiceError
-from .jobfiles import JobFiles, is_job_id
+from .jobfiles import UPLOAD_NAME, JobFiles, is_job_id
 from .jobs import UploadRecord, now_iso
 from .ledger import Ledger
 
@@ -48,9 +51,18 @@ class ResumableUploads:
         self.files.remove_resumable(upload_id)
         return True
 
-    async def take_for_job(self, upload_id: str, owner: str, job_id: str) -> tuple[Path, int, str]:
-        """A finished upload of `owner` becomes job `job_id`'s staged file, once: (path, bytes,
-        file name), or ServiceError saying why not."""
+    async def open_uploads(self, owner: str | None) -> tuple[int, int, int]:
+        """(count, declared bytes, bytes still to come) of the open uploads of `owner` (None: all)."""
+        return await self.ledger.open_uploads(owner)
+
+    async def set_expiry(self, upload_id: str, expires_at: str) -> bool:
+        return await self.ledger.set_upload_expiry(upload_id, expires_at)
+
+    async def stage_for_job(self, upload_id: str, owner: str, job_id: str, max_bytes: int,
+                            limit_name: str) -> tuple[Path, int, str]:
+        """A finished upload of `owner` linked into job `job_id`'s staging dir: (path, bytes, file
+        name), or ServiceError saying why not. Nothing is used up here: the upload stays usable
+        until a job made of it is accepted (in that job's own ledger transaction) or use_up() (its content refused as media)."""
         upload = await self.get(upload_id)
         if upload is None or upload.owner != owner or upload.expired(now_iso()):
             raise ServiceError(404, f"no resumable upload with id {upload_id[:60]!r} (unknown, another "
@@ -63,8 +75,23 @@ class ResumableUploads:
                                     f"{upload.upload_length} bytes received; PATCH the rest first")
         # Not used up here: the job's own transaction does that (ledger.submit(upload_id=...)), so
         # a submission that never commits (killed, refused, database away) leaves it usable.
+        if upload.upload_length > max_bytes:  # the token's limit may have been lowered since creation
+            raise ServiceError(413, f"upload {upload_id} is {upload.upload_length} bytes, larger than {limit_name} "
+                                    f"({max_bytes} bytes)")
+        staged = self.files.staging_dir(job_id)
+        staged.mkdir(parents=True, exist_ok=True)
+        target = staged / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
+        source = self.files.resumable_path(upload_id)
         try:
-            path = self.files.stage_resumable(upload_id, job_id, upload.filename)
+            # A second name for the same bytes (both live under WHISPER_TMP_FILES): intake reads and
+            # removes this one; the upload's own stays until a job is accepted.
+            os.link(source, target)
         except FileNotFoundError:
             raise ServiceError(410, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
-        return path, upload.upload_length, upload.filename
+        except OSError:  # a file system without hard links: a copy, off the IOLoop
+            await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, source, target)
+        return target, upload.upload_length, upload.filename
+
+    async def use_up(self, upload_id: str) -> None:
+        """Its content was refused as media (415): sending it again cannot help, so it goes."""
+        await self.terminate(upload_id)

@@ -74,6 +74,7 @@ class Service:
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0  # this process's uploads still streaming (take_upload_slot)
         self.uploads_by_address: dict[str, int] = {}  # a share of the slots per client address
+        self.uploads_by_owner: dict[str, int] = {}  # ... and per identity (holes: issue 23)
         # shared_engine: the socket of the box's one engine worker (several HTTP processes).
         self.engine = make_engine(config, offline, shared_engine)
         self.outcomes = OutcomeRecorder()
@@ -215,9 +216,10 @@ class Service:
             raise ServiceError(429, f"the queue is full ({queued} jobs waiting, WHISPER_MAX_QUEUED_JOBS={cap}); "
                                     "try again later", {"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)})
 
-    def take_upload_slot(self, address: str) -> None:
-        """Count one more upload streaming in this process, or 429: when WHISPER_MAX_PENDING_UPLOADS
-        are, or when this client address holds its share of them already."""
+    def take_upload_slot(self, address: str, owner: str | None = None) -> None:
+        """Count one more upload streaming in this process (a multipart body, a url= fetch, a tus
+        PATCH), or 429: when WHISPER_MAX_PENDING_UPLOADS are, or when this client address or this
+        identity holds its share of them already."""
         cap = self.config.WHISPER_MAX_PENDING_UPLOADS
         if self.uploads_in_flight >= cap:
             raise ServiceError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
@@ -228,16 +230,27 @@ class Service:
                                     f"progress, its share of the server's {cap} (WHISPER_UPLOAD_SHARE_PER_ADDRESS="
                                     f"{self.config.WHISPER_UPLOAD_SHARE_PER_ADDRESS:g}); wait for one to finish",
                                {"Retry-After": "5"})
+        mine = self.uploads_by_owner.get(owner, 0) if owner is not None else 0
+        if owner is not None and mine >= self.config.uploads_per_token:
+            raise ServiceError(429, f"{owner!r} already has {mine} upload{'s' if mine > 1 else ''} in progress, its "
+                                    f"share of the server's {cap} (WHISPER_UPLOAD_SHARE_PER_TOKEN="
+                                    f"{self.config.WHISPER_UPLOAD_SHARE_PER_TOKEN:g}); wait for one to finish",
+                               {"Retry-After": "5"})
         self.uploads_in_flight += 1
         self.uploads_by_address[address] = held + 1
+        if owner is not None:
+            self.uploads_by_owner[owner] = mine + 1
 
-    def release_upload_slot(self, address: str) -> None:
+    def release_upload_slot(self, address: str, owner: str | None = None) -> None:
         self.uploads_in_flight -= 1
-        left = self.uploads_by_address.get(address, 1) - 1
-        if left > 0:
-            self.uploads_by_address[address] = left
-        else:
-            self.uploads_by_address.pop(address, None)
+        for counts, key in ((self.uploads_by_address, address), (self.uploads_by_owner, owner)):
+            if key is None:
+                continue
+            left = counts.get(key, 1) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
 
     def check_disk(self) -> None:
         """507 below the floor (not the upload's size: a disk that fills up during the write is refused

@@ -153,7 +153,8 @@ class LedgerTokens:
 
 
 def limits_of(record: TokenRecord) -> Limits:
-    return Limits(record.max_queued, record.max_audio_minutes_per_day, record.max_file_size)
+    return Limits(record.max_queued, record.max_audio_minutes_per_day, record.max_file_size,
+                  record.max_open_uploads, record.max_upload_bytes)
 
 
 def _age_seconds(stamp: str) -> float:

@@ -54,11 +54,35 @@ class PolicyError(Exception):
     """The URL or address may not be called; the message says why and what would be allowed."""
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+ANY_PORT = 0  # an entry without ":port"
+
+
+def _split_port(entry: str) -> tuple[str, int]:
+    """'host:port', '[v6]:port', '10.0.0.0/8:8080' -> (host, port); no port -> (entry, ANY_PORT)."""
+    if entry.startswith("["):
+        inside, bracket, rest = entry[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"{entry!r}: write an IPv6 address with a port as [address]:port")
+        return inside, _port(entry, rest[1:]) if rest else ANY_PORT
+    if entry.count(":") == 1:  # more than one: an IPv6 address or network without a port
+        host, _, port = entry.partition(":")
+        return host, _port(entry, port)
+    return entry, ANY_PORT
+
+
+def _port(entry: str, text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class HostPolicy:
     public: bool = False
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    names: tuple[str, ...] = ()  # exact names, or "*.example.com" for any name under it
+    # Each entry with the one port it admits, or ANY_PORT.
+    networks: tuple[tuple[Network, int], ...] = ()
+    names: tuple[tuple[str, int], ...] = ()  # exact names, or "*.example.com" for any name under it
     text: str = field(default="", compare=False)
     setting: str = field(default="WHISPER_WEBHOOK_ALLOWED_HOSTS", compare=False)  # named in refusals
     subject: str = field(default="callback", compare=False)  # "callback host x resolves to ..."
@@ -66,7 +90,9 @@ class HostPolicy:
     @classmethod
     def parse(cls, text: str, setting: str = "WHISPER_WEBHOOK_ALLOWED_HOSTS", subject: str = "callback",
               public: bool = False) -> "HostPolicy":
-        """Comma- or space-separated: 'public', IPs or CIDR networks, host names, '*.domain'.
+        """Comma- or space-separated: 'public', IPs or CIDR networks, host names, '*.domain', each
+        of the last four optionally with ':port' ('[v6]:port' for IPv6), which then admits that
+        port only.
 
         public=True admits public addresses whatever the text says (the fetch policy: the list
         only adds hosts)."""
@@ -77,44 +103,65 @@ class HostPolicy:
             if entry == PUBLIC:
                 public = True
                 continue
+            host, port = _split_port(entry)
             try:
-                networks.append(ipaddress.ip_network(entry, strict=False))
+                networks.append((ipaddress.ip_network(host, strict=False), port))
                 continue
             except ValueError:
                 pass
-            if not _HOST_NAME.match(entry):
-                raise ValueError(f"{entry!r} is not 'public', an IP address, a CIDR network or a host name")
-            names.append(entry)
+            if not _HOST_NAME.match(host):
+                raise ValueError(f"{entry!r} is not 'public', an IP address, a CIDR network or a host name "
+                                 "(each optionally with :port)")
+            names.append((host, port))
         return cls(public, tuple(networks), tuple(names), text, setting, subject)
 
     def describe(self) -> str:
-        parts = (["public addresses"] if self.public else []) + [str(n) for n in self.networks] + list(self.names)
+        def shown(host: str, port: int, v6: bool) -> str:
+            if port == ANY_PORT:
+                return host
+            return f"[{host}]:{port}" if v6 else f"{host}:{port}"
+
+        parts = (["public addresses"] if self.public else []) + \
+            [shown(str(n), p, n.version == 6) for n, p in self.networks] + [shown(n, p, False) for n, p in self.names]
         return ", ".join(parts) or "nothing"
 
-    def allows_name(self, host: str) -> bool:
+    def allows_name(self, host: str, port: int = ANY_PORT) -> bool:
         host = host.lower().rstrip(".")
-        for name in self.names:
+        for name, allowed_port in self.names:
+            if allowed_port not in (ANY_PORT, port):
+                continue
             if name.startswith("*.") and host.endswith(name[1:]):
                 return True
             if host == name:
                 return True
         return False
 
-    def allows_ip(self, address: IPAddress) -> bool:
-        if any(address in network for network in self.networks):
+    def _listed(self, address: IPAddress, port: int) -> bool:
+        return any(address in network and allowed in (ANY_PORT, port) for network, allowed in self.networks)
+
+    def allows_ip(self, address: IPAddress, port: int = ANY_PORT, public: bool | None = None) -> bool:
+        """Listed (with this port), or public when public addresses are admitted (`public`: instead
+        of the policy's own answer, for names the list admits)."""
+        if self._listed(address, port):
             return True
         embedded = embedded_ipv4(address)
         if embedded:  # ::7f00:1 and 64:ff9b::7f00:1 reach 127.0.0.1: judged as what they reach
-            return all(self.allows_ip(inner) for inner in embedded)
-        return self.public and address.is_global and not address.is_multicast
+            return all(self.allows_ip(inner, port, public) for inner in embedded)
+        public = self.public if public is None else public
+        return public and address.is_global and not address.is_multicast
 
-    def check_ip(self, host: str, address: IPAddress) -> None:
-        if not self.allows_ip(address):
+    def check_ip(self, host: str, address: IPAddress, port: int = ANY_PORT, named: bool = False) -> None:
+        """PolicyError unless `address` (port `port`) may be called. named: `host` is a name the
+        list admits, so public addresses are fine, private ones only where a range lists them."""
+        if not self.allows_ip(address, port, True if named else None):
             what = (f"{self.subject} address {address} is" if host.strip("[]") == str(address)
                     else f"{self.subject} host {host} resolves to {address}, which is")
+            where = f" (port {port})" if any(p != ANY_PORT for _n, p in self.networks + self.names) else ""
+            listed_name = ("; a host name in the list reaches a private address only when the list names "
+                           "that address or its range too") if named else ""
             raise PolicyError(
-                f"{what} not allowed by {self.setting} (allowed: {self.describe()}); "
-                "private, loopback and link-local addresses are refused by default"
+                f"{what} not allowed{where} by {self.setting} (allowed: {self.describe()}); "
+                f"private, loopback and link-local addresses are refused by default{listed_name}"
             )
 
 
@@ -162,20 +209,21 @@ async def resolve_checked(policy: HostPolicy, host: str, port: int,
     """Resolve `host` and return its addresses, or PolicyError if any of them is not allowed.
 
     One refused address refuses the host: a name that answers with a public and a private
-    address would otherwise let the connection pick the private one.
+    address would otherwise let the connection pick the private one. A name the list admits is
+    checked too: it may reach public addresses, and private ones only where the list names
+    their address or range (a name is not a way around the address check).
     """
-    if policy.allows_name(host):
-        return await DefaultLoopResolver().resolve(host, port, family)
     address = literal_ip(host)
     if address is not None:
-        policy.check_ip(host, address)
+        policy.check_ip(host, address, port)
         return await DefaultLoopResolver().resolve(str(address), port, family)
+    named = policy.allows_name(host, port)
     try:
         found = await DefaultLoopResolver().resolve(host, port, family)
     except (socket.gaierror, OSError) as exc:
         raise OSError(f"cannot resolve {policy.subject} host {host}: {exc.strerror or exc}") from None
     for _family, sockaddr in found:
-        policy.check_ip(host, ipaddress.ip_address(sockaddr[0].split("%")[0]))
+        policy.check_ip(host, ipaddress.ip_address(sockaddr[0].split("%")[0]), port, named)
     return found
 
 

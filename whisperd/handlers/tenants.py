@@ -10,6 +10,7 @@ from ..jobs import ACTIVE, TERMINAL, Job, now_iso
 from ..limits import UNSET, Limits, usage_windows
 from ..tokens import limits_of
 from ..errors import ServiceError
+from ..integers import BadInteger, strict_int
 from .base import BaseHandler
 
 DEFAULT_PAGE = 20
@@ -27,9 +28,13 @@ def decode_cursor(text: str) -> int:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raw = ""
-    if len(text) > 40 or not raw.startswith("j") or not raw[1:].isdigit():
-        raise ServiceError(400, "'cursor' is not one this server gave out: pass the 'next' value of the previous page as is")
-    return int(raw[1:])
+    try:
+        if len(text) > 40 or not raw.startswith("j"):
+            raise BadInteger(raw)
+        return strict_int(raw[1:], "cursor")
+    except BadInteger:
+        raise ServiceError(400, "'cursor' is not one this server gave out: pass the 'next' value of the previous "
+                                "page as is") from None
 
 
 def job_entry(job: Job, with_owner: bool) -> dict[str, Any]:
@@ -60,9 +65,10 @@ def job_entry(job: Job, with_owner: bool) -> dict[str, Any]:
 async def list_jobs(handler: BaseHandler) -> None:
     """GET /transcription: the caller's jobs (an admin's: everyone's), newest first, a page at a time."""
     text = handler.get_query_argument("limit", str(DEFAULT_PAGE)).strip()
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
-        raise ServiceError(400, f"'limit' must be a whole number from 1 to {MAX_PAGE}, got {text[:20]!r}")
-    limit = int(text)
+    try:
+        limit = strict_int(text, "'limit'", maximum=MAX_PAGE, minimum=1)
+    except BadInteger:
+        raise ServiceError(400, f"'limit' must be a whole number from 1 to {MAX_PAGE}, got {text[:20]!r}") from None
     wanted = handler.get_query_argument("status", "").strip()
     status = None
     if wanted:

@@ -66,6 +66,9 @@ class SubmitHandler(UploadHandler):
         # The row records what was asked; whether diarization can run (a token, the pipeline at
         # hand) is decided once, by the runner, with the token this resolves now.
         hf_token = self.service.resolve_hf_token(request.hf_token) if request.diarize else None
+        if self.client_left():
+            log.info("submission dropped: the client left before its job was accepted")
+            return
         new_job = self.new_job(
             form, media, language=request.language, model=request.model,
             response_format=request.response_format, diarize=request.diarize, prompt=request.prompt,

@@ -24,9 +24,13 @@ from typing import Any, BinaryIO
 from tornado.web import stream_request_body
 
 from ..jobfiles import display_name, new_job_id
+from ..limits import LimitExceeded, check_open_uploads, file_size_limit
+from ..ratefloor import RateFloor
 from ..jobs import UploadRecord, now_iso
 from ..errors import ServiceError
+from ..integers import BadInteger, strict_int
 from .base import BaseHandler
+from .upload import slot_owner
 
 log = logging.getLogger("whisperd.tus")
 
@@ -35,6 +39,7 @@ EXTENSIONS = "creation,termination,expiration,checksum"
 CHECKSUM_ALGORITHMS = "sha1"
 OFFSET_TYPE = "application/offset+octet-stream"
 MAX_METADATA_CHARS = 4096
+MAX_BYTES = 10**18  # any larger Upload-Length or Upload-Offset is refused as a number, before any limit
 REQUEST_HEADERS = ("Authorization, Content-Type, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
                    "Upload-Checksum, Upload-Defer-Length, Upload-Concat, X-HTTP-Method-Override, X-Requested-With")
 EXPOSED_HEADERS = ("Location, Upload-Offset, Upload-Length, Upload-Metadata, Upload-Expires, Tus-Resumable, "
@@ -64,10 +69,18 @@ def iso_in(hours: float) -> str:
     return (datetime.now(timezone.utc) + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+def idle_hours(config: Any) -> float:
+    """How long an unfinished upload lives past its last byte: abandoned ones must not hold the
+    disk for the day a finished one is kept."""
+    return min(config.WHISPER_UPLOAD_IDLE_HOURS, config.WHISPER_UPLOAD_EXPIRY_HOURS)
+
+
 def _number(value: str | None, name: str) -> int:
-    if value is None or not value.isdigit() or len(value) > 18:
-        raise ServiceError(400, f"{name} must be a whole number of bytes >= 0, got {str(value)[:40]!r}")
-    return int(value)
+    try:
+        return strict_int(value, name, maximum=MAX_BYTES)
+    except BadInteger:
+        raise ServiceError(400, f"{name} must be a whole number of bytes >= 0 in digits 0-9, "
+                                f"got {str(value)[:40]!r}") from None
 
 
 class _Writing:
@@ -134,8 +147,9 @@ class _TusBase(BaseHandler):
         floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.service.resumable.free_disk_mb()
         if free_mb - needed / 2**20 < floor_mb:
-            raise ServiceError(507, f"the server is short of disk space for this upload ({free_mb:.0f} MB free, keeps "
-                                f"at least WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
+            promised = f", {needed / 2**20:.0f} MB of it promised to open uploads and this one" if needed else ""
+            raise ServiceError(507, f"the server is short of disk space for this upload ({free_mb:.0f} MB free"
+                                f"{promised}; keeps at least WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
 
 
 @stream_request_body  # a body sent here anyway is refused in prepare(), never buffered
@@ -164,18 +178,30 @@ class UploadsHandler(_TusBase):
         length = _number(self.request.headers.get("Upload-Length"), "Upload-Length")
         if length == 0:
             raise ServiceError(400, "Upload-Length is 0: an empty file is no audio")
-        if length > config.MAX_FILE_SIZE:
-            raise ServiceError(413, f"Upload-Length {length} is larger than MAX_FILE_SIZE ({config.MAX_FILE_SIZE} bytes)")
+        # The caller's own limits first, from Upload-Length alone: nothing is stored for a refusal.
+        limits = self.identity.limits.resolved(config)
+        limit, limit_name = file_size_limit(limits, config.MAX_FILE_SIZE)
+        if length > limit:
+            raise ServiceError(413, f"Upload-Length {length} is larger than {limit_name} ({limit} bytes)")
         metadata_text = self.request.headers.get("Upload-Metadata", "")
         if len(metadata_text) > MAX_METADATA_CHARS:
             raise ServiceError(400, f"Upload-Metadata is longer than {MAX_METADATA_CHARS} characters")
         metadata = parse_metadata(metadata_text)
-        self._check_disk(length)
+        count, declared, _pending = await self.service.resumable.open_uploads(self.identity.name)
+        try:
+            check_open_uploads(self.identity.name, limits, count, declared, length)
+        except LimitExceeded as exc:
+            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+            raise ServiceError(exc.status, exc.message, headers) from None
+        # Reserve what this upload and every other open one have yet to write: twenty creations
+        # against the same free space must not each be told it fits.
+        _count, _declared, pending = await self.service.resumable.open_uploads(None)
+        self._check_disk(length + pending)
         stamp = now_iso()
         upload = UploadRecord(
             id=new_job_id(), owner=self.identity.name, upload_length=length, upload_offset=0,
             filename=display_name(metadata.get("filename") or metadata.get("name")), metadata=metadata_text,
-            created_at=stamp, updated_at=stamp, expires_at=iso_in(config.WHISPER_UPLOAD_EXPIRY_HOURS),
+            created_at=stamp, updated_at=stamp, expires_at=iso_in(idle_hours(config)),
         )
         await self.service.resumable.create(upload)
         log.info("upload %s created: %s, %d bytes expected", upload.id, upload.filename, length)
@@ -194,6 +220,8 @@ class UploadHandler(_TusBase):
     _writing: _Writing | None = None
     _upload: UploadRecord | None = None
     _refused = False
+    _slot: tuple[str, str | None] | None = None
+    _rate: RateFloor | None = None
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -236,11 +264,17 @@ class UploadHandler(_TusBase):
         if offset != upload.upload_offset:
             raise ServiceError(409, f"Upload-Offset {offset} does not match the upload's offset {upload.upload_offset}: "
                                 "ask HEAD for it and send from there", {"Upload-Offset": str(upload.upload_offset)})
-        length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and offset + int(length) > upload.upload_length:
+        length = self.request.headers.get("Content-Length")  # Tornado has checked its form
+        if length is not None and offset + _number(length, "Content-Length") > upload.upload_length:
             raise ServiceError(413, f"this PATCH would take the upload past its Upload-Length ({upload.upload_length} bytes)")
         algorithm, expected = self._checksum()
         self._check_disk(0)
+        # A PATCH body is an upload in flight like any other: it takes a slot (the address's and
+        # the identity's share of them) and is held to the same minimum rate.
+        address = self.request.remote_ip or "?"
+        owner = slot_owner(self.identity)
+        self.service.take_upload_slot(address, owner)
+        self._slot = (address, owner)
         path = self.service.resumable.path(upload.id)
         try:
             handle = open(path, "r+b")
@@ -257,6 +291,32 @@ class UploadHandler(_TusBase):
         handle.seek(offset)
         self._upload = upload
         self._writing = _Writing(handle, offset, algorithm, expected)
+        declared = _number(length, "Content-Length") if length is not None else None
+        self._rate = RateFloor(self.service.config, self._too_slow, declared).start()
+
+    def _too_slow(self, got: int) -> None:
+        """Cut a PATCH slower than the floor; what came counts, as when the connection is cut."""
+        if self._finished or self._rate is None:
+            return
+        log.warning("upload %s: PATCH from %s cut, too slow (%d bytes in %.0f s)",
+                    self._upload.id if self._upload else "?", self.request.remote_ip, got, self._rate.window)
+        message = f"the PATCH was too slow: {self._rate.message(got)}; the connection is closed (HEAD gives the offset)"
+        self._keep_partial()
+        self._refused = True
+        self._release_slot()
+        self.send_error(408, exc_info=(ServiceError, ServiceError(408, message), None))
+
+    def _release_slot(self) -> None:
+        if self._rate is not None:
+            self._rate.stop()
+            self._rate = None
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self.service.release_upload_slot(*slot)
+
+    def on_finish(self) -> None:
+        super().on_finish()
+        self._release_slot()
 
     def _checksum(self) -> tuple[str | None, bytes | None]:
         header = self.request.headers.get("Upload-Checksum")
@@ -280,6 +340,8 @@ class UploadHandler(_TusBase):
             return
         try:
             writing.write(chunk)
+            if self._rate is not None:
+                self._rate.add(len(chunk))
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self._refuse(507 if full else 500, "the server's upload disk is full; try again later" if full
@@ -290,6 +352,7 @@ class UploadHandler(_TusBase):
     def _refuse(self, status: int, message: str) -> None:
         """Answer now and drop this PATCH's bytes: the rest of the body is not worth reading."""
         self._refused = True
+        self._release_slot()
         if self._writing is not None:
             self._writing.close(keep=False)
             self._writing = None
@@ -299,6 +362,8 @@ class UploadHandler(_TusBase):
         writing, upload = self._writing, self._upload
         if self._refused or writing is None or upload is None:
             return
+        if self._rate is not None:
+            self._rate.stop()  # the whole body is here
         self._writing = None
         if writing.expected is not None and writing.hasher is not None and writing.hasher.digest() != writing.expected:
             writing.close(keep=False)
@@ -318,13 +383,23 @@ class UploadHandler(_TusBase):
             raise ServiceError(409, f"upload {upload.id} changed meanwhile (another PATCH, used, or expired); "
                                 "ask HEAD for its offset")
         upload.upload_offset = start + received
+        config = self.service.config
+        # Each byte pushes an unfinished upload's expiry back by the idle time; a finished one
+        # keeps the full WHISPER_UPLOAD_EXPIRY_HOURS to be used.
+        expires_at = iso_in(config.WHISPER_UPLOAD_EXPIRY_HOURS if upload.complete else idle_hours(config))
+        if await self.service.resumable.set_expiry(upload.id, expires_at):
+            upload.expires_at = expires_at
         if upload.complete:
             log.info("upload %s finished: %d bytes", upload.id, upload.upload_length)
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()
+        self._release_slot()
+        self._keep_partial()
+
+    def _keep_partial(self) -> None:
         # Cut off mid-PATCH: keep what came (tus core: the client resumes from HEAD's offset),
         # unless a checksum was asked for, which a part of the body cannot satisfy.
-        super().on_connection_close()
         writing, upload = self._writing, self._upload
         self._writing = None
         if writing is None or upload is None:

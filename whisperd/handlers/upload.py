@@ -12,21 +12,22 @@ import logging
 import time
 from typing import Any
 
-from tornado.ioloop import PeriodicCallback
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from .. import metrics
+from ..auth import ANONYMOUS, ANY_TOKEN, Identity
 from ..errors import ServiceError
 from ..faults import fail_point
 from ..fetch import FetchError
-from ..forms import is_ascii_number
+from ..integers import integer_input
 from ..intake import CLIENT_LEFT, Intake, IntakeError, Media
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
 from ..ledger import QuotaExceeded, UploadUnusable
 from ..limits import LimitExceeded, Limits, file_size_limit, quota, refusal
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
+from ..ratefloor import RateFloor
 from ..urlpolicy import PolicyError
 from .base import BaseHandler
 
@@ -35,6 +36,13 @@ log = logging.getLogger("whisperd.http")
 # The queue's room is checked before a body is read, and again before its job is written if the
 # body took longer than this to arrive (the cap is approximate across processes anyway).
 QUEUE_RECHECK_SECONDS = 1.0
+
+
+def slot_owner(identity: Identity) -> str | None:
+    """Whose share of the upload slots an upload counts against: None for the one identity every
+    caller shares (WHISPER_API_ALLOW_ANY_TOKEN, authorization off), where a per-token share
+    would only halve the server's slots for everyone."""
+    return None if identity is ANY_TOKEN or identity is ANONYMOUS else identity.name
 
 
 @stream_request_body
@@ -49,12 +57,10 @@ class UploadHandler(BaseHandler):
     _slot_address: str | None = None
     _fetching: "asyncio.Future | None" = None
     _intake: Intake | None = None
-    _rate_timer: PeriodicCallback | None = None
-    _received = 0
-    _received_at_check = 0
+    _rate: RateFloor | None = None
+    _resumable_id: str | None = None  # upload=<id>: the tus upload this request's audio comes from
     _declared: int | None = None
     _room_checked_at = 0.0
-    _upload_id: str | None = None  # the tus upload this request's job is made of
     limits: Limits
 
     async def prepare(self) -> None:
@@ -65,17 +71,16 @@ class UploadHandler(BaseHandler):
         limit, limit_name = file_size_limit(self.limits, self.service.config.MAX_FILE_SIZE)
         length = self.request.headers.get("Content-Length")
         if length is not None:
-            if not is_ascii_number(length):
-                raise ServiceError(400, "Content-Length is not a number")
-            if int(length) > limit + FORM_OVERHEAD:
+            declared = integer_input(length, "Content-Length")
+            if declared > limit + FORM_OVERHEAD:
                 raise ServiceError(413, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
-            self._declared = int(length)
+            self._declared = declared
         # Before a byte is stored: a refused upload leaves nothing.
         await self.service.check_queue_room()
         self._room_checked_at = time.monotonic()
         await self.check_limits()
         address = self.request.remote_ip or "?"
-        self.service.take_upload_slot(address)
+        self.service.take_upload_slot(address, slot_owner(self.identity))
         self._slot_address = address
         self.service.check_disk()
         boundary = boundary_of(self.request.headers.get("Content-Type"))
@@ -97,38 +102,25 @@ class UploadHandler(BaseHandler):
         self._stop_rate_watch()
         address, self._slot_address = self._slot_address, None
         if address is not None:
-            self.service.release_upload_slot(address)
+            self.service.release_upload_slot(address, slot_owner(self.identity))
 
     def _watch_rate(self) -> None:
         """Cut a body that arrives slower than the floor: a trickle must not hold a slot for minutes."""
-        config = self.service.config
-        if not config.WHISPER_UPLOAD_MIN_BYTES_PER_SECOND:
-            return
-        self._rate_timer = PeriodicCallback(self._check_rate, config.WHISPER_UPLOAD_RATE_WINDOW_SECONDS * 1000)
-        self._rate_timer.start()
+        self._rate = RateFloor(self.service.config, self._too_slow, self._declared).start()
 
     def _stop_rate_watch(self) -> None:
-        if self._rate_timer is not None:
-            self._rate_timer.stop()
-            self._rate_timer = None
+        if self._rate is not None:
+            self._rate.stop()
 
-    def _check_rate(self) -> None:
-        config = self.service.config
-        window = config.WHISPER_UPLOAD_RATE_WINDOW_SECONDS
-        floor = config.WHISPER_UPLOAD_MIN_BYTES_PER_SECOND
-        got = self._received - self._received_at_check
-        self._received_at_check = self._received
-        wanted = floor * window
-        if self._declared is not None:  # the last bytes of a body need not fill a whole window
-            wanted = min(wanted, self._declared - self._received + got)
-        if got >= wanted or self._finished:
+    def _too_slow(self, got: int) -> None:
+        if self._finished:
             return
+        assert self._rate is not None
         log.warning("upload from %s cut: %d bytes in the last %.0f s, below WHISPER_UPLOAD_MIN_BYTES_PER_SECOND=%d",
-                    self.request.remote_ip, got, window, floor)
+                    self.request.remote_ip, got, self._rate.window, self._rate.floor)
         metrics.upload_cut()
         self._discard()
-        message = (f"the upload was too slow: {got / window / 1024:.1f} KiB/s over the last {window:g} s, below the "
-                   f"minimum of {floor / 1024:g} KiB/s (WHISPER_UPLOAD_MIN_BYTES_PER_SECOND); the connection is closed")
+        message = f"the upload was too slow: {self._rate.message(got)}; the connection is closed"
         self.send_error(408, exc_info=(ServiceError, ServiceError(408, message), None))
 
     def on_finish(self) -> None:
@@ -140,7 +132,8 @@ class UploadHandler(BaseHandler):
     def data_received(self, chunk: bytes) -> None:
         if self._receiver is None or self._finished:
             return
-        self._received += len(chunk)
+        if self._rate is not None:
+            self._rate.add(len(chunk))
         try:
             self._receiver.feed(chunk)
         except ServiceError as exc:
@@ -184,14 +177,18 @@ class UploadHandler(BaseHandler):
             raise
 
     async def stage_resumable(self, form: ReceivedForm, upload_id: str) -> None:
-        """A finished tus upload becomes this request's staged file (used once), or ServiceError."""
+        """A finished tus upload becomes this request's staged file, or ServiceError. It is used up
+        only when its job is accepted (submit) or its content is refused as media (415, take_in):
+        any other refusal, or a client that leaves, leaves it as it was."""
         assert self._job_id is not None
+        limit, limit_name = file_size_limit(self.limits, self.service.config.MAX_FILE_SIZE)
         try:
-            staged = await self.service.resumable.take_for_job(upload_id, self.identity.name, self._job_id)
+            staged = await self.service.resumable.stage_for_job(upload_id, self.identity.name, self._job_id,
+                                                                limit, limit_name)
         except ServiceError as exc:
             self.refuse(exc)
+        self._resumable_id = upload_id
         form.file_path, form.file_bytes, form.client_filename = staged
-        self._upload_id = upload_id
 
     async def stage_fetched(self, form: ReceivedForm, url: str) -> bool:
         """Download `url` into this request's staging dir, or ServiceError; False when the client left."""
@@ -199,7 +196,9 @@ class UploadHandler(BaseHandler):
         fetcher = self.service.fetcher
         try:
             await fetcher.check(url)  # refused by policy: a 400 before any connection is made
-            self._fetching = asyncio.ensure_future(fetcher.fetch(url, self.service.staging_dir(self._job_id)))
+            limit, limit_name = file_size_limit(self.limits, self.service.config.MAX_FILE_SIZE)
+            self._fetching = asyncio.ensure_future(fetcher.fetch(url, self.service.staging_dir(self._job_id),
+                                                                 limit, limit_name))
             path, size, name = await self._fetching
         except PolicyError as exc:
             self.refuse(ServiceError(400, str(exc)))
@@ -229,11 +228,12 @@ class UploadHandler(BaseHandler):
             self._discard()
             if exc.status == CLIENT_LEFT:
                 return None
-            if self._upload_id is not None and exc.status < 500:
-                # Its content is refused (not audio, too long...): it can never become a job, so
-                # it goes now, row and bytes; a refusal for a passing reason (5xx) leaves it usable.
-                await self.service.resumable.terminate(self._upload_id)
             metrics.upload_refused(exc.status)
+            if exc.status == 415 and self._resumable_id is not None:
+                try:
+                    await self.service.resumable.use_up(self._resumable_id)  # not media: no retry can help
+                except Exception as failure:  # retention removes it when it expires
+                    log.warning("upload %s: refused as media but not removed: %s", self._resumable_id, failure)
             raise ServiceError(exc.status, exc.message) from None
         if self._intake is None:  # the client left while its file was decoded; on_connection_close cleaned up
             return None
@@ -245,6 +245,14 @@ class UploadHandler(BaseHandler):
         except ServiceError as exc:
             self.refuse(exc)
         return media
+
+    def client_left(self) -> bool:
+        """True (and the staged files gone) when the client hung up: nobody is there to be told of
+        a job, so none is made (and a resumable upload stays unused)."""
+        if self._finished or self.request.connection.stream.closed():  # type: ignore[union-attr]
+            self._discard()
+            return True
+        return False
 
     def refuse(self, error: Exception) -> None:
         """A form we will not run: drop the staged file before the error goes out."""
@@ -262,7 +270,7 @@ class UploadHandler(BaseHandler):
             # (in this process or another) may have been accepted since the checks above.
             if time.monotonic() - self._room_checked_at > QUEUE_RECHECK_SECONDS:
                 await self.service.check_queue_room()  # again: others may have filled it while this body arrived
-            job = await self.service.submit(new_job, hf_token, quota(self.limits), self._upload_id)
+            job = await self.service.submit(new_job, hf_token, quota(self.limits), self._resumable_id)
         except UploadUnusable as exc:
             self._discard()
             raise ServiceError(409, f"upload {exc.upload_id} was just used by another request (or expired)") from None
@@ -270,7 +278,7 @@ class UploadHandler(BaseHandler):
             self._discard()
             over = refusal(self.identity.name, self.limits, exc.limit, exc.used, new_job.audio_seconds or 0.0)
             raise ServiceError(over.status, over.message, {"Retry-After": str(over.retry_after)}) from None
-        except Exception:
+        except BaseException:
             self._discard()
             raise
         self._committed = True

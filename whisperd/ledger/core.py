@@ -22,7 +22,8 @@ from ..jobs import ACTIVE, TERMINAL, WEBHOOK_DONE, Job, NewJob, Quota, TokenReco
 from .errors import QuotaExceeded, TokenNameTaken, UploadUnusable
 from .recovery import Recovery
 
-TOKEN_LIMITS = ("max_queued", "max_audio_minutes_per_day", "max_file_size")  # api_tokens columns
+TOKEN_LIMITS = ("max_queued", "max_audio_minutes_per_day", "max_file_size",  # api_tokens columns
+                "max_open_uploads", "max_upload_bytes")  # issue 23, migration 0011
 CLAIM, QUOTA, WEBHOOKS = "claim", "quota", "webhooks"  # what `_lock` serialises
 Row = Any  # sqlite3.Row or asyncpg.Record: both read by name and by index
 
@@ -521,19 +522,22 @@ class SqlLedger:
                            admin: bool, expires_at: str | None, limits: dict[str, Any] | None = None) -> str:
         """Store a new token's row; returns its creation time. TokenNameTaken if the name is in force.
 
-        `limits`: max_queued, max_audio_minutes_per_day, max_file_size (absent or None: the default)."""
+        `limits`: TOKEN_LIMITS (absent or None: the default)."""
         limits = limits or {}
 
         async def work(tx, now):
             await tx.execute(
                 "INSERT INTO api_tokens (name, prefix, algorithm, salt, hash, admin, created_at, expires_at,"
-                " max_queued, max_audio_minutes_per_day, max_file_size) VALUES (:name, :prefix, :algorithm,"
-                " :salt, :hash, :admin, :now, :expires_at, :max_queued, :max_minutes, :max_file_size)",
+                " max_queued, max_audio_minutes_per_day, max_file_size, max_open_uploads, max_upload_bytes)"
+                " VALUES (:name, :prefix, :algorithm, :salt, :hash, :admin, :now, :expires_at, :max_queued,"
+                " :max_minutes, :max_file_size, :max_open_uploads, :max_upload_bytes)",
                 {"name": name, "prefix": prefix, "algorithm": algorithm, "salt": salt, "hash": digest,
                  "admin": int(admin), "now": now, "expires_at": expires_at,
                  "max_queued": _int_or_none(limits.get("max_queued")),
                  "max_minutes": _float_or_none(limits.get("max_audio_minutes_per_day")),
-                 "max_file_size": _int_or_none(limits.get("max_file_size"))},
+                 "max_file_size": _int_or_none(limits.get("max_file_size")),
+                 "max_open_uploads": _int_or_none(limits.get("max_open_uploads")),
+                 "max_upload_bytes": _int_or_none(limits.get("max_upload_bytes"))},
             )
             return now
 
@@ -664,6 +668,24 @@ class SqlLedger:
 
         async def work(tx, now):
             return await self._use_upload(tx, now, upload_id, job_id)
+
+        return await self._write(work)
+
+    async def open_uploads(self, owner: str | None) -> tuple[int, int, int]:
+        """(count, declared bytes, bytes still to come) of the uploads not yet used nor expired:
+        one owner's, or everyone's (None)."""
+        where = "" if owner is None else " AND owner=:owner"
+        row = await self._read_one(
+            "SELECT count(*), coalesce(sum(upload_length), 0), coalesce(sum(upload_length - upload_offset), 0)"
+            f" FROM uploads WHERE job_id IS NULL AND expires_at > :now{where}", {"now": now_iso(), "owner": owner})
+        return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+
+    async def set_upload_expiry(self, upload_id: str, expires_at: str) -> bool:
+        """Move an upload's Upload-Expires (not one already used); False when there is none such."""
+
+        async def work(tx, now):
+            return bool(await tx.execute("UPDATE uploads SET expires_at=:expires WHERE id=:id AND job_id IS NULL",
+                                         {"expires": expires_at, "id": upload_id}))
 
         return await self._write(work)
 
