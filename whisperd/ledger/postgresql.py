@@ -906,6 +906,18 @@ class PostgreSQLLedger:
 
         return await self._write(work)
 
+    # faults: the cluster's identity (issue 24, item 5), for marking the job directories.
+    async def cluster_identity(self, proposed: str) -> tuple[str, bool]:
+        """The ledger's identity, made from `proposed` if it has none yet; (identity, made now)."""
+
+        async def work(conn, now):
+            await conn.execute("INSERT INTO cluster_identity (id, identity, created_at, created_by)"
+                               " VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING", proposed, now, self.node)
+            identity = await conn.fetchval("SELECT identity FROM cluster_identity WHERE id = 1")
+            return identity, identity == proposed
+
+        return await self._write(work)
+
 
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)

@@ -960,6 +960,19 @@ class SQLiteLedger:
 
         return await self._write(work)
 
+    # faults: the cluster's identity (issue 24, item 5), for marking the job directories.
+    async def cluster_identity(self, proposed: str) -> tuple[str, bool]:
+        """The ledger's identity, made from `proposed` if it has none yet; (identity, made now)."""
+
+        async def work(conn, now):
+            await conn.execute("INSERT OR IGNORE INTO cluster_identity (id, identity, created_at, created_by)"
+                               " VALUES (1, ?, ?, ?)", (proposed, now, self.node))
+            cursor = await conn.execute("SELECT identity FROM cluster_identity WHERE id = 1")
+            row = await cursor.fetchone()
+            return row[0], row[0] == proposed
+
+        return await self._write(work)
+
 
 def open_admin(path: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A plain connection to a migrated ledger (created if missing)."""
