@@ -211,3 +211,28 @@ def test_nodes_on_one_host_keep_their_own_engine_socket_and_refuse_a_held_runtim
     last = twin.log().strip().splitlines()[-1]
     assert "in use by another live whisperd node" in last and "alpha" in last, last
     assert alpha.proc.poll() is None
+
+
+def test_a_database_error_the_ledger_does_not_classify_is_503_with_retry_after(cluster, postgres):
+    # A failover onto a read-only database (SQLSTATE 25006): every write raises an error the
+    # ledger has no rule for. Before: submissions and cancels answered a bare 500.
+    node = cluster("readonlydb", "api")
+    queued = node.submit_ok(diarize="false")
+    database = cluster.url.rsplit("/", 1)[1]
+
+    def reconnect_all() -> None:
+        postgres.psql("postgres", f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname='{database}'")
+
+    postgres.psql("postgres", f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+    reconnect_all()
+    try:
+        refused = node.submit(diarize="false")
+        assert refused.status_code == 503 and refused.headers["Retry-After"], refused.text
+        cancel = node.api("DELETE", f"/transcription/{queued}")
+        assert cancel.status_code == 503 and cancel.headers["Retry-After"], cancel.text
+        assert "ledger" in cancel.json()["error"]
+    finally:
+        postgres.psql("postgres", f"ALTER DATABASE {database} RESET default_transaction_read_only")
+        reconnect_all()
+    assert len(node.rows("SELECT id FROM jobs")) == 1
+    assert node.api("DELETE", f"/transcription/{queued}").status_code == 200

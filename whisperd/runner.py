@@ -404,4 +404,4 @@ def _public(reason: str, opts: EngineOptions) -> str:
 
 def _from_database(exc: BaseException) -> bool:
     """An error a database driver raised that the ledger let through unclassified."""
-    return type(exc).__module__.split(".")[0] in ("asyncpg", "sqlite3", "aiosqlite")
+    return type(exc).__module__.split(".")[0] in ("asyncpg", "sqlite3", "aiosqlite")  # service.DATABASE_DRIVERS

@@ -42,6 +42,7 @@ from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
 QUEUE_FULL_RETRY_SECONDS = 30
+DATABASE_DRIVERS = ("asyncpg", "sqlite3", "aiosqlite")  # errors of these the ledger should have classified
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
 # Job events (from any node) after which a scheduler may find work: a new job or a freed slot.
 WAKES_SCHEDULER = {"accepted", "requeued", "completed", "failed", "canceled", "cancel-requested"}
@@ -253,6 +254,17 @@ class Service:
         taking work until a probe write succeeds, and the client gets 503 or 507 with
         Retry-After; None for any other error."""
         return self.storage.refusal_for(exc)
+
+    def refusal_for(self, exc: BaseException) -> ServiceError | None:
+        """What a request that raised `exc` answers, when that is the box's trouble rather than a
+        bug: the job storage refusing writes (503/507), or a database error the ledger let
+        through unclassified (503: to a client that is the ledger being away). None otherwise."""
+        refusal = self.storage_refusal(exc)
+        if refusal is None and type(exc).__module__.split(".")[0] in DATABASE_DRIVERS:
+            log.error("a request met a database error the ledger does not classify: %s: %s",
+                      exc.__class__.__name__, exc)
+            refusal = ServiceError(503, "the job ledger is not available; try again in a moment", {"Retry-After": "10"})
+        return refusal
 
     def check_disk(self) -> None:
         """507 below the floor (not the upload's size: a disk that fills up during the write is refused
