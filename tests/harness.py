@@ -258,8 +258,9 @@ class Server:
 
 
 def _job_file(parts: tuple[str, ...]) -> bool:
-    """Not the quarantine, not node markers, not a node's own staging directory on shared storage."""
-    if parts[0] in (".nodes", ".quarantine") or parts in ((".incoming",), (".uploads",)):
+    """Not the quarantine, not node markers or the cluster's mark, not a node's own staging directory on
+    shared storage."""
+    if parts[0] in (".nodes", ".quarantine", ".whisperd-cluster") or parts in ((".incoming",), (".uploads",)):
         return False
     return not (parts[0] == ".incoming" and len(parts) == 2 and not _is_uuid(parts[1]))
 

@@ -35,7 +35,8 @@ def value(samples, name: str, **labels) -> float:
 def test_health_is_open_and_small(server):
     response = server.api("GET", "/health", token=None)
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "checks": {"process": "ok", "ledger": "ok", "engine": "ok", "jobs": "ok"}}
+    assert response.json() == {"status": "ok", "checks": {"process": "ok", "ledger": "ok", "engine": "ok", "storage": "ok",
+                                                         "jobs": "ok"}}
     assert len(response.content) < 200
 
 

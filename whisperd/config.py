@@ -230,7 +230,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WHISPER_METRICS_AUTH", False, parse_bool,
             "false: /metrics answers loopback callers only, without a token; true: a Bearer token from anywhere"),
     Setting("WHISPER_METRICS_DIR", "", _text,
-            "directory of prometheus-client's per-process files (empty: metrics/ beside the ledger)", path=True),
+            "directory of prometheus-client's per-process files (empty: metrics/ beside the ledger; in a cluster "
+            "run/<node>/metrics/ there)", path=True),
     # The warm engine (docs/warm-engine.md).
     Setting("WHISPER_ENGINE", "worker", _choice("worker", "cli"),
             "worker: one warm engine process keeps models loaded; cli: the WhisperX command once per job"),
@@ -398,10 +399,21 @@ class _Derived:
         return self.WHISPER_OPENAI_TRANSLATE_MODEL or self.openai_model
 
     @property
+    def runtime_dir(self) -> str:
+        """This node's own runtime files (engine socket, metrics, lock). One box: beside the
+        ledger, as before. A cluster: run/<node>/ there, so that nodes sharing a host (and a
+        WHISPER_DB_PATH left unset) never share a socket or a metrics directory."""
+        parent = Path(self.db_path).resolve().parent
+        if not self.WHISPER_DB_URL:
+            return str(parent)
+        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in self.node_name).lstrip(".") or "node"
+        return str(parent / "run" / safe)
+
+    @property
     def metrics_dir(self) -> str:
         if self.WHISPER_METRICS_DIR:
             return self.WHISPER_METRICS_DIR
-        return str(Path(self.db_path).resolve().parent / "metrics")
+        return str(Path(self.runtime_dir) / "metrics")
 
     def origin(self, name: str) -> str:
         """Where a setting's value came from: "default", "environment" or the file's path."""

@@ -28,6 +28,8 @@ def crash_point(name: str) -> None:
 # tests check that nothing is left half-done behind it.
 FAIL_POINTS = (
     "intake-done",  # upload decoded into its canonical file, job not submitted yet
+    "engine-pid",   # the engine started; recording its pid raises as an unclassified database error would
+    "ledger-submit",  # the job's row is about to be written; the ledger raises as an unclassified error would
 )
 
 

@@ -16,6 +16,8 @@ RESUMABLE = ".uploads"  # tus uploads' bytes, one file per upload row; they outl
 TOKEN_FILE = ".hf_token"
 QUARANTINE = ".quarantine"  # what start-up found and the ledger did not know; never deleted by us
 MARKERS = ".nodes"  # the cluster's node markers (nodes.py), not a job
+PROBE_PREFIX = ".probe-"  # storage.py's probe writes
+CLUSTER_MARK = ".whisperd-cluster"  # in both roots: the identity of the cluster they belong to (nodes.py)
 NODE_FILE = ".node"  # in a job's upload directory on shared storage: the node that accepted it
 # The client's bytes as received, with no extension (nothing may take a hint from the client's
 # name); removed once intake has decoded them into the canonical file the engine reads.
@@ -162,7 +164,8 @@ class JobFiles:
         for root in (self.tmp_root, self.output_root):
             for entry in root.iterdir():
                 # Resumable uploads answer to their ledger rows: retention removes the orphans.
-                if entry.name in (STAGING, QUARANTINE, RESUMABLE, MARKERS) or entry.name in live_jobs:
+                if entry.name in (STAGING, QUARANTINE, RESUMABLE, MARKERS, CLUSTER_MARK) or entry.name in live_jobs \
+                        or entry.name.startswith(PROBE_PREFIX):  # a storage probe's file (storage.py)
                     continue
                 if min_age_seconds > 0 and (entry.name.startswith(".") or is_job_id(entry.name)
                                             and _mtime(entry) > cutoff and _made_by(entry) != self.node):

@@ -31,7 +31,7 @@ def setup(directory: str) -> None:
         stale.unlink()
     # prometheus-client picks its value storage from this variable when a metric is made.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    from prometheus_client import Counter, Histogram, values
+    from prometheus_client import Counter, Gauge, Histogram, values
 
     values.ValueClass = values.get_value_class()
     _dir = str(path)
@@ -55,6 +55,13 @@ def setup(directory: str) -> None:
         hashes=Counter("whisperd_token_hashes_total", "Slow token hashes computed (a token not yet verified)"),
         auth_refused=Counter("whisperd_auth_refused_total", "Token checks refused without hashing",
                              ["why"]),
+        storage_faults=Counter("whisperd_storage_faults_total",
+                               "Times the job storage stopped taking writes (read-only, full, I/O error)", ["kind"]),
+        storage_unhealthy=Gauge("whisperd_storage_unhealthy", "1 while a process of this node finds the job "
+                                "storage unwritable (it claims no job and refuses uploads)",
+                                multiprocess_mode="livemax"),
+        storage_requeues=Counter("whisperd_jobs_requeued_for_storage_total",
+                                 "Jobs put back in the queue, no attempt counted, because the storage failed"),
         lag=Histogram("whisperd_ioloop_lag_seconds", "How late the IOLoop ran a timer (blocking work shows here)",
                       buckets=_LAG_BUCKETS),
     )
@@ -105,6 +112,20 @@ def upload_received(size: int) -> None:
 def audio_processed(seconds: float | None) -> None:
     if _m and seconds:
         _m["audio_seconds"].inc(seconds)
+def storage_state(kind: str | None) -> None:
+    """kind: "read-only", "full" or "error" when the storage just failed; None when it works again."""
+    if not _m:
+        return
+    if kind is not None:
+        _m["storage_faults"].labels(kind).inc()
+    _m["storage_unhealthy"].set(0 if kind is None else 1)
+
+
+def storage_requeued() -> None:
+    if _m:
+        _m["storage_requeues"].inc()
+
+
 def upload_refused(status: int) -> None:
     if _m:
         _m["refused"].labels(str(status)).inc()

@@ -12,20 +12,24 @@ On SQLite (one box) only the heartbeat applies.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
 import socket
+import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 from .config import Config
 from .jobs import now_iso
 from .ledger import Ledger
 
 log = logging.getLogger("whisperd.nodes")
-from .jobfiles import MARKERS  # under WHISPER_TMP_FILES: one file per node that uses this storage
+from .jobfiles import CLUSTER_MARK, MARKERS  # noqa: E402  (MARKERS: one file per node that uses this storage)
+LOCK_NAME = "node.lock"  # in a node's runtime directory: held (flock) while any of its processes lives
 ABANDONED = "abandoned"  # the stop reason of a job whose lease this node lost
 # On shared storage, a start leaves younger entries without a row alone: an upload on another
 # node may be between its rename into place and its row's commit.
@@ -41,6 +45,119 @@ def mark_shared_storage(config: Config) -> list[str]:
     marker.write_text(json.dumps({"node": config.node_name, "role": config.WHISPER_NODE_ROLE,
                                   "host": socket.gethostname(), "pid": os.getpid(), "started_at": now_iso()}) + "\n")
     return sorted(p.name for p in directory.iterdir() if p.name != config.node_name)
+
+
+class NodeRefused(Exception):
+    """This node must not start; the message is the one line the operator sees."""
+
+
+def check_cluster_identity(config: Config, identity_of: Callable[[str], tuple[str, bool]]) -> str:
+    """Refuse a node whose WHISPER_TMP_FILES or WHISPER_OUTPUT_DIR is not the cluster's.
+
+    The ledger holds the cluster's identity (`identity_of(proposed)` makes it the first time).
+    The node that makes it marks both directories; every later node must find that mark in
+    both, or it looks at another directory than the cluster does (a local disk, a mount that
+    failed): its jobs would fail "the uploaded audio is missing" and its results answer 410.
+    """
+    roots = {"WHISPER_TMP_FILES": Path(config.WHISPER_TMP_FILES).resolve(),
+             "WHISPER_OUTPUT_DIR": Path(config.WHISPER_OUTPUT_DIR).resolve()}
+    identity, made = identity_of(str(uuid.uuid4()))
+    for name, root in roots.items():
+        mark = read_cluster_mark(root)
+        if mark == identity:
+            continue
+        if mark is None and made:
+            write_cluster_mark(root, identity)
+            log.info("marked %s=%s as the job directory of cluster %s", name, root, identity)
+            continue
+        if mark is None:
+            raise NodeRefused(
+                f"{name}={root} is not this cluster's shared directory (it has no {CLUSTER_MARK} mark, and the "
+                f"cluster's directories carry {identity}): mount the shared directory there, or, if this empty "
+                f"directory is to become the cluster's, write {identity} into {root / CLUSTER_MARK}")
+        raise NodeRefused(
+            f"{name}={root} belongs to another cluster (its {CLUSTER_MARK} says {mark}, this ledger's cluster is "
+            f"{identity}): point the node at this cluster's shared directory, or at the ledger that directory "
+            "belongs to")
+    return identity
+
+
+def ledger_identity(config: Config, actor: str) -> Callable[[str], tuple[str, bool]]:
+    """identity_of for check_cluster_identity: one short ledger session on a thread of its own
+    (start-up runs before any event loop, and must leave none behind before workers fork)."""
+    from .ledger import open_ledger
+
+    def identity_of(proposed: str) -> tuple[str, bool]:
+        async def ask() -> tuple[str, bool]:
+            ledger = open_ledger(config, actor)
+            await ledger.open()
+            try:
+                return await ledger.cluster_identity(proposed)
+            finally:
+                await ledger.close()
+
+        outcome: dict = {}
+
+        def target() -> None:
+            try:
+                outcome["value"] = asyncio.run(ask())
+            except BaseException as exc:  # handed to the caller's thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=target, name="whisperd-cluster-identity")
+        thread.start()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return identity_of
+
+
+def read_cluster_mark(root: Path) -> str | None:
+    try:
+        return (root / CLUSTER_MARK).read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def write_cluster_mark(root: Path, identity: str) -> None:
+    """Atomically (a rename), so a node starting beside never reads half a mark."""
+    partial = root / f"{CLUSTER_MARK}.{os.getpid()}"
+    partial.write_text(identity + "\n", encoding="utf-8")
+    os.replace(partial, root / CLUSTER_MARK)
+
+
+def hold_runtime_dirs(config: Config) -> list[IO[str]]:
+    """Lock this node's runtime directory (engine socket, metrics) and an explicit
+    WHISPER_METRICS_DIR for as long as the node lives; NodeRefused when another live node
+    holds one. The lock (flock) goes with the last process of the node, even after kill -9.
+    One box (no WHISPER_DB_URL) keeps its old paths and takes no lock."""
+    if not config.WHISPER_DB_URL:
+        return []
+    held = []
+    directories = [Path(config.runtime_dir)]
+    if config.WHISPER_METRICS_DIR and Path(config.WHISPER_METRICS_DIR).resolve() != directories[0] / "metrics":
+        directories.append(Path(config.WHISPER_METRICS_DIR).resolve())
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handle = open(directory / LOCK_NAME, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()[:200] or "another process"
+            handle.close()
+            for other in held:
+                other.close()
+            raise NodeRefused(f"{directory} is in use by another live whisperd node ({holder}): give each node on "
+                              "this host its own WHISPER_NODE_NAME (and its own WHISPER_METRICS_DIR, if set)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"node {config.node_name}, pid {os.getpid()}, host {socket.gethostname()}\n")
+        handle.flush()
+        held.append(handle)
+    return held
 
 
 class NodeKeeper:

@@ -10,8 +10,8 @@ from typing import Callable
 
 from . import capabilities, metrics
 from .config import Config
-from .engines import Engine, EngineOptions, EngineResult
-from .faults import crash_point
+from .engines import Engine, EngineOptions, EngineResult, kill_orphan_group
+from .faults import crash_point, fail_point
 from .intake import Intake, IntakeError
 from .jobfiles import JobFiles
 from .languages import AUTO
@@ -21,10 +21,14 @@ from .ledger import Ledger, LedgerError
 from .nodes import ABANDONED
 from .outcomes import OutcomeAbandoned, OutcomeRecorder
 from .results import EngineOutputError, load_engine_result, write_engine_result
+from .storage import StorageWatch, is_storage_error
 from .tasks import spawn
 
 log = logging.getLogger("whisperd.runner")
 PROGRESS_EVERY_SECONDS = 1.0
+# The stop reason of a run whose ledger callback (engine pid, progress) raised an error the
+# ledger did not classify: the engine is stopped at once and the job goes back, uncounted.
+CALLBACK_FAILED = "ledger-callback-failed"
 
 
 class RunningJob:
@@ -67,9 +71,10 @@ class ProgressWriter:
     while a write is under way replace each other, and a write the ledger refuses is dropped.
     So no backlog of progress writes ever queues ahead of the job's final write."""
 
-    def __init__(self, ledger: Ledger, running: RunningJob) -> None:
+    def __init__(self, ledger: Ledger, running: RunningJob, on_broken=None) -> None:
         self.ledger = ledger
         self.running = running
+        self.on_broken = on_broken  # awaited with the error a write raised that is no LedgerError
         self._newest: tuple[float, str] | None = None  # (percent, stage)
         self._writing = False
         self.closed = False
@@ -94,6 +99,11 @@ class ProgressWriter:
                 except LedgerError as exc:
                     log.debug("job %s: progress %.0f%% not recorded (ledger busy): %s",
                               self.running.job.id, percent, exc)
+                except Exception as exc:  # the database answered in a way the ledger does not know
+                    self.closed = True
+                    if self.on_broken is not None:
+                        await self.on_broken(exc)
+                    return
                 # At most one write a second; what arrives meanwhile merges into the next one.
                 await asyncio.sleep(max(0.0, PROGRESS_EVERY_SECONDS - (time.monotonic() - began)))
         finally:
@@ -103,8 +113,9 @@ class ProgressWriter:
 class JobRunner:
     def __init__(self, config: Config, ledger: Ledger, files: JobFiles, offline: bool,
                  notify: Callable[[str], None], delete_files: Callable[[str, str], None], threads: int | None,
-                 engine: Engine, outcomes: OutcomeRecorder | None = None) -> None:
+                 engine: Engine, outcomes: OutcomeRecorder | None = None, storage: StorageWatch | None = None) -> None:
         self.config = config
+        self.storage = storage  # trips on a storage error; the scheduler claims nothing meanwhile
         self.outcomes = outcomes or OutcomeRecorder()
         self.engine = engine
         self.ledger = ledger
@@ -120,17 +131,64 @@ class JobRunner:
             await self._run(running)
         except OutcomeAbandoned as exc:
             log.error("%s; the next start takes the job back", exc)
-        except Exception:  # a bug here must not strand the job as Processing forever
+        except Exception as exc:  # must not strand the job as Processing forever, nor its engine running
+            await self._stop_engine(running, "error")  # before anything else: nothing may outlive the run
             if running.stop_reason == ABANDONED:  # the ledger is gone too; the job's next runner writes
                 log.warning("job %s: abandoned (lease lost)", job.id)
                 return
-            log.exception("job %s: unexpected error", job.id)
             try:
-                await self._fail(job, "internal error while running the job (see the server log)")
-            except OutcomeAbandoned as exc:
-                log.error("%s; the next start takes the job back", exc)
+                await self._after_error(job, exc)
+            except OutcomeAbandoned as abandoned:
+                log.error("%s; the next start takes the job back", abandoned)
         finally:
             self.notify(job.id)
+
+    async def _stop_engine(self, running: RunningJob, because: str) -> None:
+        try:
+            if running.engine is not None:
+                await running.stop(because)
+        finally:
+            if running.pid:  # the CLI engine forgets a run that raised: stop its group by pid
+                kill_orphan_group(running.pid, running.job.id)
+
+    async def _after_error(self, job: Job, exc: Exception) -> None:
+        """A run that raised: the job is kept. Storage trouble and a ledger that failed in a way
+        it does not classify are the box's fault (no attempt counted); anything else may be the
+        job's (a bug it triggers): counted, so that it cannot loop forever."""
+        if is_storage_error(exc):
+            if self.storage is not None:
+                self.storage.trip(exc)  # type: ignore[arg-type]
+            await self._requeue_for_storage(job, exc.strerror or str(exc))  # type: ignore[union-attr]
+        elif isinstance(exc, LedgerError) or _from_database(exc):
+            log.error("job %s: the ledger failed under the run (%s: %s); the job goes back to the queue, "
+                      "no attempt counted", job.id, exc.__class__.__name__, exc)
+            await self._requeue_uncounted(job, "the job ledger failed during the run; run again, no attempt counted")
+        elif job.attempts < self.config.WHISPER_MAX_ATTEMPTS:
+            log.exception("job %s: unexpected error; the job goes back to the queue", job.id, exc_info=exc)
+            if await self._outcome(job, "requeue", lambda: self.ledger.requeue(
+                    job.id, "the server failed while running the job (see its log); run again", job.lease)):
+                self.files.remove_output(job.id)
+        else:
+            log.exception("job %s: unexpected error", job.id, exc_info=exc)
+            await self._fail(job, f"gave up after {job.attempts} attempts: the server failed while running the job "
+                                  "each time (see the server log)")
+
+    async def _requeue_uncounted(self, job: Job, why: str) -> bool:
+        if await self._outcome(job, "requeue", lambda: self.ledger.requeue_uncounted(job.id, why, job.lease)):
+            self.files.remove_output(job.id)
+            return True
+        return False
+
+    async def _requeue_for_storage(self, job: Job, detail: str) -> None:
+        log.error("job %s: the job storage failed (%s); the job goes back to the queue, no attempt counted",
+                  job.id, detail)
+        if await self._requeue_uncounted(job, f"the server's job storage failed ({detail}); "
+                                              "run again when it works, no attempt counted"):
+            metrics.storage_requeued()
+
+    async def _storage_failed(self) -> bool:
+        """After an engine failure: was it the disk (read-only, full)? A probe write decides."""
+        return self.storage is not None and not await self.storage.check()
 
     async def _run(self, running: RunningJob) -> None:
         job = running.job
@@ -187,7 +245,7 @@ class JobRunner:
         opts.output_dir.mkdir(parents=True, exist_ok=True)
         running.engine = self.engine
         timeout = self.config.job_timeout(job.audio_seconds)
-        progress = ProgressWriter(self.ledger, running)
+        progress = ProgressWriter(self.ledger, running, lambda exc: self._callback_failed(running, "progress", exc))
         try:
             result = await self.engine.run(job.id, opts, progress.offer, self._started(running), timeout)
         finally:
@@ -202,12 +260,24 @@ class JobRunner:
         async def started(pid: int) -> None:
             running.pid = pid
             try:
+                fail_point("engine-pid")
                 await self.ledger.set_engine_pid(job.id, pid, job.lease)
             except LedgerError as exc:  # only a crash's clean-up needs it: the job goes on
                 log.warning("job %s: engine pid not recorded: %s", job.id, exc)
+            except Exception as exc:
+                await self._callback_failed(running, "engine pid", exc)
+                return
             crash_point("engine-started")
 
         return started
+
+    async def _callback_failed(self, running: RunningJob, what: str, exc: Exception) -> None:
+        """A ledger write during the run raised what the ledger does not classify: stop the
+        engine first (nothing would stop it after a crash now), then the job goes back."""
+        log.error("job %s: recording the %s failed (%s: %s); stopping the engine, the job goes back to the queue",
+                  running.job.id, what, exc.__class__.__name__, exc)
+        running.stop_reason = running.stop_reason or CALLBACK_FAILED
+        await self.engine.stop(running.job.id, CALLBACK_FAILED)
 
     async def _record(self, running: RunningJob, opts: EngineOptions, result: EngineResult) -> None:
         job = running.job
@@ -229,6 +299,8 @@ class JobRunner:
             # Frozen past the limit (SIGSTOP, a stalled VM): the lease ran out meanwhile and the job
             # went back to the queue; its row and its files are the next runner's now.
             log.warning("job %s: time limit reached after its lease was lost; left to its next run", job.id)
+        elif because == CALLBACK_FAILED:
+            await self._requeue_uncounted(job, "the job ledger failed during the run; run again, no attempt counted")
         elif because == "timeout":
             await self._fail(job, self._timeout_reason(job))
         elif result.retry and not result.charge:
@@ -245,13 +317,19 @@ class JobRunner:
         elif result.retry:
             await self._fail(job, f"gave up after {job.attempts} attempts: the engine worker died each time "
                                   f"({_public(result.reason(), opts)})")
+        elif not result.ok and await self._storage_failed():
+            await self._requeue_for_storage(job, f"{self.storage.reason}; the engine said: "  # type: ignore[union-attr]
+                                                 f"{_public(result.reason(), opts)}")
         elif not result.ok:
             await self._fail(job, _public(result.reason(), opts))
         else:
             try:
                 engine_result = load_engine_result(opts.output_dir)
             except EngineOutputError as exc:
-                await self._fail(job, str(exc))
+                if await self._storage_failed():
+                    await self._requeue_for_storage(job, f"{self.storage.reason}; {exc}")  # type: ignore[union-attr]
+                else:
+                    await self._fail(job, str(exc))
                 return
             if not engine_result["segments"]:
                 await self._warn(job, "no speech was detected in the audio; the transcript is empty")
@@ -337,3 +415,8 @@ def _public(reason: str, opts: EngineOptions) -> str:
     for path, shown in ((str(opts.audio), opts.audio.name), (str(opts.output_dir), "output")):
         reason = reason.replace(path, shown)
     return reason.replace(os.sep.join(str(opts.audio).split(os.sep)[:-1]) + os.sep, "")
+
+
+def _from_database(exc: BaseException) -> bool:
+    """An error a database driver raised that the ledger let through unclassified."""
+    return type(exc).__module__.split(".")[0] in ("asyncpg", "sqlite3", "aiosqlite")  # service.DATABASE_DRIVERS

@@ -80,6 +80,25 @@ def check_environment(config: Config) -> None:
     check_auth(config)
 
 
+_held_runtime_dirs: list = []  # this node's runtime directory locks, held for the process's life
+
+
+def check_node_paths(config: Config) -> None:
+    """A cluster node: its runtime paths are its own (no other live node holds them), and its
+    job directories are the cluster's (marked with the identity the ledger holds). Before the
+    start-up sweep: a node pointed at another directory must not sweep it."""
+    try:
+        _held_runtime_dirs.extend(nodes.hold_runtime_dirs(config))
+        ledger_module.prepare_schema(config)  # the identity's table (migration 0013)
+        identity = nodes.check_cluster_identity(
+            config, nodes.ledger_identity(config, f"{socket.gethostname()}:{os.getpid()}"))
+    except nodes.NodeRefused as exc:
+        raise StartupError(str(exc)) from None
+    except ledger_module.LedgerUnavailable as exc:
+        raise StartupError(str(exc)) from None
+    log.info("cluster %s; node runtime files under %s", identity, config.runtime_dir)
+
+
 def check_auth(config: Config) -> None:
     """Say loudly at every start when the API is open to anyone holding any string."""
     if not config.ENABLE_AUTHORIZATION:
@@ -227,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("ledger: %s; node %s, role %s", ledger_module.describe(config), config.node_name,
                  config.WHISPER_NODE_ROLE)
         if config.WHISPER_DB_URL:
+            check_node_paths(config)
             others = nodes.mark_shared_storage(config)
             log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
                      (": " + ", ".join(others)) if others else "")

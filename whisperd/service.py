@@ -19,13 +19,13 @@ from .auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
 from .engines import make_engine, worker_threads
 from .errors import ServiceError
-from .faults import crash_point
+from .faults import crash_point, fail_point
 from .fetch import MediaFetcher
 from .jobfiles import JobFiles, is_job_id
 from .clock import utc_now
 from .jobs import Job, NewJob, Quota, TokenRecord
 from .limits import Limits, check_usage
-from .ledger import Ledger, LedgerError, open_ledger
+from .ledger import Ledger, LedgerError, QuotaExceeded, UploadUnusable, open_ledger
 from .outcomes import OutcomeRecorder
 from .resumable import ResumableUploads
 from .nodes import NodeKeeper
@@ -33,6 +33,7 @@ from .results import EngineOutputError, build_response, load_engine_result
 from .retention import Retention, expire_uploads
 from .runner import JobRunner
 from .scheduler import Scheduler
+from .storage import StorageWatch
 from .authguard import FailureGuard
 from .tasks import spawn
 from .tokens import LedgerTokens, prefix_of
@@ -41,6 +42,7 @@ from .webhooks import WebhookSender
 
 log = logging.getLogger("whisperd.service")
 QUEUE_FULL_RETRY_SECONDS = 30
+DATABASE_DRIVERS = ("asyncpg", "sqlite3", "aiosqlite")  # errors of these the ledger should have classified
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
 # Job events (from any node) after which a scheduler may find work: a new job or a freed slot.
 WAKES_SCHEDULER = {"accepted", "requeued", "completed", "failed", "canceled", "cancel-requested"}
@@ -78,15 +80,18 @@ class Service:
         # shared_engine: the socket of the box's one engine worker (several HTTP processes).
         self.engine = make_engine(config, offline, shared_engine)
         self.outcomes = OutcomeRecorder()
+        # Read-only or full job storage: claim nothing, refuse uploads, until a probe write works.
+        self.storage = StorageWatch([self.files.tmp_root, self.files.output_root],
+                                    f"{config.node_name}-{os.getpid()}", lambda: self.scheduler.wake())
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files,
-                                worker_threads(config), self.engine, self.outcomes)
+                                worker_threads(config), self.engine, self.outcomes, self.storage)
         self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
         self.resumable = ResumableUploads(self.ledger, self.files)
         self.keeper = NodeKeeper(config, self.ledger, lambda: self.scheduler.running, self.scheduler.wake,
                                  self._taken_back)
-        self.scheduler.may_claim = lambda: self.keeper.connected
+        self.scheduler.may_claim = lambda: self.keeper.connected and self.storage.healthy
         self.draining = False
         self.requests_in_flight = 0  # handlers count themselves: shutdown waits for them
         self._waiters: dict[str, set[asyncio.Event]] = {}
@@ -133,6 +138,7 @@ class Service:
             timer.cancel()
             self.delete_job_files(job_id, "delivered")  # the grace window ends with this process
         await self.engine.close()
+        await self.storage.close()
         for events in self._waiters.values():
             for event in events:
                 event.set()
@@ -252,9 +258,33 @@ class Service:
             else:
                 counts.pop(key, None)
 
+    def storage_problem(self) -> str | None:
+        """For /health: why the job storage cannot be written now (None: it can)."""
+        return self.storage.problem()
+
+    def storage_refusal(self, exc: BaseException) -> ServiceError | None:
+        """A storage error met while serving a request (read-only, full, I/O): the node stops
+        taking work until a probe write succeeds, and the client gets 503 or 507 with
+        Retry-After; None for any other error."""
+        return self.storage.refusal_for(exc)
+
+    def refusal_for(self, exc: BaseException) -> ServiceError | None:
+        """What a request that raised `exc` answers, when that is the box's trouble rather than a
+        bug: the job storage refusing writes (503/507), or a database error the ledger let
+        through unclassified (503: to a client that is the ledger being away). None otherwise."""
+        refusal = self.storage_refusal(exc)
+        if refusal is None and type(exc).__module__.split(".")[0] in DATABASE_DRIVERS:
+            log.error("a request met a database error the ledger does not classify: %s: %s",
+                      exc.__class__.__name__, exc)
+            refusal = ServiceError(503, "the job ledger is not available; try again in a moment", {"Retry-After": "10"})
+        return refusal
+
     def check_disk(self) -> None:
         """507 below the floor (not the upload's size: a disk that fills up during the write is refused
-        with 507 too, by uploads.py), so that the engine's output still finds room."""
+        with 507 too, by uploads.py), so that the engine's output still finds room; 503 (or 507 when
+        full) while the job storage refuses writes (storage.py)."""
+        if not self.storage.healthy:
+            raise self.storage.refusal()
         floor_mb = self.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.files.free_disk_mb()
         if free_mb < floor_mb:
@@ -300,13 +330,27 @@ class Service:
         With a quota, the ledger may refuse the row (QuotaExceeded): the files go, nothing stays.
         upload_id: the tus upload this job is made of, used up in the row's own transaction
         (UploadUnusable when another submission took it first); its bytes go after the commit."""
-        self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
+        try:
+            self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
+        except OSError as exc:
+            refusal = self.storage_refusal(exc)
+            if refusal is None:
+                raise
+            self.delete_job_files(new_job.id, "refused")
+            raise refusal from None
         crash_point("upload-committed")
         try:
+            fail_point("ledger-submit")
             job = await self.ledger.submit(new_job, detail=f"{new_job.filename}, {new_job.upload_bytes} bytes",
                                            quota=quota, upload_id=upload_id)
-        except BaseException:
+        except BaseException as exc:
             self.delete_job_files(new_job.id, "refused")
+            if isinstance(exc, Exception) and not isinstance(exc, (ServiceError, QuotaExceeded, UploadUnusable)):
+                # The database failed in a way the ledger does not classify: the row may not be
+                # written, so the job is not accepted; to the client that is the ledger being away.
+                log.error("job %s not accepted: the ledger failed (%s: %s)", new_job.id, exc.__class__.__name__, exc)
+                raise ServiceError(503, "the job ledger could not take the job; try again in a moment",
+                                   {"Retry-After": "10"}) from None
             raise
         crash_point("job-accepted")
         if upload_id is not None:
@@ -375,13 +419,25 @@ class Service:
             except asyncio.TimeoutError:
                 pass
 
-    async def wait_finished(self, job_id: str, timeout: float | None) -> Job | None:
-        """Wait for the job to end; returns it as it stands when it ended or the wait ran out."""
+    async def wait_finished(self, job_id: str, timeout: float | None, known: Job | None = None) -> Job | None:
+        """Wait for the job to end; returns it as it stands when it ended or the wait ran out.
+
+        With `known` (the job as accepted), a ledger that cannot be read does not end the wait:
+        it is read again until the wait runs out, which then returns the last state seen (a
+        sync waiter answers 202 with the job id: the job was accepted, and goes on)."""
         loop = asyncio.get_running_loop()
         deadline = None if not timeout else loop.time() + timeout
         with self._watching(job_id) as event:
             while True:
-                job = await self.ledger.get(job_id)
+                try:
+                    job = await self.ledger.get(job_id)
+                except (LedgerError, ServiceError) as exc:
+                    if known is None:
+                        raise
+                    log.warning("job %s: a waiter could not read its state (%s); waiting on", job_id, exc)
+                    job = known
+                else:
+                    known = job if job is not None else known
                 if job is None or job.finished or self.draining:
                     return job
                 remaining = WAIT_POLL_SECONDS if deadline is None else min(WAIT_POLL_SECONDS, deadline - loop.time())

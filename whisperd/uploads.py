@@ -177,7 +177,8 @@ class MultipartReceiver:
                 self._file.write(data[start:end])
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise ServiceError(507, "the server's upload disk is full; try again later") from None
+                    raise ServiceError(507, "the server's upload disk is full; try again later",
+                                       {"Retry-After": "60"}) from None  # faults: never without Retry-After
                 raise
         else:
             self._value += data[start:end]

@@ -435,7 +435,8 @@ async def test_health_is_ok_without_a_token(api):
     response = await api.call("GET", "/health", token=None)
     assert response.code == 200
     assert body_of(response) == {"status": "ok",
-                                 "checks": {"process": "ok", "ledger": "ok", "engine": "ok", "jobs": "ok"}}
+                                 "checks": {"process": "ok", "ledger": "ok", "engine": "ok", "storage": "ok",
+                                            "jobs": "ok"}}
 
 
 @pytest.mark.settings(WHISPER_CMD="/nonexistent/whisperx")

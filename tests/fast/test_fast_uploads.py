@@ -160,8 +160,9 @@ async def test_a_ledger_that_refuses_the_row_leaves_no_file(api, service, monkey
 
     monkeypatch.setattr(service.ledger, "submit", broken)
     response = await api.submit()
-    assert response.code == 500
-    assert body_of(response) == {"error": "internal server error (see the server log)"}
+    # Issue 24: a ledger failing in a way it does not classify is the ledger being away, not a bug's 500.
+    assert response.code == 503 and response.headers["Retry-After"]
+    assert body_of(response) == {"error": "the job ledger could not take the job; try again in a moment"}
     assert staged(service) == [] and await no_job_files(service)
 
 

@@ -46,8 +46,8 @@ RECONNECT_SECONDS = 0.2
 
 
 def socket_path(config: Config) -> str:
-    """Where the engine host listens: beside the ledger, in the server's own data directory."""
-    return str(Path(config.db_path).resolve().parent / SOCKET_NAME)
+    """Where the engine host listens: in the node's own runtime directory (config.runtime_dir)."""
+    return str(Path(config.runtime_dir) / SOCKET_NAME)
 
 
 def _line(message: dict[str, Any]) -> bytes:

@@ -91,6 +91,13 @@ class BaseHandler(RequestHandler):
         elif status_code == 405:
             message = f"method {self.request.method} is not allowed here; allowed: {', '.join(self.allowed_methods)}"
             self.set_header("Allow", ", ".join(self.allowed_methods))
+        elif exc is not None and (refusal := self.service.refusal_for(exc)) is not None:
+            # faults: the job storage refused a write (read-only, full), or the database failed in
+            # a way the ledger does not classify: the box's trouble, 503/507 with Retry-After.
+            self.set_status(refusal.status)
+            message = refusal.message
+            for name, value in refusal.headers.items():
+                self.set_header(name, value)
         elif status_code >= 500:
             message = "internal server error (see the server log)"
         else:

@@ -8,7 +8,9 @@ from typing import Any
 
 from tornado.iostream import StreamClosedError
 
+from ..errors import ServiceError
 from ..jobs import Job
+from ..ledger import LedgerError
 from .base import BaseHandler
 from .transcription import status_body
 
@@ -44,10 +46,15 @@ class JobEventsHandler(BaseHandler):
         number = 0
         quiet_since = loop.time()
         while not self._closed:
-            current = await self.service.job(job.id)
-            if current is None:  # rows are never deleted; a stream already under way just ends
-                break
-            body = _gone(current) or await status_body(self.service, current)
+            try:
+                current = await self.service.job(job.id)
+                if current is None:  # rows are never deleted; a stream already under way just ends
+                    break
+                body = _gone(current) or await status_body(self.service, current)
+            except (LedgerError, ServiceError):  # the ledger stayed away past its retries
+                self._end(number + 1, job.id, last, "the job ledger is unavailable; the job goes on: "
+                                                    "reconnect in a moment, or poll status_url")
+                return
             ended = current.finished or current.expired_at is not None
             if body != last:
                 number += 1
@@ -60,8 +67,22 @@ class JobEventsHandler(BaseHandler):
                 await self.flush()
             except StreamClosedError:
                 return
-            if ended or self.service.draining:
+            if ended:
                 break
+            if self.service.draining:
+                self._end(number + 1, job.id, last, "the server is shutting down; the job goes on: reconnect in a "
+                                                    "moment, or poll status_url")
+                return
             await self.service.wait_change(job.id, POLL_SECONDS)
         if not self._closed:
             self.finish()
+
+    def _end(self, number: int, job_id: str, last: dict[str, Any] | None, reason: str) -> None:
+        """A stream that stops before its job ends says why in a last `end` event (EventSource
+        clients would otherwise reconnect without knowing the job is fine)."""
+        if self._closed:
+            return
+        body = {"job_id": job_id, "status_url": f"/transcription/{job_id}",
+                "status": (last or {}).get("status"), "reason": reason}
+        self.write(f"id: {number}\nevent: end\ndata: {json.dumps(body, ensure_ascii=False)}\n\n")
+        self.finish()

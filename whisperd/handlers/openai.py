@@ -103,7 +103,8 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         )
         job = await self.submit(new_job, None)
         log.info("job %s accepted (OpenAI API, %s): %s, %d bytes", job.id, self.task, job.filename, job.upload_bytes)
-        ended = await self.service.wait_finished(job.id, self.service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None)
+        ended = await self.service.wait_finished(job.id, self.service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None,
+                                                 known=job)  # faults: an outage meanwhile ends in the 504 below
         if ended is None or not ended.finished:
             # OpenAI's API has no "come back later"; the job goes on and stays fetchable by id.
             raise OpenAIError(

@@ -47,6 +47,9 @@ class HealthHandler(BaseHandler):
             if not engine_ok:
                 checks["engine"] = f"engine worker cannot start: {why}"
                 failing = failing or checks["engine"]
+        storage = self.service.storage_problem()
+        checks["storage"] = storage or "ok"
+        failing = failing or storage
         problems = self.service.problems()
         if problems:
             checks["jobs"] = "; ".join(problems)[:1000]

@@ -86,7 +86,9 @@ class SubmitHandler(UploadHandler):
 
     async def _answer_sync(self, job: Job) -> None:
         timeout = self.service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None
-        ended = await self.service.wait_finished(job.id, timeout)
+        # The job is accepted: a ledger outage meanwhile ends the wait with 202 and the job id
+        # (below), never with a 503 that would have the client submit the work again.
+        ended = await self.service.wait_finished(job.id, timeout, known=job)
         if ended is None or not ended.finished:
             # The wait ran out (or the server is stopping): the job goes on, nothing is lost.
             self.set_header("Location", f"/transcription/{job.id}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import errno
 import fcntl
 import hashlib
 import logging
@@ -343,20 +342,21 @@ class UploadHandler(_TusBase):
             if self._rate is not None:
                 self._rate.add(len(chunk))
         except OSError as exc:
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            self._refuse(507 if full else 500, "the server's upload disk is full; try again later" if full
-                         else "could not write the upload (see the server log)")
-            if not full:
-                log.error("upload %s: write failed: %s", self._upload.id, exc)
+            refusal = self.service.storage_refusal(exc)  # faults: read-only or full storage, with Retry-After
+            if refusal is not None:
+                self._refuse(refusal.status, refusal.message, refusal.headers)
+                return
+            self._refuse(500, "could not write the upload (see the server log)")
+            log.error("upload %s: write failed: %s", self._upload.id, exc)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         """Answer now and drop this PATCH's bytes: the rest of the body is not worth reading."""
         self._refused = True
         self._release_slot()
         if self._writing is not None:
             self._writing.close(keep=False)
             self._writing = None
-        self.send_error(status, exc_info=(ServiceError, ServiceError(status, message), None))
+        self.send_error(status, exc_info=(ServiceError, ServiceError(status, message, headers), None))
 
     async def patch(self, upload_id: str) -> None:
         writing, upload = self._writing, self._upload

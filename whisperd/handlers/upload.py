@@ -135,7 +135,13 @@ class UploadHandler(BaseHandler):
         if self._rate is not None:
             self._rate.add(len(chunk))
         try:
-            self._receiver.feed(chunk)
+            try:
+                self._receiver.feed(chunk)
+            except OSError as error:  # faults: read-only or full job storage is 503/507, never a 500
+                refusal = self.service.storage_refusal(error)
+                if refusal is None:
+                    raise
+                raise refusal from None
         except ServiceError as exc:
             self._discard()
             # Answer now and close: the rest of an oversized or broken body is not worth reading.

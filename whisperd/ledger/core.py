@@ -624,6 +624,19 @@ class SqlLedger:
         """Every node that ever registered: role, start, last heartbeat, jobs it runs now."""
         return [dict(row) for row in await self._read(self.NODES)]
 
+    async def cluster_identity(self, proposed: str) -> tuple[str, bool]:
+        """The ledger's identity, made from `proposed` if it has none yet; (identity, made now).
+        The job directories carry it (issue 24), so a node pointed at another directory refuses to start."""
+
+        async def work(tx, now):
+            await tx.execute("INSERT INTO cluster_identity (id, identity, created_at, created_by)"
+                             " VALUES (1, :identity, :now, :node) ON CONFLICT (id) DO NOTHING",
+                             {"identity": proposed, "now": now, "node": self.node})
+            row = await tx.fetchone("SELECT identity FROM cluster_identity WHERE id = 1", {})
+            return row[0], row[0] == proposed
+
+        return await self._write(work)
+
     # -- resumable uploads (tus, issue 17): the rows; the bytes are JobFiles' business ------
 
     async def create_upload(self, upload: UploadRecord) -> None:
