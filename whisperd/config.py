@@ -246,6 +246,9 @@ SETTINGS: tuple[Setting, ...] = (
             "a worker that has not said hello by then is killed (the job waiting for it fails with that reason)"),
     Setting("WHISPER_WORD_TIMES", True, parse_bool,
             "faster-whisper word times when alignment is unavailable"),
+    Setting("WHISPER_VAD", "silero", _choice("silero", "pyannote"),
+            "voice activity detection that cuts audio into chunks: silero (faster-whisper's bundled model, "
+            "offline, fast) or pyannote (WhisperX's default); --vad_method for the CLI engine"),
     # Webhooks (docs/web.md): no secret, no callback_url accepted.
     Setting("WHISPER_WEBHOOK_SECRET", None, _optional_text,
             "HMAC-SHA256 key for X-Whisperd-Signature; callback_url is refused without it", secret=True),

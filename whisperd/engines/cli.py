@@ -61,6 +61,8 @@ def build_argv(config: Config, opts: EngineOptions) -> list[str]:
         argv += ["--temperature", f"{opts.temperature:g}"]
     if opts.threads:
         argv += ["--threads", str(opts.threads)]
+    # whisperx.sh's entry (whisperd/engine_cli.py) serves `silero` from faster-whisper's wheel, offline.
+    argv += ["--vad_method", config.WHISPER_VAD]
     argv += ["--print_progress", "True"]
     return argv
 

@@ -53,7 +53,8 @@ def model_spec(config: Config, model: str, device: str, device_index: str, threa
     local = local_model_dir(config.WHISPER_MODELS_DIR, model)
     compute_type = config.WHISPER_CPU_COMPUTE_TYPE if device == "cpu" else config.WHISPER_CUDA_COMPUTE_TYPE
     return {"model": str(local) if local else model, "model_dir": config.WHISPER_MODELS_DIR, "device": device,
-            "device_index": int(device_index), "compute_type": compute_type or "default", "threads": threads or 0}
+            "device_index": int(device_index), "compute_type": compute_type or "default", "threads": threads or 0,
+            "vad": config.WHISPER_VAD}
 
 
 class WorkerJob:
