@@ -92,6 +92,7 @@ their report beside the others; it is copied here as it was printed:
 
 ```
 .venv/bin/python bench/vad.py --minutes 10 --second-minutes 5 --rounds 2 --out bench/results/vad.txt
+.venv/bin/python bench/decoder.py --jobs 30 --out bench/results/decoder.txt
 ```
 
 `bench/vad.py`: long espeak-ng talks through the service (warm engine, tiny.en, sync) with
@@ -102,12 +103,19 @@ the warm engine's word times (`WHISPER_WORD_TIMES`, on by default), which the ba
 compute. The two-hour recording (`bench/long_recording.py`) was not rerun for this: too long for
 the shared machine. No GPU was available: GPU figures (large-v3 real-time factor per GPU, memory
 per model, batch sizes) are not measured yet.
+
+`bench/decoder.py`: bench 4's sequential queue (no-op engine) with 30 s uploads that intake must
+decode, a 44.1 kHz stereo mp3 and a 44.1 kHz stereo WAV, probed and decoded by ffprobe and ffmpeg
+processes (`WHISPER_DECODER=ffmpeg`, before) and by the warm PyAV decoder (`=pyav`, after), in one
+run, beside a 16 kHz mono WAV of the same length that is copied; "added by decoding" is a row's
+service overhead per job minus the copied WAV's. Unlike bench 4's 0.128 s clip, 30 s of audio is
+real decoding work (about 1.3 million input samples resampled), which no start-up saving removes.
 """
 
 
 def _speed_section() -> list[str]:
     out = [SPEED]
-    for name in ("vad.txt",):
+    for name in ("vad.txt", "decoder.txt"):
         path = RESULTS.parent / name
         if path.exists():
             out += [f"`bench/results/{name}`:", "", "```", path.read_text().rstrip(), "```", ""]

@@ -299,6 +299,12 @@ SETTINGS: tuple[Setting, ...] = (
     # Hostile media and shared resources (issue 13; docs/security.md).
     Setting("WHISPER_FFMPEG", "ffmpeg", _text,
             "the ffmpeg that decodes each upload once, at intake, into the 16 kHz mono WAV the engine gets"),
+    Setting("WHISPER_DECODER", "auto", _choice("auto", "pyav", "ffmpeg"),
+            "what probes and decodes uploads: pyav (warm PyAV processes, no process start per upload), ffmpeg "
+            "(WHISPER_FFPROBE and WHISPER_FFMPEG per upload), auto (pyav when PyAV is installed and those two "
+            "are left at their defaults)"),
+    Setting("WHISPER_DECODER_MEMORY_MB", 1024, _int(64),
+            "address-space limit of each warm decoder process; a file that needs more is refused with 415"),
     Setting("WHISPER_MAX_AUDIO_SECONDS", 14400.0, _float(0),
             "longest audio accepted, in seconds (0 = no limit); longer uploads are refused with 413"),
     Setting("WHISPER_JOB_TIMEOUT_BASE_SECONDS", 120.0, _float(0),
