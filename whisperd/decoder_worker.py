@@ -7,6 +7,7 @@ package. One JSON request a line on stdin, one JSON answer a line on stdout:
       -> {"ok": true, "format_name": ..., "demuxer": ..., "duration": s | null, "found": ..., "audio": n}
   {"op": "decode", "path": P, "out": W, "demuxer": D, "formats": ..., "max_frames": n | null}
       -> {"ok": true, "frames": n}
+  {"op": "close"} -> {"ok": true}          forget the file the last probe opened
   any failure -> {"ok": false, "why": "one line"}; every answer carries "rss_kib" (the peak so far).
 
 The same rules as ffprobe/ffmpeg in probe.py and intake.py: the input is named `file:<path>`,
@@ -27,6 +28,15 @@ import sys
 import wave
 
 RATE = 16000
+CHUNK_SAMPLES = 65536  # decoded samples resampled at once: one resampler call per ~1.5 s, not per packet
+_OPENED: dict = {}  # the container the last probe opened, kept for the decode that follows it
+
+
+def _forget() -> None:
+    container = _OPENED.pop("container", None)
+    _OPENED.clear()
+    if container is not None:
+        container.close()
 
 
 def _options(formats: str) -> dict:
@@ -46,68 +56,111 @@ def _describe(stream) -> str:
 
 
 def probe(av, request: dict) -> dict:
+    _forget()
     formats = request["formats"]
     allowed = set(formats.split(","))
-    with av.open("file:" + request["path"], "r", container_options=_options(formats)) as container:
-        format_name = container.format.name or ""
-        demuxer = next((name for name in format_name.split(",") if name in allowed), None)
-        if demuxer is None:
-            return {"ok": False, "why": f"format {format_name} is not allowed"}
-        streams = list(container.streams)
-        audio = [s for s in streams if s.type == "audio"]
-        durations = []
-        if container.duration is not None and container.duration >= 0:
-            durations.append(container.duration / 1_000_000)
-        for stream in audio:
-            if stream.duration is not None and stream.time_base is not None and stream.duration >= 0:
-                durations.append(float(stream.duration * stream.time_base))
-        kinds = ", ".join(_describe(s) for s in streams[:4])
-        found = f"{format_name} ({kinds})" if kinds else f"{format_name} with no streams"
-        return {"ok": True, "format_name": format_name, "demuxer": demuxer,
-                "duration": max(durations) if durations else None, "found": found, "audio": len(audio)}
+    container = av.open("file:" + request["path"], "r", container_options=_options(formats))
+    try:
+        answer = _probed(container, allowed)
+    except BaseException:
+        container.close()
+        raise
+    if answer.get("ok") and answer.get("audio"):
+        # The decode that follows reads on from here: the demuxer found is the one it would force,
+        # and opening it again (stream analysis included) would cost as much as the probe.
+        _OPENED.update(container=container, path=request["path"], demuxer=answer["demuxer"])
+    else:
+        container.close()
+    return answer
+
+
+def close(av, request: dict) -> dict:
+    _forget()
+    return {"ok": True}
+
+
+def _probed(container, allowed: set) -> dict:
+    format_name = container.format.name or ""
+    demuxer = next((name for name in format_name.split(",") if name in allowed), None)
+    if demuxer is None:
+        return {"ok": False, "why": f"format {format_name} is not allowed"}
+    streams = list(container.streams)
+    audio = [s for s in streams if s.type == "audio"]
+    durations = []
+    if container.duration is not None and container.duration >= 0:
+        durations.append(container.duration / 1_000_000)
+    for stream in audio:
+        if stream.duration is not None and stream.time_base is not None and stream.duration >= 0:
+            durations.append(float(stream.duration * stream.time_base))
+    kinds = ", ".join(_describe(s) for s in streams[:4])
+    found = f"{format_name} ({kinds})" if kinds else f"{format_name} with no streams"
+    return {"ok": True, "format_name": format_name, "demuxer": demuxer,
+            "duration": max(durations) if durations else None, "found": found, "audio": len(audio)}
 
 
 def decode(av, request: dict) -> dict:
-    max_frames = request.get("max_frames")
+    if _OPENED.get("path") == request["path"] and _OPENED.get("demuxer") == request["demuxer"]:
+        container = _OPENED.pop("container")
+        _OPENED.clear()
+    else:
+        _forget()
+        container = av.open("file:" + request["path"], "r", format=request["demuxer"],
+                            container_options=_options(request["formats"]))
+    with container:
+        return _decoded(av, container, request.get("max_frames"), request["out"])
+
+
+def _decoded(av, container, max_frames, out_path: str) -> dict:
     frames = 0
-    with av.open("file:" + request["path"], "r", format=request["demuxer"],
-                 container_options=_options(request["formats"])) as container:
-        if not container.streams.audio:
-            return {"ok": False, "why": "no audio stream"}
-        stream = container.streams.audio[0]  # ffmpeg's -map 0:a:0
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
-        with wave.open(request["out"], "wb") as out:
-            out.setnchannels(1)
-            out.setsampwidth(2)
-            out.setframerate(RATE)
+    if not container.streams.audio:
+        return {"ok": False, "why": "no audio stream"}
+    stream = container.streams.audio[0]  # ffmpeg's -map 0:a:0
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=RATE)
+    fifo, shape = av.AudioFifo(), None
+    with wave.open(out_path, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(RATE)
 
-            def write(decoded) -> bool:
-                nonlocal frames
-                for frame in resampler.resample(decoded):
-                    count = frame.samples
-                    if max_frames is not None:
-                        count = min(count, max_frames - frames)
-                    if count > 0:
-                        out.writeframesraw(bytes(frame.planes[0])[:count * 2])
-                        frames += count
-                    if max_frames is not None and frames >= max_frames:
-                        return False
-                return True
+        def write(decoded) -> bool:
+            nonlocal frames
+            for frame in resampler.resample(decoded):
+                count = frame.samples
+                if max_frames is not None:
+                    count = min(count, max_frames - frames)
+                if count > 0:
+                    out.writeframesraw(bytes(frame.planes[0])[:count * 2])
+                    frames += count
+                if max_frames is not None and frames >= max_frames:
+                    return False
+            return True
 
-            going = True
-            for packet in container.demux(stream):
-                try:
-                    decoded = packet.decode()
-                except av.error.InvalidDataError:
-                    continue  # as ffmpeg does: a broken frame is skipped, the rest decoded
-                for frame in decoded:
-                    going = write(frame)
-                    if not going:
-                        break
+        going = True
+        for packet in container.demux(stream):
+            try:
+                decoded = packet.decode()
+            except av.error.InvalidDataError:
+                continue  # as ffmpeg does: a broken frame is skipped, the rest decoded
+            for frame in decoded:
+                if (frame.format.name, frame.layout.name, frame.sample_rate) != shape:
+                    # The stream changed its shape (or this is the first frame): what came before
+                    # goes out first, and a FIFO of the new shape takes the rest.
+                    if fifo.samples:
+                        going = write(fifo.read())
+                    fifo, shape = av.AudioFifo(), (frame.format.name, frame.layout.name, frame.sample_rate)
+                frame.pts = None  # the FIFO orders by arrival; timestamps may jump in a broken file
+                if going:
+                    fifo.write(frame)
+                while going and fifo.samples >= CHUNK_SAMPLES:
+                    going = write(fifo.read(CHUNK_SAMPLES))
                 if not going:
                     break
-            if going:
-                write(None)  # what the resampler still holds
+            if not going:
+                break
+        if going and fifo.samples:
+            going = write(fifo.read())
+        if going:
+            write(None)  # what the resampler still holds
     return {"ok": True, "frames": frames}
 
 
@@ -135,7 +188,7 @@ def main() -> int:
     for line in sys.stdin:
         try:
             request = json.loads(line)
-            handler = {"probe": probe, "decode": decode}[request["op"]]
+            handler = {"probe": probe, "decode": decode, "close": close}[request["op"]]
             answer(handler(av, request))
         except MemoryError:
             answer({"ok": False, "why": "out of memory", "memory": True})

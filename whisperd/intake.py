@@ -175,6 +175,7 @@ class Intake:
                     return None  # ffprobe names what it is and why it is refused
                 duration = probed.get("duration")
                 if self.max_seconds and duration is not None and duration > self.max_seconds:
+                    decoder.ask({"op": "close"}, PROBE_TIMEOUT_SECONDS, None)  # it kept the file open for a decode
                     raise IntakeError(413, self._too_long(shown_name, duration, exact=True))
                 basis = duration if duration is not None else (self.max_seconds or UNKNOWN_DURATION)
                 timeout = DECODE_BASE_SECONDS + DECODE_SECONDS_PER_AUDIO_SECOND * basis
