@@ -246,6 +246,8 @@ SETTINGS: tuple[Setting, ...] = (
             "a worker that has not said hello by then is killed (the job waiting for it fails with that reason)"),
     Setting("WHISPER_WORD_TIMES", True, parse_bool,
             "faster-whisper word times when alignment is unavailable"),
+    Setting("WHISPER_BATCH_SIZE", 8, _int(1),
+            "chunks of ~30 s transcribed at once (WhisperX's --batch_size); larger is faster on a GPU and needs more of its memory"),
     Setting("WHISPER_VAD", "silero", _choice("silero", "pyannote"),
             "voice activity detection that cuts audio into chunks: silero (faster-whisper's bundled model, "
             "offline, fast) or pyannote (WhisperX's default); --vad_method for the CLI engine"),

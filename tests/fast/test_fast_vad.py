@@ -42,3 +42,16 @@ async def test_a_cli_job_is_run_with_the_vad_method(api, fast_env):
     assert (await api.wait_status(job_id))["status"] == "Completed"
     (run,) = engine_runs(Path(fast_env["WHISPER_TMP_FILES"]).parent)
     assert run["argv"][run["argv"].index("--vad_method") + 1] == "silero"
+
+
+def test_the_batch_size_reaches_both_engines(fast_env, tmp_path):
+    default = load(fast_env)
+    assert default.WHISPER_BATCH_SIZE == 8
+    assert "--batch_size" not in build_argv(default, options(tmp_path))  # WhisperX's own default
+    assert job_message(default, options(tmp_path))["batch_size"] == 8
+    config = load({**fast_env, "WHISPER_BATCH_SIZE": "32"})
+    argv = build_argv(config, options(tmp_path))
+    assert argv[argv.index("--batch_size") + 1] == "32"
+    assert job_message(config, options(tmp_path))["batch_size"] == 32
+    with pytest.raises(ConfigError):
+        load({**fast_env, "WHISPER_BATCH_SIZE": "0"})
