@@ -117,8 +117,11 @@ class EngineWorker:
 
     mode = "worker"
 
-    def __init__(self, config: Config, offline: bool, jobs: int, threads: int | None) -> None:
+    def __init__(self, config: Config, offline: bool, jobs: int, threads: int | None,
+                 device: tuple[str, str] | None = None) -> None:
         self.config = config
+        # The device its preload goes to: one of WHISPER_DEVICES (engines/devices.py), else WHISPER_DEVICE.
+        self.device = device or (config.WHISPER_DEVICE, config.WHISPER_DEVICE_INDEX)
         self.times_words = config.WHISPER_WORD_TIMES
         self.offline = offline
         self.jobs = jobs
@@ -234,8 +237,8 @@ class EngineWorker:
             raise WorkerUnavailable(self.reason)
         self.started_at = time.monotonic()
         if self.config.WHISPER_PRELOAD_MODEL:
-            spec = model_spec(self.config, self.config.WHISPER_DEFAULT_MODEL, self.config.WHISPER_DEVICE,
-                              self.config.WHISPER_DEVICE_INDEX, self.threads)
+            spec = model_spec(self.config, self.config.WHISPER_DEFAULT_MODEL, self.device[0], self.device[1],
+                              self.threads)
             self._send({"op": "load", **spec})
 
     def _env(self) -> dict[str, str]:
