@@ -102,14 +102,13 @@ def test_without_whisper_devices_one_engine_keeps_whisper_device(make_server):
     wait_for(lambda: server.api("GET", "/status").json()["engine"]["loaded_models"] == ["tiny.en"], what="preload")
     assert "devices" not in engine(server)
     assert len(workers(server)) == 1
-    (load,) = [run for run in server.engine_runs() if run.get("worker")]
     response = server.submit(sync="true", diarize="false")
     assert response.status_code == 200, response.text
     (job,) = [run for run in server.engine_runs() if run.get("worker_job")]
     assert (job["worker_job"]["device"], job["worker_job"]["device_index"]) == ("cpu", 0)
 
 
-def test_a_bad_device_list_stops_start_up(make_server):
+def test_a_bad_device_list_stops_start_up():
     from whisperd.config import ConfigError, load, parse_devices
 
     assert parse_devices("cuda:0, cuda:1") == [("cuda", "0"), ("cuda", "1")]

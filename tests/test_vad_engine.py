@@ -47,3 +47,4 @@ def test_the_cli_entry_takes_whisperx_arguments_and_writes_its_files_offline(tmp
     assert set(result) == {"segments", "language"} and result["language"] == "en"
     assert "ask not what your country can do for you" in result["segments"][0]["text"].lower()
     assert not (tmp_path / "torch" / "hub").exists()  # nothing fetched through torch.hub
+
