@@ -69,8 +69,9 @@ are kept beside the figures:
 
 What the profiles led to: an upload that already is 16 kHz mono 16-bit PCM WAV is copied by the
 server instead of being probed and decoded by ffprobe and ffmpeg (each start of Debian's costs
-about 110 ms: 215 shared libraries), so benchmark 4 also reports a 44.1 kHz WAV, which still takes
-that path; a ledger write transaction is one call on the ledger's writer thread instead of one
+about 110 ms: 215 shared libraries), so benchmark 4 also reports a 44.1 kHz WAV, which took that
+path when the table above was measured (since issue 28 the warm PyAV decoder takes it instead: see
+bench/results/decoder.txt below); a ledger write transaction is one call on the ledger's writer thread instead of one
 IOLoop round trip per statement, and claims, progress, engine pids and running jobs' warnings
 commit without waiting for the disk (synchronous=NORMAL for those; submissions and outcomes wait
 for it); a submission returns the row it wrote instead of reading it again; a token's ledger row
