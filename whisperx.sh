@@ -29,6 +29,9 @@ if [ "${1:-}" = "--whisperd-worker" ]; then
 fi
 
 # exec, not a child: the server's TERM/KILL to the process group and the exit status then
-# belong to WhisperX itself. `-m whisperx` rather than bin/whisperx, whose shebang still
-# names the temporary directory the venv was built in.
-exec "$venv/bin/python" -m whisperx "$@"
+# belong to WhisperX itself. whisperd/engine_cli.py is WhisperX's own CLI (same arguments, same
+# output files) whose `--vad_method silero` uses the Silero model in faster-whisper's wheel
+# instead of a torch.hub download; rather than bin/whisperx, whose shebang still names the
+# temporary directory the venv was built in.
+here=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
+exec "$venv/bin/python" "$here/whisperd/engine_cli.py" "$@"

@@ -210,14 +210,15 @@ def multipart(fields: dict[str, str], filename: str, file_size: int, boundary: s
     return head, tail, f"multipart/form-data; boundary={boundary}"
 
 
-def intake_ms(path: Path, runs: int = 10) -> float:
-    """Median wall time of the server's own intake (whisperd.intake: the fast WAV copy, or ffprobe
-    and an ffmpeg decode) on one file, outside the server."""
+def intake_ms(path: Path, decoder: str = "auto", runs: int = 10) -> float:
+    """Median wall time of the server's own intake (whisperd.intake: the fast WAV copy, the warm
+    decoder, or ffprobe and an ffmpeg decode) on one file, outside the server."""
     from types import SimpleNamespace
 
     from whisperd.intake import Intake
 
-    config = SimpleNamespace(WHISPER_FFPROBE="ffprobe", WHISPER_FFMPEG="ffmpeg", WHISPER_MAX_AUDIO_SECONDS=0.0)
+    config = SimpleNamespace(WHISPER_FFPROBE="ffprobe", WHISPER_FFMPEG="ffmpeg", WHISPER_MAX_AUDIO_SECONDS=0.0,
+                             WHISPER_DECODER=decoder, WHISPER_DECODER_MEMORY_MB=1024)
 
     def once() -> float:
         with tempfile.TemporaryDirectory(prefix="bench-intake-") as out:

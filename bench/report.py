@@ -69,8 +69,9 @@ are kept beside the figures:
 
 What the profiles led to: an upload that already is 16 kHz mono 16-bit PCM WAV is copied by the
 server instead of being probed and decoded by ffprobe and ffmpeg (each start of Debian's costs
-about 110 ms: 215 shared libraries), so benchmark 4 also reports a 44.1 kHz WAV, which still takes
-that path; a ledger write transaction is one call on the ledger's writer thread instead of one
+about 110 ms: 215 shared libraries), so benchmark 4 also reports a 44.1 kHz WAV, which took that
+path when the table above was measured (since issue 28 the warm PyAV decoder takes it instead: see
+bench/results/decoder.txt below); a ledger write transaction is one call on the ledger's writer thread instead of one
 IOLoop round trip per statement, and claims, progress, engine pids and running jobs' warnings
 commit without waiting for the disk (synchronous=NORMAL for those; submissions and outcomes wait
 for it); a submission returns the row it wrote instead of reading it again; a token's ledger row
@@ -82,6 +83,44 @@ collector's sight (`gc.freeze()`). A point read is still one hop to aiosqlite's 
 The ledger benchmark also reports the server's CPU per request beside bare Tornado's: unlike
 latencies, it is not inflated by a busy machine, so it shows what whisperd itself adds.
 """
+
+
+SPEED = """\
+## Engine speed (issue 28)
+
+Two benchmarks of their own, run on their own (they are long, and need the engine venv), write
+their report beside the others; it is copied here as it was printed:
+
+```
+.venv/bin/python bench/vad.py --minutes 10 --second-minutes 5 --rounds 2 --out bench/results/vad.txt
+.venv/bin/python bench/decoder.py --jobs 30 --out bench/results/decoder.txt
+```
+
+`bench/vad.py`: long espeak-ng talks through the service (warm engine, tiny.en, sync) with
+`WHISPER_VAD=silero` and `=pyannote`, against faster-whisper's `BatchedInferencePipeline` with its
+own Silero VAD on the same file, model, batch size and threads, alternating in one run; the word
+error rate of each against the talk's script. The service's time includes the upload, intake and
+the warm engine's word times (`WHISPER_WORD_TIMES`, on by default), which the baseline does not
+compute. The two-hour recording (`bench/long_recording.py`) was not rerun for this: too long for
+the shared machine. No GPU was available: GPU figures (large-v3 real-time factor per GPU, memory
+per model, batch sizes) are not measured yet.
+
+`bench/decoder.py`: bench 4's sequential queue (no-op engine) with 30 s uploads that intake must
+decode, a 44.1 kHz stereo mp3 and a 44.1 kHz stereo WAV, probed and decoded by ffprobe and ffmpeg
+processes (`WHISPER_DECODER=ffmpeg`, before) and by the warm PyAV decoder (`=pyav`, after), in one
+run, beside a 16 kHz mono WAV of the same length that is copied; "added by decoding" is a row's
+service overhead per job minus the copied WAV's. Unlike bench 4's 0.128 s clip, 30 s of audio is
+real decoding work (about 1.3 million input samples resampled), which no start-up saving removes.
+"""
+
+
+def _speed_section() -> list[str]:
+    out = [SPEED]
+    for name in ("vad.txt", "decoder.txt"):
+        path = RESULTS.parent / name
+        if path.exists():
+            out += [f"`bench/results/{name}`:", "", "```", path.read_text().rstrip(), "```", ""]
+    return out
 
 
 def _cell(text: str) -> str:
@@ -119,6 +158,7 @@ def render(report: dict) -> str:
         out += [f"- {label}" for row, label in labels if row["met"] is False]
     out.append("")
     out.append(WHERE)
+    out += _speed_section()
     return "\n".join(out).rstrip() + "\n"
 
 

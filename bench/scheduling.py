@@ -81,11 +81,13 @@ def start_latency(work: Path, engine: Path, jobs: int) -> dict:
     }
 
 
-def throughput(work: Path, engine: Path, jobs: int, concurrent: int, audio: bytes = AUDIO) -> dict:
+def throughput(work: Path, engine: Path, jobs: int, concurrent: int, audio: bytes = AUDIO,
+               extra_env: dict[str, str] | None = None) -> dict:
     """#4: `jobs` submitted at once from 4 client connections, until the last one is Completed."""
-    root = work / f"queue-{concurrent}-{len(audio)}"
+    root = work / f"queue-{concurrent}-{len(audio)}-{'-'.join((extra_env or {}).values())}"
     root.mkdir(parents=True, exist_ok=True)
-    env = {"ENABLE_CONCURRENCY": "true" if concurrent > 1 else "false", "MAX_CONCURRENT_JOBS": str(concurrent)}
+    env = {"ENABLE_CONCURRENCY": "true" if concurrent > 1 else "false", "MAX_CONCURRENT_JOBS": str(concurrent),
+           **(extra_env or {})}
     direct_wall, _ = direct_runs(engine, work, jobs, concurrent)
     clip = work / "clip.wav"
     clip.write_bytes(audio)
@@ -125,7 +127,7 @@ def throughput(work: Path, engine: Path, jobs: int, concurrent: int, audio: byte
         "server_cpu_ms_per_job": round(1000 * cpu / jobs, 2),
         # Every upload is taken in before it is queued: ffprobe and ffmpeg are processes of their
         # own (not in the CPU above); a 16 kHz mono WAV is copied by the server itself.
-        "intake_ms_per_upload": intake_ms(clip),
+        "intake_ms_per_upload": intake_ms(clip, (extra_env or {}).get("WHISPER_DECODER", "auto")),
     }
 
 

@@ -105,6 +105,25 @@ def _device_index(value: Any) -> str:
     return str(_int(0)(value))
 
 
+def parse_devices(text: str) -> list[tuple[str, str]]:
+    """"cuda:0,cuda:1" -> [("cuda", "0"), ("cuda", "1")]; "cpu,cpu" -> two CPU devices; "" -> []."""
+    devices = []
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        kind, _, index = entry.partition(":")
+        if kind not in DEVICES or (index and not index.isdigit()) or (kind == "cpu" and index not in ("", "0")):
+            raise ValueError(f"{entry!r} is not a device (cuda:N or cpu)")
+        devices.append((kind, str(int(index)) if index else "0"))
+    return devices
+
+
+def _devices(value: Any) -> str:
+    text = _text(value).strip()
+    parse_devices(text)  # a bad entry stops start-up here, with the entry named
+    return text
+
+
 def _host_policy(value: Any) -> str:
     text = _text(value)
     HostPolicy.parse(text)  # a bad entry stops start-up here, with the entry named
@@ -247,6 +266,15 @@ SETTINGS: tuple[Setting, ...] = (
             "a worker that has not said hello by then is killed (the job waiting for it fails with that reason)"),
     Setting("WHISPER_WORD_TIMES", True, parse_bool,
             "faster-whisper word times when alignment is unavailable"),
+    Setting("WHISPER_DEVICES", "", _devices,
+            "one warm engine per device, e.g. cuda:0,cuda:1 (cpu,cpu to try it on a CPU box); jobs go to the device "
+            "holding their model, else the least busy; MAX_CONCURRENT_JOBS is then per device (empty: one engine, "
+            "WHISPER_DEVICE/WHISPER_DEVICE_INDEX)"),
+    Setting("WHISPER_BATCH_SIZE", 8, _int(1),
+            "chunks of ~30 s transcribed at once (WhisperX's --batch_size); larger is faster on a GPU and needs more of its memory"),
+    Setting("WHISPER_VAD", "silero", _choice("silero", "pyannote"),
+            "voice activity detection that cuts audio into chunks: silero (faster-whisper's bundled model, "
+            "offline, fast) or pyannote (WhisperX's default); --vad_method for the CLI engine"),
     # Webhooks (docs/web.md): no secret, no callback_url accepted.
     Setting("WHISPER_WEBHOOK_SECRET", None, _optional_text,
             "HMAC-SHA256 key for X-Whisperd-Signature; callback_url is refused without it", secret=True),
@@ -304,6 +332,12 @@ SETTINGS: tuple[Setting, ...] = (
     # Hostile media and shared resources (issue 13; docs/security.md).
     Setting("WHISPER_FFMPEG", "ffmpeg", _text,
             "the ffmpeg that decodes each upload once, at intake, into the 16 kHz mono WAV the engine gets"),
+    Setting("WHISPER_DECODER", "auto", _choice("auto", "pyav", "ffmpeg"),
+            "what probes and decodes uploads: pyav (warm PyAV processes, no process start per upload), ffmpeg "
+            "(WHISPER_FFPROBE and WHISPER_FFMPEG per upload), auto (pyav when PyAV is installed and those two "
+            "are left at their defaults)"),
+    Setting("WHISPER_DECODER_MEMORY_MB", 1024, _int(64),
+            "address-space limit of each warm decoder process; a file that needs more is refused with 415"),
     Setting("WHISPER_MAX_AUDIO_SECONDS", 14400.0, _float(0),
             "longest audio accepted, in seconds (0 = no limit); longer uploads are refused with 413"),
     Setting("WHISPER_JOB_TIMEOUT_BASE_SECONDS", 120.0, _float(0),
@@ -344,8 +378,17 @@ class _Derived:
 
     @property
     def max_running(self) -> int:
-        """How many jobs may run at once, across every worker process."""
+        """How many jobs may run at once, across every worker process (per device times the devices)."""
+        return self.slots_per_device * max(1, len(self.devices))
+
+    @property
+    def slots_per_device(self) -> int:
         return self.MAX_CONCURRENT_JOBS if self.ENABLE_CONCURRENCY else 1
+
+    @property
+    def devices(self) -> list[tuple[str, str]]:
+        """WHISPER_DEVICES parsed; empty when unset (one engine on WHISPER_DEVICE)."""
+        return parse_devices(self.WHISPER_DEVICES) if self.WHISPER_ENGINE == "worker" else []
 
     @property
     def worker_processes(self) -> int:

@@ -57,11 +57,13 @@ class ModelKey:
     device_index: int
     compute_type: str
     threads: int
+    vad: str = "silero"  # the voice activity detection the pipeline chunks with (engine_vad.py)
 
     @classmethod
     def of(cls, spec: dict) -> "ModelKey":
         return cls(spec["model"], spec.get("model_dir"), spec.get("device", "cpu"), int(spec.get("device_index", 0)),
-                   spec.get("compute_type") or "default", int(spec.get("threads") or 0))
+                   spec.get("compute_type") or "default", int(spec.get("threads") or 0),
+                   spec.get("vad") or "silero")
 
     def name(self) -> str:
         return os.path.basename(self.model.rstrip("/")) or self.model
@@ -116,6 +118,7 @@ class Models:
 
 def _load_pipeline(key: ModelKey, inter_threads: int):
     import numpy as np
+    from engine_vad import make_vad, vad_options
     from whisperx.asr import WhisperModel, load_model
 
     threads = key.threads if key.threads > 0 else 4  # the CLI's faster_whisper_threads default
@@ -134,10 +137,13 @@ def _load_pipeline(key: ModelKey, inter_threads: int):
         "condition_on_previous_text": False, "initial_prompt": None, "hotwords": None,
         "suppress_tokens": [-1], "suppress_numerals": False,
     }
+    # The CLI's VAD settings; Silero from faster-whisper's wheel by default (no download, about
+    # twice as fast over a long file as pyannote: docs/performance.md), pyannote on request.
+    options = vad_options()
+    vad = make_vad(key.vad, key.device, key.device_index, options)
     return load_model(key.model, device=key.device, device_index=key.device_index, download_root=key.model_dir,
-                      compute_type=compute_type, language=None, asr_options=asr_options, vad_method="pyannote",
-                      vad_options={"chunk_size": 30, "vad_onset": 0.5, "vad_offset": 0.363}, model=whisper,
-                      threads=threads)
+                      compute_type=compute_type, language=None, asr_options=asr_options, vad_model=vad,
+                      vad_options=options, model=whisper, threads=threads)
 
 
 def _language(job: dict) -> str | None:

@@ -12,6 +12,13 @@
    the demuxer forced to the probed one, the output capped at the limit (for containers whose
    declared duration lies), and a time limit. The engine reads that file and nothing else, and
    the original goes (the caller removes it).
+
+With WHISPER_DECODER=pyav (or auto, where PyAV is installed), steps 1 and 3 run in a warm decoder
+process (decoder.py) under the same rules (the same allow-list and file-only protocol, the
+duration checked between the probe and the decode, the same cap): no process start per upload.
+ffprobe and ffmpeg stay the authority on refusals: a file the warm decoder will not take or cannot
+decode goes through steps 1-3 as above, which name what it is and why it is refused. A warm decoder
+that hangs, dies or runs out of memory under a file is killed and the upload refused.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +37,10 @@ from .bounded import BoundedRun, RunCanceled, RunTimeout
 from .canonical_wav import (MAX_CHUNKS_BEFORE_DATA, FastPathStopped, FastPathTimeout, TooManyChunks,
                             copy_if_canonical)
 from .config import Config
+from .decoder import (DecoderCanceled, DecoderCrashed, DecoderTimeout, DecoderUnavailable, pyav_installed,
+                      shared_pool)
 from .jobfiles import CANONICAL_NAME
-from .probe import ACCEPTED_TEXT, ProbeRefused, common_args, probe
+from .probe import ACCEPTED_TEXT, ALLOWED_FORMATS, PROBE_TIMEOUT_SECONDS, ProbeRefused, common_args, probe
 
 log = logging.getLogger("whisperd.intake")
 
@@ -45,6 +55,8 @@ TOOLS_RECHECK_SECONDS = 5.0
 _TOOLS_SEEN: dict[tuple[str, str], tuple[float, bool]] = {}
 INLINE_COPY_BYTES = 64 * 1024  # a canonical WAV up to this size is copied on the IOLoop (2 s of audio)
 UNKNOWN_DURATION = 36000.0  # the decode time limit's basis when neither the file nor the limit gives one
+FORMATS = ",".join(sorted(ALLOWED_FORMATS))
+_DECODER_CHOSEN: dict[tuple, bool] = {}
 
 
 class IntakeError(Exception):
@@ -88,10 +100,12 @@ class Intake:
         self.ffmpeg = config.WHISPER_FFMPEG
         self.max_seconds = config.WHISPER_MAX_AUDIO_SECONDS
         self._run = BoundedRun()
-        self._stopped = False  # read by the WAV copy between blocks (it may run in a thread)
+        self._canceled = threading.Event()
+        self.warm = warm_decoder_wanted(config)
+        self._memory = config.WHISPER_DECODER_MEMORY_MB * 1024 * 1024
 
     def stop(self) -> None:
-        self._stopped = True
+        self._canceled.set()
         self._run.stop()
 
     async def accept(self, path: Path, out_dir: Path, shown_name: str = "upload") -> Media:
@@ -112,6 +126,10 @@ class Intake:
         media = self._copied(path, out, shown_name)
         if media is not None:
             return media
+        if self.warm:
+            media = self._warm(path, out, shown_name)
+            if media is not None:
+                return media
         try:
             probed = probe(self.ffprobe, path, self._run)
         except ProbeRefused as exc:
@@ -131,13 +149,13 @@ class Intake:
         """A 16 kHz mono PCM WAV copied as it is (no ffprobe or ffmpeg to start), or None."""
         # Without ffprobe and ffmpeg the server refuses every upload (503), a WAV as well: an
         # operator sees the broken install at once, not on the first MP3.
-        if not self._tools_installed():
+        if not self.warm and not self._tools_installed():
             return None
         max_frames = int(self.max_seconds * SAMPLE_RATE) if self.max_seconds else None
         # The same time limit as the decode by ffmpeg, for the audio the file can hold at most.
         timeout = decode_timeout(min(path.stat().st_size / BYTES_PER_SECOND, self.max_seconds or UNKNOWN_DURATION))
         try:
-            frames = copy_if_canonical(path, out, max_frames, stopped=lambda: self._stopped,
+            frames = copy_if_canonical(path, out, max_frames, stopped=self._canceled.is_set,
                                        deadline=time.monotonic() + timeout)
         except TooManyChunks:
             raise IntakeError(415, f"the uploaded file '{shown_name}' is a WAV with more than "
@@ -153,6 +171,54 @@ class Intake:
         if frames is None:
             return None
         return self._checked(out, frames / SAMPLE_RATE, "wav", CANONICAL_FOUND, shown_name)
+
+    def _warm(self, path: Path, out: Path, shown_name: str) -> Media | None:
+        """Probe and decode in a warm decoder process; None: let ffprobe/ffmpeg decide (a refusal,
+        a file PyAV's FFmpeg cannot read, or no decoder process to be had)."""
+        try:
+            with shared_pool(os.cpu_count() or 1, self._memory).lease() as decoder:
+                try:
+                    probed = decoder.ask({"op": "probe", "path": str(path.resolve()), "formats": FORMATS},
+                                         PROBE_TIMEOUT_SECONDS, self._canceled)
+                except DecoderTimeout:
+                    raise IntakeError(415, f"the uploaded file '{shown_name}' is not audio or video with sound: "
+                                           f"nothing the decoder could read within {PROBE_TIMEOUT_SECONDS:.0f} s. "
+                                           f"Accepted: {ACCEPTED_TEXT}") from None
+                if not probed.get("ok") or not probed.get("audio"):
+                    return None  # ffprobe names what it is and why it is refused
+                duration = probed.get("duration")
+                if self.max_seconds and duration is not None and duration > self.max_seconds:
+                    decoder.ask({"op": "close"}, PROBE_TIMEOUT_SECONDS, None)  # it kept the file open for a decode
+                    raise IntakeError(413, self._too_long(shown_name, duration, exact=True))
+                basis = duration if duration is not None else (self.max_seconds or UNKNOWN_DURATION)
+                timeout = decode_timeout(basis)
+                # A second past the limit, as ffmpeg's -t: enough to tell "longer" from "exactly the limit".
+                max_frames = int((self.max_seconds + 1) * SAMPLE_RATE) if self.max_seconds else None
+                try:
+                    decoded = decoder.ask({"op": "decode", "path": str(path.resolve()), "out": str(out.resolve()),
+                                           "demuxer": probed["demuxer"], "formats": FORMATS,
+                                           "max_frames": max_frames}, timeout, self._canceled)
+                except DecoderTimeout:
+                    out.unlink(missing_ok=True)
+                    raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded within "
+                                           f"{timeout:.0f} s") from None
+                if not decoded.get("ok") or not decoded.get("frames"):
+                    out.unlink(missing_ok=True)
+                    return None  # ffmpeg decides, and says why if it cannot either
+        except DecoderCanceled:
+            out.unlink(missing_ok=True)
+            raise IntakeError(CLIENT_LEFT, "the client left") from None
+        except DecoderCrashed as exc:
+            out.unlink(missing_ok=True)
+            log.warning("intake %s: warm decoder killed: %s", out.parent.name, exc)
+            raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded: the decoder crashed or "
+                                   f"ran out of memory on it (WHISPER_DECODER_MEMORY_MB)") from None
+        except DecoderUnavailable as exc:
+            log.warning("intake %s: no warm decoder (%s): ffprobe and ffmpeg decide", out.parent.name, exc)
+            return None
+        seconds = max(0.0, (out.stat().st_size - WAV_HEADER) / BYTES_PER_SECOND)
+        return self._checked(out, seconds, probed["format_name"], f"the decoder found {probed['found']}",
+                             shown_name)
 
     def _tools_installed(self) -> bool:
         # A PATH search is ~0.1 ms a program: remembered for a few seconds, per pair of names.
@@ -210,6 +276,25 @@ class Intake:
 def decode_timeout(audio_seconds: float) -> float:
     """The time limit of turning an upload into the canonical file, by ffmpeg or by the WAV copy."""
     return DECODE_BASE_SECONDS + DECODE_SECONDS_PER_AUDIO_SECOND * audio_seconds
+
+
+def warm_decoder_wanted(config: Config) -> bool:
+    """WHISPER_DECODER: pyav, ffmpeg, or auto (pyav where PyAV is installed and WHISPER_FFPROBE and
+    WHISPER_FFMPEG are left at their defaults: an operator who names a particular ffmpeg gets it)."""
+    key = (config.WHISPER_DECODER, config.WHISPER_FFPROBE, config.WHISPER_FFMPEG)
+    chosen = _DECODER_CHOSEN.get(key)
+    if chosen is None:
+        if config.WHISPER_DECODER == "ffmpeg":
+            chosen = False
+        elif config.WHISPER_DECODER == "pyav" or (config.WHISPER_FFPROBE, config.WHISPER_FFMPEG) == ("ffprobe", "ffmpeg"):
+            chosen = pyav_installed()
+            if not chosen:
+                log.warning("PyAV is not installed: uploads are probed and decoded by %s and %s, one process "
+                            "start each", config.WHISPER_FFPROBE, config.WHISPER_FFMPEG)
+        else:
+            chosen = False
+        _DECODER_CHOSEN[key] = chosen
+    return chosen
 
 
 def _disk_error(exc: OSError) -> tuple[int, str]:

@@ -162,8 +162,9 @@ async def watch_loop_lag() -> None:
             _m["lag"].observe(max(0.0, loop.time() - before - LAG_INTERVAL_SECONDS))
 
 
-def exposition(status_counts: dict[str, int]) -> bytes:
-    """The text a scrape gets: every process's files, plus the ledger's view of the queue."""
+def exposition(status_counts: dict[str, int], engine: dict | None = None) -> bytes:
+    """The text a scrape gets: every process's files, plus the ledger's view of the queue, plus
+    each device's engine (WHISPER_DEVICES) when `engine` (the /status engine part) lists them."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -183,6 +184,29 @@ def exposition(status_counts: dict[str, int]) -> bytes:
                                     value=status_counts.get("Queued", 0))
 
     registry.register(LedgerCollector())
+    devices = (engine or {}).get("devices") or []
+
+    class DeviceCollector:
+        # This process's view of the box's engines, one label per device.
+        def collect(self):
+            running = GaugeMetricFamily("whisperd_engine_device_running_jobs", "Jobs on each device's engine",
+                                        labels=["device"])
+            memory = GaugeMetricFamily("whisperd_engine_device_memory_bytes",
+                                       "Resident memory of each device's engine process", labels=["device"])
+            loaded = GaugeMetricFamily("whisperd_engine_device_model_loaded", "Models loaded on each device",
+                                       labels=["device", "model"])
+            for number, device in enumerate(devices):
+                name = f"{number}:{device.get('device')}"
+                running.add_metric([name], device.get("running_jobs") or 0)
+                memory.add_metric([name], (device.get("rss_mib") or 0) * 1024 * 1024)
+                for model in device.get("loaded_models") or []:
+                    loaded.add_metric([name, model], 1)
+            yield running
+            yield memory
+            yield loaded
+
+    if devices:
+        registry.register(DeviceCollector())
     return generate_latest(registry)
 
 

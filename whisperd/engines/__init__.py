@@ -26,6 +26,9 @@ def make_engine(config: Config, offline: bool, shared_socket: str | None = None)
     if shared_socket is not None:
         from .shared import SharedEngine
         return SharedEngine(config, shared_socket)
+    if len(config.devices) > 0:
+        from .devices import DeviceEngines
+        return DeviceEngines(config, offline, config.devices, config.slots_per_device, worker_threads(config))
     from .worker import EngineWorker
     # One warm worker serves every slot (docs/warm-engine.md: one shared model beats one per slot).
     return EngineWorker(config, offline, config.max_running, worker_threads(config))

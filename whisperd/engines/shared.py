@@ -123,7 +123,11 @@ async def serve_host(config: Config, offline: bool, path: str) -> int:
     from . import worker_threads
 
     Subprocess.initialize()  # the worker's exit needs SIGCHLD
-    worker = EngineWorker(config, offline, config.max_running, worker_threads(config))
+    if config.devices:  # one warm worker per device, behind the same host
+        from .devices import DeviceEngines
+        worker = DeviceEngines(config, offline, config.devices, config.slots_per_device, worker_threads(config))
+    else:
+        worker = EngineWorker(config, offline, config.max_running, worker_threads(config))
     host = EngineHost(worker)
     host.add_socket(bind_unix_socket(path, mode=0o600))
     worker.start()

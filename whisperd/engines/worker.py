@@ -53,7 +53,8 @@ def model_spec(config: Config, model: str, device: str, device_index: str, threa
     local = local_model_dir(config.WHISPER_MODELS_DIR, model)
     compute_type = config.WHISPER_CPU_COMPUTE_TYPE if device == "cpu" else config.WHISPER_CUDA_COMPUTE_TYPE
     return {"model": str(local) if local else model, "model_dir": config.WHISPER_MODELS_DIR, "device": device,
-            "device_index": int(device_index), "compute_type": compute_type or "default", "threads": threads or 0}
+            "device_index": int(device_index), "compute_type": compute_type or "default", "threads": threads or 0,
+            "vad": config.WHISPER_VAD}
 
 
 class WorkerJob:
@@ -116,8 +117,11 @@ class EngineWorker:
 
     mode = "worker"
 
-    def __init__(self, config: Config, offline: bool, jobs: int, threads: int | None) -> None:
+    def __init__(self, config: Config, offline: bool, jobs: int, threads: int | None,
+                 device: tuple[str, str] | None = None) -> None:
         self.config = config
+        # The device its preload goes to: one of WHISPER_DEVICES (engines/devices.py), else WHISPER_DEVICE.
+        self.device = device or (config.WHISPER_DEVICE, config.WHISPER_DEVICE_INDEX)
         self.times_words = config.WHISPER_WORD_TIMES
         self.offline = offline
         self.jobs = jobs
@@ -233,8 +237,8 @@ class EngineWorker:
             raise WorkerUnavailable(self.reason)
         self.started_at = time.monotonic()
         if self.config.WHISPER_PRELOAD_MODEL:
-            spec = model_spec(self.config, self.config.WHISPER_DEFAULT_MODEL, self.config.WHISPER_DEVICE,
-                              self.config.WHISPER_DEVICE_INDEX, self.threads)
+            spec = model_spec(self.config, self.config.WHISPER_DEFAULT_MODEL, self.device[0], self.device[1],
+                              self.threads)
             self._send({"op": "load", **spec})
 
     def _env(self) -> dict[str, str]:
@@ -444,6 +448,7 @@ def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
         "language": None if opts.language == AUTO else opts.language,
         "prompt": opts.prompt, "align": opts.align, "diarize": opts.diarize,
         "word_times": config.WHISPER_WORD_TIMES, "task": opts.task, "temperature": opts.temperature,
+        "batch_size": config.WHISPER_BATCH_SIZE,
     })
     if opts.diarize and opts.hf_token:
         message["hf_token"] = opts.hf_token

@@ -75,7 +75,7 @@ class MetricsHandler(BaseHandler):
     async def get(self) -> None:
         counts = await self.service.status_counts()
         self.set_header("Content-Type", metrics.CONTENT_TYPE)
-        self.finish(metrics.exposition(counts))
+        self.finish(metrics.exposition(counts, self.service.engine_status()))
 
 
 class OpenApiHandler(BaseHandler):

@@ -1,0 +1,57 @@
+"""WHISPER_VAD reaches both engines: the CLI's --vad_method and the warm worker's job line (which
+keys its loaded pipeline by it); a value that is neither silero nor pyannote stops start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from whisperd.config import ConfigError, load
+from whisperd.engines.base import EngineOptions
+from whisperd.engines.cli import build_argv
+from whisperd.engines.worker import job_message
+
+from .harness import engine_runs
+
+
+def options(tmp_path: Path) -> EngineOptions:
+    return EngineOptions(audio=tmp_path / "audio.wav", output_dir=tmp_path / "out", model="tiny.en", language="en",
+                         device="cpu", device_index="0", prompt="", align=False, diarize=False, hf_token=None,
+                         offline=True)
+
+
+@pytest.mark.parametrize("vad", ["silero", "pyannote"])
+def test_the_vad_setting_reaches_both_engines(fast_env, tmp_path, vad):
+    config = load({**fast_env, "WHISPER_VAD": vad})
+    argv = build_argv(config, options(tmp_path))
+    assert argv[argv.index("--vad_method") + 1] == vad
+    assert job_message(config, options(tmp_path))["vad"] == vad
+
+
+def test_silero_is_the_default_and_others_are_refused(fast_env):
+    assert load(fast_env).WHISPER_VAD == "silero"
+    with pytest.raises(ConfigError) as refused:
+        load({**fast_env, "WHISPER_VAD": "webrtc"})
+    assert "WHISPER_VAD" in str(refused.value)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_cli_job_is_run_with_the_vad_method(api, fast_env):
+    job_id = await api.submit_ok({"diarize": "false"})
+    assert (await api.wait_status(job_id))["status"] == "Completed"
+    (run,) = engine_runs(Path(fast_env["WHISPER_TMP_FILES"]).parent)
+    assert run["argv"][run["argv"].index("--vad_method") + 1] == "silero"
+
+
+def test_the_batch_size_reaches_both_engines(fast_env, tmp_path):
+    default = load(fast_env)
+    assert default.WHISPER_BATCH_SIZE == 8
+    assert "--batch_size" not in build_argv(default, options(tmp_path))  # WhisperX's own default
+    assert job_message(default, options(tmp_path))["batch_size"] == 8
+    config = load({**fast_env, "WHISPER_BATCH_SIZE": "32"})
+    argv = build_argv(config, options(tmp_path))
+    assert argv[argv.index("--batch_size") + 1] == "32"
+    assert job_message(config, options(tmp_path))["batch_size"] == 32
+    with pytest.raises(ConfigError):
+        load({**fast_env, "WHISPER_BATCH_SIZE": "0"})
