@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .errors import Kind, ServiceError
 from .jobs import Quota
 
 NAMES = ("max_queued", "max_audio_minutes_per_day", "max_file_size")
@@ -69,14 +70,11 @@ def usage_windows(now: datetime | None = None) -> tuple[str, str]:
 QUEUE_RETRY_AFTER_SECONDS = 30  # a queued job takes about this long to make room; the client retries
 
 
-class LimitExceeded(Exception):
-    """A submission over one of the caller's limits: HTTP status, a message, Retry-After (or None)."""
+class LimitExceeded(ServiceError):
+    """A submission over one of the caller's limits: a message, and when to retry (or None)."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(Kind.OVER_LIMIT, message, retry_after)
 
 
 def file_size_limit(limits: Limits, server_max: int) -> tuple[int, str]:
@@ -97,14 +95,14 @@ def refusal(name: str, limits: Limits, which: str, used: float, adding_seconds: 
     """The 429 for a caller over `which` ("max_queued" or "max_audio_seconds"), naming limit and usage."""
     if which == "max_queued":
         return LimitExceeded(
-            429, f"too many jobs: max_queued is {limits.max_queued} for {name!r}, which has {int(used)} queued or "
-                 "running; wait for one to finish (or cancel one) and send it again",
+            f"too many jobs: max_queued is {limits.max_queued} for {name!r}, which has {int(used)} queued or "
+            "running; wait for one to finish (or cancel one) and send it again",
             QUEUE_RETRY_AFTER_SECONDS)
     this = f" and this file has {adding_seconds / 60:.2f} more" if adding_seconds else ""
     return LimitExceeded(
-        429, f"daily audio limit reached: max_audio_minutes_per_day is {_number(limits.max_audio_minutes_per_day)} "
-             f"for {name!r}, which has used {used / 60:.2f} minutes today (UTC){this}; "
-             "the budget starts again at midnight UTC",
+        f"daily audio limit reached: max_audio_minutes_per_day is {_number(limits.max_audio_minutes_per_day)} "
+        f"for {name!r}, which has used {used / 60:.2f} minutes today (UTC){this}; "
+        "the budget starts again at midnight UTC",
         seconds_to_next_day())
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ServiceError
+from .errors import Kind, ServiceError
 from .jobfiles import JobFiles, is_job_id
 from .jobs import UploadRecord, now_iso
 from .ledger import Ledger
@@ -53,18 +53,18 @@ class ResumableUploads:
         file name), or ServiceError saying why not."""
         upload = await self.get(upload_id)
         if upload is None or upload.owner != owner or upload.expired(now_iso()):
-            raise ServiceError(404, f"no resumable upload with id {upload_id[:60]!r} (unknown, another "
+            raise ServiceError(Kind.NOT_FOUND, f"no resumable upload with id {upload_id[:60]!r} (unknown, another "
                                     "token's, or expired)")
         if upload.job_id is not None:
-            raise ServiceError(409, f"upload {upload_id} was already used by job {upload.job_id}; "
+            raise ServiceError(Kind.CONFLICT, f"upload {upload_id} was already used by job {upload.job_id}; "
                                     "an upload becomes one job only: upload the file again")
         if not upload.complete:
-            raise ServiceError(409, f"upload {upload_id} is not finished: {upload.upload_offset} of "
+            raise ServiceError(Kind.CONFLICT, f"upload {upload_id} is not finished: {upload.upload_offset} of "
                                     f"{upload.upload_length} bytes received; PATCH the rest first")
         if not await self.ledger.use_upload(upload_id, job_id):
-            raise ServiceError(409, f"upload {upload_id} was just used by another request (or expired)")
+            raise ServiceError(Kind.CONFLICT, f"upload {upload_id} was just used by another request (or expired)")
         try:
             path = self.files.stage_resumable(upload_id, job_id, upload.filename)
         except FileNotFoundError:
-            raise ServiceError(410, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
+            raise ServiceError(Kind.GONE, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
         return path, upload.upload_length, upload.filename

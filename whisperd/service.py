@@ -18,7 +18,7 @@ from . import metrics
 from .auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
 from .engines import make_engine, worker_threads
-from .errors import ServiceError
+from .errors import Kind, ServiceError
 from .faults import crash_point
 from .fetch import MediaFetcher
 from .jobfiles import JobFiles, is_job_id
@@ -212,22 +212,22 @@ class Service:
             return
         queued = (await self.ledger.counts())["Queued"]
         if queued >= cap:
-            raise ServiceError(429, f"the queue is full ({queued} jobs waiting, WHISPER_MAX_QUEUED_JOBS={cap}); "
-                                    "try again later", {"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)})
+            raise ServiceError(Kind.OVER_LIMIT, f"the queue is full ({queued} jobs waiting, WHISPER_MAX_QUEUED_JOBS={cap}); "
+                                    "try again later", QUEUE_FULL_RETRY_SECONDS)
 
     def take_upload_slot(self, address: str) -> None:
         """Count one more upload streaming in this process, or 429: when WHISPER_MAX_PENDING_UPLOADS
         are, or when this client address holds its share of them already."""
         cap = self.config.WHISPER_MAX_PENDING_UPLOADS
         if self.uploads_in_flight >= cap:
-            raise ServiceError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
-                               {"Retry-After": "5"})
+            raise ServiceError(Kind.OVER_LIMIT, f"too many uploads in progress (limit {cap}); try again in a few seconds",
+                               5)
         held = self.uploads_by_address.get(address, 0)
         if held >= self.config.uploads_per_address:
-            raise ServiceError(429, f"this client address already has {held} upload{'s' if held > 1 else ''} in "
+            raise ServiceError(Kind.OVER_LIMIT, f"this client address already has {held} upload{'s' if held > 1 else ''} in "
                                     f"progress, its share of the server's {cap} (WHISPER_UPLOAD_SHARE_PER_ADDRESS="
                                     f"{self.config.WHISPER_UPLOAD_SHARE_PER_ADDRESS:g}); wait for one to finish",
-                               {"Retry-After": "5"})
+                               5)
         self.uploads_in_flight += 1
         self.uploads_by_address[address] = held + 1
 
@@ -245,7 +245,7 @@ class Service:
         floor_mb = self.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.files.free_disk_mb()
         if free_mb < floor_mb:
-            raise ServiceError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
+            raise ServiceError(Kind.STORAGE_FULL, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
                                     f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
 
     def staging_dir(self, job_id: str) -> Path:
@@ -267,7 +267,7 @@ class Service:
         try:
             await self.webhooks.check_destination(url)
         except PolicyError as exc:
-            raise ServiceError(400, str(exc)) from None
+            raise ServiceError(Kind.INVALID, str(exc)) from None
 
     def resolve_hf_token(self, from_form: str | None) -> str | None:
         """The form's token, else HF_TOKEN, else the token file (spec order)."""
@@ -421,19 +421,19 @@ class Service:
     async def engine_result_of(self, job: Job, identity: str | None = None) -> dict[str, Any]:
         """WhisperX's JSON of a Completed job whose files are still here, or ServiceError."""
         if job.status in ("Queued", "Processing"):
-            raise ServiceError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
+            raise ServiceError(Kind.CONFLICT, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
         if job.status == "Failed":
-            raise ServiceError(422, f"transcription failed: {job.error}")
+            raise ServiceError(Kind.NO_RESULT, f"transcription failed: {job.error}")
         if job.status == "Canceled":
-            raise ServiceError(410, f"job {job.id} was canceled; there is no result")
+            raise ServiceError(Kind.GONE, f"job {job.id} was canceled; there is no result")
         if job.delivered_at and not self.in_grace(job, identity):
-            raise ServiceError(410, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
+            raise ServiceError(Kind.GONE, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
         if job.expired_at:
-            raise ServiceError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
+            raise ServiceError(Kind.GONE, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         try:
             return load_engine_result(self.files.output_dir(job.id))
         except EngineOutputError:
-            raise ServiceError(410, f"the result files of job {job.id} are gone") from None
+            raise ServiceError(Kind.GONE, f"the result files of job {job.id} are gone") from None
 
     def in_grace(self, job: Job, identity: str | None) -> bool:
         """A delivered result the same identity may fetch again: its download may have been cut

@@ -9,7 +9,7 @@ from typing import Any
 from ..jobs import ACTIVE, TERMINAL, Job, now_iso
 from ..limits import UNSET, Limits, usage_windows
 from ..tokens import limits_of
-from ..errors import ServiceError
+from ..errors import Kind, ServiceError
 from .base import BaseHandler
 
 DEFAULT_PAGE = 20
@@ -28,7 +28,7 @@ def decode_cursor(text: str) -> int:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raw = ""
     if len(text) > 40 or not raw.startswith("j") or not raw[1:].isdigit():
-        raise ServiceError(400, "'cursor' is not one this server gave out: pass the 'next' value of the previous page as is")
+        raise ServiceError(Kind.INVALID, "'cursor' is not one this server gave out: pass the 'next' value of the previous page as is")
     return int(raw[1:])
 
 
@@ -61,14 +61,14 @@ async def list_jobs(handler: BaseHandler) -> None:
     """GET /transcription: the caller's jobs (an admin's: everyone's), newest first, a page at a time."""
     text = handler.get_query_argument("limit", str(DEFAULT_PAGE)).strip()
     if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
-        raise ServiceError(400, f"'limit' must be a whole number from 1 to {MAX_PAGE}, got {text[:20]!r}")
+        raise ServiceError(Kind.INVALID, f"'limit' must be a whole number from 1 to {MAX_PAGE}, got {text[:20]!r}")
     limit = int(text)
     wanted = handler.get_query_argument("status", "").strip()
     status = None
     if wanted:
         status = STATUSES.get(wanted.lower())
         if status is None:
-            raise ServiceError(400, f"'status' must be one of {', '.join(ACTIVE + TERMINAL)}, got {wanted[:40]!r}")
+            raise ServiceError(Kind.INVALID, f"'status' must be one of {', '.join(ACTIVE + TERMINAL)}, got {wanted[:40]!r}")
     cursor = handler.get_query_argument("cursor", "").strip()
     before = decode_cursor(cursor) if cursor else None
     identity = handler.identity

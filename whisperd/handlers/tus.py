@@ -25,7 +25,7 @@ from tornado.web import stream_request_body
 
 from ..jobfiles import display_name, new_job_id
 from ..jobs import UploadRecord, now_iso
-from ..errors import ServiceError
+from ..errors import Kind, ServiceError
 from .base import BaseHandler
 
 log = logging.getLogger("whisperd.tus")
@@ -47,11 +47,11 @@ def parse_metadata(text: str) -> dict[str, str]:
     for pair in filter(None, (part.strip() for part in text.split(","))):
         key, _, encoded = pair.partition(" ")
         if not key or not key.isascii() or " " in key or key in found:
-            raise ServiceError(400, f"Upload-Metadata: bad or repeated key {key[:40]!r}")
+            raise ServiceError(Kind.INVALID, f"Upload-Metadata: bad or repeated key {key[:40]!r}")
         try:
             found[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8") if encoded else ""
         except (binascii.Error, UnicodeDecodeError):
-            raise ServiceError(400, f"Upload-Metadata: the value of {key[:40]!r} is not base64 of UTF-8 text") from None
+            raise ServiceError(Kind.INVALID, f"Upload-Metadata: the value of {key[:40]!r} is not base64 of UTF-8 text") from None
     return found
 
 
@@ -66,7 +66,7 @@ def iso_in(hours: float) -> str:
 
 def _number(value: str | None, name: str) -> int:
     if value is None or not value.isdigit() or len(value) > 18:
-        raise ServiceError(400, f"{name} must be a whole number of bytes >= 0, got {str(value)[:40]!r}")
+        raise ServiceError(Kind.INVALID, f"{name} must be a whole number of bytes >= 0, got {str(value)[:40]!r}")
     return int(value)
 
 
@@ -127,14 +127,14 @@ class _TusBase(BaseHandler):
             return
         version = self.request.headers.get("Tus-Resumable")
         if version != TUS_VERSION:
-            raise ServiceError(412, f"send 'Tus-Resumable: {TUS_VERSION}' (got {str(version)[:20]!r}): the only "
-                                "tus version this server speaks", {"Tus-Version": TUS_VERSION})
+            raise ServiceError(Kind.UNSUPPORTED_PROTOCOL, f"send 'Tus-Resumable: {TUS_VERSION}' (got {str(version)[:20]!r}): the only "
+                                "tus version this server speaks", headers={"Tus-Version": TUS_VERSION})
 
     def _check_disk(self, needed: int) -> None:
         floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.service.resumable.free_disk_mb()
         if free_mb - needed / 2**20 < floor_mb:
-            raise ServiceError(507, f"the server is short of disk space for this upload ({free_mb:.0f} MB free, keeps "
+            raise ServiceError(Kind.STORAGE_FULL, f"the server is short of disk space for this upload ({free_mb:.0f} MB free, keeps "
                                 f"at least WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
 
 
@@ -149,7 +149,7 @@ class UploadsHandler(_TusBase):
         if self.request.method == "POST":
             length = self.request.headers.get("Content-Length", "0")
             if length not in ("", "0") or "Transfer-Encoding" in self.request.headers:
-                raise ServiceError(400, "POST /uploads takes no body here (creation-with-upload is not offered): "
+                raise ServiceError(Kind.INVALID, "POST /uploads takes no body here (creation-with-upload is not offered): "
                                     "create the upload, then PATCH its bytes")
 
     def data_received(self, chunk: bytes) -> None:
@@ -158,17 +158,17 @@ class UploadsHandler(_TusBase):
     async def post(self) -> None:
         config = self.service.config
         if self.service.draining:
-            raise ServiceError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
+            raise ServiceError(Kind.UNAVAILABLE, "the server is shutting down; try again in a moment", 10)
         if "Upload-Defer-Length" in self.request.headers:
-            raise ServiceError(400, "Upload-Defer-Length is not supported: send Upload-Length")
+            raise ServiceError(Kind.INVALID, "Upload-Defer-Length is not supported: send Upload-Length")
         length = _number(self.request.headers.get("Upload-Length"), "Upload-Length")
         if length == 0:
-            raise ServiceError(400, "Upload-Length is 0: an empty file is no audio")
+            raise ServiceError(Kind.INVALID, "Upload-Length is 0: an empty file is no audio")
         if length > config.MAX_FILE_SIZE:
-            raise ServiceError(413, f"Upload-Length {length} is larger than MAX_FILE_SIZE ({config.MAX_FILE_SIZE} bytes)")
+            raise ServiceError(Kind.TOO_LARGE, f"Upload-Length {length} is larger than MAX_FILE_SIZE ({config.MAX_FILE_SIZE} bytes)")
         metadata_text = self.request.headers.get("Upload-Metadata", "")
         if len(metadata_text) > MAX_METADATA_CHARS:
-            raise ServiceError(400, f"Upload-Metadata is longer than {MAX_METADATA_CHARS} characters")
+            raise ServiceError(Kind.INVALID, f"Upload-Metadata is longer than {MAX_METADATA_CHARS} characters")
         metadata = parse_metadata(metadata_text)
         self._check_disk(length)
         stamp = now_iso()
@@ -206,9 +206,9 @@ class UploadHandler(_TusBase):
         """The caller's upload, or 404 (unknown and another token's look the same), or 410 (expired)."""
         upload = await self.service.resumable.get(upload_id)
         if upload is None or upload.owner != self.identity.name:
-            raise ServiceError(404, f"no upload with id {str(upload_id)[:60]!r}")
+            raise ServiceError(Kind.NOT_FOUND, f"no upload with id {str(upload_id)[:60]!r}")
         if upload.expired(now_iso()):
-            raise ServiceError(410, f"upload {upload.id} expired at {upload.expires_at}; upload the file again")
+            raise ServiceError(Kind.GONE, f"upload {upload.id} expired at {upload.expires_at}; upload the file again")
         return upload
 
     def _describe(self, upload: UploadRecord) -> None:
@@ -229,28 +229,28 @@ class UploadHandler(_TusBase):
         upload = await self._own(self.path_args[0])
         content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != OFFSET_TYPE:
-            raise ServiceError(415, f"PATCH needs 'Content-Type: {OFFSET_TYPE}' (got {content_type[:40] or 'none'!r})")
+            raise ServiceError(Kind.UNSUPPORTED_MEDIA, f"PATCH needs 'Content-Type: {OFFSET_TYPE}' (got {content_type[:40] or 'none'!r})")
         offset = _number(self.request.headers.get("Upload-Offset"), "Upload-Offset")
         if upload.job_id is not None:
-            raise ServiceError(409, f"upload {upload.id} was already used by job {upload.job_id}; it takes no more bytes")
+            raise ServiceError(Kind.CONFLICT, f"upload {upload.id} was already used by job {upload.job_id}; it takes no more bytes")
         if offset != upload.upload_offset:
-            raise ServiceError(409, f"Upload-Offset {offset} does not match the upload's offset {upload.upload_offset}: "
-                                "ask HEAD for it and send from there", {"Upload-Offset": str(upload.upload_offset)})
+            raise ServiceError(Kind.CONFLICT, f"Upload-Offset {offset} does not match the upload's offset {upload.upload_offset}: "
+                                "ask HEAD for it and send from there", headers={"Upload-Offset": str(upload.upload_offset)})
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and offset + int(length) > upload.upload_length:
-            raise ServiceError(413, f"this PATCH would take the upload past its Upload-Length ({upload.upload_length} bytes)")
+            raise ServiceError(Kind.TOO_LARGE, f"this PATCH would take the upload past its Upload-Length ({upload.upload_length} bytes)")
         algorithm, expected = self._checksum()
         self._check_disk(0)
         path = self.service.resumable.path(upload.id)
         try:
             handle = open(path, "r+b")
         except FileNotFoundError:
-            raise ServiceError(410, f"the bytes of upload {upload.id} are gone from the server; upload again") from None
+            raise ServiceError(Kind.GONE, f"the bytes of upload {upload.id} are gone from the server; upload again") from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise ServiceError(423, f"another PATCH of upload {upload.id} is in progress; ask HEAD for the offset "
+            raise ServiceError(Kind.LOCKED, f"another PATCH of upload {upload.id} is in progress; ask HEAD for the offset "
                                 "once it ends") from None
         # Bytes past the recorded offset (from a PATCH cut off before it was recorded) do not count.
         handle.truncate(offset)
@@ -264,11 +264,11 @@ class UploadHandler(_TusBase):
             return None, None
         algorithm, _, encoded = header.strip().partition(" ")
         if algorithm.lower() != "sha1":
-            raise ServiceError(400, f"Upload-Checksum algorithm {algorithm[:20]!r} is not supported; use sha1")
+            raise ServiceError(Kind.INVALID, f"Upload-Checksum algorithm {algorithm[:20]!r} is not supported; use sha1")
         try:
             return "sha1", base64.b64decode(encoded.strip(), validate=True)
         except binascii.Error:
-            raise ServiceError(400, "Upload-Checksum: the checksum is not base64") from None
+            raise ServiceError(Kind.INVALID, "Upload-Checksum: the checksum is not base64") from None
 
     def data_received(self, chunk: bytes) -> None:
         writing = self._writing
@@ -276,24 +276,24 @@ class UploadHandler(_TusBase):
             return
         assert self._upload is not None
         if writing.start + writing.received + len(chunk) > self._upload.upload_length:
-            self._refuse(413, f"the PATCH goes past the upload's Upload-Length ({self._upload.upload_length} bytes)")
+            self._refuse(Kind.TOO_LARGE, f"the PATCH goes past the upload's Upload-Length ({self._upload.upload_length} bytes)")
             return
         try:
             writing.write(chunk)
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            self._refuse(507 if full else 500, "the server's upload disk is full; try again later" if full
+            self._refuse(Kind.STORAGE_FULL if full else Kind.INTERNAL, "the server's upload disk is full; try again later" if full
                          else "could not write the upload (see the server log)")
             if not full:
                 log.error("upload %s: write failed: %s", self._upload.id, exc)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, kind: Kind, message: str) -> None:
         """Answer now and drop this PATCH's bytes: the rest of the body is not worth reading."""
         self._refused = True
         if self._writing is not None:
             self._writing.close(keep=False)
             self._writing = None
-        self.send_error(status, exc_info=(ServiceError, ServiceError(status, message), None))
+        self.answer_now(ServiceError(kind, message))
 
     async def patch(self, upload_id: str) -> None:
         writing, upload = self._writing, self._upload
@@ -302,7 +302,7 @@ class UploadHandler(_TusBase):
         self._writing = None
         if writing.expected is not None and writing.hasher is not None and writing.hasher.digest() != writing.expected:
             writing.close(keep=False)
-            raise ServiceError(460, "Upload-Checksum does not match the PATCH's body (sha1); the bytes were dropped: "
+            raise ServiceError(Kind.CHECKSUM_MISMATCH, "Upload-Checksum does not match the PATCH's body (sha1); the bytes were dropped: "
                                 "send them again")
         received = writing.close(keep=True)
         await self._record(upload, writing.start, received)
@@ -315,7 +315,7 @@ class UploadHandler(_TusBase):
         path = self.service.resumable.path(upload.id)
         await asyncio.get_running_loop().run_in_executor(None, _fsync, path)
         if not await self.service.resumable.advance(upload.id, start, start + received):
-            raise ServiceError(409, f"upload {upload.id} changed meanwhile (another PATCH, used, or expired); "
+            raise ServiceError(Kind.CONFLICT, f"upload {upload.id} changed meanwhile (another PATCH, used, or expired); "
                                 "ask HEAD for its offset")
         upload.upload_offset = start + received
         if upload.complete:
@@ -347,9 +347,9 @@ class UploadHandler(_TusBase):
     async def delete(self, upload_id: str) -> None:
         upload = await self._own(upload_id)
         if upload.job_id is not None:
-            raise ServiceError(409, f"upload {upload.id} already became job {upload.job_id}; cancel the job instead")
+            raise ServiceError(Kind.CONFLICT, f"upload {upload.id} already became job {upload.job_id}; cancel the job instead")
         if not await self.service.resumable.terminate(upload.id):
-            raise ServiceError(404, f"no upload with id {upload.id!r}")
+            raise ServiceError(Kind.NOT_FOUND, f"no upload with id {upload.id!r}")
         log.info("upload %s terminated by the client", upload.id)
         self.set_status(204)
         self.finish()

@@ -17,18 +17,18 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from .. import metrics
-from ..errors import ServiceError
+from ..errors import Kind, ServiceError
 from ..faults import fail_point
 from ..fetch import FetchError
 from ..forms import is_ascii_number
-from ..intake import CLIENT_LEFT, Intake, IntakeError, Media
+from ..intake import Intake, IntakeError, Media
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
 from ..ledger import QuotaExceeded
-from ..limits import LimitExceeded, Limits, file_size_limit, quota, refusal
+from ..limits import Limits, file_size_limit, quota, refusal
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
 from ..urlpolicy import PolicyError
-from .base import BaseHandler
+from .base import BaseHandler, status_of
 
 log = logging.getLogger("whisperd.http")
 
@@ -65,9 +65,9 @@ class UploadHandler(BaseHandler):
         length = self.request.headers.get("Content-Length")
         if length is not None:
             if not is_ascii_number(length):
-                raise ServiceError(400, "Content-Length is not a number")
+                raise ServiceError(Kind.INVALID, "Content-Length is not a number")
             if int(length) > limit + FORM_OVERHEAD:
-                raise ServiceError(413, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
+                raise ServiceError(Kind.TOO_LARGE, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
             self._declared = int(length)
         # Before a byte is stored: a refused upload leaves nothing.
         await self.service.check_queue_room()
@@ -85,12 +85,8 @@ class UploadHandler(BaseHandler):
         self._watch_rate()
 
     async def check_limits(self, adding_seconds: float = 0.0) -> None:
-        """ServiceError 429 (with Retry-After) when the caller is over its queue or daily audio limit."""
-        try:
-            await self.service.check_usage(self.identity.name, self.limits, adding_seconds)
-        except LimitExceeded as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
-            raise ServiceError(exc.status, exc.message, headers) from None
+        """LimitExceeded (retry after a while) when the caller is over its queue or daily audio limit."""
+        await self.service.check_usage(self.identity.name, self.limits, adding_seconds)
 
     def _release_upload_slot(self) -> None:
         self._stop_rate_watch()
@@ -128,7 +124,7 @@ class UploadHandler(BaseHandler):
         self._discard()
         message = (f"the upload was too slow: {got / window / 1024:.1f} KiB/s over the last {window:g} s, below the "
                    f"minimum of {floor / 1024:g} KiB/s (WHISPER_UPLOAD_MIN_BYTES_PER_SECOND); the connection is closed")
-        self.send_error(408, exc_info=(ServiceError, ServiceError(408, message), None))
+        self.answer_now(ServiceError(Kind.TOO_SLOW, message))
 
     def on_finish(self) -> None:
         super().on_finish()
@@ -145,7 +141,7 @@ class UploadHandler(BaseHandler):
         except ServiceError as exc:
             self._discard()
             # Answer now and close: the rest of an oversized or broken body is not worth reading.
-            self.send_error(exc.status, exc_info=(ServiceError, exc, None))
+            self.answer_now(exc)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -200,9 +196,9 @@ class UploadHandler(BaseHandler):
             self._fetching = asyncio.ensure_future(fetcher.fetch(url, self.service.staging_dir(self._job_id)))
             path, size, name = await self._fetching
         except PolicyError as exc:
-            self.refuse(ServiceError(400, str(exc)))
+            self.refuse(ServiceError(Kind.INVALID, str(exc)))
         except FetchError as exc:
-            self.refuse(ServiceError(exc.status, exc.message))
+            self.refuse(exc)
         except asyncio.CancelledError:
             self._discard()
             if self.request.connection.stream.closed():  # type: ignore[union-attr]
@@ -225,10 +221,10 @@ class UploadHandler(BaseHandler):
             media = await intake.accept(form.file_path, form.file_path.parent, form.client_filename)
         except IntakeError as exc:
             self._discard()
-            if exc.status == CLIENT_LEFT:
+            if exc.kind is Kind.CLIENT_LEFT:
                 return None
-            metrics.upload_refused(exc.status)
-            raise ServiceError(exc.status, exc.message) from None
+            metrics.upload_refused(status_of(exc))
+            raise
         if self._intake is None:  # the client left while its file was decoded; on_connection_close cleaned up
             return None
         self._intake = None
@@ -260,7 +256,7 @@ class UploadHandler(BaseHandler):
         except QuotaExceeded as exc:
             self._discard()
             over = refusal(self.identity.name, self.limits, exc.limit, exc.used, new_job.audio_seconds or 0.0)
-            raise ServiceError(over.status, over.message, {"Retry-After": str(over.retry_after)}) from None
+            raise over from None
         except Exception:
             self._discard()
             raise
