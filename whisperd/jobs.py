@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
 from typing import Any, Mapping
+
+from .clock import now_iso  # noqa: F401  (the records' time stamps; the ledger imports it from here)
 
 ACTIVE = ("Queued", "Processing")
 TERMINAL = ("Completed", "Failed", "Canceled")
 # A job_events row with one of these ends a job's webhook; without one, a start sends it again.
 WEBHOOK_DONE = ("webhook-delivered", "webhook-failed", "webhook-refused")
-
-
-def utc_now() -> datetime:
-    """The wall clock; the service takes it as a parameter so that tests can move time."""
-    return datetime.now(timezone.utc)
-
-
-def now_iso(at: datetime | None = None) -> str:
-    """UTC, millisecond precision, sortable as text (`at`, else now)."""
-    return (at or utc_now()).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _from_mapping(cls, row: Mapping[str, Any], booleans: tuple[str, ...] = (), json_lists: tuple[str, ...] = ()):

@@ -8,9 +8,10 @@ default. 0 means "no limit", at both levels.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
+from .clock import iso, utc_now
 from .errors import Kind, ServiceError
 from .jobs import Quota
 
@@ -47,23 +48,18 @@ UNSET = Limits()
 
 def day_start(now: datetime | None = None) -> datetime:
     """The start of the current UTC day: the daily audio budget and "today" in /usage start here."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     return now.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def iso(moment: datetime) -> str:
-    """The ledger's text form of a time (sortable against created_at)."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
 def seconds_to_next_day(now: datetime | None = None) -> int:
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     return max(1, int((day_start(now) + timedelta(days=1) - now).total_seconds()) + 1)
 
 
 def usage_windows(now: datetime | None = None) -> tuple[str, str]:
     """(start of today, start of the 30-day window), both as ledger times."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     return iso(day_start(now)), iso(now - timedelta(days=30))
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from .clock import utc_now
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAG_INTERVAL_SECONDS = 0.5
@@ -168,7 +170,7 @@ def exposition(status_counts: dict[str, int]) -> bytes:
 def seconds_since(iso: str | None) -> float | None:
     if not iso:
         return None
-    return max(0.0, (datetime.now(timezone.utc) - _parse(iso)).total_seconds())
+    return max(0.0, (utc_now() - _parse(iso)).total_seconds())
 
 
 def _parse(text: str) -> datetime:

@@ -28,8 +28,8 @@ from tornado.process import Subprocess
 
 from whisperd import config as config_module, ledger as ledger_module
 from whisperd.app import make_app
+from whisperd.clock import utc_now
 from whisperd.jobfiles import JobFiles
-from whisperd.jobs import utc_now
 from whisperd.service import Service
 
 REPO = Path(__file__).resolve().parents[2]

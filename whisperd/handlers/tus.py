@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 from tornado.web import stream_request_body
 
+from ..clock import iso, utc_now
 from ..jobfiles import display_name, new_job_id
 from ..jobs import UploadRecord, now_iso
 from ..errors import Kind, ServiceError
@@ -55,13 +56,13 @@ def parse_metadata(text: str) -> dict[str, str]:
     return found
 
 
-def http_date(iso: str) -> str:
-    moment = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+def http_date(stamp: str) -> str:
+    moment = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
     return format_datetime(moment, usegmt=True)
 
 
 def iso_in(hours: float) -> str:
-    return (datetime.now(timezone.utc) + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso(utc_now() + timedelta(hours=hours))
 
 
 def _number(value: str | None, name: str) -> int:
