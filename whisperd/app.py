@@ -23,7 +23,7 @@ from .uploads import FORM_OVERHEAD
 
 access_log = logging.getLogger("whisperd.access")
 JOB_ID = r"([^/]+)"
-CHUNK_SIZE = 1024 * 1024  # 64 KiB chunks cost ~25% upload throughput (DESIGN.md)
+CHUNK_SIZE = 1024 * 1024  # Tornado's 64 KiB: 677 MiB/s on a 512 MiB upload; 1 MiB: 846 MiB/s, for 2-4 MiB more memory
 
 
 def log_request(handler: RequestHandler) -> None:
