@@ -37,6 +37,7 @@ def setup(directory: str) -> None:
 
     values.ValueClass = values.get_value_class()
     _dir = str(path)
+    _request_counters.clear()
     _m.update(
         started=Counter("whisperd_jobs_started_total", "Engine runs started (a retried job counts again)"),
         finished=Counter("whisperd_jobs_finished_total", "Jobs that reached an end state", ["status"]),
@@ -128,9 +129,16 @@ def auth_refused(why: str) -> None:
         _m["auth_refused"].labels(why).inc()
 
 
+_request_counters: dict[tuple[str, str, int], Any] = {}  # labels() looks its child up anew each time
+
+
 def request_done(handler: str, method: str, status: int) -> None:
     if _m:
-        _m["requests"].labels(handler, method, str(status)).inc()
+        key = (handler, method, status)
+        counter = _request_counters.get(key)
+        if counter is None:
+            counter = _request_counters[key] = _m["requests"].labels(handler, method, str(status))
+        counter.inc()
 
 
 async def watch_loop_lag() -> None:
