@@ -1,4 +1,10 @@
-"""The service one worker process runs: ledger, files, scheduler, waiters and retention, wired."""
+"""The service one worker process runs: ledger, files, scheduler, waiters and retention, wired.
+
+Its life cycle is here and nowhere else: Service.start() starts its parts in the order of
+Service.parts(), Service.stop() drains and stops them in reverse. serve(), the cluster roles
+(WHISPER_NODE_ROLE: the parts that run jobs are left out of an api node) and the fast tests
+all use these two.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,10 @@ import math
 import os
 import socket
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from tornado.ioloop import PeriodicCallback
 
@@ -25,7 +32,7 @@ from .jobfiles import JobFiles, is_job_id
 from .clock import utc_now
 from .jobs import Job, NewJob, Quota, TokenRecord
 from .limits import Limits, check_usage
-from .ledger import Ledger, LedgerError, open_ledger
+from .ledger import Ledger, LedgerError, Recovery, open_ledger
 from .outcomes import OutcomeRecorder
 from .resumable import ResumableUploads
 from .nodes import NodeKeeper
@@ -33,6 +40,7 @@ from .results import EngineOutputError, build_response, load_engine_result
 from .retention import Retention, expire_uploads
 from .runner import JobRunner
 from .scheduler import Scheduler
+from .settle import settle
 from .authguard import FailureGuard
 from .tasks import spawn
 from .tokens import LedgerTokens, prefix_of
@@ -44,6 +52,22 @@ QUEUE_FULL_RETRY_SECONDS = 30
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
 # Job events (from any node) after which a scheduler may find work: a new job or a freed slot.
 WAKES_SCHEDULER = {"accepted", "requeued", "completed", "failed", "canceled", "cancel-requested"}
+
+
+@dataclass
+class Part:
+    """One part of the service: started in order by Service.start, stopped in reverse by stop."""
+
+    name: str
+    start: Callable[[], Awaitable[None] | None] | None = None
+    stop: Callable[[], Awaitable[None] | None] | None = None
+
+
+async def _call(step: Callable[[], Awaitable[None] | None] | None) -> None:
+    if step is not None:
+        result = step()
+        if result is not None:
+            await result
 
 
 def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
@@ -79,15 +103,21 @@ class Service:
         self.outcomes = OutcomeRecorder()
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files,
                                 worker_threads(config), self.engine, self.outcomes)
-        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
+        self.keeper = NodeKeeper(config, self.ledger, lambda: self.scheduler.running, lambda: self.scheduler.wake(),
+                                 self._taken_back)
+        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING,
+                                   may_claim=lambda: self.keeper.connected)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
         self.resumable = ResumableUploads(self.ledger, self.files)
-        self.keeper = NodeKeeper(config, self.ledger, lambda: self.scheduler.running, self.scheduler.wake,
-                                 self._taken_back)
-        self.scheduler.may_claim = lambda: self.keeper.connected
-        self.draining = False
-        self.requests_in_flight = 0  # handlers count themselves: shutdown waits for them
+        self.draining = False  # set once, by stop(): new requests get 503 from then on
+        self.requests_in_flight = 0  # handlers count themselves (request_began/ended): shutdown waits for them
+        self._no_requests = asyncio.Event()
+        self._no_requests.set()
+        self._grace_seconds = 0.0  # what stop() gives running jobs
+        self._requests_grace = 0.0  # ... and the answers under way
+        self._close_http: Callable[[], Awaitable[None]] | None = None
+        self._started: list[Part] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._retention: PeriodicCallback | None = None
         self._retention_lock = asyncio.Lock()  # stop() waits for a pass in flight before closing the ledger
@@ -96,15 +126,48 @@ class Service:
         self._checkpointing: asyncio.Task | None = None
         self._grace_timers: dict[str, asyncio.TimerHandle] = {}
 
+    def parts(self) -> list[Part]:
+        """The service's parts in start order; stop() goes through them backwards. The requests
+        part stops (waits for the answers under way, then closes the HTTP server) only once no
+        job runs and the waiters are woken, and before the node and the ledger go."""
+        runs_jobs = self.config.runs_jobs  # WHISPER_NODE_ROLE=api: answers, runs nothing
+        return [
+            Part("ledger", self.ledger.open, self.ledger.close),
+            Part("node", self.keeper.start, self.keeper.stop),  # registered before anything is claimed
+            Part("requests", None, self._stop_requests),
+            Part("webhooks", self._resume_webhooks, self.webhooks.stop),
+            Part("waiters", None, self._wake_all_waiters),
+            *([Part("engine", self._start_engine, self.engine.close)] if runs_jobs else []),
+            Part("notifications", lambda: self.ledger.listen(self._changed_elsewhere), None),  # close() ends them
+            *([Part("scheduler", self.scheduler.start, lambda: self.scheduler.shutdown(self._grace_seconds))]
+              if runs_jobs else []),
+            Part("timers", self._start_timers, self._stop_timers),
+        ]
+
     async def start(self) -> None:
-        await self.ledger.open()
-        if self.config.runs_jobs:  # WHISPER_NODE_ROLE=api loads no engine
-            self.engine.start()  # in the background: a warm engine imports and loads its model while we serve
+        for part in self.parts():
+            await _call(part.start)
+            self._started.append(part)
+
+    async def stop(self, grace_seconds: float = 0.0, requests_grace: float = 0.0,
+                   close_http: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Take no new work (new requests get 503); running jobs get `grace_seconds`, then are
+        stopped and requeued; answers under way get `requests_grace`, then `close_http` closes
+        the HTTP server; then the node and the ledger close."""
+        self.draining = True
+        self._grace_seconds, self._requests_grace, self._close_http = grace_seconds, requests_grace, close_http
+        while self._started:
+            await _call(self._started.pop().stop)
+
+    def _start_engine(self) -> None:
+        # In the background, not awaited: a warm engine imports and loads its model while we
+        # serve (a start that fails or hangs is its jobs' to report, and /health's).
+        self.engine.start()
+
+    async def _resume_webhooks(self) -> None:
         await self.webhooks.resume(await self.ledger.claim_pending_webhooks())
-        await self.ledger.listen(self._changed_elsewhere)
-        if self.config.runs_jobs:  # WHISPER_NODE_ROLE=api: answers, runs nothing
-            self.scheduler.start()
-        await self.keeper.start()
+
+    def _start_timers(self) -> None:
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
         self._retention = PeriodicCallback(self.run_retention, interval_ms)
         self._retention.start()
@@ -113,41 +176,48 @@ class Service:
             self._checkpoint = PeriodicCallback(self._start_checkpoint, self.config.WHISPER_DB_CHECKPOINT_SECONDS * 1000)
             self._checkpoint.start()
 
-    async def stop(self, grace_seconds: float = 0.0) -> None:
-        await self.stop_work(grace_seconds)
-        await self.close()
-
-    async def stop_work(self, grace_seconds: float = 0.0) -> None:
-        """Take no new work; running jobs get the grace period, then are stopped and requeued."""
-        self.draining = True
+    async def _stop_timers(self) -> None:
         if self._retention is not None:
             self._retention.stop()
         if self._checkpoint is not None:
             self._checkpoint.stop()
-        await self.scheduler.shutdown(grace_seconds)
-        await self._retention_lock.acquire()
+        await self._retention_lock.acquire()  # a pass in flight ends first
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
         for job_id, timer in list(self._grace_timers.items()):
             timer.cancel()
             self.delete_job_files(job_id, "delivered")  # the grace window ends with this process
-        await self.engine.close()
+
+    def _wake_all_waiters(self) -> None:
         for events in self._waiters.values():
             for event in events:
                 event.set()
-        await self.webhooks.stop()
+
+    async def _stop_requests(self) -> None:
+        still_open = await self.wait_requests(self._requests_grace)
+        if still_open:
+            log.warning("%d request(s) still open after %.0f s; closing their connections", still_open,
+                        self._requests_grace)
+        if self._close_http is not None:
+            await self._close_http()
+
+    def request_began(self) -> None:
+        self.requests_in_flight += 1
+        self._no_requests.clear()
+
+    def request_ended(self) -> None:
+        self.requests_in_flight -= 1
+        if self.requests_in_flight == 0:
+            self._no_requests.set()
 
     async def wait_requests(self, timeout: float) -> int:
-        """Wait for the requests under way to be answered; returns how many are still open."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.requests_in_flight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        """Wait (woken by the last request's end, not polling) for the requests under way to be
+        answered; returns how many are still open."""
+        try:
+            await asyncio.wait_for(self._no_requests.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
         return self.requests_in_flight
-
-    async def close(self) -> None:
-        await self.keeper.stop()
-        await self.ledger.close()
 
     async def cluster_nodes(self) -> list[dict[str, Any]] | None:
         """Every node of the cluster (its row in the ledger), or None when the ledger cannot say."""
@@ -319,11 +389,12 @@ class Service:
         if event in WAKES_SCHEDULER or job_id is None or job_id in self.scheduler.running:
             self.scheduler.wake()  # a new job, a freed slot, or a cancel of a job running here
 
-    def _taken_back(self, requeued: list[str], poisoned: list[str]) -> None:
+    def _taken_back(self, report: Recovery) -> None:
         """Jobs of a dead node: the requeued run again anywhere; those that ended (failed as
-        poison, or canceled as asked) lose their files."""
-        for job_id in poisoned:
-            self.delete_job_files(job_id, "ended after its node died")
+        poison, or canceled as asked) lose their files (settle), and their waiters learn it."""
+        ended = settle(report, lambda job_id: self.delete_job_files(job_id, "ended after its node died"),
+                       stop_engines=False)  # that node's engines: not ours to stop
+        for job_id in ended:
             self.notify(job_id)
 
     async def _after_change(self, job_id: str) -> None:

@@ -77,7 +77,7 @@ class BaseHandler(RequestHandler):
         """Count the request until it is finished or dropped (shutdown closes the ledger only
         when none is left), and refuse it with 503 while the server stops."""
         self._in_flight = True
-        self.service.requests_in_flight += 1
+        self.service.request_began()
         if self.service.draining:
             raise ServiceError(Kind.UNAVAILABLE, "the server is shutting down; try again in a moment", 10)
 
@@ -98,7 +98,7 @@ class BaseHandler(RequestHandler):
     def _leave(self) -> None:
         if self._in_flight:
             self._in_flight = False
-            self.service.requests_in_flight -= 1
+            self.service.request_ended()
 
     def options(self, *args: Any) -> None:
         methods = ", ".join(self.allowed_methods)

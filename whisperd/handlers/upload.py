@@ -284,8 +284,8 @@ async def deliver(handler: BaseHandler, job: Job, body: dict[str, Any] | str,
         return
     # The response is finished, so the handler no longer counts as in flight: count this
     # last write, so that a shutdown waits for it before closing the ledger.
-    handler.service.requests_in_flight += 1
+    handler.service.request_began()
     try:
         await handler.service.mark_delivered(job, handler.identity.name)
     finally:
-        handler.service.requests_in_flight -= 1
+        handler.service.request_ended()
