@@ -69,6 +69,14 @@ class UploadHandler(BaseHandler):
             if int(length) > limit + FORM_OVERHEAD:
                 raise ServiceError(Kind.TOO_LARGE, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
             self._declared = int(length)
+        else:
+            # Chunked: Tornado checks each chunk's declared size against its own limit before our
+            # count (MultipartReceiver) sees the bytes, which it hands over a chunk_size at a time,
+            # and refuses with a bare 400. Ours must come first to answer 413 JSON: Tornado's stays
+            # as a backstop, twice as far plus two hand-overs.
+            connection = self.request.connection
+            connection.set_max_body_size(2 * (self.service.config.MAX_FILE_SIZE + FORM_OVERHEAD +  # type: ignore[union-attr]
+                                              connection.params.chunk_size))  # type: ignore[union-attr]
         # Before a byte is stored: a refused upload leaves nothing.
         await self.service.check_queue_room()
         self._room_checked_at = time.monotonic()
