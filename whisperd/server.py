@@ -18,7 +18,7 @@ from tornado.process import Subprocess
 
 from . import capabilities, config as config_module, ledger as ledger_module, metrics, nodes, probe
 from .app import make_app, make_server
-from .auth import load_validator
+from .identity.auth import load_validator
 from .config import Config
 from .engines.shared import serve_host, socket_path
 from .jobfiles import JobFiles, is_job_id

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Iterator
 from tornado.ioloop import PeriodicCallback
 
 from . import metrics
-from .auth import Authenticator, Identity, accept_any_token, load_validator
+from .identity.auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
 from .engines import make_engine, worker_threads
 from .errors import Kind, ServiceError
@@ -31,7 +31,7 @@ from .fetch import MediaFetcher
 from .jobfiles import JobFiles, is_job_id
 from .clock import utc_now
 from .jobs import Job, NewJob, Quota, TokenRecord
-from .limits import Limits, check_usage
+from .identity.limits import Limits, check_usage
 from .ledger import Ledger, LedgerError, Recovery, open_ledger
 from .outcomes import OutcomeRecorder
 from .resumable import ResumableUploads
@@ -41,9 +41,9 @@ from .retention import Retention, expire_uploads
 from .runner import JobRunner
 from .scheduler import Scheduler
 from .settle import settle
-from .authguard import FailureGuard
+from .identity.guard import FailureGuard
 from .tasks import spawn
-from .tokens import LedgerTokens, prefix_of
+from .identity.tokens import LedgerTokens, prefix_of
 from .urlpolicy import PolicyError
 from .webhooks import WebhookSender
 

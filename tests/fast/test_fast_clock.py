@@ -8,7 +8,9 @@ import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from whisperd import clock, limits, metrics, tokens
+from whisperd import clock, metrics
+
+from whisperd.identity import limits, tokens
 from whisperd.handlers import tus
 
 WHISPERD = Path(__file__).resolve().parents[2] / "whisperd"

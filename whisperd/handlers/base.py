@@ -11,7 +11,7 @@ from typing import Any
 
 from tornado.web import RequestHandler
 
-from ..auth import Identity
+from ..identity.auth import Identity
 from ..errors import Kind, ServiceError
 from ..service import Service
 

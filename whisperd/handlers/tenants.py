@@ -7,8 +7,8 @@ import binascii
 from typing import Any
 
 from ..jobs import ACTIVE, TERMINAL, Job, now_iso
-from ..limits import UNSET, Limits, usage_windows
-from ..tokens import limits_of
+from ..identity.limits import UNSET, Limits, usage_windows
+from ..identity.tokens import limits_of
 from ..errors import Kind, ServiceError
 from .base import BaseHandler
 

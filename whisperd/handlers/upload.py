@@ -25,7 +25,7 @@ from ..intake import Intake, IntakeError, Media
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
 from ..ledger import QuotaExceeded
-from ..limits import Limits, file_size_limit, quota, refusal
+from ..identity.limits import Limits, file_size_limit, quota, refusal
 from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
 from ..urlpolicy import PolicyError
 from .base import BaseHandler, status_of

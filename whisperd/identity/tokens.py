@@ -15,11 +15,11 @@ import time
 from collections import OrderedDict
 from datetime import timedelta
 
-from . import metrics
+from .. import metrics
 from .auth import Identity
-from .clock import iso, seconds_since, utc_now
-from .jobs import TokenRecord, now_iso
-from .ledger import Ledger
+from ..clock import iso, seconds_since, utc_now
+from ..jobs import TokenRecord, now_iso
+from ..ledger import Ledger
 from .limits import Limits
 
 PREFIX_BYTES = 4  # 8 hex digits: enough to find a row, useless to a guesser

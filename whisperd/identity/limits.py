@@ -11,9 +11,9 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from .clock import iso, utc_now
-from .errors import Kind, ServiceError
-from .jobs import Quota
+from ..clock import iso, utc_now
+from ..errors import Kind, ServiceError
+from ..jobs import Quota
 
 NAMES = ("max_queued", "max_audio_minutes_per_day", "max_file_size")
 # The setting that gives each limit its default.

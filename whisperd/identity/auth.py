@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from .errors import Kind, ServiceError
+from ..errors import Kind, ServiceError
 from .limits import UNSET, Limits
-from . import metrics
-from .authguard import FailureGuard, Throttled, token_digest
+from .. import metrics
+from .guard import FailureGuard, Throttled, token_digest
 
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]{1,512})$")
 

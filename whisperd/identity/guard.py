@@ -17,7 +17,7 @@ import math
 import time
 from collections import OrderedDict
 
-from .errors import Kind, ServiceError
+from ..errors import Kind, ServiceError
 
 REMEMBER_SECONDS = 30.0
 MAX_ENTRIES = 10_000  # per table; the oldest go first
