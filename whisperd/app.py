@@ -10,16 +10,16 @@ from tornado.web import Application, RequestHandler
 from . import metrics
 from .handlers.base import NotFoundHandler
 from .handlers.ops import HealthHandler, MetricsHandler, OpenApiHandler
-from .handlers.openai import ModelsHandler, OpenAITranscriptionHandler, OpenAITranslationHandler
+from .handlers.openai import OpenAIModelsHandler, OpenAITranscriptionHandler, OpenAITranslationHandler
 from .handlers.events import JobEventsHandler
-from .handlers.models import ModelsHandler as PageModelsHandler
+from .handlers.models import PageModelsHandler
 from .handlers.status import StatusHandler
 from .handlers.tenants import UsageHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
-from .handlers.tus import UploadHandler, UploadsHandler
+from .handlers.tus import TusCreationHandler, TusUploadHandler
 from .handlers.web import WebFileHandler
 from .service import Service
-from .uploads import FORM_OVERHEAD
+from .multipart import FORM_OVERHEAD
 
 access_log = logging.getLogger("whisperd.access")
 JOB_ID = r"([^/]+)"
@@ -43,14 +43,14 @@ ROUTES = [
     (r"/status/?", StatusHandler),
     (r"/v1/audio/transcriptions/?", OpenAITranscriptionHandler),
     (r"/v1/audio/translations/?", OpenAITranslationHandler),
-    (r"/v1/models/?", ModelsHandler),
+    (r"/v1/models/?", OpenAIModelsHandler),
     (r"/openapi.json", OpenApiHandler),
     (r"/health/?", HealthHandler),
     (r"/metrics/?", MetricsHandler),
     (rf"/transcription/{JOB_ID}/events/?", JobEventsHandler),
     (r"/models/?", PageModelsHandler),
-    (r"/uploads/?", UploadsHandler),
-    (rf"/uploads/{JOB_ID}/?", UploadHandler),
+    (r"/uploads/?", TusCreationHandler),
+    (rf"/uploads/{JOB_ID}/?", TusUploadHandler),
     (r"/usage/?", UsageHandler),
 ]
 

@@ -311,7 +311,7 @@ class Service:
 
     def check_disk(self) -> None:
         """507 below the floor (not the upload's size: a disk that fills up during the write is refused
-        with 507 too, by uploads.py), so that the engine's output still finds room."""
+        with 507 too, by multipart.py), so that the engine's output still finds room."""
         floor_mb = self.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.files.free_disk_mb()
         if free_mb < floor_mb:

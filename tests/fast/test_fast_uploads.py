@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from whisperd.handlers import upload as upload_handler
+from whisperd.handlers import multipart_upload as upload_handler
 
 from .harness import WAV, WAV_SECONDS, body_of, job_files, no_job_files, multipart, wait_until
 

@@ -18,7 +18,7 @@ from ..jobs import Job
 from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
 from ..models import catalog, installed_models, local_model_dir, model_info, refusal
 from .base import BaseHandler
-from .upload import UploadHandler, deliver
+from .multipart_upload import MultipartUploadHandler, deliver
 
 log = logging.getLogger("whisperd.http")
 
@@ -63,7 +63,7 @@ class OpenAIErrorsMixin(BaseHandler):
         return {"error": {"message": message, "type": error_type, "param": getattr(exc, "param", None), "code": code}}
 
 
-class ModelsHandler(OpenAIErrorsMixin):
+class OpenAIModelsHandler(OpenAIErrorsMixin):
     def get(self) -> None:
         config = self.service.config
         models = catalog(config.WHISPER_MODELS_DIR, self.service.engine_status()["loaded_models"])
@@ -77,7 +77,7 @@ class ModelsHandler(OpenAIErrorsMixin):
         self.send_json({"object": "list", "data": data})
 
 
-class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
+class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
     allowed_methods = ("OPTIONS", "POST")
     repeatable_fields = frozenset({GRANULARITIES_FIELD})
     task = "transcribe"

@@ -11,10 +11,10 @@ from ..errors import Kind, ServiceError
 from ..forms import parse_job_request
 from ..forms import JobRequest
 from ..jobs import Job
-from ..uploads import ReceivedForm
+from ..multipart import ReceivedForm
 from .base import BaseHandler
 from .tenants import list_jobs
-from .upload import UploadHandler, deliver
+from .multipart_upload import MultipartUploadHandler, deliver
 
 log = logging.getLogger("whisperd.http")
 
@@ -23,7 +23,7 @@ def job_urls(job_id: str) -> dict[str, str]:
     return {"job_id": job_id, "status_url": f"/transcription/{job_id}"}
 
 
-class SubmitHandler(UploadHandler):
+class SubmitHandler(MultipartUploadHandler):
     allowed_methods = ("OPTIONS", "POST", "GET", "DELETE")  # as the spec's preflight answer lists
 
     async def get(self) -> None:

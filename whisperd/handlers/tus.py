@@ -140,7 +140,7 @@ class _TusBase(BaseHandler):
 
 
 @stream_request_body  # a body sent here anyway is refused in prepare(), never buffered
-class UploadsHandler(_TusBase):
+class TusCreationHandler(_TusBase):
     """POST /uploads: the creation extension."""
 
     allowed_methods = ("OPTIONS", "POST")
@@ -188,7 +188,7 @@ class UploadsHandler(_TusBase):
 
 
 @stream_request_body
-class UploadHandler(_TusBase):
+class TusUploadHandler(_TusBase):
     """/uploads/{id}: HEAD reports the offset, PATCH appends, DELETE terminates."""
 
     allowed_methods = ("OPTIONS", "HEAD", "PATCH", "DELETE")

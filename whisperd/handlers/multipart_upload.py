@@ -26,7 +26,7 @@ from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
 from ..ledger import QuotaExceeded
 from ..identity.limits import Limits, file_size_limit, quota, refusal
-from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
+from ..multipart import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
 from ..urlpolicy import PolicyError
 from .base import BaseHandler, status_of
 
@@ -38,7 +38,7 @@ QUEUE_RECHECK_SECONDS = 1.0
 
 
 @stream_request_body
-class UploadHandler(BaseHandler):
+class MultipartUploadHandler(BaseHandler):
     """POST bodies stream to the job's staging dir; nothing is a job until submit() commits it."""
 
     repeatable_fields: frozenset[str] = frozenset()
