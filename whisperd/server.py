@@ -114,13 +114,20 @@ def check_tokens(config: Config, live_tokens: int) -> None:
 LEDGER_RESET_MIN_DIRS = 5
 
 
-def recover(config: Config) -> ledger_module.Recovery:
-    """Bring the ledger and the disk back to a consistent state after whatever happened last."""
+def recover(config: Config, count_ends: bool = True) -> ledger_module.Recovery:
+    """Bring the ledger and the disk back to a consistent state after whatever happened last.
+    count_ends: set up the metrics (once the ledger is known to open) so that the ends recovery
+    settles are counted."""
     actor = f"{socket.gethostname()}:{os.getpid()}"
     try:
         report = ledger_module.prepare(config, actor)
     except ledger_module.LedgerUnavailable as exc:
         raise StartupError(str(exc)) from None
+    if count_ends:
+        try:
+            metrics.setup(config.metrics_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot prepare WHISPER_METRICS_DIR={config.metrics_dir}: {exc.strerror}") from None
     files = JobFiles.of(config)
     settle(report, files.remove_all)  # the previous run's engines stopped, ended jobs' files gone, ends counted
     if report.requeued:
@@ -166,10 +173,10 @@ def sweep_job_dirs(config: Config, files: JobFiles, report: ledger_module.Recove
                   sum(1 for _ in quarantine.glob("*/*")), quarantine)
 
 
-def prepare_node(config: Config) -> ledger_module.Recovery:
+def prepare_node(config: Config, count_ends: bool = True) -> ledger_module.Recovery:
     """Before any event loop (and any fork): the directories checked, the ledger migrated and
-    recovered, what recovery found settled (settle.py), the leftovers swept. serve() and the fast
-    tests' harness start from here."""
+    recovered, the metrics set up, what recovery found settled (settle.py), the leftovers swept.
+    serve() and the fast tests' harness (which keeps no metrics: count_ends=False) start here."""
     check_environment(config)
     log.info("ledger: %s; node %s, role %s", ledger_module.describe(config), config.node_name,
              config.WHISPER_NODE_ROLE)
@@ -177,7 +184,7 @@ def prepare_node(config: Config) -> ledger_module.Recovery:
         others = nodes.mark_shared_storage(config)
         log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
                  (": " + ", ".join(others)) if others else "")
-    report = recover(config)
+    report = recover(config, count_ends)
     check_tokens(config, report.live_tokens)
     return report
 
@@ -236,11 +243,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"whisperd: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.RUST_LOG)
-    try:
-        metrics.setup(config.metrics_dir)  # before recovery: the ends it settles are counted
-    except OSError as exc:
-        print(f"whisperd: cannot prepare WHISPER_METRICS_DIR={config.metrics_dir}: {exc.strerror}", file=sys.stderr)
-        return 1
     try:
         prepare_node(config)
         try:

@@ -107,7 +107,7 @@ def service(fast_env, tmp_path, io_loop, clock):
     conf.write_text("# everything comes from the test's environment\n")
     config = config_module.load(environ=fast_env, conf_path=str(conf))
     # The very start-up and shutdown serve() runs (server.py), on the test's loop.
-    prepare_node(config)
+    prepare_node(config, count_ends=False)  # the fast tests keep no metrics
     svc = io_loop.run_sync(lambda: start_service(config, offline=True, clock=clock))
     yield svc
     io_loop.run_sync(lambda: stop_service(svc, 0, 0), timeout=30)
