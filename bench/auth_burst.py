@@ -2,7 +2,7 @@
 """Hash-cost burn: a real job's time with and without a burst of wrong tokens for a live prefix.
 
 The issue's attack: 600 requests of `Bearer wd_<live prefix>_<random>` from 20 threads. Each used
-to pay the full slow hash; now failures are remembered and rate-limited (whisperd/authguard.py).
+to pay the full slow hash; now failures are remembered and rate-limited (whisperd/identity/guard.py).
 Prints the job's time quiet and under the burst, their ratio (goal: near 1), the server's CPU
 seconds during the burst and the slow hashes it computed. Run: .venv/bin/python bench/auth_burst.py
 """

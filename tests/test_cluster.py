@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, _job_file, alive
+from conftest import REPO, _job_file, alive, wait_until
 from pg import PASSWORD
 
 
@@ -57,11 +57,10 @@ def shared_files(root: Path) -> list[str]:
 
 def shared_files_gone(root: Path, timeout: float = 10.0) -> bool:
     """A delivery's files go just after the client has the last byte (harness.files_gone)."""
-    deadline = time.monotonic() + timeout
-    while shared_files(root):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
+    try:
+        wait_until(lambda: not shared_files(root), timeout, "the job's files to go", poll=0.02)
+    except AssertionError:
+        return False
     return True
 
 
@@ -123,25 +122,19 @@ def test_sync_sse_result_and_cancel_across_nodes(cluster):
     # Its result, fetched from the api node, was made on the worker node; then every file is gone.
     result = api.api("GET", f"/transcription/{job_id}/result")
     assert result.status_code == 200 and result.json()["text"]
-    deadline = time.monotonic() + 10  # a delivery's files go just after the last byte
-    while ((cluster.shared / "output" / job_id).exists() or (cluster.shared / "tmp" / job_id).exists()) \
-            and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not (cluster.shared / "output" / job_id).exists() and not (cluster.shared / "tmp" / job_id).exists()
+    # A delivery's files go just after the last byte.
+    wait_until(lambda: not (cluster.shared / "output" / job_id).exists() and not (cluster.shared / "tmp" / job_id).exists(),
+               10, "the delivered job's files to go", poll=0.02)
     # DELETE on the api node stops the engine on the worker node within seconds.
     slow = api.submit_ok(diarize="false", prompt="fake:slow")
     api.wait_status(slow, ("Processing",))
-    deadline = time.monotonic() + 10
-    while not [r for r in worker.engine_runs() if slow in r["argv"][1]] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (run,) = [r for r in worker.engine_runs() if slow in r["argv"][1]]
+    (run,) = wait_until(lambda: [r for r in worker.engine_runs() if slow in r["argv"][1]], 10,
+                        "the worker node to start the engine")
     started = time.monotonic()
     response = api.api("DELETE", f"/transcription/{slow}")
     assert response.status_code == 200, response.text
     assert api.status(slow).status_code == 410
-    while alive(run["pid"]) and time.monotonic() - started < 10:
-        time.sleep(0.05)
-    assert not alive(run["pid"]), "the engine on the worker node must be stopped"
+    wait_until(lambda: not alive(run["pid"]), 10, "the engine on the worker node to be stopped")
     assert time.monotonic() - started < 8
     assert "canceled" in events_of(api, slow)
     # A worker node answers /health and /metrics only.
@@ -154,10 +147,7 @@ def test_a_killed_node_s_job_is_finished_by_another_after_its_lease(cluster):
     doomed = cluster("doomed", "worker", FAKE_WHISPERX_SLOW_SECONDS="30")
     job_id = api.submit_ok(diarize="false", prompt="fake:slow")
     api.wait_status(job_id, ("Processing",))
-    deadline = time.monotonic() + 10
-    while not doomed.engine_runs() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (run,) = doomed.engine_runs()
+    (run,) = wait_until(doomed.engine_runs, 10, "the doomed node to start the engine")
     doomed.kill9()
     os.killpg(run["pgid"], signal.SIGKILL)  # the box is gone: its engine with it
     killed_at = time.monotonic()
@@ -181,9 +171,7 @@ def test_a_job_that_keeps_killing_nodes_fails_after_max_attempts(cluster):
     for attempt in range(2):
         node = cluster(f"victim{attempt}", "worker", WHISPER_MAX_ATTEMPTS="2", FAKE_WHISPERX_SLOW_SECONDS="30")
         api.wait_status(job_id, ("Processing",))
-        deadline = time.monotonic() + 10
-        while not node.engine_runs() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(node.engine_runs, 10, "the node to start the engine")
         node.kill9()
         os.killpg(node.engine_runs()[0]["pgid"], signal.SIGKILL)
     status = api.wait_status(job_id, ("Failed",), timeout=30)
@@ -210,7 +198,7 @@ def test_the_database_restarted_under_load_loses_nothing(cluster, postgres):
                 submitted_during.append(response.json()["job_id"])
             else:  # refused in words while the ledger is away is acceptable; a lost job is not
                 errors.append(f"{response.status_code} {response.text}")
-            time.sleep(0.2)
+            time.sleep(0.2)  # the feeder's pace: submissions spread over the outage, not a wait
 
     feeder = threading.Thread(target=submit_more)
     feeder.start()
@@ -278,10 +266,7 @@ def test_a_node_that_cannot_renew_its_lease_abandons_the_job_without_a_result(cl
     node = cluster("cutoff", "all", FAKE_WHISPERX_SLOW_SECONDS="6")
     job_id = node.submit_ok(diarize="false", prompt="fake:slow")
     node.wait_status(job_id, ("Processing",))
-    deadline = time.monotonic() + 10
-    while not node.engine_runs() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (first,) = node.engine_runs()
+    (first,) = wait_until(node.engine_runs, 10, "the engine to start")
     postgres.restart(down_seconds=5.0)  # longer than the 3 s lease: the node cannot prove the job is its own
     assert not alive(first["pid"]), "the engine of an abandoned job must be stopped"
     assert "abandon" in node.log()
@@ -306,10 +291,11 @@ def test_a_webhook_is_sent_once_across_the_cluster(cluster):
         api.api("DELETE", f"/transcription/{canceled}")
         for job_id in ids:
             api.wait_status(job_id)
-        deadline = time.monotonic() + 15
-        while len(receiver.calls) < 7 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)  # a second copy, were there one, would arrive by now
+        # Each notice is recorded (webhook-delivered) after its POST was answered: once every job
+        # has its record, every copy that was sent has arrived, and a second copy would have a
+        # second record.
+        wait_until(lambda: all("webhook-delivered" in events_of(api, job_id) for job_id in ids + [canceled]), 15,
+                   "every job's notice to be recorded")
         paths = sorted(call["path"] for call in receiver.calls)
         assert paths == sorted([f"/hook/{i}" for i in range(6)] + ["/hook/c"])
         for job_id in ids + [canceled]:

@@ -64,3 +64,62 @@ def test_every_relative_link_in_the_docs_points_to_a_file():
             if "://" in target:
                 continue
             assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)} links to {target}, which is not there"
+
+
+def architecture_map() -> dict[str, int]:
+    """Every path docs/architecture.md's module map names (relative to the repository), with its line."""
+    text = (DOCS / "architecture.md").read_text()
+    section = text[text.index("## Module map"):]
+    block = section[section.index("```\n") + 4:section.index("```\n", section.index("```\n") + 4)]
+    named: dict[str, int] = {}
+    folders: list[tuple[int, str]] = []  # (indent, path) of the folders above the current line
+    for number, line in enumerate(block.splitlines(), 1):
+        if not line.strip() or line.startswith(" " * 28):
+            continue  # a description's continuation
+        indent = len(line) - len(line.lstrip())
+        while folders and folders[-1][0] >= indent:
+            folders.pop()
+        name = line.split()[0]
+        if not re.fullmatch(r"[\w.]+(/[\w.]+)*/?", name) or name == "...":
+            continue
+        path = (folders[-1][1] if folders else "") + name
+        named[path] = number
+        if name.endswith("/"):
+            folders.append((indent, path))
+    return named
+
+
+def test_every_path_the_architecture_map_names_exists():
+    named = architecture_map()
+    assert len(named) > 50
+    missing = [path for path in named if not (REPO / path).exists()]
+    assert not missing, f"docs/architecture.md names what the tree does not have: {missing}"
+
+
+def test_every_module_is_in_the_architecture_map():
+    named = architecture_map()
+    modules = sorted(str(path.relative_to(REPO)) for path in (REPO / "whisperd").rglob("*.py")
+                     if "__pycache__" not in path.parts)
+    absent = [module for module in modules if module not in named]
+    assert not absent, f"docs/architecture.md's module map leaves out {absent}: add a line for each"
+
+
+def test_no_module_cites_a_file_the_repository_does_not_have():
+    for path in (REPO / "whisperd").rglob("*.py"):
+        for cited in re.findall(r"\b([A-Z][A-Z_]+\.md)\b", path.read_text()):
+            assert (REPO / cited).exists() or (DOCS / cited).exists(), f"{path.relative_to(REPO)} cites {cited}"
+
+
+def test_every_environment_variable_the_server_reads_is_documented():
+    from whisperd.config import SETTINGS
+    from whisperd.configdoc import FOREIGN_ENVIRONMENT
+    from whisperd.engines.base import PASSED_ENV, PASSED_PREFIXES
+
+    documented = {setting.name for setting in SETTINGS}
+    documented |= {name for names, _ in FOREIGN_ENVIRONMENT for name in names.split(", ")}
+    read = set(PASSED_ENV) | {prefix + "*" for prefix in PASSED_PREFIXES}
+    for path in (REPO / "whisperd").rglob("*.py"):
+        read |= set(re.findall(r"""(?:environ\.get\(|environ\[|getenv\()["']([A-Z][A-Z0-9_]+)["']""", path.read_text()))
+    assert {"HF_HOME", "HF_HUB_CACHE"} <= read
+    undocumented = sorted(read - documented)
+    assert not undocumented, f"read by the server but documented nowhere (configdoc.FOREIGN_ENVIRONMENT): {undocumented}"

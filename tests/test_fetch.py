@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO, free_port, make_wav
 from whisperd import urlpolicy
+from whisperd.errors import Kind
 from whisperd.fetch import FetchError, MediaFetcher
 from whisperd.urlpolicy import PolicyError
 
@@ -296,6 +297,6 @@ def test_in_process_fetch_errors_are_fetch_errors(tmp_path, media):
         assert path.read_bytes() == media.audio and size == len(media.audio) and name == "audio.wav"
         with pytest.raises(FetchError) as too_big:
             await fetcher.fetch(media.url("/big-chunked.wav"), tmp_path / "big")
-        assert too_big.value.status == 413
+        assert too_big.value.kind is Kind.TOO_LARGE
 
     asyncio.run(scenario())

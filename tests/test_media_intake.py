@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import JFK, JFK_TEXT, REPO, TOKEN, alive, make_wav, words
+from conftest import JFK, JFK_TEXT, REPO, TOKEN, alive, make_wav, wait_until, words
 
 # -- helpers ------------------------------------------------------------------------------------
 
@@ -65,14 +65,11 @@ def post_file(server, name: str, content: bytes, token: str = TOKEN, timeout: fl
 
 def no_job_and_no_upload(server, ignore: tuple[str, ...] = ()) -> None:
     assert server.rows("SELECT id FROM jobs") == []
-    deadline = time.monotonic() + 3
-    left = None
-    while time.monotonic() < deadline:
-        left = [p for p in server.job_files() if not any(p.startswith(str(i)) for i in ignore)]
-        if not left:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"left on disk: {left}")
+
+    def left() -> list[str]:
+        return [p for p in server.job_files() if not any(p.startswith(str(i)) for i in ignore)]
+
+    wait_until(lambda: not left(), 3, "no file of the refused upload left on disk")
 
 
 def incoming(server) -> list[str]:
@@ -374,7 +371,7 @@ def test_a_trickling_body_is_cut_and_its_slot_freed(make_server):
     try:
         for _ in range(15):  # 50 bytes a second, far below 2000
             sock.sendall(b"\1" * 10)
-            time.sleep(0.2)
+            time.sleep(0.2)  # the trickling client itself, not a wait
     except (BrokenPipeError, ConnectionResetError):
         pass
     status, data = read_answer(sock, timeout=5)
@@ -390,7 +387,7 @@ def test_one_address_cannot_hold_every_upload_slot(make_server):
     server = make_server(WHISPER_MAX_PENDING_UPLOADS="4", WHISPER_UPLOAD_MIN_BYTES_PER_SECOND="0")
     held = [slow_upload(server) for _ in range(2)]  # the default share: half of 4
     try:
-        time.sleep(0.3)
+        wait_until(lambda: len(incoming(server)) >= 2, 10, "the two slow uploads to hold their slots")
         response = server.submit(diarize="false")
         assert response.status_code == 429 and response.headers["Retry-After"] == "5"
         assert "this client address already has 2 uploads in progress" in response.json()["error"]
@@ -401,10 +398,7 @@ def test_one_address_cannot_hold_every_upload_slot(make_server):
     finally:
         for sock in held:
             sock.close()
-    deadline = time.monotonic() + 5
-    while server.submit(diarize="false").status_code != 202:
-        assert time.monotonic() < deadline, "slots not given back"
-        time.sleep(0.1)
+    wait_until(lambda: server.submit(diarize="false").status_code == 202, 5, "the slots to be given back")
 
 
 # -- token failures -----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_wav
+from conftest import make_wav, wait_until
 
 
 def scrape(server, **kwargs) -> dict[tuple[str, tuple], float]:
@@ -63,9 +63,8 @@ def test_health_fails_while_the_ledger_cannot_be_written(server):
     assert response.status_code == 503
     assert response.json()["checks"]["ledger"].startswith("ledger not writable")
     # The probe was left to finish, not cut off: the ledger's writer is still usable.
-    time.sleep(0.5)
-    again = server.api("GET", "/health", token=None)
-    assert again.status_code == 200, again.text
+    wait_until(lambda: server.api("GET", "/health", token=None).status_code == 200, 10,
+               "/health to be 200 again once the lock is let go")
     job_id = server.submit_ok(diarize="false")
     assert server.wait_status(job_id)["status"] == "Completed"
 
@@ -100,11 +99,14 @@ def test_metrics_count_jobs_engine_exits_uploads_and_requests(server):
     assert value(samples, "whisperd_jobs", status="Failed") == 1
     server.api("DELETE", f"/transcription/{waiting}")
     server.api("DELETE", f"/transcription/{queued_behind}")
-    time.sleep(0.6)  # one lag sample per 0.5 s
-    later = scrape(server)
-    assert value(later, "whisperd_ioloop_lag_seconds_count") >= 1
-    assert value(later, "whisperd_jobs_finished_total", status="Canceled") >= 1
-    assert value(later, "whisperd_queue_depth") == 0
+
+    def settled() -> bool:  # a lag sample (one per 0.5 s), the cancels counted, the queue empty
+        later = scrape(server)
+        return (value(later, "whisperd_ioloop_lag_seconds_count") >= 1
+                and value(later, "whisperd_jobs_finished_total", status="Canceled") >= 1
+                and value(later, "whisperd_queue_depth") == 0)
+
+    wait_until(settled, 10, "a lag sample, the cancels counted and the queue empty")
 
 
 def test_metrics_needs_a_token_when_configured(make_server):

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from conftest import JFK, make_wav
+from whisperd.errors import Kind
 from whisperd.probe import ProbeRefused, probe
 
 
@@ -37,11 +38,11 @@ def test_a_playlist_is_named_and_refused_without_being_opened(tmp_path):
     playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:20\n#EXTINF:11,\n{JFK}\n#EXT-X-ENDLIST\n")
     with pytest.raises(ProbeRefused) as refused:
         probe("ffprobe", playlist)
-    assert refused.value.status == 415
+    assert refused.value.kind is Kind.UNSUPPORTED_MEDIA
     assert refused.value.found.startswith("hls, a playlist")
 
 
 def test_a_missing_ffprobe_is_503(tmp_path):
     with pytest.raises(ProbeRefused) as refused:
         probe("/nonexistent/ffprobe", make_wav(tmp_path / "a.wav"))
-    assert refused.value.status == 503
+    assert refused.value.kind is Kind.UNAVAILABLE

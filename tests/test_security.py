@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Server
-from whisperd.tokens import RECHECK_SECONDS
+from whisperd.identity.tokens import RECHECK_SECONDS
 
 TOKEN_SHAPE = re.compile(r"^wd_[0-9a-f]{8}_[0-9a-f]{48}$")
 
@@ -131,7 +131,7 @@ def test_site_validator_is_pluggable(secure, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "mysite_auth.py").write_text(
-        "from whisperd.auth import Identity\n"
+        "from whisperd.identity.auth import Identity\n"
         "async def check(token):\n"
         "    return {'alice-secret': 'alice', 'root-secret': Identity('root', admin=True)}.get(token)\n"
     )

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import JFK, REPO, TOKEN, make_wav
 from whisperd.formats import render
-from whisperd.tokens import RECHECK_SECONDS
+from whisperd.identity.tokens import RECHECK_SECONDS
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "artifacts"

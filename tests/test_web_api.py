@@ -10,12 +10,13 @@ import uuid
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, wait_until
 
 
-def read_events(server, job_id: str, timeout: float = 30) -> list[dict]:
-    """Every `status` event of the stream, in order, read until the server ends it."""
-    events = []
+def read_events(server, job_id: str, timeout: float = 30, events: list | None = None) -> list[dict]:
+    """Every `status` event of the stream, in order, read until the server ends it (appended to
+    `events` as they come, for a test that acts on the first)."""
+    events = [] if events is None else events
     with server.api("GET", f"/transcription/{job_id}/events", stream=True, timeout=timeout) as response:
         assert response.status_code == 200, response.text
         assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -73,17 +74,16 @@ def test_progress_comes_from_the_engine_and_is_written_at_most_once_a_second(mak
     server = make_server(FAKE_WHISPERX_SLOW_SECONDS="4")
     job_id = server.submit_ok(diarize="false", prompt="fake:slow")
     changes = []  # (time, progress, stage) each time the status changed
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+
+    def completed() -> bool:  # noting each change of the status on the way
         body = server.status(job_id).json()
-        if body["status"] == "Completed":
-            break
         if body["status"] == "Processing":
             seen = (body["progress"], body["stage"])
             if not changes or changes[-1][1:] != seen:
                 changes.append((time.monotonic(), *seen))
-        time.sleep(0.02)
-    assert body["status"] == "Completed"
+        return body["status"] == "Completed"
+
+    wait_until(completed, 20, "the job to complete", poll=0.02)
     assert changes[0][1:] == (0.0, "starting")
     moving = [c for c in changes if c[2] == "transcribing"]
     # The fake engine prints 10 %, 20 %, ... every 0.4 s; the ledger keeps one every second.
@@ -117,13 +117,13 @@ def test_events_show_the_queue_then_a_cancel(make_server):
     server = make_server(FAKE_WHISPERX_SLOW_SECONDS="3")
     running = server.submit_ok(diarize="false", prompt="fake:slow")
     queued = server.submit_ok(diarize="false")
-    found = {}
-    reader = threading.Thread(target=lambda: found.setdefault("events", read_events(server, queued)))
+    events: list[dict] = []
+    reader = threading.Thread(target=read_events, args=(server, queued), kwargs={"events": events})
     reader.start()
-    time.sleep(0.8)
+    wait_until(lambda: events, 15, "the stream's first event")  # the stream is open: the cancel will be seen
     assert server.api("DELETE", f"/transcription/{queued}").status_code == 200
     reader.join(15)
-    events = found["events"]
+    assert not reader.is_alive()
     assert events[0] == {"id": 1, "status": "Queued", "queue_position": 1}
     assert events[-1]["status"] == "Canceled" and "canceled" in events[-1]["data"]
     server.api("DELETE", f"/transcription/{running}")

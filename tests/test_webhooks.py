@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, wait_until
 from whisperd.jobs import Job
 from whisperd.urlpolicy import HostPolicy, PolicyError, check_url, resolve_checked
 
@@ -59,10 +59,7 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def wait_calls(self, count: int, timeout: float = 15.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and len(self.calls) < count:
-            time.sleep(0.05)
-        assert len(self.calls) >= count, f"{len(self.calls)} calls, wanted {count}"
+        wait_until(lambda: len(self.calls) >= count, timeout, f"{count} calls (have {len(self.calls)})")
         return self.calls
 
     def close(self) -> None:
@@ -84,16 +81,13 @@ def receiver():
 
 
 def webhook_events(server, job_id, wanted: int, timeout: float = 15.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    rows = []
-    while time.monotonic() < deadline:
-        rows = [dict(r) for r in server.rows(
+    def rows() -> list[dict]:
+        found = [dict(r) for r in server.rows(
             "SELECT event, detail, actor FROM job_events WHERE job_id=? AND event LIKE 'webhook-%' ORDER BY id",
             (job_id,))]
-        if len(rows) >= wanted:
-            return rows
-        time.sleep(0.05)
-    raise AssertionError(f"webhook events: {rows}")
+        return found if len(found) >= wanted else []
+
+    return wait_until(rows, timeout, f"{wanted} webhook event(s) of job {job_id}")
 
 
 def barrier(server, hook) -> None:
@@ -299,7 +293,12 @@ def test_send_time_check_refuses_a_host_that_now_resolves_to_loopback(receiver):
         with pytest.raises(PolicyError):
             await resolve_checked(sender.policy, "localhost", hook.port)
         sender.job_ended(job)
-        await asyncio.sleep(0.5)
+        # The refusal is recorded once the name is resolved: wait for the record itself.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not ledger.events:
+            assert loop.time() < deadline, "the refusal was never recorded"
+            await asyncio.sleep(0.01)
         await sender.stop()
 
     asyncio.run(go())

@@ -163,8 +163,8 @@ def test_concurrent_jobs_share_one_worker(worker_server):
     ids = [server.submit_ok(prompt="fake:slow", diarize="false") for _ in range(2)]
     for job_id in ids:
         assert server.wait_status(job_id)["status"] == "Completed"
-    # Side by side: each started before the other finished (the speed-up is measured in
-    # bench/latency_bounds.py, not asserted here).
+    # Side by side: each started before the other finished (the speed-up is measured by
+    # bench/worker_concurrency.py, not asserted here).
     first, second = (server.rows("SELECT started_at, finished_at FROM jobs WHERE id=?", (j,))[0] for j in ids)
     assert first["started_at"] < second["finished_at"] and second["started_at"] < first["finished_at"]
     (worker,) = workers(server)

@@ -10,20 +10,20 @@ from tornado.web import Application, RequestHandler
 from . import metrics
 from .handlers.base import NotFoundHandler
 from .handlers.ops import HealthHandler, MetricsHandler, OpenApiHandler
-from .handlers.openai import ModelsHandler, OpenAITranscriptionHandler, OpenAITranslationHandler
+from .handlers.openai import OpenAIModelsHandler, OpenAITranscriptionHandler, OpenAITranslationHandler
 from .handlers.events import JobEventsHandler
-from .handlers.models import ModelsHandler as PageModelsHandler
+from .handlers.models import PageModelsHandler
 from .handlers.status import StatusHandler
 from .handlers.tenants import UsageHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
-from .handlers.tus import UploadHandler, UploadsHandler
+from .handlers.tus import TusCreationHandler, TusUploadHandler
 from .handlers.web import WebFileHandler
 from .service import Service
-from .uploads import FORM_OVERHEAD
+from .multipart import FORM_OVERHEAD
 
 access_log = logging.getLogger("whisperd.access")
 JOB_ID = r"([^/]+)"
-CHUNK_SIZE = 1024 * 1024  # 64 KiB chunks cost ~25% upload throughput (DESIGN.md)
+CHUNK_SIZE = 1024 * 1024  # Tornado's 64 KiB: 677 MiB/s on a 512 MiB upload; 1 MiB: 846 MiB/s, for 2-4 MiB more memory
 
 
 def log_request(handler: RequestHandler) -> None:
@@ -43,14 +43,14 @@ ROUTES = [
     (r"/status/?", StatusHandler),
     (r"/v1/audio/transcriptions/?", OpenAITranscriptionHandler),
     (r"/v1/audio/translations/?", OpenAITranslationHandler),
-    (r"/v1/models/?", ModelsHandler),
+    (r"/v1/models/?", OpenAIModelsHandler),
     (r"/openapi.json", OpenApiHandler),
     (r"/health/?", HealthHandler),
     (r"/metrics/?", MetricsHandler),
     (rf"/transcription/{JOB_ID}/events/?", JobEventsHandler),
     (r"/models/?", PageModelsHandler),
-    (r"/uploads/?", UploadsHandler),
-    (rf"/uploads/{JOB_ID}/?", UploadHandler),
+    (r"/uploads/?", TusCreationHandler),
+    (rf"/uploads/{JOB_ID}/?", TusUploadHandler),
     (r"/usage/?", UsageHandler),
 ]
 

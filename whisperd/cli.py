@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import sys
 
-from . import config as config_module, configdoc, ledger, limits, server, tokens
+from . import config as config_module, configdoc, ledger, server
+
+from .identity import limits, tokens
 from .jobs import now_iso
 
 

@@ -35,6 +35,41 @@ from (default, environment, or the file's path).
 """
 
 
+# The environment whisperd reads (or hands to the engine) besides its settings: the file's name,
+# and what belongs to other tools. tests/test_docs.py checks that every variable the code reads is a setting or here.
+FOREIGN_ENVIRONMENT = (
+    ("WHISPER_API_CONF", "the configuration file to read instead of `whisper_api.conf` beside `whisperd.py`"),
+    ("HF_HOME", "Hugging Face's cache root (default `~/.cache/huggingface`): where the server looks for "
+                "cached alignment and diarization models, and passed to the engine"),
+    ("HF_HUB_CACHE", "Hugging Face's model cache (default `$HF_HOME/hub`): searched like `HF_HOME`, passed to "
+                     "the engine"),
+    ("HF_HUB_OFFLINE", "`1` (or `true`) makes `WHISPER_OFFLINE=auto` mean offline"),
+    ("TORCH_HOME", "torch's cache (default `~/.cache/torch`): searched for cached alignment models, passed to "
+                   "the engine"),
+    ("PATH, HOME, USER, LOGNAME, LANG, LC_ALL, LC_CTYPE, TZ, TMPDIR, XDG_DATA_HOME, XDG_CACHE_HOME, "
+     "CUDA_VISIBLE_DEVICES, LD_LIBRARY_PATH, OMP_NUM_THREADS, WHISPERX_VENV, WHISPERX_*",
+     "passed to the engine unchanged (nothing else of the server's environment is)"),
+    ("PROMETHEUS_MULTIPROC_DIR", "set by the server to `WHISPER_METRICS_DIR` for prometheus-client; not read"),
+    ("WHISPERD_WORKER_JOBS, WHISPERD_WORKER_MAX_MODELS, WHISPERD_WORKER_IDLE_SECONDS",
+     "set by the server for its warm engine worker, from the settings above"),
+    ("WHISPERD_DECODER_MEMORY_BYTES", "set by the server for its warm decoder processes, from "
+                                      "`WHISPER_DECODER_MEMORY_MB`"),
+    ("WHISPERD_CRASH_AT, WHISPERD_FAIL_AT, WHISPERD_CLOCK_OFFSET_FILE, FAKE_WHISPERX_*",
+     "hooks of the test suite (a crash point, a failure point, a moved clock, the fake engine's modes); never "
+     "set them in production"),
+)
+FOREIGN_HEADER = """
+## Environment the server reads besides the settings
+
+These are not settings (not in the file, no default of ours): besides the file's own name,
+they belong to other tools, and whisperd reads them, or hands them to the engine, as those
+tools define them.
+
+| Variable | Meaning |
+|---|---|
+"""
+
+
 def _shown_default(value: Any) -> str:
     if value is None or value == "":
         return "*(empty)*"
@@ -49,7 +84,8 @@ def render_markdown() -> str:
         notes = [note for note, on in (("path", setting.path), ("secret", setting.secret)) if on]
         meaning = setting.help.replace("|", "\\|") + (f" *({', '.join(notes)})*" if notes else "")
         rows.append(f"| `{setting.name}` | {_shown_default(setting.default)} | {meaning} |")
-    return HEADER + "\n".join(rows) + "\n"
+    foreign = [f"| `{'`, `'.join(name.split(', '))}` | {meaning} |" for name, meaning in FOREIGN_ENVIRONMENT]
+    return HEADER + "\n".join(rows) + "\n" + FOREIGN_HEADER + "\n".join(foreign) + "\n"
 
 
 def effective(config: Config) -> list[tuple[str, str, str]]:

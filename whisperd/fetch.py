@@ -25,6 +25,7 @@ from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
 
+from .errors import Kind, ServiceError
 from .config import Config
 from .jobfiles import UPLOAD_NAME, display_name
 from .integers import BadInteger, strict_int
@@ -38,13 +39,8 @@ FIELD = "url"
 CREDENTIALS_HINT = "put a token the media's server accepts in the URL's query instead, or upload the file"
 
 
-class FetchError(Exception):
-    """The fetch did not give us a file: HTTP status for the client and a message that says why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class FetchError(ServiceError):
+    """The fetch did not give us a file: the Kind of refusal and a message that says why."""
 
 
 def fetch_policy(config: Config) -> HostPolicy:
@@ -88,11 +84,11 @@ class _Body(httputil.HTTPMessageDelegate):
         try:
             self.declared = strict_int(length, "Content-Length")
         except BadInteger:
-            self._stop(FetchError(502, f"the media's server sent a Content-Length that is not a number "
+            self._stop(FetchError(Kind.UPSTREAM_FAILED, f"the media's server sent a Content-Length that is not a number "
                                        f"({length[:40]!r}) for {shown(self.url)}"))
             return
         if self.code == 200 and self.declared > self.max_bytes:
-            self._stop(FetchError(413, f"the media at {shown(self.url)} is {length} bytes, larger than "
+            self._stop(FetchError(Kind.TOO_LARGE, f"the media at {shown(self.url)} is {length} bytes, larger than "
                                        f"{self.limit_name} ({self.max_bytes} bytes)"))
         elif self.code == 200:
             self.rate.declared = self.declared
@@ -104,14 +100,14 @@ class _Body(httputil.HTTPMessageDelegate):
         self.received += len(chunk)
         self.rate.add(len(chunk))
         if self.received > self.max_bytes:
-            self._stop(FetchError(413, f"the media at {shown(self.url)} is larger than {self.limit_name} "
+            self._stop(FetchError(Kind.TOO_LARGE, f"the media at {shown(self.url)} is larger than {self.limit_name} "
                                        f"({self.max_bytes} bytes); the fetch was stopped there"))
             return
         try:
             self.sink.write(chunk)  # small sequential writes, as for uploads
         except OSError as exc:
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            self._stop(FetchError(507 if full else 500, "the server's upload disk is full; try again later" if full
+            self._stop(FetchError(Kind.STORAGE_FULL if full else Kind.INTERNAL, "the server's upload disk is full; try again later" if full
                                   else f"could not write the fetched media: {exc.strerror}"))
 
     def _stop(self, error: FetchError) -> None:
@@ -163,18 +159,18 @@ class MediaFetcher:
                 path.unlink(missing_ok=True)
                 location = body.headers.get("Location")
                 if not location:
-                    raise FetchError(502, f"{shown(url)} answered HTTP {body.code} without a Location")
+                    raise FetchError(Kind.UPSTREAM_FAILED, f"{shown(url)} answered HTTP {body.code} without a Location")
                 if hop == MAX_REDIRECTS:
-                    raise FetchError(400, f"url: more than {MAX_REDIRECTS} redirects, starting at {shown(url)}")
+                    raise FetchError(Kind.INVALID, f"url: more than {MAX_REDIRECTS} redirects, starting at {shown(url)}")
                 url = urljoin(url, location.strip())
                 continue
             if body.code != 200:
                 path.unlink(missing_ok=True)
-                status = 400 if 400 <= body.code < 500 else 502
-                raise FetchError(status, f"the media's server answered HTTP {body.code} for {shown(url)}")
+                kind = Kind.INVALID if 400 <= body.code < 500 else Kind.UPSTREAM_FAILED
+                raise FetchError(kind, f"the media's server answered HTTP {body.code} for {shown(url)}")
             if body.received == 0:
                 path.unlink(missing_ok=True)
-                raise FetchError(400, f"the media at {shown(url)} is empty")
+                raise FetchError(Kind.INVALID, f"the media at {shown(url)} is empty")
             return path, body.received, display_name(name)
         raise AssertionError("unreachable")
 
@@ -184,7 +180,7 @@ class MediaFetcher:
         tls = ssl.create_default_context() if scheme == "https" else None
         connect_for = min(self.connect_timeout, deadline - loop.time())
         if connect_for <= 0:
-            raise FetchError(504, f"fetching the media took longer than WHISPER_FETCH_TIMEOUT_SECONDS "
+            raise FetchError(Kind.TIMED_OUT, f"fetching the media took longer than WHISPER_FETCH_TIMEOUT_SECONDS "
                                   f"({self.total_timeout:g} s)")
         try:
             stream = await self._tcp.connect(host, port, ssl_options=tls, timeout=connect_for,
@@ -192,9 +188,9 @@ class MediaFetcher:
         except PolicyError:
             raise
         except asyncio.TimeoutError:
-            raise FetchError(504, f"could not connect to {shown(url)} within {connect_for:g} s") from None
+            raise FetchError(Kind.TIMED_OUT, f"could not connect to {shown(url)} within {connect_for:g} s") from None
         except (OSError, StreamClosedError, ssl.SSLError) as exc:
-            raise FetchError(502, f"could not connect to {shown(url)}: {_why(exc)}") from None
+            raise FetchError(Kind.UPSTREAM_FAILED, f"could not connect to {shown(url)}: {_why(exc)}") from None
         parts = urlsplit(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         connection = HTTP1Connection(stream, True, HTTP1ConnectionParameters(
@@ -237,8 +233,8 @@ class MediaFetcher:
             if body.error is not None:
                 raise body.error from None
             if slow:
-                raise FetchError(504, slow[0]) from None
-            raise FetchError(502, f"fetching {shown(url)} broke: {_why(exc)}") from None
+                raise FetchError(Kind.TIMED_OUT, slow[0]) from None
+            raise FetchError(Kind.UPSTREAM_FAILED, f"fetching {shown(url)} broke: {_why(exc)}") from None
         except asyncio.CancelledError:
             stream.close()
             raise
@@ -248,11 +244,11 @@ class MediaFetcher:
         if body.error is not None:
             raise body.error
         if slow:
-            raise FetchError(504, slow[0])
+            raise FetchError(Kind.TIMED_OUT, slow[0])
         if timed_out:
-            raise FetchError(504, timed_out)
+            raise FetchError(Kind.TIMED_OUT, timed_out)
         if not complete or not body.code:
-            raise FetchError(502, f"fetching {shown(url)} broke: the connection ended before the whole "
+            raise FetchError(Kind.UPSTREAM_FAILED, f"fetching {shown(url)} broke: the connection ended before the whole "
                                   f"response came ({body.received} bytes received)")
         return body
 

@@ -8,7 +8,7 @@ from .config import DEVICES, OUTPUT_FORMATS, Config, parse_bool
 from .fetch import CREDENTIALS_HINT, FIELD
 from .languages import AUTO, WHISPER_LANGUAGES
 from .models import TASKS, installed_models, is_valid_name, local_model_dir, model_info, refusal
-from .errors import ServiceError
+from .errors import Kind, ServiceError
 from .integers import integer_input
 from .urlpolicy import PolicyError, check_url
 
@@ -42,13 +42,13 @@ def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
     try:
         return parse_bool(fields[name])
     except ValueError:
-        raise ServiceError(400, f"'{name}' must be true or false (also 1/0, yes/no), got {fields[name][:40]!r}") from None
+        raise ServiceError(Kind.INVALID, f"'{name}' must be true or false (also 1/0, yes/no), got {fields[name][:40]!r}") from None
 
 
 def _closed(fields: dict[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
     value = fields.get(name, "").strip().lower() or default
     if value not in allowed:
-        raise ServiceError(400, f"'{name}' must be one of {', '.join(allowed)}, got {value[:40]!r}")
+        raise ServiceError(Kind.INVALID, f"'{name}' must be one of {', '.join(allowed)}, got {value[:40]!r}")
     return value
 
 
@@ -66,28 +66,28 @@ def cli_cannot_translate(config: Config, language: str, task: str) -> str | None
 def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> JobRequest:
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise ServiceError(400, f"unknown form field '{unknown[0]}'; the fields are: {', '.join(FIELDS)}")
+        raise ServiceError(Kind.INVALID, f"unknown form field '{unknown[0]}'; the fields are: {', '.join(FIELDS)}")
 
     language = fields.get("language", "").strip().lower() or config.WHISPER_DEFAULT_LANGUAGE
     if language != AUTO and language not in WHISPER_LANGUAGES:
-        raise ServiceError(400, f"'language' must be a Whisper language code such as en, fr, de (or 'auto'), got {language[:40]!r}")
+        raise ServiceError(Kind.INVALID, f"'language' must be a Whisper language code such as en, fr, de (or 'auto'), got {language[:40]!r}")
 
     model = fields.get("model", "").strip() or config.WHISPER_DEFAULT_MODEL
     if not is_valid_name(model):
-        raise ServiceError(400, "'model' may contain only letters, digits, '.', '-' and '_' (no '..')")
+        raise ServiceError(Kind.INVALID, "'model' may contain only letters, digits, '.', '-' and '_' (no '..')")
     if offline and local_model_dir(config.WHISPER_MODELS_DIR, model) is None:
         have = ", ".join(installed_models(config.WHISPER_MODELS_DIR)) or "none"
-        raise ServiceError(400, f"model '{model}' is not installed and this server cannot download models; installed: {have}")
+        raise ServiceError(Kind.INVALID, f"model '{model}' is not installed and this server cannot download models; installed: {have}")
 
     task = _closed(fields, "task", "transcribe", TASKS)
     why_not = refusal(model_info(config.WHISPER_MODELS_DIR, model), language, task) or \
         cli_cannot_translate(config, language, task)
     if why_not:
-        raise ServiceError(400, why_not)
+        raise ServiceError(Kind.INVALID, why_not)
 
     prompt = fields.get("prompt", "")
     if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
-        raise ServiceError(400, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters")
+        raise ServiceError(Kind.INVALID, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters")
 
     device_index = fields.get("device_index", "").strip() or config.WHISPER_DEVICE_INDEX
     device_number = integer_input(device_index, "'device_index'", maximum=999)
@@ -95,25 +95,25 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
     callback_url = fields.get("callback_url", "").strip() or None
     if callback_url is not None:
         if not config.WHISPER_WEBHOOK_SECRET:
-            raise ServiceError(400, "this server sends no webhooks (WHISPER_WEBHOOK_SECRET is not set); "
+            raise ServiceError(Kind.INVALID, "this server sends no webhooks (WHISPER_WEBHOOK_SECRET is not set); "
                                    "leave out 'callback_url' and poll the status URL")
         try:
             check_url(callback_url)
         except PolicyError as exc:
-            raise ServiceError(400, str(exc)) from None
+            raise ServiceError(Kind.INVALID, str(exc)) from None
 
     upload = fields.get("upload", "").strip() or None
     url = fields.get("url", "").strip() or None
     if upload is not None and url is not None:
-        raise ServiceError(400, "give one source of audio: 'file', 'upload' or 'url', not several")
+        raise ServiceError(Kind.INVALID, "give one source of audio: 'file', 'upload' or 'url', not several")
     if url is not None:
         if not config.WHISPER_FETCH_ENABLED:
-            raise ServiceError(400, "this server does not fetch URLs (WHISPER_FETCH_ENABLED=false); upload the file "
+            raise ServiceError(Kind.INVALID, "this server does not fetch URLs (WHISPER_FETCH_ENABLED=false); upload the file "
                                    "instead ('file', or a resumable upload at /uploads)")
         try:
             check_url(url, FIELD, CREDENTIALS_HINT)
         except PolicyError as exc:
-            raise ServiceError(400, str(exc)) from None
+            raise ServiceError(Kind.INVALID, str(exc)) from None
 
     return JobRequest(
         language=language,

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import Kind, ServiceError
 from .bounded import BoundedRun, RunCanceled, RunTimeout
 from .canonical_wav import (MAX_CHUNKS_BEFORE_DATA, FastPathStopped, FastPathTimeout, TooManyChunks,
                             copy_if_canonical)
@@ -49,7 +50,6 @@ BYTES_PER_SECOND = SAMPLE_RATE * 2  # mono, 16-bit
 WAV_HEADER = 44  # ffmpeg's wav muxer with bitexact and no metadata writes the plain header
 DECODE_BASE_SECONDS = 60.0
 DECODE_SECONDS_PER_AUDIO_SECOND = 0.1  # ffmpeg decodes audio hundreds of times faster than real time
-CLIENT_LEFT = 499  # IntakeError's status when stop() ended it: nobody is left to answer
 CANONICAL_FOUND = "already 16 kHz mono 16-bit PCM WAV"
 TOOLS_RECHECK_SECONDS = 5.0
 _TOOLS_SEEN: dict[tuple[str, str], tuple[float, bool]] = {}
@@ -59,13 +59,9 @@ FORMATS = ",".join(sorted(ALLOWED_FORMATS))
 _DECODER_CHOSEN: dict[tuple, bool] = {}
 
 
-class IntakeError(Exception):
-    """The file is not accepted: HTTP status and a message for the client (no server paths)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class IntakeError(ServiceError):
+    """The file is not accepted: the Kind of refusal and a message for the client (no server paths);
+    Kind.CLIENT_LEFT when stop() ended it and nobody is left to answer."""
 
 
 @dataclass(frozen=True)
@@ -133,14 +129,14 @@ class Intake:
         try:
             probed = probe(self.ffprobe, path, self._run)
         except ProbeRefused as exc:
-            if exc.status == 503:
-                raise IntakeError(503, f"the server cannot check uploads now: ffprobe found {exc.found}") from None
-            raise IntakeError(exc.status, f"the uploaded file '{shown_name}' is not audio or video with sound: "
+            if exc.kind is Kind.UNAVAILABLE:
+                raise IntakeError(Kind.UNAVAILABLE, f"the server cannot check uploads now: ffprobe found {exc.found}") from None
+            raise IntakeError(exc.kind, f"the uploaded file '{shown_name}' is not audio or video with sound: "
                                           f"ffprobe found {exc.found}. Accepted: {ACCEPTED_TEXT}") from None
         except RunCanceled:
-            raise IntakeError(CLIENT_LEFT, "the client left") from None
+            raise IntakeError(Kind.CLIENT_LEFT, "the client left") from None
         if self.max_seconds and probed.duration is not None and probed.duration > self.max_seconds:
-            raise IntakeError(413, self._too_long(shown_name, probed.duration, exact=True))
+            raise IntakeError(Kind.TOO_LARGE, self._too_long(shown_name, probed.duration, exact=True))
         self._decode(path, out, probed.demuxer, probed.duration, shown_name)
         seconds = max(0.0, (out.stat().st_size - WAV_HEADER) / BYTES_PER_SECOND)
         return self._checked(out, seconds, probed.format_name, f"ffprobe found {probed.found}", shown_name)
@@ -158,13 +154,13 @@ class Intake:
             frames = copy_if_canonical(path, out, max_frames, stopped=self._canceled.is_set,
                                        deadline=time.monotonic() + timeout)
         except TooManyChunks:
-            raise IntakeError(415, f"the uploaded file '{shown_name}' is a WAV with more than "
+            raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the uploaded file '{shown_name}' is a WAV with more than "
                                    f"{MAX_CHUNKS_BEFORE_DATA} chunks before its audio; a real recording has a "
                                    "handful (re-save it, or send another format)") from None
         except FastPathStopped:
             raise IntakeError(CLIENT_LEFT, "the client left") from None
         except FastPathTimeout:
-            raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded within {timeout:.0f} s") from None
+            raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the audio of '{shown_name}' could not be decoded within {timeout:.0f} s") from None
         except OSError as exc:
             out.unlink(missing_ok=True)
             raise IntakeError(*_disk_error(exc)) from None
@@ -181,7 +177,7 @@ class Intake:
                     probed = decoder.ask({"op": "probe", "path": str(path.resolve()), "formats": FORMATS},
                                          PROBE_TIMEOUT_SECONDS, self._canceled)
                 except DecoderTimeout:
-                    raise IntakeError(415, f"the uploaded file '{shown_name}' is not audio or video with sound: "
+                    raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the uploaded file '{shown_name}' is not audio or video with sound: "
                                            f"nothing the decoder could read within {PROBE_TIMEOUT_SECONDS:.0f} s. "
                                            f"Accepted: {ACCEPTED_TEXT}") from None
                 if not probed.get("ok") or not probed.get("audio"):
@@ -189,7 +185,7 @@ class Intake:
                 duration = probed.get("duration")
                 if self.max_seconds and duration is not None and duration > self.max_seconds:
                     decoder.ask({"op": "close"}, PROBE_TIMEOUT_SECONDS, None)  # it kept the file open for a decode
-                    raise IntakeError(413, self._too_long(shown_name, duration, exact=True))
+                    raise IntakeError(Kind.TOO_LARGE, self._too_long(shown_name, duration, exact=True))
                 basis = duration if duration is not None else (self.max_seconds or UNKNOWN_DURATION)
                 timeout = decode_timeout(basis)
                 # A second past the limit, as ffmpeg's -t: enough to tell "longer" from "exactly the limit".
@@ -200,7 +196,7 @@ class Intake:
                                            "max_frames": max_frames}, timeout, self._canceled)
                 except DecoderTimeout:
                     out.unlink(missing_ok=True)
-                    raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded within "
+                    raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the audio of '{shown_name}' could not be decoded within "
                                            f"{timeout:.0f} s") from None
                 if not decoded.get("ok") or not decoded.get("frames"):
                     out.unlink(missing_ok=True)
@@ -211,7 +207,7 @@ class Intake:
         except DecoderCrashed as exc:
             out.unlink(missing_ok=True)
             log.warning("intake %s: warm decoder killed: %s", out.parent.name, exc)
-            raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded: the decoder crashed or "
+            raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the audio of '{shown_name}' could not be decoded: the decoder crashed or "
                                    f"ran out of memory on it (WHISPER_DECODER_MEMORY_MB)") from None
         except DecoderUnavailable as exc:
             log.warning("intake %s: no warm decoder (%s): ffprobe and ffmpeg decide", out.parent.name, exc)
@@ -234,10 +230,10 @@ class Intake:
         """The canonical file's length against the limit; it goes when refused."""
         if self.max_seconds and seconds > self.max_seconds:
             out.unlink()
-            raise IntakeError(413, self._too_long(shown_name, seconds, exact=False))
+            raise IntakeError(Kind.TOO_LARGE, self._too_long(shown_name, seconds, exact=False))
         if seconds <= 0:
             out.unlink()
-            raise IntakeError(415, f"the uploaded file '{shown_name}' holds no audio samples ({found})")
+            raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the uploaded file '{shown_name}' holds no audio samples ({found})")
         log.debug("intake %s: %s, %.2f s", out.parent.name, found, seconds)
         return Media(format_name, seconds, out)
 
@@ -254,18 +250,18 @@ class Intake:
         try:
             done = self._run(argv, timeout, 0, cwd=str(out.parent))
         except RunTimeout:
-            raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded within {timeout:.0f} s") from None
+            raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the audio of '{shown_name}' could not be decoded within {timeout:.0f} s") from None
         except RunCanceled:
-            raise IntakeError(CLIENT_LEFT, "the client left") from None
+            raise IntakeError(Kind.CLIENT_LEFT, "the client left") from None
         except FileNotFoundError:
-            raise IntakeError(503, f"the server cannot decode uploads now: WHISPER_FFMPEG={self.ffmpeg} "
+            raise IntakeError(Kind.UNAVAILABLE, f"the server cannot decode uploads now: WHISPER_FFMPEG={self.ffmpeg} "
                                    "is not installed") from None
         if done.returncode != 0 or not out.is_file():
             reason = _last_line(done.stderr, (str(source.resolve()), str(out.resolve())))
             if "No space left on device" in reason:
                 out.unlink(missing_ok=True)
                 raise IntakeError(*_disk_error(OSError(errno.ENOSPC, reason)))
-            raise IntakeError(415, f"the audio of '{shown_name}' could not be decoded: {reason}")
+            raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the audio of '{shown_name}' could not be decoded: {reason}")
 
     def _too_long(self, shown_name: str, seconds: float, exact: bool) -> str:
         length = describe_seconds(seconds) if exact else f"more than {describe_seconds(self.max_seconds)}"
@@ -297,10 +293,10 @@ def warm_decoder_wanted(config: Config) -> bool:
     return chosen
 
 
-def _disk_error(exc: OSError) -> tuple[int, str]:
+def _disk_error(exc: OSError) -> tuple[Kind, str]:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return 507, "the server has no disk space left for this upload's audio; try again later"
-    return 500, f"the server could not write this upload's audio ({exc.strerror or 'I/O error'})"
+        return Kind.STORAGE_FULL, "the server has no disk space left for this upload's audio; try again later"
+    return Kind.INTERNAL, f"the server could not write this upload's audio ({exc.strerror or 'I/O error'})"
 
 
 def _last_line(stderr: str, paths: tuple[str, ...]) -> str:

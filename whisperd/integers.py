@@ -6,7 +6,7 @@ hide the standard library's numbers module.)"""
 
 from __future__ import annotations
 
-from .errors import ServiceError
+from .errors import Kind, ServiceError
 
 
 def is_ascii_number(text: str) -> bool:
@@ -44,4 +44,4 @@ def integer_input(text: str | None, name: str, maximum: int = MAX_INTEGER, minim
     try:
         return strict_int(text, name, maximum, minimum)
     except BadInteger as exc:
-        raise ServiceError(400, str(exc)) from None
+        raise ServiceError(Kind.INVALID, str(exc)) from None

@@ -9,6 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .clock import wall_time
+
 log = logging.getLogger("whisperd.files")
 
 STAGING = ".incoming"  # uploads in flight; a directory under it never has a job row
@@ -160,7 +162,7 @@ class JobFiles:
         until a later start; the decision is the ledger's, never "no process of mine uses it".
         """
         found = []
-        cutoff = time.time() - min_age_seconds
+        cutoff = wall_time() - min_age_seconds
         for root in (self.tmp_root, self.output_root):
             for entry in root.iterdir():
                 # Resumable uploads answer to their ledger rows: retention removes the orphans.
@@ -190,7 +192,7 @@ class JobFiles:
                 removed.append(str(entry))
                 continue
             if quarantine is None:
-                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall_time()))
                 quarantine = self.tmp_root / QUARANTINE / f"{stamp}-{os.getpid()}"
             side = quarantine / ("uploads" if entry.parent == self.tmp_root else "output")
             side.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
 from typing import Any, Mapping
+
+from .clock import now_iso  # noqa: F401  (the records' time stamps; the ledger imports it from here)
 
 ACTIVE = ("Queued", "Processing")
 TERMINAL = ("Completed", "Failed", "Canceled")
@@ -13,26 +14,24 @@ TERMINAL = ("Completed", "Failed", "Canceled")
 WEBHOOK_DONE = ("webhook-delivered", "webhook-failed", "webhook-refused")
 
 
-def utc_now() -> datetime:
-    """The wall clock; the service takes it as a parameter so that tests can move time."""
-    return datetime.now(timezone.utc)
-
-
-def now_iso(at: datetime | None = None) -> str:
-    """UTC, millisecond precision, sortable as text (`at`, else now)."""
-    return (at or utc_now()).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+_FIELDS: dict[type, frozenset[str]] = {}  # each record class's field names (fields() is slow: every status read)
 
 
 def _from_mapping(cls, row: Mapping[str, Any], booleans: tuple[str, ...] = (), json_lists: tuple[str, ...] = ()):
     """Build a record from a storage row: only known columns, booleans and JSON lists decoded."""
-    known = {f.name for f in fields(cls)}
-    data = {key: value for key, value in dict(row).items() if key in known}
+    known = _FIELDS.get(cls)
+    if known is None:
+        known = _FIELDS[cls] = frozenset(f.name for f in fields(cls))
+    data = {key: row[key] for key in row.keys() if key in known}
     for name in booleans:
         if name in data:
             data[name] = bool(data[name])
     for name in json_lists:
-        if isinstance(data.get(name), str) or data.get(name) is None:
-            data[name] = json.loads(data.get(name) or "[]")
+        value = data.get(name)
+        if not value:  # NULL or "": none (most jobs have no warnings)
+            data[name] = []
+        elif isinstance(value, str):
+            data[name] = json.loads(value)
     return cls(**data)
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from .clock import utc_now
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAG_INTERVAL_SECONDS = 0.5
@@ -35,6 +37,7 @@ def setup(directory: str) -> None:
 
     values.ValueClass = values.get_value_class()
     _dir = str(path)
+    _request_counters.clear()
     _m.update(
         started=Counter("whisperd_jobs_started_total", "Engine runs started (a retried job counts again)"),
         finished=Counter("whisperd_jobs_finished_total", "Jobs that reached an end state", ["status"]),
@@ -147,9 +150,16 @@ def auth_refused(why: str) -> None:
         _m["auth_refused"].labels(why).inc()
 
 
+_request_counters: dict[tuple[str, str, int], Any] = {}  # labels() looks its child up anew each time
+
+
 def request_done(handler: str, method: str, status: int) -> None:
     if _m:
-        _m["requests"].labels(handler, method, str(status)).inc()
+        key = (handler, method, status)
+        counter = _request_counters.get(key)
+        if counter is None:
+            counter = _request_counters[key] = _m["requests"].labels(handler, method, str(status))
+        counter.inc()
 
 
 async def watch_loop_lag() -> None:
@@ -213,7 +223,7 @@ def exposition(status_counts: dict[str, int], engine: dict | None = None) -> byt
 def seconds_since(iso: str | None) -> float | None:
     if not iso:
         return None
-    return max(0.0, (datetime.now(timezone.utc) - _parse(iso)).total_seconds())
+    return max(0.0, (utc_now() - _parse(iso)).total_seconds())
 
 
 def _parse(text: str) -> datetime:

@@ -25,7 +25,7 @@ from typing import IO, Callable
 
 from .config import Config
 from .jobs import now_iso
-from .ledger import Ledger
+from .ledger import Ledger, Recovery
 
 log = logging.getLogger("whisperd.nodes")
 from .jobfiles import CLUSTER_MARK, MARKERS  # noqa: E402  (MARKERS: one file per node that uses this storage)
@@ -162,7 +162,7 @@ def hold_runtime_dirs(config: Config) -> list[IO[str]]:
 
 class NodeKeeper:
     def __init__(self, config: Config, ledger: Ledger, running: Callable[[], dict], wake: Callable[[], None],
-                 on_taken_back: Callable[[list[str], list[str]], None]) -> None:
+                 on_taken_back: Callable[[Recovery], None]) -> None:
         self.config = config
         self.ledger = ledger
         self._running = running  # job id -> RunningJob, those this process runs now
@@ -217,7 +217,7 @@ class NodeKeeper:
             log.warning("took back %d job(s) whose node stopped renewing its lease (%d requeued, %d failed, "
                         "%d canceled as asked)", len(report.requeued) + len(report.poisoned) + len(report.canceled),
                         len(report.requeued), len(report.poisoned), len(report.canceled))
-            self._on_taken_back(report.requeued, report.poisoned + report.canceled)  # ended: their files go
+            self._on_taken_back(report)  # the ended lose their files (settle.py)
             self._wake()
 
     async def _unreachable(self, exc: Exception, running: dict) -> None:

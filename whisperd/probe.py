@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import Kind
 from .bounded import BoundedRun, RunTimeout
 
 PROBE_TIMEOUT_SECONDS = 20.0  # a hostile file must not hold a thread for long
@@ -44,12 +45,12 @@ _REFUSED_WHY = (
 
 
 class ProbeRefused(Exception):
-    """The file is not accepted; `found` says what ffprobe saw, `status` the HTTP answer."""
+    """The file is not accepted; `found` says what ffprobe saw, `kind` why (UNAVAILABLE: no ffprobe)."""
 
-    def __init__(self, found: str, status: int = 415) -> None:
+    def __init__(self, found: str, kind: Kind = Kind.UNSUPPORTED_MEDIA) -> None:
         super().__init__(found)
         self.found = found
-        self.status = status
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def probe(ffprobe: str, path: Path, run: BoundedRun | None = None) -> Probed:
         raise ProbeRefused(f"nothing ffprobe could read within {PROBE_TIMEOUT_SECONDS:.0f} s") from None
     except FileNotFoundError:
         raise ProbeRefused(f"nothing: WHISPER_FFPROBE={ffprobe} is not installed, so uploads cannot be "
-                           "checked; try again later", 503) from None
+                           "checked; try again later", Kind.UNAVAILABLE) from None
     if done.returncode != 0:
         if "not on whitelist" in done.stderr:
             raise ProbeRefused(refused_format(done.stderr))

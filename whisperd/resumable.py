@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import ServiceError
+from .errors import Kind, ServiceError
 from .jobfiles import UPLOAD_NAME, JobFiles, is_job_id
 from .jobs import UploadRecord, now_iso
 from .ledger import Ledger
@@ -65,18 +65,18 @@ class ResumableUploads:
         until a job made of it is accepted (in that job's own ledger transaction) or use_up() (its content refused as media)."""
         upload = await self.get(upload_id)
         if upload is None or upload.owner != owner or upload.expired(now_iso()):
-            raise ServiceError(404, f"no resumable upload with id {upload_id[:60]!r} (unknown, another "
+            raise ServiceError(Kind.NOT_FOUND, f"no resumable upload with id {upload_id[:60]!r} (unknown, another "
                                     "token's, or expired)")
         if upload.job_id is not None:
-            raise ServiceError(409, f"upload {upload_id} was already used by job {upload.job_id}; "
+            raise ServiceError(Kind.CONFLICT, f"upload {upload_id} was already used by job {upload.job_id}; "
                                     "an upload becomes one job only: upload the file again")
         if not upload.complete:
-            raise ServiceError(409, f"upload {upload_id} is not finished: {upload.upload_offset} of "
+            raise ServiceError(Kind.CONFLICT, f"upload {upload_id} is not finished: {upload.upload_offset} of "
                                     f"{upload.upload_length} bytes received; PATCH the rest first")
         # Not used up here: the job's own transaction does that (ledger.submit(upload_id=...)), so
         # a submission that never commits (killed, refused, database away) leaves it usable.
         if upload.upload_length > max_bytes:  # the token's limit may have been lowered since creation
-            raise ServiceError(413, f"upload {upload_id} is {upload.upload_length} bytes, larger than {limit_name} "
+            raise ServiceError(Kind.TOO_LARGE, f"upload {upload_id} is {upload.upload_length} bytes, larger than {limit_name} "
                                     f"({max_bytes} bytes)")
         staged = self.files.staging_dir(job_id)
         staged.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ class ResumableUploads:
             # removes this one; the upload's own stays until a job is accepted.
             os.link(source, target)
         except FileNotFoundError:
-            raise ServiceError(410, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
+            raise ServiceError(Kind.GONE, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
         except OSError:  # a file system without hard links: a copy, off the IOLoop
             await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, source, target)
         return target, upload.upload_length, upload.filename

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from .ledger import Ledger, LedgerError
 from .runner import JobRunner, RunningJob
@@ -18,7 +19,7 @@ OUTCOME_WAIT_SECONDS = 15.0  # at shutdown, how long stopped jobs may retry reco
 
 class Scheduler:
     def __init__(self, ledger: Ledger, runner: JobRunner, max_running: int, tick_seconds: float = 1.0,
-                 policy: str = "fifo") -> None:
+                 policy: str = "fifo", may_claim: Callable[[], bool] = lambda: True) -> None:
         self.ledger = ledger
         self.policy = policy  # WHISPER_SCHEDULING: the ledger's claim applies it
         self.runner = runner
@@ -26,7 +27,7 @@ class Scheduler:
         self.tick_seconds = tick_seconds
         self.running: dict[str, RunningJob] = {}
         self.accepting = True
-        self.may_claim = lambda: True  # nodes.py: False while this node cannot renew its leases
+        self.may_claim = may_claim  # nodes.py: False while this node cannot renew its leases
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None

@@ -11,18 +11,19 @@ import socket
 import stat
 import sys
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 from tornado.netutil import bind_sockets
 from tornado.process import Subprocess
 
 from . import capabilities, config as config_module, ledger as ledger_module, metrics, nodes, probe
 from .app import make_app, make_server
-from .auth import load_validator
+from .identity.auth import load_validator
 from .config import Config
-from .engines import kill_orphan_group
 from .engines.shared import serve_host, socket_path
 from .jobfiles import JobFiles, is_job_id
 from .service import Service
+from .settle import settle
 from .supervisor import run_workers
 
 log = logging.getLogger("whisperd")
@@ -132,16 +133,22 @@ def check_tokens(config: Config, live_tokens: int) -> None:
 LEDGER_RESET_MIN_DIRS = 5
 
 
-def recover(config: Config) -> ledger_module.Recovery:
-    """Bring the ledger and the disk back to a consistent state after whatever happened last."""
+def recover(config: Config, count_ends: bool = True) -> ledger_module.Recovery:
+    """Bring the ledger and the disk back to a consistent state after whatever happened last.
+    count_ends: set up the metrics (once the ledger is known to open) so that the ends recovery
+    settles are counted."""
     actor = f"{socket.gethostname()}:{os.getpid()}"
     try:
         report = ledger_module.prepare(config, actor)
     except ledger_module.LedgerUnavailable as exc:
         raise StartupError(str(exc)) from None
-    for job_id, pid in report.engine_pids.items():
-        if kill_orphan_group(pid, job_id):
-            log.warning("stopped engine pid %d left running by the previous server (job %s)", pid, job_id)
+    if count_ends:
+        try:
+            metrics.setup(config.metrics_dir)
+        except OSError as exc:
+            raise StartupError(f"cannot prepare WHISPER_METRICS_DIR={config.metrics_dir}: {exc.strerror}") from None
+    files = JobFiles.of(config)
+    settle(report, files.remove_all)  # the previous run's engines stopped, ended jobs' files gone, ends counted
     if report.requeued:
         log.warning("requeued %d job(s) left Processing by the previous run", len(report.requeued))
     if report.poisoned:
@@ -151,9 +158,6 @@ def recover(config: Config) -> ledger_module.Recovery:
                     len(report.canceled))
     if report.webhooks_pending:
         log.warning("%d webhook notice(s) the previous run left unsent are sent again", len(report.webhooks_pending))
-    files = JobFiles.of(config)
-    for job_id in report.poisoned + report.canceled:  # ended just now: by the ledger's word, their files go
-        files.remove_all(job_id)
     sweep_job_dirs(config, files, report)
     return report
 
@@ -188,18 +192,40 @@ def sweep_job_dirs(config: Config, files: JobFiles, report: ledger_module.Recove
                   sum(1 for _ in quarantine.glob("*/*")), quarantine)
 
 
-def count_startup_ends(report: ledger_module.Recovery) -> None:
-    """Jobs the start decided (poison, a cancel asked before a crash) count like any other end."""
-    for _ in report.poisoned:
-        metrics.job_finished("Failed", None)
-    for _ in report.canceled:
-        metrics.job_finished("Canceled", None)
+def prepare_node(config: Config, count_ends: bool = True) -> ledger_module.Recovery:
+    """Before any event loop (and any fork): the directories checked, the ledger migrated and
+    recovered, the metrics set up, what recovery found settled (settle.py), the leftovers swept.
+    serve() and the fast tests' harness (which keeps no metrics: count_ends=False) start here."""
+    check_environment(config)
+    log.info("ledger: %s; node %s, role %s", ledger_module.describe(config), config.node_name,
+             config.WHISPER_NODE_ROLE)
+    if config.WHISPER_DB_URL:
+        check_node_paths(config)
+        others = nodes.mark_shared_storage(config)
+        log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
+                 (": " + ", ".join(others)) if others else "")
+    report = recover(config, count_ends)
+    check_tokens(config, report.live_tokens)
+    return report
+
+
+async def start_service(config: Config, offline: bool, **options: Any) -> Service:
+    """A worker process's service, started (Service.start: its parts in order)."""
+    service = Service(config, offline, **options)
+    Subprocess.initialize()  # before the service starts its engine worker: its exit needs SIGCHLD
+    await service.start()
+    return service
+
+
+async def stop_service(service: Service, grace_seconds: float, requests_grace: float = REQUESTS_GRACE_SECONDS,
+                       close_http: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Service.stop (its parts in reverse), then SIGCHLD handling given back."""
+    await service.stop(grace_seconds, requests_grace, close_http)
+    Subprocess.uninitialize()
 
 
 async def serve(config: Config, sockets: list[socket.socket], offline: bool, shared_engine: str | None = None) -> int:
-    service = Service(config, offline, shared_engine=shared_engine)
-    Subprocess.initialize()  # before the service starts its engine worker: its exit needs SIGCHLD
-    await service.start()
+    service = await start_service(config, offline, shared_engine=shared_engine)
     # What start-up made lives as long as the process: out of the collector's sight, so that a
     # collection during a request does not walk it again (a tail-latency cost, paid once here).
     gc.collect()
@@ -218,17 +244,13 @@ async def serve(config: Config, sockets: list[socket.socket], offline: bool, sha
     log.info("stopping: no new jobs; running jobs get %.0f s to finish", config.WHISPER_SHUTDOWN_GRACE_SECONDS)
     # From here every new request gets 503 with Retry-After without touching the ledger
     # (handlers/base.py); the HTTP server stops, and the ledger closes, only once the requests
-    # under way have their answers.
-    service.draining = True
-    await service.stop_work(config.WHISPER_SHUTDOWN_GRACE_SECONDS)
-    still_open = await service.wait_requests(REQUESTS_GRACE_SECONDS)
-    if still_open:
-        log.warning("%d request(s) still open after %.0f s; closing their connections", still_open,
-                    REQUESTS_GRACE_SECONDS)
-    server.stop()
-    await server.close_all_connections()
-    await service.close()
-    Subprocess.uninitialize()
+    # under way have their answers (Service.parts: the requests part).
+
+    async def close_http() -> None:
+        server.stop()
+        await server.close_all_connections()
+
+    await stop_service(service, config.WHISPER_SHUTDOWN_GRACE_SECONDS, REQUESTS_GRACE_SECONDS, close_http)
     lag_watch.cancel()
     log.info("stopped")
     return 0
@@ -242,16 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.RUST_LOG)
     try:
-        check_environment(config)
-        log.info("ledger: %s; node %s, role %s", ledger_module.describe(config), config.node_name,
-                 config.WHISPER_NODE_ROLE)
-        if config.WHISPER_DB_URL:
-            check_node_paths(config)
-            others = nodes.mark_shared_storage(config)
-            log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
-                     (": " + ", ".join(others)) if others else "")
-        report = recover(config)
-        check_tokens(config, report.live_tokens)
+        prepare_node(config)
         try:
             sockets = bind_sockets(config.WHISPER_API_PORT, config.WHISPER_API_HOST)
         except OSError as exc:
@@ -259,12 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"whisperd: {exc}", file=sys.stderr)
         return 1
-    try:
-        metrics.setup(config.metrics_dir)
-    except OSError as exc:
-        print(f"whisperd: cannot prepare WHISPER_METRICS_DIR={config.metrics_dir}: {exc.strerror}", file=sys.stderr)
-        return 1
-    count_startup_ends(report)
     offline = capabilities.decide_offline(config.WHISPER_OFFLINE)
     workers = config.worker_processes
 
@@ -291,13 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def died(pid: int) -> None:
         report = ledger_module.release_worker(config, f"{host}:{pid}", f"{host}:{os.getpid()}")
-        for job_id, engine_pid in report.engine_pids.items():
-            kill_orphan_group(engine_pid, job_id)
-        files = JobFiles.of(config)
-        for job_id in report.poisoned + report.canceled:
-            files.remove_all(job_id)
         metrics.process_died(pid)
-        count_startup_ends(report)
+        settle(report, JobFiles.of(config).remove_all)
 
     log.info("starting %d worker processes%s", workers, " and the engine host" if shared else "")
     return run_workers(workers, child, died, engine_host if shared else None)

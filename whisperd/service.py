@@ -1,4 +1,10 @@
-"""The service one worker process runs: ledger, files, scheduler, waiters and retention, wired."""
+"""The service one worker process runs: ledger, files, scheduler, waiters and retention, wired.
+
+Its life cycle is here and nowhere else: Service.start() starts its parts in the order of
+Service.parts(), Service.stop() drains and stops them in reverse. serve(), the cluster roles
+(WHISPER_NODE_ROLE: the parts that run jobs are left out of an api node) and the fast tests
+all use these two.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +14,25 @@ import math
 import os
 import socket
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from datetime import datetime
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from tornado.ioloop import PeriodicCallback
 
 from . import metrics
-from .auth import Authenticator, Identity, accept_any_token, load_validator
+from .identity.auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
 from .engines import make_engine, worker_threads
-from .errors import ServiceError
+from .errors import Kind, ServiceError
 from .faults import crash_point, fail_point
 from .fetch import MediaFetcher
 from .jobfiles import JobFiles, is_job_id
 from .clock import utc_now
 from .jobs import Job, NewJob, Quota, TokenRecord
-from .limits import Limits, check_usage
-from .ledger import Ledger, LedgerError, QuotaExceeded, UploadUnusable, open_ledger
+from .identity.limits import Limits, check_usage
+from .ledger import Ledger, LedgerError, QuotaExceeded, Recovery, UploadUnusable, open_ledger
 from .outcomes import OutcomeRecorder
 from .resumable import ResumableUploads
 from .nodes import NodeKeeper
@@ -33,10 +40,11 @@ from .results import EngineOutputError, build_response, load_engine_result
 from .retention import Retention, expire_uploads
 from .runner import JobRunner
 from .scheduler import Scheduler
+from .settle import settle
 from .storage import StorageWatch
-from .authguard import FailureGuard
+from .identity.guard import FailureGuard
 from .tasks import spawn
-from .tokens import LedgerTokens, prefix_of
+from .identity.tokens import LedgerTokens, prefix_of
 from .urlpolicy import PolicyError
 from .webhooks import WebhookSender
 
@@ -46,6 +54,22 @@ DATABASE_DRIVERS = ("asyncpg", "sqlite3", "aiosqlite")  # errors of these the le
 WAIT_POLL_SECONDS = 0.5  # a waiter whose job runs in another process learns of its end this fast
 # Job events (from any node) after which a scheduler may find work: a new job or a freed slot.
 WAKES_SCHEDULER = {"accepted", "requeued", "completed", "failed", "canceled", "cancel-requested"}
+
+
+@dataclass
+class Part:
+    """One part of the service: started in order by Service.start, stopped in reverse by stop."""
+
+    name: str
+    start: Callable[[], Awaitable[None] | None] | None = None
+    stop: Callable[[], Awaitable[None] | None] | None = None
+
+
+async def _call(step: Callable[[], Awaitable[None] | None] | None) -> None:
+    if step is not None:
+        result = step()
+        if result is not None:
+            await result
 
 
 def make_authenticator(config: Config, ledger: Ledger) -> Authenticator:
@@ -85,15 +109,21 @@ class Service:
                                     f"{config.node_name}-{os.getpid()}", lambda: self.scheduler.wake())
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files,
                                 worker_threads(config), self.engine, self.outcomes, self.storage)
-        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING)
+        self.keeper = NodeKeeper(config, self.ledger, lambda: self.scheduler.running, lambda: self.scheduler.wake(),
+                                 self._taken_back)
+        self.scheduler = Scheduler(self.ledger, self.runner, config.max_running, policy=config.WHISPER_SCHEDULING,
+                                   may_claim=lambda: self.keeper.connected and self.storage.healthy)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
         self.resumable = ResumableUploads(self.ledger, self.files)
-        self.keeper = NodeKeeper(config, self.ledger, lambda: self.scheduler.running, self.scheduler.wake,
-                                 self._taken_back)
-        self.scheduler.may_claim = lambda: self.keeper.connected and self.storage.healthy
-        self.draining = False
-        self.requests_in_flight = 0  # handlers count themselves: shutdown waits for them
+        self.draining = False  # set once, by stop(): new requests get 503 from then on
+        self.requests_in_flight = 0  # handlers count themselves (request_began/ended): shutdown waits for them
+        self._no_requests = asyncio.Event()
+        self._no_requests.set()
+        self._grace_seconds = 0.0  # what stop() gives running jobs
+        self._requests_grace = 0.0  # ... and the answers under way
+        self._close_http: Callable[[], Awaitable[None]] | None = None
+        self._started: list[Part] = []
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._retention: PeriodicCallback | None = None
         self._retention_lock = asyncio.Lock()  # stop() waits for a pass in flight before closing the ledger
@@ -102,15 +132,49 @@ class Service:
         self._checkpointing: asyncio.Task | None = None
         self._grace_timers: dict[str, asyncio.TimerHandle] = {}
 
+    def parts(self) -> list[Part]:
+        """The service's parts in start order; stop() goes through them backwards. The requests
+        part stops (waits for the answers under way, then closes the HTTP server) only once no
+        job runs and the waiters are woken, and before the node and the ledger go."""
+        runs_jobs = self.config.runs_jobs  # WHISPER_NODE_ROLE=api: answers, runs nothing
+        return [
+            Part("ledger", self.ledger.open, self.ledger.close),
+            Part("node", self.keeper.start, self.keeper.stop),  # registered before anything is claimed
+            Part("requests", None, self._stop_requests),
+            Part("webhooks", self._resume_webhooks, self.webhooks.stop),
+            Part("waiters", None, self._wake_all_waiters),
+            Part("storage", None, self.storage.close),
+            *([Part("engine", self._start_engine, self.engine.close)] if runs_jobs else []),
+            Part("notifications", lambda: self.ledger.listen(self._changed_elsewhere), None),  # close() ends them
+            *([Part("scheduler", self.scheduler.start, lambda: self.scheduler.shutdown(self._grace_seconds))]
+              if runs_jobs else []),
+            Part("timers", self._start_timers, self._stop_timers),
+        ]
+
     async def start(self) -> None:
-        await self.ledger.open()
-        if self.config.runs_jobs:  # WHISPER_NODE_ROLE=api loads no engine
-            self.engine.start()  # in the background: a warm engine imports and loads its model while we serve
+        for part in self.parts():
+            await _call(part.start)
+            self._started.append(part)
+
+    async def stop(self, grace_seconds: float = 0.0, requests_grace: float = 0.0,
+                   close_http: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Take no new work (new requests get 503); running jobs get `grace_seconds`, then are
+        stopped and requeued; answers under way get `requests_grace`, then `close_http` closes
+        the HTTP server; then the node and the ledger close."""
+        self.draining = True
+        self._grace_seconds, self._requests_grace, self._close_http = grace_seconds, requests_grace, close_http
+        while self._started:
+            await _call(self._started.pop().stop)
+
+    def _start_engine(self) -> None:
+        # In the background, not awaited: a warm engine imports and loads its model while we
+        # serve (a start that fails or hangs is its jobs' to report, and /health's).
+        self.engine.start()
+
+    async def _resume_webhooks(self) -> None:
         await self.webhooks.resume(await self.ledger.claim_pending_webhooks())
-        await self.ledger.listen(self._changed_elsewhere)
-        if self.config.runs_jobs:  # WHISPER_NODE_ROLE=api: answers, runs nothing
-            self.scheduler.start()
-        await self.keeper.start()
+
+    def _start_timers(self) -> None:
         interval_ms = self.config.WHISPER_CLEANUP_INTERVAL_HOURS * 3600 * 1000
         self._retention = PeriodicCallback(self.run_retention, interval_ms)
         self._retention.start()
@@ -119,42 +183,48 @@ class Service:
             self._checkpoint = PeriodicCallback(self._start_checkpoint, self.config.WHISPER_DB_CHECKPOINT_SECONDS * 1000)
             self._checkpoint.start()
 
-    async def stop(self, grace_seconds: float = 0.0) -> None:
-        await self.stop_work(grace_seconds)
-        await self.close()
-
-    async def stop_work(self, grace_seconds: float = 0.0) -> None:
-        """Take no new work; running jobs get the grace period, then are stopped and requeued."""
-        self.draining = True
+    async def _stop_timers(self) -> None:
         if self._retention is not None:
             self._retention.stop()
         if self._checkpoint is not None:
             self._checkpoint.stop()
-        await self.scheduler.shutdown(grace_seconds)
-        await self._retention_lock.acquire()
+        await self._retention_lock.acquire()  # a pass in flight ends first
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
         for job_id, timer in list(self._grace_timers.items()):
             timer.cancel()
             self.delete_job_files(job_id, "delivered")  # the grace window ends with this process
-        await self.engine.close()
-        await self.storage.close()
+
+    def _wake_all_waiters(self) -> None:
         for events in self._waiters.values():
             for event in events:
                 event.set()
-        await self.webhooks.stop()
+
+    async def _stop_requests(self) -> None:
+        still_open = await self.wait_requests(self._requests_grace)
+        if still_open:
+            log.warning("%d request(s) still open after %.0f s; closing their connections", still_open,
+                        self._requests_grace)
+        if self._close_http is not None:
+            await self._close_http()
+
+    def request_began(self) -> None:
+        self.requests_in_flight += 1
+        self._no_requests.clear()
+
+    def request_ended(self) -> None:
+        self.requests_in_flight -= 1
+        if self.requests_in_flight == 0:
+            self._no_requests.set()
 
     async def wait_requests(self, timeout: float) -> int:
-        """Wait for the requests under way to be answered; returns how many are still open."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.requests_in_flight > 0 and loop.time() < deadline:
-            await asyncio.sleep(0.02)
+        """Wait (woken by the last request's end, not polling) for the requests under way to be
+        answered; returns how many are still open."""
+        try:
+            await asyncio.wait_for(self._no_requests.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
         return self.requests_in_flight
-
-    async def close(self) -> None:
-        await self.keeper.stop()
-        await self.ledger.close()
 
     async def cluster_nodes(self) -> list[dict[str, Any]] | None:
         """Every node of the cluster (its row in the ledger), or None when the ledger cannot say."""
@@ -219,8 +289,8 @@ class Service:
             return
         queued = (await self.ledger.counts())["Queued"]
         if queued >= cap:
-            raise ServiceError(429, f"the queue is full ({queued} jobs waiting, WHISPER_MAX_QUEUED_JOBS={cap}); "
-                                    "try again later", {"Retry-After": str(QUEUE_FULL_RETRY_SECONDS)})
+            raise ServiceError(Kind.OVER_LIMIT, f"the queue is full ({queued} jobs waiting, WHISPER_MAX_QUEUED_JOBS={cap}); "
+                                    "try again later", QUEUE_FULL_RETRY_SECONDS)
 
     def take_upload_slot(self, address: str, owner: str | None = None) -> None:
         """Count one more upload streaming in this process (a multipart body, a url= fetch, a tus
@@ -228,20 +298,20 @@ class Service:
         identity holds its share of them already."""
         cap = self.config.WHISPER_MAX_PENDING_UPLOADS
         if self.uploads_in_flight >= cap:
-            raise ServiceError(429, f"too many uploads in progress (limit {cap}); try again in a few seconds",
-                               {"Retry-After": "5"})
+            raise ServiceError(Kind.OVER_LIMIT, f"too many uploads in progress (limit {cap}); try again in a few seconds",
+                               5)
         held = self.uploads_by_address.get(address, 0)
         if held >= self.config.uploads_per_address:
-            raise ServiceError(429, f"this client address already has {held} upload{'s' if held > 1 else ''} in "
+            raise ServiceError(Kind.OVER_LIMIT, f"this client address already has {held} upload{'s' if held > 1 else ''} in "
                                     f"progress, its share of the server's {cap} (WHISPER_UPLOAD_SHARE_PER_ADDRESS="
                                     f"{self.config.WHISPER_UPLOAD_SHARE_PER_ADDRESS:g}); wait for one to finish",
-                               {"Retry-After": "5"})
+                               5)
         mine = self.uploads_by_owner.get(owner, 0) if owner is not None else 0
         if owner is not None and mine >= self.config.uploads_per_token:
-            raise ServiceError(429, f"{owner!r} already has {mine} upload{'s' if mine > 1 else ''} in progress, its "
+            raise ServiceError(Kind.OVER_LIMIT, f"{owner!r} already has {mine} upload{'s' if mine > 1 else ''} in progress, its "
                                     f"share of the server's {cap} (WHISPER_UPLOAD_SHARE_PER_TOKEN="
                                     f"{self.config.WHISPER_UPLOAD_SHARE_PER_TOKEN:g}); wait for one to finish",
-                               {"Retry-After": "5"})
+                               5)
         self.uploads_in_flight += 1
         self.uploads_by_address[address] = held + 1
         if owner is not None:
@@ -276,19 +346,19 @@ class Service:
         if refusal is None and type(exc).__module__.split(".")[0] in DATABASE_DRIVERS:
             log.error("a request met a database error the ledger does not classify: %s: %s",
                       exc.__class__.__name__, exc)
-            refusal = ServiceError(503, "the job ledger is not available; try again in a moment", {"Retry-After": "10"})
+            refusal = ServiceError(Kind.UNAVAILABLE, "the job ledger is not available; try again in a moment", 10)
         return refusal
 
     def check_disk(self) -> None:
         """507 below the floor (not the upload's size: a disk that fills up during the write is refused
-        with 507 too, by uploads.py), so that the engine's output still finds room; 503 (or 507 when
+        with 507 too, by multipart.py), so that the engine's output still finds room; 503 (or 507 when
         full) while the job storage refuses writes (storage.py)."""
         if not self.storage.healthy:
             raise self.storage.refusal()
         floor_mb = self.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.files.free_disk_mb()
         if free_mb < floor_mb:
-            raise ServiceError(507, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
+            raise ServiceError(Kind.STORAGE_FULL, f"the server is short of disk space ({free_mb:.0f} MB free, keeps at least "
                                     f"WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
 
     def staging_dir(self, job_id: str) -> Path:
@@ -310,7 +380,7 @@ class Service:
         try:
             await self.webhooks.check_destination(url)
         except PolicyError as exc:
-            raise ServiceError(400, str(exc)) from None
+            raise ServiceError(Kind.INVALID, str(exc)) from None
 
     def resolve_hf_token(self, from_form: str | None) -> str | None:
         """The form's token, else HF_TOKEN, else the token file (spec order)."""
@@ -349,8 +419,7 @@ class Service:
                 # The database failed in a way the ledger does not classify: the row may not be
                 # written, so the job is not accepted; to the client that is the ledger being away.
                 log.error("job %s not accepted: the ledger failed (%s: %s)", new_job.id, exc.__class__.__name__, exc)
-                raise ServiceError(503, "the job ledger could not take the job; try again in a moment",
-                                   {"Retry-After": "10"}) from None
+                raise ServiceError(Kind.UNAVAILABLE, "the job ledger could not take the job; try again in a moment", 10) from None
             raise
         crash_point("job-accepted")
         if upload_id is not None:
@@ -381,11 +450,12 @@ class Service:
         if event in WAKES_SCHEDULER or job_id is None or job_id in self.scheduler.running:
             self.scheduler.wake()  # a new job, a freed slot, or a cancel of a job running here
 
-    def _taken_back(self, requeued: list[str], poisoned: list[str]) -> None:
+    def _taken_back(self, report: Recovery) -> None:
         """Jobs of a dead node: the requeued run again anywhere; those that ended (failed as
-        poison, or canceled as asked) lose their files."""
-        for job_id in poisoned:
-            self.delete_job_files(job_id, "ended after its node died")
+        poison, or canceled as asked) lose their files (settle), and their waiters learn it."""
+        ended = settle(report, lambda job_id: self.delete_job_files(job_id, "ended after its node died"),
+                       stop_engines=False)  # that node's engines: not ours to stop
+        for job_id in ended:
             self.notify(job_id)
 
     async def _after_change(self, job_id: str) -> None:
@@ -495,19 +565,19 @@ class Service:
     async def engine_result_of(self, job: Job, identity: str | None = None) -> dict[str, Any]:
         """WhisperX's JSON of a Completed job whose files are still here, or ServiceError."""
         if job.status in ("Queued", "Processing"):
-            raise ServiceError(409, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
+            raise ServiceError(Kind.CONFLICT, f"job {job.id} is not finished yet (status {job.status}); poll its status URL")
         if job.status == "Failed":
-            raise ServiceError(422, f"transcription failed: {job.error}")
+            raise ServiceError(Kind.NO_RESULT, f"transcription failed: {job.error}")
         if job.status == "Canceled":
-            raise ServiceError(410, f"job {job.id} was canceled; there is no result")
+            raise ServiceError(Kind.GONE, f"job {job.id} was canceled; there is no result")
         if job.delivered_at and not self.in_grace(job, identity):
-            raise ServiceError(410, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
+            raise ServiceError(Kind.GONE, f"the result of job {job.id} was already delivered at {job.delivered_at}; its files are deleted")
         if job.expired_at:
-            raise ServiceError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
+            raise ServiceError(Kind.GONE, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         try:
             return load_engine_result(self.files.output_dir(job.id))
         except EngineOutputError:
-            raise ServiceError(410, f"the result files of job {job.id} are gone") from None
+            raise ServiceError(Kind.GONE, f"the result files of job {job.id} are gone") from None
 
     def in_grace(self, job: Job, identity: str | None) -> bool:
         """A delivered result the same identity may fetch again: its download may have been cut

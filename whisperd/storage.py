@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import metrics
-from .errors import ServiceError
+from .errors import Kind, ServiceError
 
 log = logging.getLogger("whisperd.storage")
 PROBE_SECONDS = 1.0
@@ -74,9 +74,8 @@ class StorageWatch:
     def refusal(self) -> ServiceError:
         """What a submission gets while the storage fails."""
         if self.kind == "full":
-            return ServiceError(507, "the server's job storage is full; try again later", {"Retry-After": "60"})
-        return ServiceError(503, "the server's job storage is not writable right now; try again in a moment",
-                            {"Retry-After": "30"})
+            return ServiceError(Kind.STORAGE_FULL, "the server's job storage is full; try again later", 60)
+        return ServiceError(Kind.UNAVAILABLE, "the server's job storage is not writable right now; try again in a moment", 30)
 
     def refusal_for(self, exc: BaseException) -> ServiceError | None:
         """A storage error met while serving a request: trip, and the answer to give; None otherwise."""

@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import json
 import logging
-import time
 import uuid
 from collections import OrderedDict
 from typing import Any
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit
 from tornado.httpclient import HTTPRequest
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
+from .clock import wall_time
 from .config import Config
 from .jobs import Job
 from .ledger import Ledger
@@ -114,7 +114,7 @@ class WebhookSender:
         return self._client
 
     def _payload(self, job: Job, attempt: int, delivery: str) -> tuple[bytes, dict[str, str]]:
-        stamp = str(int(time.time()))
+        stamp = str(int(wall_time()))
         body: dict[str, Any] = {
             "event": "job.finished",
             "job_id": job.id,

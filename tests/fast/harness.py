@@ -24,12 +24,11 @@ from typing import Any
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
-from tornado.process import Subprocess
 
-from whisperd import config as config_module, ledger as ledger_module
+from whisperd import config as config_module
 from whisperd.app import make_app
-from whisperd.jobfiles import JobFiles
-from whisperd.jobs import utc_now
+from whisperd.clock import utc_now
+from whisperd.server import prepare_node, start_service, stop_service
 from whisperd.service import Service
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,22 +106,11 @@ def service(fast_env, tmp_path, io_loop, clock):
     conf = tmp_path / "whisper_api.conf"
     conf.write_text("# everything comes from the test's environment\n")
     config = config_module.load(environ=fast_env, conf_path=str(conf))
-    JobFiles(config.WHISPER_TMP_FILES, config.WHISPER_OUTPUT_DIR).ensure_roots()
-    ledger_module.prepare(config, "fast-test")
-    svc = Service(config, offline=True, clock=clock)
-
-    async def start() -> None:
-        Subprocess.initialize()  # the engine's exit is learnt through SIGCHLD, as in serve()
-        await svc.start()
-
-    io_loop.run_sync(start)
+    # The very start-up and shutdown serve() runs (server.py), on the test's loop.
+    prepare_node(config, count_ends=False)  # the fast tests keep no metrics
+    svc = io_loop.run_sync(lambda: start_service(config, offline=True, clock=clock))
     yield svc
-
-    async def stop() -> None:
-        await svc.stop(0)
-        Subprocess.uninitialize()
-
-    io_loop.run_sync(stop, timeout=30)
+    io_loop.run_sync(lambda: stop_service(svc, 0, 0), timeout=30)
     _kill_leftover_engines(tmp_path)
 
 
@@ -230,6 +218,23 @@ class Api:
                 return body if code == 200 else {"status": job.status, "http": code, **body}
             await asyncio.sleep(0.02)
         raise AssertionError(f"job {job_id} never reached {wanted}: last {await self.service.ledger.get(job_id)}")
+
+
+async def wait_until(predicate, timeout: float = 15.0, what: str = "condition", poll: float = 0.01):
+    """tests/harness.py's wait_until on the test's loop: `predicate` (a function, or a coroutine
+    function) is asked until it returns something true, which is returned; AssertionError after
+    `timeout`. Never a bare sleep: the wait ends when the thing waited for happens."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(poll)
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ import wave
 
 import pytest
 
+from whisperd.errors import Kind
+
 from whisperd import intake
 
 from .harness import FFMPEG, FFPROBE, ffmpeg_made, job_files, wav_bytes
@@ -76,7 +78,7 @@ def test_a_declared_duration_over_the_limit_is_413_before_any_decode(tmp_path, f
     out.mkdir()
     with pytest.raises(intake.IntakeError) as refused:
         intake.Intake(config).accept_sync(upload, out, "three.wav")
-    assert refused.value.status == 413
+    assert refused.value.kind is Kind.TOO_LARGE
     assert "lasts 3 seconds" in refused.value.message  # the declared duration: nothing was decoded
     assert list(out.iterdir()) == [] and tool_starts(tmp_path) == []
 

@@ -490,7 +490,7 @@ async def test_the_page_is_served_with_a_strict_policy(api):
 
 
 async def make_token(service, name: str, admin: bool = False) -> str:
-    from whisperd import tokens
+    from whisperd.identity import tokens
     token, prefix = tokens.new_token()
     algorithm, salt, digest = tokens.hashed_for_storage(token)
     await service.ledger.insert_token(name, prefix, algorithm, salt, digest, admin, None)

@@ -270,7 +270,7 @@ async def test_a_patch_holds_an_upload_slot_while_its_body_streams(api, base_url
 
 
 async def ledger_token(service, name: str) -> str:
-    from whisperd import tokens
+    from whisperd.identity import tokens
 
     token, prefix = tokens.new_token()
     algorithm, salt, digest = tokens.hashed_for_storage(token)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from whisperd.ledger.sqlite import SQLiteLedger
+
+from .harness import wait_until
 
 gen_test = pytest.mark.gen_test(timeout=40)
 
@@ -23,18 +23,24 @@ async def test_jobs_run_one_at_a_time_in_the_order_they_came(api, service):
         assert before.finished_at <= after.started_at  # never two at once
 
 
+async def _processing(service, n: int) -> bool:
+    return (await service.ledger.counts())["Processing"] >= n
+
+
 @pytest.mark.settings(ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", FAKE_WHISPERX_SLOW_SECONDS="1")
 @gen_test
 async def test_concurrency_runs_up_to_the_limit_and_no_more(api, service):
     ids = [await api.submit_ok({"prompt": "fake:slow"}) for _ in range(4)]
     most = 0
-    while True:
+
+    async def all_ended() -> bool:  # watching the running count on the way
+        nonlocal most
         counts = await service.ledger.counts()
         most = max(most, counts["Processing"])
         assert len(service.scheduler.running) <= 2
-        if counts["Queued"] == counts["Processing"] == 0:
-            break
-        await asyncio.sleep(0.02)
+        return counts["Queued"] == counts["Processing"] == 0
+
+    await wait_until(all_ended, 60, "every job to end")
     assert most == 2
     for job_id in ids:
         assert (await service.ledger.get(job_id)).status == "Completed"
@@ -45,8 +51,7 @@ async def test_concurrency_runs_up_to_the_limit_and_no_more(api, service):
 async def test_queue_position_counts_rounds_of_the_concurrency_limit(api, service):
     for _ in range(3):
         await api.submit_ok({"prompt": "fake:hang"})
-    while (await service.ledger.counts())["Processing"] < 3:
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: _processing(service, 3), 20, "three jobs running")
     waiting = [await api.submit_ok() for _ in range(4)]
     positions = [(await api.status(job_id))[1]["queue_position"] for job_id in waiting]
     assert positions == [1, 1, 1, 2]
@@ -55,8 +60,8 @@ async def test_queue_position_counts_rounds_of_the_concurrency_limit(api, servic
 @gen_test
 async def test_a_submission_and_an_end_wake_the_scheduler_without_its_tick(api, service):
     service.scheduler.tick_seconds = 3600.0  # only wake() can start a job now
-    service.scheduler.wake()
-    await asyncio.sleep(0.05)
+    service.scheduler.wake()  # the loop takes its new tick once it has taken this wake-up
+    await wait_until(lambda: not service.scheduler._wake.is_set(), 10, "the scheduler to take the wake-up")
     first = await api.submit_ok()
     second = await api.submit_ok()
     assert (await api.wait_status(first, timeout=10))["status"] == "Completed"
@@ -80,9 +85,10 @@ async def test_a_cancel_asked_through_another_process_stops_the_job_here(api, se
 @gen_test
 async def test_the_scheduler_takes_no_job_after_shutdown(api, service):
     await service.scheduler.shutdown(0)
-    job_id = await api.submit_ok()
-    await asyncio.sleep(0.3)
+    job_id = await api.submit_ok()  # wakes the scheduler, if it still listened
+    assert service.scheduler._loop_task.done()  # it does not: no pass can run, now or later
     assert (await service.ledger.get(job_id)).status == "Queued"
+    assert not service.scheduler.running
 
 
 @gen_test

@@ -7,6 +7,8 @@ import errno
 
 import pytest
 
+from whisperd.errors import Kind
+
 from whisperd import storage
 
 gen_test = pytest.mark.gen_test(timeout=20)
@@ -29,12 +31,12 @@ async def test_a_storage_error_trips_the_watch_until_a_probe_write_succeeds(serv
     real_probe = watch.probe_once
     monkeypatch.setattr(watch, "probe_once", lambda: failing[0] if failing else real_probe())
     refusal = service.storage_refusal(OSError(errno.EROFS, "Read-only file system"))
-    assert refusal is not None and refusal.status == 503 and refusal.headers["Retry-After"]
+    assert refusal is not None and refusal.kind is Kind.UNAVAILABLE and refusal.retry_after
     assert service.storage_refusal(OSError(errno.ENOENT, "No such file")) is None  # not the storage's fault
     assert not watch.healthy and not service.scheduler.may_claim()
     assert "read-only" in service.storage_problem()
     await asyncio.sleep(0.2)
-    assert watch.kind == "full" and watch.refusal().status == 507  # the probe found it full meanwhile
+    assert watch.kind == "full" and watch.refusal().kind is Kind.STORAGE_FULL  # the probe found it full meanwhile
     failing.clear()
     for _ in range(100):
         if watch.healthy:

@@ -13,7 +13,8 @@ from datetime import timedelta
 
 import pytest
 
-from whisperd.jobs import NewJob, Quota, UploadRecord, now_iso, utc_now
+from whisperd.clock import utc_now
+from whisperd.jobs import NewJob, Quota, UploadRecord, now_iso
 from whisperd.ledger import QuotaExceeded, TokenNameTaken, UploadUnusable, postgresql, sqlite
 from whisperd.ledger.core import fair_position
 

@@ -8,7 +8,7 @@ from ..models import TASKS, catalog, installed_models
 from .base import BaseHandler
 
 
-class ModelsHandler(BaseHandler):
+class PageModelsHandler(BaseHandler):
     async def get(self) -> None:
         config = self.service.config
         self.send_json({

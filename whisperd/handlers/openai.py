@@ -11,14 +11,14 @@ import logging
 from typing import Any
 
 from .. import capabilities
-from ..errors import ServiceError
+from ..errors import Kind, ServiceError
 from ..formats import render
 from ..forms import cli_cannot_translate
 from ..jobs import Job
 from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
 from ..models import catalog, installed_models, local_model_dir, model_info, refusal
 from .base import BaseHandler
-from .upload import UploadHandler, deliver
+from .multipart_upload import MultipartUploadHandler, deliver
 
 log = logging.getLogger("whisperd.http")
 
@@ -46,9 +46,9 @@ ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "inva
 class OpenAIError(ServiceError):
     """A ServiceError that also names the offending parameter and a machine-readable code."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+    def __init__(self, kind: Kind, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, message, headers)
+        super().__init__(kind, message, headers=headers)
         self.param = param
         self.code = code
 
@@ -63,7 +63,7 @@ class OpenAIErrorsMixin(BaseHandler):
         return {"error": {"message": message, "type": error_type, "param": getattr(exc, "param", None), "code": code}}
 
 
-class ModelsHandler(OpenAIErrorsMixin):
+class OpenAIModelsHandler(OpenAIErrorsMixin):
     def get(self) -> None:
         config = self.service.config
         models = catalog(config.WHISPER_MODELS_DIR, self.service.engine_status()["loaded_models"])
@@ -77,7 +77,7 @@ class ModelsHandler(OpenAIErrorsMixin):
         self.send_json({"object": "list", "data": data})
 
 
-class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
+class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
     allowed_methods = ("OPTIONS", "POST")
     repeatable_fields = frozenset({GRANULARITIES_FIELD})
     task = "transcribe"
@@ -108,7 +108,7 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         if ended is None or not ended.finished:
             # OpenAI's API has no "come back later"; the job goes on and stays fetchable by id.
             raise OpenAIError(
-                504, f"the {'translation' if self.task == 'translate' else 'transcription'} is still "
+                Kind.TIMED_OUT, f"the {'translation' if self.task == 'translate' else 'transcription'} is still "
                      f"{ended.status if ended else 'Queued'} after "
                      f"SYNC_REQUEST_TIMEOUT_SECONDS; it keeps running: fetch it later from "
                      f"/transcription/{job.id}/result", code="timeout",
@@ -118,20 +118,20 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         try:
             result = await self.service.engine_result_of(ended)
         except ServiceError as exc:
-            raise OpenAIError(exc.status, exc.message, code="transcription_failed") from None
+            raise OpenAIError(exc.kind, exc.message, code="transcription_failed") from None
         await self._answer(ended, result, request)
 
     def _parse(self, fields: dict[str, str], granularities: list[str]) -> dict[str, Any]:
         config = self.service.config
         unknown = sorted(set(fields) - set(self.fields))
         if unknown:
-            raise OpenAIError(400, f"unsupported form field '{unknown[0]}'", param=unknown[0], code="unknown_parameter")
+            raise OpenAIError(Kind.INVALID, f"unsupported form field '{unknown[0]}'", param=unknown[0], code="unknown_parameter")
         if fields.get("stream", "false").strip().lower() not in ("false", "0", ""):
-            raise OpenAIError(400, "streamed transcriptions are not supported by this server", param="stream")
+            raise OpenAIError(Kind.INVALID, "streamed transcriptions are not supported by this server", param="stream")
 
         model = fields.get("model", "").strip()
         if not model:
-            raise OpenAIError(400, "'model' is required: use whisper-1 or a name from GET /v1/models", param="model")
+            raise OpenAIError(Kind.INVALID, "'model' is required: use whisper-1 or a name from GET /v1/models", param="model")
         alias_model = config.openai_translate_model if self.task == "translate" else config.openai_model
         engine_model = alias_model if model == ALIAS else model
         if local_model_dir(config.WHISPER_MODELS_DIR, engine_model) is None:
@@ -139,32 +139,32 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
                 pass  # the configured default may be one the engine downloads on first use
             else:
                 have = ", ".join([ALIAS] + installed_models(config.WHISPER_MODELS_DIR))
-                raise OpenAIError(400, f"model '{model[:100]}' is not available on this server; available: {have}",
+                raise OpenAIError(Kind.INVALID, f"model '{model[:100]}' is not available on this server; available: {have}",
                                   param="model", code="model_not_found")
 
         language = fields.get("language", "").strip().lower() or AUTO
         if language != AUTO and language not in WHISPER_LANGUAGES:
-            raise OpenAIError(400, f"'language' must be an ISO-639-1 code Whisper knows, such as en or fr; "
+            raise OpenAIError(Kind.INVALID, f"'language' must be an ISO-639-1 code Whisper knows, such as en or fr; "
                                    f"got {language[:40]!r}", param="language")
         why_not = refusal(model_info(config.WHISPER_MODELS_DIR, engine_model), language, self.task)
         if why_not:
             if model == ALIAS:
                 why_not += f" (whisper-1 runs '{engine_model}' here: set WHISPER_OPENAI_" \
                            f"{'TRANSLATE_' if self.task == 'translate' else ''}MODEL, or send a model's name)"
-            raise OpenAIError(400, why_not, param="language" if self.task == "transcribe" else "model",
+            raise OpenAIError(Kind.INVALID, why_not, param="language" if self.task == "transcribe" else "model",
                               code="model_cannot_" + self.task)
         why_not = cli_cannot_translate(config, language, self.task)
         if why_not:
-            raise OpenAIError(400, why_not.replace("; send 'language'", " (OpenAI's translations take no language)"),
+            raise OpenAIError(Kind.INVALID, why_not.replace("; send 'language'", " (OpenAI's translations take no language)"),
                               code="translation_needs_worker_engine")
 
         prompt = fields.get("prompt", "")
         if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
-            raise OpenAIError(400, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters", param="prompt")
+            raise OpenAIError(Kind.INVALID, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters", param="prompt")
 
         response_format = fields.get("response_format", "").strip().lower() or "json"
         if response_format not in RESPONSE_FORMATS:
-            raise OpenAIError(400, f"'response_format' must be one of {', '.join(RESPONSE_FORMATS)}; "
+            raise OpenAIError(Kind.INVALID, f"'response_format' must be one of {', '.join(RESPONSE_FORMATS)}; "
                                    f"got {response_format[:40]!r}", param="response_format")
 
         temperature = fields.get("temperature", "").strip()
@@ -175,23 +175,23 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
             except ValueError:
                 value = -1.0
             if not 0.0 <= value <= 1.0:  # NaN fails this too
-                raise OpenAIError(400, f"'temperature' must be a number from 0 to 1; got {temperature[:40]!r}",
+                raise OpenAIError(Kind.INVALID, f"'temperature' must be a number from 0 to 1; got {temperature[:40]!r}",
                                   param="temperature")
 
         if "timestamp_granularities" in fields and not granularities:
             granularities = [fields["timestamp_granularities"]]
         wanted = {g.strip().lower() for g in granularities if g.strip()} or {"segment"}
         if not wanted <= {"segment", "word"}:
-            raise OpenAIError(400, "'timestamp_granularities[]' takes segment and/or word",
+            raise OpenAIError(Kind.INVALID, "'timestamp_granularities[]' takes segment and/or word",
                               param=GRANULARITIES_FIELD)
         if "word" in wanted:
             if response_format != "verbose_json":
-                raise OpenAIError(400, "word timestamps need response_format=verbose_json", param=GRANULARITIES_FIELD)
+                raise OpenAIError(Kind.INVALID, "word timestamps need response_format=verbose_json", param=GRANULARITIES_FIELD)
             aligned, why_not = capabilities.alignment_available(
                 None if language == AUTO else language, config.WHISPER_MODELS_DIR, self.service.offline)
             # Without an alignment model the warm engine still times words (faster-whisper's own).
             if not aligned and not self.service.engine.times_words:
-                raise OpenAIError(400, "word timestamps are unavailable on this server: " + why_not.split(": ", 1)[-1]
+                raise OpenAIError(Kind.INVALID, "word timestamps are unavailable on this server: " + why_not.split(": ", 1)[-1]
                                   + (" (send 'language' to use an installed alignment model)" if language == AUTO else ""),
                                   param=GRANULARITIES_FIELD, code="word_timestamps_unavailable")
         return {"model": engine_model, "language": language, "prompt": prompt, "temperature": value,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import metrics
 from ..config import REPO_DIR
-from ..errors import ServiceError
+from ..errors import Kind, ServiceError
 from .base import BaseHandler
 
 OPENAPI_PATH = REPO_DIR / "openapi.json"
@@ -69,7 +69,7 @@ class MetricsHandler(BaseHandler):
             return
         self.begin()
         if self.request.method != "OPTIONS" and not _loopback(self.request.remote_ip):
-            raise ServiceError(403, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
+            raise ServiceError(Kind.FORBIDDEN, "/metrics answers local callers only; set WHISPER_METRICS_AUTH=true "
                                 "to scrape it from elsewhere with a Bearer token")
 
     async def get(self) -> None:

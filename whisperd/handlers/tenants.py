@@ -7,9 +7,9 @@ import binascii
 from typing import Any
 
 from ..jobs import ACTIVE, TERMINAL, Job, now_iso
-from ..limits import UNSET, Limits, usage_windows
-from ..tokens import limits_of
-from ..errors import ServiceError
+from ..identity.limits import UNSET, Limits, usage_windows
+from ..identity.tokens import limits_of
+from ..errors import Kind, ServiceError
 from ..integers import BadInteger, strict_int
 from .base import BaseHandler
 
@@ -33,7 +33,7 @@ def decode_cursor(text: str) -> int:
             raise BadInteger(raw)
         return strict_int(raw[1:], "cursor")
     except BadInteger:
-        raise ServiceError(400, "'cursor' is not one this server gave out: pass the 'next' value of the previous "
+        raise ServiceError(Kind.INVALID, "'cursor' is not one this server gave out: pass the 'next' value of the previous "
                                 "page as is") from None
 
 
@@ -68,13 +68,13 @@ async def list_jobs(handler: BaseHandler) -> None:
     try:
         limit = strict_int(text, "'limit'", maximum=MAX_PAGE, minimum=1)
     except BadInteger:
-        raise ServiceError(400, f"'limit' must be a whole number from 1 to {MAX_PAGE}, got {text[:20]!r}") from None
+        raise ServiceError(Kind.INVALID, f"'limit' must be a whole number from 1 to {MAX_PAGE}, got {text[:20]!r}") from None
     wanted = handler.get_query_argument("status", "").strip()
     status = None
     if wanted:
         status = STATUSES.get(wanted.lower())
         if status is None:
-            raise ServiceError(400, f"'status' must be one of {', '.join(ACTIVE + TERMINAL)}, got {wanted[:40]!r}")
+            raise ServiceError(Kind.INVALID, f"'status' must be one of {', '.join(ACTIVE + TERMINAL)}, got {wanted[:40]!r}")
     cursor = handler.get_query_argument("cursor", "").strip()
     before = decode_cursor(cursor) if cursor else None
     identity = handler.identity

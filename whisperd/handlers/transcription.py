@@ -7,14 +7,14 @@ import logging
 from typing import Any
 
 from ..config import OUTPUT_FORMATS
-from ..errors import ServiceError
+from ..errors import Kind, ServiceError
 from ..forms import parse_job_request
 from ..forms import JobRequest
 from ..jobs import Job
-from ..uploads import ReceivedForm
+from ..multipart import ReceivedForm
 from .base import BaseHandler
 from .tenants import list_jobs
-from .upload import UploadHandler, deliver
+from .multipart_upload import MultipartUploadHandler, deliver
 
 log = logging.getLogger("whisperd.http")
 
@@ -23,7 +23,7 @@ def job_urls(job_id: str) -> dict[str, str]:
     return {"job_id": job_id, "status_url": f"/transcription/{job_id}"}
 
 
-class SubmitHandler(UploadHandler):
+class SubmitHandler(MultipartUploadHandler):
     allowed_methods = ("OPTIONS", "POST", "GET", "DELETE")  # as the spec's preflight answer lists
 
     async def get(self) -> None:
@@ -38,14 +38,14 @@ class SubmitHandler(UploadHandler):
         except ServiceError as exc:
             self.refuse(exc)
         if form.file_path is not None and (request.upload or request.url):
-            self.refuse(ServiceError(400, "give one source of audio: 'file', 'upload' or 'url', not several"))
+            self.refuse(ServiceError(Kind.INVALID, "give one source of audio: 'file', 'upload' or 'url', not several"))
         if request.upload:
             await self.stage_resumable(form, request.upload)
         elif request.url:
             if not await self.stage_fetched(form, request.url):
                 return  # the client left during the fetch; its files are gone
         elif form.file_path is None:
-            self.refuse(ServiceError(400, "the form field 'file' (the audio file) is missing; or name a finished "
+            self.refuse(ServiceError(Kind.INVALID, "the form field 'file' (the audio file) is missing; or name a finished "
                                       "resumable upload with 'upload', or media to fetch with 'url'"))
         await self.intake(form, request)
 
@@ -135,9 +135,9 @@ class JobHandler(_JobLookup):
     async def get(self, job_id: str) -> None:
         job = await self._job(job_id)
         if job.status == "Canceled":
-            raise ServiceError(410, f"job {job.id} was canceled at {job.finished_at}")
+            raise ServiceError(Kind.GONE, f"job {job.id} was canceled at {job.finished_at}")
         if job.expired_at:
-            raise ServiceError(410, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
+            raise ServiceError(Kind.GONE, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         self.send_json(await status_body(self.service, job))
 
     async def delete(self, job_id: str) -> None:
@@ -146,11 +146,11 @@ class JobHandler(_JobLookup):
         if outcome == "canceled":
             self.send_json({"success": True, "message": "Job canceled successfully"})
         elif outcome == "missing" or job is None:
-            raise ServiceError(404, f"no job with id {job_id!r}")
+            raise ServiceError(Kind.NOT_FOUND, f"no job with id {job_id!r}")
         elif outcome == "pending":
-            raise ServiceError(409, f"job {job_id} is being stopped; check its status in a moment")
+            raise ServiceError(Kind.CONFLICT, f"job {job_id} is being stopped; check its status in a moment")
         else:
-            raise ServiceError(409, f"job {job_id} cannot be canceled: it is already {job.status}")
+            raise ServiceError(Kind.CONFLICT, f"job {job_id} cannot be canceled: it is already {job.status}")
 
 
 class ResultHandler(_JobLookup):
@@ -160,6 +160,6 @@ class ResultHandler(_JobLookup):
         job = await self._job(job_id)
         fmt = self.get_query_argument("response_format", "").strip().lower() or job.response_format
         if fmt not in OUTPUT_FORMATS:
-            raise ServiceError(400, f"'response_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt[:40]!r}")
+            raise ServiceError(Kind.INVALID, f"'response_format' must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt[:40]!r}")
         body = await self.service.result_of(job, fmt, self.identity.name)
         await deliver(self, job, body)

@@ -22,14 +22,15 @@ from typing import Any, BinaryIO
 
 from tornado.web import stream_request_body
 
+from ..clock import iso, utc_now
 from ..jobfiles import display_name, new_job_id
-from ..limits import LimitExceeded, check_open_uploads, file_size_limit
+from ..identity.limits import check_open_uploads, file_size_limit
 from ..ratefloor import RateFloor
 from ..jobs import UploadRecord, now_iso
-from ..errors import ServiceError
+from ..errors import Kind, ServiceError
 from ..integers import BadInteger, strict_int
 from .base import BaseHandler
-from .upload import slot_owner
+from .multipart_upload import slot_owner
 
 log = logging.getLogger("whisperd.tus")
 
@@ -51,21 +52,21 @@ def parse_metadata(text: str) -> dict[str, str]:
     for pair in filter(None, (part.strip() for part in text.split(","))):
         key, _, encoded = pair.partition(" ")
         if not key or not key.isascii() or " " in key or key in found:
-            raise ServiceError(400, f"Upload-Metadata: bad or repeated key {key[:40]!r}")
+            raise ServiceError(Kind.INVALID, f"Upload-Metadata: bad or repeated key {key[:40]!r}")
         try:
             found[key] = base64.b64decode(encoded.strip(), validate=True).decode("utf-8") if encoded else ""
         except (binascii.Error, UnicodeDecodeError):
-            raise ServiceError(400, f"Upload-Metadata: the value of {key[:40]!r} is not base64 of UTF-8 text") from None
+            raise ServiceError(Kind.INVALID, f"Upload-Metadata: the value of {key[:40]!r} is not base64 of UTF-8 text") from None
     return found
 
 
-def http_date(iso: str) -> str:
-    moment = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+def http_date(stamp: str) -> str:
+    moment = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
     return format_datetime(moment, usegmt=True)
 
 
 def iso_in(hours: float) -> str:
-    return (datetime.now(timezone.utc) + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso(utc_now() + timedelta(hours=hours))
 
 
 def idle_hours(config: Any) -> float:
@@ -78,7 +79,7 @@ def _number(value: str | None, name: str) -> int:
     try:
         return strict_int(value, name, maximum=MAX_BYTES)
     except BadInteger:
-        raise ServiceError(400, f"{name} must be a whole number of bytes >= 0 in digits 0-9, "
+        raise ServiceError(Kind.INVALID, f"{name} must be a whole number of bytes >= 0 in digits 0-9, "
                                 f"got {str(value)[:40]!r}") from None
 
 
@@ -139,20 +140,20 @@ class _TusBase(BaseHandler):
             return
         version = self.request.headers.get("Tus-Resumable")
         if version != TUS_VERSION:
-            raise ServiceError(412, f"send 'Tus-Resumable: {TUS_VERSION}' (got {str(version)[:20]!r}): the only "
-                                "tus version this server speaks", {"Tus-Version": TUS_VERSION})
+            raise ServiceError(Kind.UNSUPPORTED_PROTOCOL, f"send 'Tus-Resumable: {TUS_VERSION}' (got {str(version)[:20]!r}): the only "
+                                "tus version this server speaks", headers={"Tus-Version": TUS_VERSION})
 
     def _check_disk(self, needed: int) -> None:
         floor_mb = self.service.config.WHISPER_MIN_FREE_DISK_MB
         free_mb = self.service.resumable.free_disk_mb()
         if free_mb - needed / 2**20 < floor_mb:
             promised = f", {needed / 2**20:.0f} MB of it promised to open uploads and this one" if needed else ""
-            raise ServiceError(507, f"the server is short of disk space for this upload ({free_mb:.0f} MB free"
+            raise ServiceError(Kind.STORAGE_FULL, f"the server is short of disk space for this upload ({free_mb:.0f} MB free"
                                 f"{promised}; keeps at least WHISPER_MIN_FREE_DISK_MB={floor_mb}); try again later")
 
 
 @stream_request_body  # a body sent here anyway is refused in prepare(), never buffered
-class UploadsHandler(_TusBase):
+class TusCreationHandler(_TusBase):
     """POST /uploads: the creation extension."""
 
     allowed_methods = ("OPTIONS", "POST")
@@ -162,7 +163,7 @@ class UploadsHandler(_TusBase):
         if self.request.method == "POST":
             length = self.request.headers.get("Content-Length", "0")
             if length not in ("", "0") or "Transfer-Encoding" in self.request.headers:
-                raise ServiceError(400, "POST /uploads takes no body here (creation-with-upload is not offered): "
+                raise ServiceError(Kind.INVALID, "POST /uploads takes no body here (creation-with-upload is not offered): "
                                     "create the upload, then PATCH its bytes")
 
     def data_received(self, chunk: bytes) -> None:
@@ -171,27 +172,23 @@ class UploadsHandler(_TusBase):
     async def post(self) -> None:
         config = self.service.config
         if self.service.draining:
-            raise ServiceError(503, "the server is shutting down; try again in a moment", {"Retry-After": "10"})
+            raise ServiceError(Kind.UNAVAILABLE, "the server is shutting down; try again in a moment", 10)
         if "Upload-Defer-Length" in self.request.headers:
-            raise ServiceError(400, "Upload-Defer-Length is not supported: send Upload-Length")
+            raise ServiceError(Kind.INVALID, "Upload-Defer-Length is not supported: send Upload-Length")
         length = _number(self.request.headers.get("Upload-Length"), "Upload-Length")
         if length == 0:
-            raise ServiceError(400, "Upload-Length is 0: an empty file is no audio")
+            raise ServiceError(Kind.INVALID, "Upload-Length is 0: an empty file is no audio")
         # The caller's own limits first, from Upload-Length alone: nothing is stored for a refusal.
         limits = self.identity.limits.resolved(config)
         limit, limit_name = file_size_limit(limits, config.MAX_FILE_SIZE)
         if length > limit:
-            raise ServiceError(413, f"Upload-Length {length} is larger than {limit_name} ({limit} bytes)")
+            raise ServiceError(Kind.TOO_LARGE, f"Upload-Length {length} is larger than {limit_name} ({limit} bytes)")
         metadata_text = self.request.headers.get("Upload-Metadata", "")
         if len(metadata_text) > MAX_METADATA_CHARS:
-            raise ServiceError(400, f"Upload-Metadata is longer than {MAX_METADATA_CHARS} characters")
+            raise ServiceError(Kind.INVALID, f"Upload-Metadata is longer than {MAX_METADATA_CHARS} characters")
         metadata = parse_metadata(metadata_text)
         count, declared, _pending = await self.service.resumable.open_uploads(self.identity.name)
-        try:
-            check_open_uploads(self.identity.name, limits, count, declared, length)
-        except LimitExceeded as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
-            raise ServiceError(exc.status, exc.message, headers) from None
+        check_open_uploads(self.identity.name, limits, count, declared, length)
         # Reserve what this upload and every other open one have yet to write: twenty creations
         # against the same free space must not each be told it fits.
         _count, _declared, pending = await self.service.resumable.open_uploads(None)
@@ -212,7 +209,7 @@ class UploadsHandler(_TusBase):
 
 
 @stream_request_body
-class UploadHandler(_TusBase):
+class TusUploadHandler(_TusBase):
     """/uploads/{id}: HEAD reports the offset, PATCH appends, DELETE terminates."""
 
     allowed_methods = ("OPTIONS", "HEAD", "PATCH", "DELETE")
@@ -233,9 +230,9 @@ class UploadHandler(_TusBase):
         """The caller's upload, or 404 (unknown and another token's look the same), or 410 (expired)."""
         upload = await self.service.resumable.get(upload_id)
         if upload is None or upload.owner != self.identity.name:
-            raise ServiceError(404, f"no upload with id {str(upload_id)[:60]!r}")
+            raise ServiceError(Kind.NOT_FOUND, f"no upload with id {str(upload_id)[:60]!r}")
         if upload.expired(now_iso()):
-            raise ServiceError(410, f"upload {upload.id} expired at {upload.expires_at}; upload the file again")
+            raise ServiceError(Kind.GONE, f"upload {upload.id} expired at {upload.expires_at}; upload the file again")
         return upload
 
     def _describe(self, upload: UploadRecord) -> None:
@@ -256,16 +253,16 @@ class UploadHandler(_TusBase):
         upload = await self._own(self.path_args[0])
         content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != OFFSET_TYPE:
-            raise ServiceError(415, f"PATCH needs 'Content-Type: {OFFSET_TYPE}' (got {content_type[:40] or 'none'!r})")
+            raise ServiceError(Kind.UNSUPPORTED_MEDIA, f"PATCH needs 'Content-Type: {OFFSET_TYPE}' (got {content_type[:40] or 'none'!r})")
         offset = _number(self.request.headers.get("Upload-Offset"), "Upload-Offset")
         if upload.job_id is not None:
-            raise ServiceError(409, f"upload {upload.id} was already used by job {upload.job_id}; it takes no more bytes")
+            raise ServiceError(Kind.CONFLICT, f"upload {upload.id} was already used by job {upload.job_id}; it takes no more bytes")
         if offset != upload.upload_offset:
-            raise ServiceError(409, f"Upload-Offset {offset} does not match the upload's offset {upload.upload_offset}: "
-                                "ask HEAD for it and send from there", {"Upload-Offset": str(upload.upload_offset)})
+            raise ServiceError(Kind.CONFLICT, f"Upload-Offset {offset} does not match the upload's offset {upload.upload_offset}: "
+                                "ask HEAD for it and send from there", headers={"Upload-Offset": str(upload.upload_offset)})
         length = self.request.headers.get("Content-Length")  # Tornado has checked its form
         if length is not None and offset + _number(length, "Content-Length") > upload.upload_length:
-            raise ServiceError(413, f"this PATCH would take the upload past its Upload-Length ({upload.upload_length} bytes)")
+            raise ServiceError(Kind.TOO_LARGE, f"this PATCH would take the upload past its Upload-Length ({upload.upload_length} bytes)")
         algorithm, expected = self._checksum()
         self._check_disk(0)
         # A PATCH body is an upload in flight like any other: it takes a slot (the address's and
@@ -278,12 +275,12 @@ class UploadHandler(_TusBase):
         try:
             handle = open(path, "r+b")
         except FileNotFoundError:
-            raise ServiceError(410, f"the bytes of upload {upload.id} are gone from the server; upload again") from None
+            raise ServiceError(Kind.GONE, f"the bytes of upload {upload.id} are gone from the server; upload again") from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
-            raise ServiceError(423, f"another PATCH of upload {upload.id} is in progress; ask HEAD for the offset "
+            raise ServiceError(Kind.LOCKED, f"another PATCH of upload {upload.id} is in progress; ask HEAD for the offset "
                                 "once it ends") from None
         # Bytes past the recorded offset (from a PATCH cut off before it was recorded) do not count.
         handle.truncate(offset)
@@ -303,7 +300,7 @@ class UploadHandler(_TusBase):
         self._keep_partial()
         self._refused = True
         self._release_slot()
-        self.send_error(408, exc_info=(ServiceError, ServiceError(408, message), None))
+        self.send_error(408, exc_info=(ServiceError, ServiceError(Kind.TOO_SLOW, message), None))
 
     def _release_slot(self) -> None:
         if self._rate is not None:
@@ -323,11 +320,11 @@ class UploadHandler(_TusBase):
             return None, None
         algorithm, _, encoded = header.strip().partition(" ")
         if algorithm.lower() != "sha1":
-            raise ServiceError(400, f"Upload-Checksum algorithm {algorithm[:20]!r} is not supported; use sha1")
+            raise ServiceError(Kind.INVALID, f"Upload-Checksum algorithm {algorithm[:20]!r} is not supported; use sha1")
         try:
             return "sha1", base64.b64decode(encoded.strip(), validate=True)
         except binascii.Error:
-            raise ServiceError(400, "Upload-Checksum: the checksum is not base64") from None
+            raise ServiceError(Kind.INVALID, "Upload-Checksum: the checksum is not base64") from None
 
     def data_received(self, chunk: bytes) -> None:
         writing = self._writing
@@ -335,28 +332,28 @@ class UploadHandler(_TusBase):
             return
         assert self._upload is not None
         if writing.start + writing.received + len(chunk) > self._upload.upload_length:
-            self._refuse(413, f"the PATCH goes past the upload's Upload-Length ({self._upload.upload_length} bytes)")
+            self._refuse(ServiceError(Kind.TOO_LARGE, f"the PATCH goes past the upload's Upload-Length ({self._upload.upload_length} bytes)"))
             return
         try:
             writing.write(chunk)
             if self._rate is not None:
                 self._rate.add(len(chunk))
         except OSError as exc:
-            refusal = self.service.storage_refusal(exc)  # faults: read-only or full storage, with Retry-After
+            refusal = self.service.storage_refusal(exc)  # read-only or full storage, with Retry-After
             if refusal is not None:
-                self._refuse(refusal.status, refusal.message, refusal.headers)
+                self._refuse(refusal)
                 return
-            self._refuse(500, "could not write the upload (see the server log)")
+            self._refuse(ServiceError(Kind.INTERNAL, "could not write the upload (see the server log)"))
             log.error("upload %s: write failed: %s", self._upload.id, exc)
 
-    def _refuse(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def _refuse(self, error: ServiceError) -> None:
         """Answer now and drop this PATCH's bytes: the rest of the body is not worth reading."""
         self._refused = True
         self._release_slot()
         if self._writing is not None:
             self._writing.close(keep=False)
             self._writing = None
-        self.send_error(status, exc_info=(ServiceError, ServiceError(status, message, headers), None))
+        self.answer_now(error)
 
     async def patch(self, upload_id: str) -> None:
         writing, upload = self._writing, self._upload
@@ -367,7 +364,7 @@ class UploadHandler(_TusBase):
         self._writing = None
         if writing.expected is not None and writing.hasher is not None and writing.hasher.digest() != writing.expected:
             writing.close(keep=False)
-            raise ServiceError(460, "Upload-Checksum does not match the PATCH's body (sha1); the bytes were dropped: "
+            raise ServiceError(Kind.CHECKSUM_MISMATCH, "Upload-Checksum does not match the PATCH's body (sha1); the bytes were dropped: "
                                 "send them again")
         received = writing.close(keep=True)
         await self._record(upload, writing.start, received)
@@ -380,7 +377,7 @@ class UploadHandler(_TusBase):
         path = self.service.resumable.path(upload.id)
         await asyncio.get_running_loop().run_in_executor(None, _fsync, path)
         if not await self.service.resumable.advance(upload.id, start, start + received):
-            raise ServiceError(409, f"upload {upload.id} changed meanwhile (another PATCH, used, or expired); "
+            raise ServiceError(Kind.CONFLICT, f"upload {upload.id} changed meanwhile (another PATCH, used, or expired); "
                                 "ask HEAD for its offset")
         upload.upload_offset = start + received
         config = self.service.config
@@ -422,9 +419,9 @@ class UploadHandler(_TusBase):
     async def delete(self, upload_id: str) -> None:
         upload = await self._own(upload_id)
         if upload.job_id is not None:
-            raise ServiceError(409, f"upload {upload.id} already became job {upload.job_id}; cancel the job instead")
+            raise ServiceError(Kind.CONFLICT, f"upload {upload.id} already became job {upload.job_id}; cancel the job instead")
         if not await self.service.resumable.terminate(upload.id):
-            raise ServiceError(404, f"no upload with id {upload.id!r}")
+            raise ServiceError(Kind.NOT_FOUND, f"no upload with id {upload.id!r}")
         log.info("upload %s terminated by the client", upload.id)
         self.set_status(204)
         self.finish()

@@ -1,6 +1,6 @@
 """The ledger's errors, the same whichever backend raised them."""
 
-from ..errors import ServiceError
+from ..errors import Kind, ServiceError
 
 
 class LedgerError(Exception):
@@ -10,14 +10,14 @@ class LedgerError(Exception):
 class LedgerUnavailable(LedgerError, ServiceError):
     """The ledger cannot be opened or is closed (start-up, shutdown, database gone).
 
-    str() is the detail, for the log and the command line; a client gets a 503 without it (it
-    may name a path), and may try again or another instance."""
+    str() is the detail, for the log and the command line; a client gets Kind.UNAVAILABLE without
+    it (it may name a path), and may try again or another instance."""
 
     transient = False  # True: the ledger is open but its database is away for now (PostgreSQL)
 
     def __init__(self, detail: str) -> None:
-        ServiceError.__init__(self, 503, "the job ledger is not available (the server is stopping?); try again in a "
-                                         "moment", {"Retry-After": "10"})
+        ServiceError.__init__(self, Kind.UNAVAILABLE, "the job ledger is not available (the server is stopping?); "
+                                                      "try again in a moment", 10)
         self.args = (detail,)
 
     def __str__(self) -> str:
@@ -28,10 +28,10 @@ class LedgerBusy(LedgerError, ServiceError):
     """Someone else held the ledger past the wait limit (an operator's sqlite3 session, say).
 
     To a client that is the service being briefly unavailable, whichever request ran into it:
-    so it is a ServiceError, and the handlers answer it like any other."""
+    so it is a ServiceError (Kind.UNAVAILABLE), and the handlers answer it like any other."""
 
     def __init__(self) -> None:
-        ServiceError.__init__(self, 503, "the job ledger is busy; try again in a moment", {"Retry-After": "5"})
+        ServiceError.__init__(self, Kind.UNAVAILABLE, "the job ledger is busy; try again in a moment", 5)
 
 
 class TokenNameTaken(LedgerError):

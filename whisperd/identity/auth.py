@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from ..errors import Kind, ServiceError
 from .limits import UNSET, Limits
-from . import metrics
-from .authguard import FailureGuard, Throttled, token_digest
+from .. import metrics
+from .guard import FailureGuard, Throttled, token_digest
 
 _BEARER = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]{1,512})$")
 
@@ -30,8 +31,11 @@ ANONYMOUS = Identity("anonymous", admin=True)  # authorization disabled: one ide
 ANY_TOKEN = Identity("anyone", admin=True)  # the spec's dummy verification: every token is the same caller
 
 
-class AuthError(Exception):
-    """401: the message tells the client what to send."""
+class AuthError(ServiceError):
+    """No valid credentials: the message tells the client what to send."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Kind.UNAUTHENTICATED, message)
 
 
 def bearer_token(header: str | None) -> str:

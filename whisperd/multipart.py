@@ -9,7 +9,7 @@ from pathlib import Path
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from .errors import ServiceError
+from .errors import Kind, ServiceError
 from .jobfiles import UPLOAD_NAME, display_name
 
 MAX_FIELDS = 64
@@ -28,14 +28,14 @@ class ReceivedForm:
 
 
 def boundary_of(content_type: str | None) -> bytes:
-    """The multipart boundary, or ServiceError(415 / 400)."""
+    """The multipart boundary, or ServiceError(Kind.UNSUPPORTED_MEDIA / 400)."""
     kind, params = parse_options_header(content_type or "")
     if kind != b"multipart/form-data":
         shown = kind.decode("latin-1") or "none"
-        raise ServiceError(415, f"Content-Type must be multipart/form-data (got {shown}); send the audio as the form field 'file'")
+        raise ServiceError(Kind.UNSUPPORTED_MEDIA, f"Content-Type must be multipart/form-data (got {shown}); send the audio as the form field 'file'")
     boundary = params.get(b"boundary")
     if not boundary or len(boundary) > 200:
-        raise ServiceError(400, "multipart/form-data needs a boundary parameter in Content-Type")
+        raise ServiceError(Kind.INVALID, "multipart/form-data needs a boundary parameter in Content-Type")
     return boundary
 
 
@@ -82,12 +82,12 @@ class MultipartReceiver:
         self._body_bytes += len(chunk)
         if self._body_bytes > self.max_file_size + FORM_OVERHEAD:
             self.close_file()
-            raise ServiceError(413, f"request body is larger than {self.limit_name} ({self.max_file_size} bytes) plus the form")
+            raise ServiceError(Kind.TOO_LARGE, f"request body is larger than {self.limit_name} ({self.max_file_size} bytes) plus the form")
         try:
             self._parser.write(chunk)
         except MultipartParseError as exc:
             self.close_file()
-            raise ServiceError(400, f"malformed multipart body: {exc}") from None
+            raise ServiceError(Kind.INVALID, f"malformed multipart body: {exc}") from None
         except ServiceError:
             self.close_file()
             raise
@@ -96,13 +96,13 @@ class MultipartReceiver:
         """The form; without file_required, a form with no file part is fine (its audio comes from elsewhere)."""
         self.close_file()
         if not self._ended:
-            raise ServiceError(400, "the multipart body ended before its closing boundary (truncated upload?)")
+            raise ServiceError(Kind.INVALID, "the multipart body ended before its closing boundary (truncated upload?)")
         if self.form.file_path is None and not file_required:
             return self.form
         if self.form.file_path is None:
-            raise ServiceError(400, f"the form field '{self.file_field}' (the audio file) is missing")
+            raise ServiceError(Kind.INVALID, f"the form field '{self.file_field}' (the audio file) is missing")
         if self.form.file_bytes == 0:
-            raise ServiceError(400, f"the uploaded file '{self.form.client_filename}' is empty")
+            raise ServiceError(Kind.INVALID, f"the uploaded file '{self.form.client_filename}' is empty")
         return self.form
 
     def close_file(self) -> None:
@@ -118,7 +118,7 @@ class MultipartReceiver:
     def _on_part_begin(self) -> None:
         self._parts += 1
         if self._parts > MAX_FIELDS:
-            raise ServiceError(400, f"too many form fields (more than {MAX_FIELDS})")
+            raise ServiceError(Kind.INVALID, f"too many form fields (more than {MAX_FIELDS})")
         self._headers = {}
         self._part_header_bytes = 0
         self._part_name = None
@@ -136,7 +136,7 @@ class MultipartReceiver:
     def _count_header(self, size: int) -> None:
         self._part_header_bytes += size
         if self._part_header_bytes > MAX_PART_HEADER_BYTES:
-            raise ServiceError(400, f"a multipart part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
+            raise ServiceError(Kind.INVALID, f"a multipart part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
 
     def _on_header_end(self) -> None:
         self._headers[self._header_name.strip().lower()] = self._header_value.strip()
@@ -146,16 +146,16 @@ class MultipartReceiver:
     def _on_headers_finished(self) -> None:
         disposition, params = parse_options_header(self._headers.get(b"content-disposition", b""))
         if disposition != b"form-data" or b"name" not in params:
-            raise ServiceError(400, "each multipart part needs 'Content-Disposition: form-data; name=...'")
+            raise ServiceError(Kind.INVALID, "each multipart part needs 'Content-Disposition: form-data; name=...'")
         name = _text(params[b"name"], "a field name")
         self._part_name = name
         if b"filename" in params or name == self.file_field:
             if name != self.file_field:
-                raise ServiceError(400, f"unexpected file in form field '{name}': send the audio as '{self.file_field}'")
+                raise ServiceError(Kind.INVALID, f"unexpected file in form field '{name}': send the audio as '{self.file_field}'")
             if b"filename" not in params:
-                raise ServiceError(400, f"form field '{self.file_field}' must be a file upload (with a filename)")
+                raise ServiceError(Kind.INVALID, f"form field '{self.file_field}' must be a file upload (with a filename)")
             if self.form.file_path is not None:
-                raise ServiceError(400, f"more than one '{self.file_field}' field: send one audio file per request")
+                raise ServiceError(Kind.INVALID, f"more than one '{self.file_field}' field: send one audio file per request")
             raw_name = params[b"filename"].decode("utf-8", errors="replace")
             self.form.client_filename = display_name(raw_name)
             path = self.directory / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
@@ -164,26 +164,25 @@ class MultipartReceiver:
             self.form.file_path = path
             self._part_is_file = True
         elif name in self.form.fields and name not in self.repeatable:
-            raise ServiceError(400, f"form field '{name}' is given more than once")
+            raise ServiceError(Kind.INVALID, f"form field '{name}' is given more than once")
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._part_is_file:
             size = end - start
             self.form.file_bytes += size
             if self.form.file_bytes > self.max_file_size:
-                raise ServiceError(413, f"file is larger than {self.limit_name} ({self.max_file_size} bytes)")
+                raise ServiceError(Kind.TOO_LARGE, f"file is larger than {self.limit_name} ({self.max_file_size} bytes)")
             assert self._file is not None
             try:
                 self._file.write(data[start:end])
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise ServiceError(507, "the server's upload disk is full; try again later",
-                                       {"Retry-After": "60"}) from None  # faults: never without Retry-After
+                    raise ServiceError(Kind.STORAGE_FULL, "the server's upload disk is full; try again later", 60) from None  # faults: never without Retry-After
                 raise
         else:
             self._value += data[start:end]
             if len(self._value) > MAX_FIELD_BYTES:
-                raise ServiceError(400, f"form field '{self._part_name}' is longer than {MAX_FIELD_BYTES} bytes")
+                raise ServiceError(Kind.INVALID, f"form field '{self._part_name}' is longer than {MAX_FIELD_BYTES} bytes")
 
     def _on_part_end(self) -> None:
         if self._part_is_file:
@@ -202,8 +201,8 @@ def _text(raw: bytes, what: str) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ServiceError(400, f"{what} is not valid UTF-8") from None
+        raise ServiceError(Kind.INVALID, f"{what} is not valid UTF-8") from None
     if "\x00" in text:
-        raise ServiceError(400, f"{what} contains a NUL character")
+        raise ServiceError(Kind.INVALID, f"{what} contains a NUL character")
     return text
 

@@ -13,12 +13,13 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
-from . import metrics
+from .. import metrics
 from .auth import Identity
-from .jobs import TokenRecord, now_iso
-from .ledger import Ledger
+from ..clock import iso, seconds_since, utc_now
+from ..jobs import TokenRecord, now_iso
+from ..ledger import Ledger
 from .limits import Limits
 
 PREFIX_BYTES = 4  # 8 hex digits: enough to find a row, useless to a guesser
@@ -63,8 +64,7 @@ def hashed_for_storage(token: str) -> tuple[str, str, str]:
 def expiry(days: float | None) -> str | None:
     if days is None:
         return None
-    at = datetime.now(timezone.utc) + timedelta(days=days)
-    return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return iso(utc_now() + timedelta(days=days))
 
 
 def prefix_of(token: str) -> str | None:
@@ -158,8 +158,4 @@ def limits_of(record: TokenRecord) -> Limits:
 
 
 def _age_seconds(stamp: str) -> float:
-    try:
-        then = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-    except ValueError:
-        return float("inf")
-    return (datetime.now(timezone.utc) - then).total_seconds()
+    return seconds_since(stamp)

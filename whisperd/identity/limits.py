@@ -8,10 +8,12 @@ default. 0 means "no limit", at both levels.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
-from .jobs import Quota
+from ..clock import iso, utc_now
+from ..errors import Kind, ServiceError
+from ..jobs import Quota
 
 NAMES = ("max_queued", "max_audio_minutes_per_day", "max_file_size", "max_open_uploads", "max_upload_bytes")
 # The setting that gives each limit its default.
@@ -51,37 +53,29 @@ UNSET = Limits()
 
 def day_start(now: datetime | None = None) -> datetime:
     """The start of the current UTC day: the daily audio budget and "today" in /usage start here."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     return now.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def iso(moment: datetime) -> str:
-    """The ledger's text form of a time (sortable against created_at)."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
 def seconds_to_next_day(now: datetime | None = None) -> int:
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     return max(1, int((day_start(now) + timedelta(days=1) - now).total_seconds()) + 1)
 
 
 def usage_windows(now: datetime | None = None) -> tuple[str, str]:
     """(start of today, start of the 30-day window), both as ledger times."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utc_now()
     return iso(day_start(now)), iso(now - timedelta(days=30))
 
 
 QUEUE_RETRY_AFTER_SECONDS = 30  # a queued job takes about this long to make room; the client retries
 
 
-class LimitExceeded(Exception):
-    """A submission over one of the caller's limits: HTTP status, a message, Retry-After (or None)."""
+class LimitExceeded(ServiceError):
+    """A submission over one of the caller's limits: a message, and when to retry (or None)."""
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(Kind.OVER_LIMIT, message, retry_after)
 
 
 def file_size_limit(limits: Limits, server_max: int) -> tuple[int, str]:
@@ -98,14 +92,14 @@ def check_open_uploads(name: str, limits: Limits, count: int, declared: int, add
     """LimitExceeded when one more resumable upload of `adding` bytes would take the caller past
     max_open_uploads or max_upload_bytes (count and declared: its open uploads now)."""
     if limits.max_upload_bytes and adding > limits.max_upload_bytes:
-        raise LimitExceeded(413, f"Upload-Length {adding} is larger than max_upload_bytes ({limits.max_upload_bytes} "
+        raise ServiceError(Kind.TOO_LARGE, f"Upload-Length {adding} is larger than max_upload_bytes ({limits.max_upload_bytes} "
                                  f"bytes), the most {name!r} may have in open uploads")
     if limits.max_open_uploads and count >= limits.max_open_uploads:
-        raise LimitExceeded(429, f"too many open uploads: max_open_uploads is {limits.max_open_uploads} for {name!r}, "
+        raise LimitExceeded(f"too many open uploads: max_open_uploads is {limits.max_open_uploads} for {name!r}, "
                                  f"which has {count} not yet used; use (upload=<id>) or DELETE one, or wait for "
                                  "unfinished ones to expire", OPEN_UPLOADS_RETRY_AFTER_SECONDS)
     if limits.max_upload_bytes and declared + adding > limits.max_upload_bytes:
-        raise LimitExceeded(429, f"too many bytes in open uploads: max_upload_bytes is {limits.max_upload_bytes} for "
+        raise LimitExceeded(f"too many bytes in open uploads: max_upload_bytes is {limits.max_upload_bytes} for "
                                  f"{name!r}, whose open uploads declare {declared} already and this one {adding} "
                                  "more; use or DELETE one first", OPEN_UPLOADS_RETRY_AFTER_SECONDS)
 
@@ -121,14 +115,14 @@ def refusal(name: str, limits: Limits, which: str, used: float, adding_seconds: 
     """The 429 for a caller over `which` ("max_queued" or "max_audio_seconds"), naming limit and usage."""
     if which == "max_queued":
         return LimitExceeded(
-            429, f"too many jobs: max_queued is {limits.max_queued} for {name!r}, which has {int(used)} queued or "
-                 "running; wait for one to finish (or cancel one) and send it again",
+            f"too many jobs: max_queued is {limits.max_queued} for {name!r}, which has {int(used)} queued or "
+            "running; wait for one to finish (or cancel one) and send it again",
             QUEUE_RETRY_AFTER_SECONDS)
     this = f" and this file has {adding_seconds / 60:.2f} more" if adding_seconds else ""
     return LimitExceeded(
-        429, f"daily audio limit reached: max_audio_minutes_per_day is {_number(limits.max_audio_minutes_per_day)} "
-             f"for {name!r}, which has used {used / 60:.2f} minutes today (UTC){this}; "
-             "the budget starts again at midnight UTC",
+        f"daily audio limit reached: max_audio_minutes_per_day is {_number(limits.max_audio_minutes_per_day)} "
+        f"for {name!r}, which has used {used / 60:.2f} minutes today (UTC){this}; "
+        "the budget starts again at midnight UTC",
         seconds_to_next_day())
 
 

@@ -16,20 +16,20 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from .. import metrics
-from ..auth import ANONYMOUS, ANY_TOKEN, Identity
-from ..errors import ServiceError
+from ..identity.auth import ANONYMOUS, ANY_TOKEN, Identity
+from ..errors import Kind, ServiceError
 from ..faults import fail_point
 from ..fetch import FetchError
 from ..integers import integer_input
-from ..intake import CLIENT_LEFT, Intake, IntakeError, Media
+from ..intake import Intake, IntakeError, Media
 from ..jobfiles import new_job_id
 from ..jobs import Job, NewJob
 from ..ledger import QuotaExceeded, UploadUnusable
-from ..limits import LimitExceeded, Limits, file_size_limit, quota, refusal
-from ..uploads import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
+from ..identity.limits import LimitExceeded, Limits, file_size_limit, quota, refusal
+from ..multipart import FORM_OVERHEAD, MultipartReceiver, ReceivedForm, boundary_of
 from ..ratefloor import RateFloor
 from ..urlpolicy import PolicyError
-from .base import BaseHandler
+from .base import BaseHandler, status_of
 
 log = logging.getLogger("whisperd.http")
 
@@ -46,7 +46,7 @@ def slot_owner(identity: Identity) -> str | None:
 
 
 @stream_request_body
-class UploadHandler(BaseHandler):
+class MultipartUploadHandler(BaseHandler):
     """POST bodies stream to the job's staging dir; nothing is a job until submit() commits it."""
 
     repeatable_fields: frozenset[str] = frozenset()
@@ -73,8 +73,16 @@ class UploadHandler(BaseHandler):
         if length is not None:
             declared = integer_input(length, "Content-Length")
             if declared > limit + FORM_OVERHEAD:
-                raise ServiceError(413, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
+                raise ServiceError(Kind.TOO_LARGE, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
             self._declared = declared
+        else:
+            # Chunked: Tornado checks each chunk's declared size against its own limit before our
+            # count (MultipartReceiver) sees the bytes, which it hands over a chunk_size at a time,
+            # and refuses with a bare 400. Ours must come first to answer 413 JSON: Tornado's stays
+            # as a backstop, twice as far plus two hand-overs.
+            connection = self.request.connection
+            connection.set_max_body_size(2 * (self.service.config.MAX_FILE_SIZE + FORM_OVERHEAD +  # type: ignore[union-attr]
+                                              connection.params.chunk_size))  # type: ignore[union-attr]
         # Before a byte is stored: a refused upload leaves nothing.
         await self.service.check_queue_room()
         self._room_checked_at = time.monotonic()
@@ -91,12 +99,8 @@ class UploadHandler(BaseHandler):
         self._watch_rate()
 
     async def check_limits(self, adding_seconds: float = 0.0) -> None:
-        """ServiceError 429 (with Retry-After) when the caller is over its queue or daily audio limit."""
-        try:
-            await self.service.check_usage(self.identity.name, self.limits, adding_seconds)
-        except LimitExceeded as exc:
-            headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
-            raise ServiceError(exc.status, exc.message, headers) from None
+        """LimitExceeded (retry after a while) when the caller is over its queue or daily audio limit."""
+        await self.service.check_usage(self.identity.name, self.limits, adding_seconds)
 
     def _release_upload_slot(self) -> None:
         self._stop_rate_watch()
@@ -121,7 +125,7 @@ class UploadHandler(BaseHandler):
         metrics.upload_cut()
         self._discard()
         message = f"the upload was too slow: {self._rate.message(got)}; the connection is closed"
-        self.send_error(408, exc_info=(ServiceError, ServiceError(408, message), None))
+        self.answer_now(ServiceError(Kind.TOO_SLOW, message))
 
     def on_finish(self) -> None:
         super().on_finish()
@@ -145,7 +149,7 @@ class UploadHandler(BaseHandler):
         except ServiceError as exc:
             self._discard()
             # Answer now and close: the rest of an oversized or broken body is not worth reading.
-            self.send_error(exc.status, exc_info=(ServiceError, exc, None))
+            self.answer_now(exc)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -207,9 +211,9 @@ class UploadHandler(BaseHandler):
                                                                  limit, limit_name))
             path, size, name = await self._fetching
         except PolicyError as exc:
-            self.refuse(ServiceError(400, str(exc)))
+            self.refuse(ServiceError(Kind.INVALID, str(exc)))
         except FetchError as exc:
-            self.refuse(ServiceError(exc.status, exc.message))
+            self.refuse(exc)
         except asyncio.CancelledError:
             self._discard()
             if self.request.connection.stream.closed():  # type: ignore[union-attr]
@@ -232,15 +236,15 @@ class UploadHandler(BaseHandler):
             media = await intake.accept(form.file_path, form.file_path.parent, form.client_filename)
         except IntakeError as exc:
             self._discard()
-            if exc.status == CLIENT_LEFT:
+            if exc.kind is Kind.CLIENT_LEFT:
                 return None
-            metrics.upload_refused(exc.status)
-            if exc.status == 415 and self._resumable_id is not None:
+            metrics.upload_refused(status_of(exc))
+            if exc.kind is Kind.UNSUPPORTED_MEDIA and self._resumable_id is not None:
                 try:
                     await self.service.resumable.use_up(self._resumable_id)  # not media: no retry can help
                 except Exception as failure:  # retention removes it when it expires
                     log.warning("upload %s: refused as media but not removed: %s", self._resumable_id, failure)
-            raise ServiceError(exc.status, exc.message) from None
+            raise
         if self._intake is None:  # the client left while its file was decoded; on_connection_close cleaned up
             return None
         self._intake = None
@@ -279,11 +283,11 @@ class UploadHandler(BaseHandler):
             job = await self.service.submit(new_job, hf_token, quota(self.limits), self._resumable_id)
         except UploadUnusable as exc:
             self._discard()
-            raise ServiceError(409, f"upload {exc.upload_id} was just used by another request (or expired)") from None
+            raise ServiceError(Kind.CONFLICT, f"upload {exc.upload_id} was just used by another request (or expired)") from None
         except QuotaExceeded as exc:
             self._discard()
             over = refusal(self.identity.name, self.limits, exc.limit, exc.used, new_job.audio_seconds or 0.0)
-            raise ServiceError(over.status, over.message, {"Retry-After": str(over.retry_after)}) from None
+            raise over from None
         except BaseException:
             self._discard()
             raise
@@ -311,8 +315,8 @@ async def deliver(handler: BaseHandler, job: Job, body: dict[str, Any] | str,
         return
     # The response is finished, so the handler no longer counts as in flight: count this
     # last write, so that a shutdown waits for it before closing the ledger.
-    handler.service.requests_in_flight += 1
+    handler.service.request_began()
     try:
         await handler.service.mark_delivered(job, handler.identity.name)
     finally:
-        handler.service.requests_in_flight -= 1
+        handler.service.request_ended()

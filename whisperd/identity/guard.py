@@ -17,16 +17,17 @@ import math
 import time
 from collections import OrderedDict
 
+from ..errors import Kind, ServiceError
+
 REMEMBER_SECONDS = 30.0
 MAX_ENTRIES = 10_000  # per table; the oldest go first
 
 
-class Throttled(Exception):
-    """Too many failed checks from this address or for this prefix: 429, retry after `retry_after` s."""
+class Throttled(ServiceError):
+    """Too many failed checks from this address or for this prefix: retry after `retry_after` s."""
 
     def __init__(self, retry_after: int) -> None:
-        super().__init__(f"too many failed token checks; try again in {retry_after} s")
-        self.retry_after = retry_after
+        super().__init__(Kind.OVER_LIMIT, f"too many failed token checks; try again in {retry_after} s", retry_after)
 
 
 def token_digest(token: str) -> bytes:
