@@ -9,12 +9,14 @@ from .fetch import CREDENTIALS_HINT, FIELD
 from .languages import AUTO, WHISPER_LANGUAGES
 from .models import TASKS, installed_models, is_valid_name, local_model_dir, model_info, refusal
 from .errors import ServiceError
+from .speakers import SPEAKER_FIELDS, parse_speaker_counts
 from .urlpolicy import PolicyError, check_url
 
 FIELDS = (
     "file", "language", "model", "diarize", "prompt", "hf_token", "response_format",
     "device", "device_index", "sync", "callback_url", "task",
     "upload", "url",  # instead of file: a finished resumable upload's id, or a URL to fetch (issue 17)
+    *SPEAKER_FIELDS,  # min_speakers, max_speakers, num_speakers (speakers.py, issue 27)
 )
 
 
@@ -33,6 +35,7 @@ class JobRequest:
     task: str = "transcribe"
     upload: str | None = None  # a finished tus upload's id
     url: str | None = None  # media to fetch
+    speakers: dict[str, int] | None = None  # min/max/num speakers for diarization
 
 
 def is_ascii_number(text: str) -> bool:
@@ -134,4 +137,5 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         task=task,
         upload=upload,
         url=url,
+        speakers=parse_speaker_counts(fields),
     )

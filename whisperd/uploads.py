@@ -43,8 +43,13 @@ class MultipartReceiver:
     """Feeds body chunks to python-multipart; the `file` part goes straight into `directory`."""
 
     def __init__(self, boundary: bytes, directory: Path, max_file_size: int, file_field: str = "file",
-                 repeatable: frozenset[str] = frozenset(), limit_name: str = "MAX_FILE_SIZE") -> None:
+                 repeatable: frozenset[str] = frozenset(), limit_name: str = "MAX_FILE_SIZE",
+                 field_limits: dict[str, int] | None = None, extra_bytes: int = 0) -> None:
         self.directory = directory
+        # Fields allowed more than MAX_FIELD_BYTES (OpenAI's reference samples, data URLs), and the
+        # room the body gets for them beside the file.
+        self.field_limits = field_limits or {}
+        self.extra_bytes = extra_bytes
         self.limit_name = limit_name  # named in the 413: the server's limit or the token's own
         self.repeatable = repeatable
         self.max_file_size = max_file_size
@@ -80,7 +85,7 @@ class MultipartReceiver:
     def feed(self, chunk: bytes) -> None:
         # A chunked body has no Content-Length to refuse up front: count, whatever the parts are.
         self._body_bytes += len(chunk)
-        if self._body_bytes > self.max_file_size + FORM_OVERHEAD:
+        if self._body_bytes > self.max_file_size + FORM_OVERHEAD + self.extra_bytes:
             self.close_file()
             raise ServiceError(413, f"request body is larger than {self.limit_name} ({self.max_file_size} bytes) plus the form")
         try:
@@ -181,8 +186,9 @@ class MultipartReceiver:
                 raise
         else:
             self._value += data[start:end]
-            if len(self._value) > MAX_FIELD_BYTES:
-                raise ServiceError(400, f"form field '{self._part_name}' is longer than {MAX_FIELD_BYTES} bytes")
+            limit = self.field_limits.get(self._part_name or "", MAX_FIELD_BYTES)
+            if len(self._value) > limit:
+                raise ServiceError(400, f"form field '{self._part_name}' is longer than {limit} bytes")
 
     def _on_part_end(self) -> None:
         if self._part_is_file:

@@ -55,6 +55,8 @@ class UploadHandler(BaseHandler):
     _declared: int | None = None
     _room_checked_at = 0.0
     limits: Limits
+    field_limits: dict[str, int] = {}  # text fields allowed more than uploads.MAX_FIELD_BYTES
+    extra_body_bytes = 0  # room in the body for them
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -66,7 +68,7 @@ class UploadHandler(BaseHandler):
         if length is not None:
             if not is_ascii_number(length):
                 raise ServiceError(400, "Content-Length is not a number")
-            if int(length) > limit + FORM_OVERHEAD:
+            if int(length) > limit + FORM_OVERHEAD + self.extra_body_bytes:
                 raise ServiceError(413, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
             self._declared = int(length)
         # Before a byte is stored: a refused upload leaves nothing.
@@ -81,7 +83,8 @@ class UploadHandler(BaseHandler):
         self._job_id = new_job_id()
         staging = self.service.staging_dir(self._job_id)
         self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields,
-                                           limit_name=limit_name)
+                                           limit_name=limit_name, field_limits=self.field_limits,
+                                           extra_bytes=self.extra_body_bytes)
         self._watch_rate()
 
     async def check_limits(self, adding_seconds: float = 0.0) -> None:
@@ -239,6 +242,14 @@ class UploadHandler(BaseHandler):
         except ServiceError as exc:
             self.refuse(exc)
         return media
+
+    def stage_speakers(self, options: dict, references: list[tuple[str, str]]) -> None:
+        """The job's diarization options (and reference samples already in its staging dir) beside its audio."""
+        assert self._job_id is not None
+        try:
+            self.service.files.stage_speakers(self._job_id, options, references)
+        except OSError as exc:
+            self.refuse(ServiceError(500, f"the server could not write this job's speaker options ({exc.strerror})"))
 
     def refuse(self, error: Exception) -> None:
         """A form we will not run: drop the staged file before the error goes out."""
