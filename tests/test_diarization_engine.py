@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from conftest import REPO, TOKEN
+from whisperd.formats import render
 from speech import THREE_VOICES, TWO_VOICES, attribution, conversation, sample
 
 pytestmark = pytest.mark.engine
@@ -47,14 +48,17 @@ def _server(tmp_path_factory, name, **env):
 
 @pytest.fixture(scope="module")
 def warm(tmp_path_factory):
-    server = _server(tmp_path_factory, "warm", WHISPER_ENGINE="worker")
+    """The warm engine, with real tokens: `owner` (every test's) and `other` (for the voices)."""
+    server = _server(tmp_path_factory, "warm", WHISPER_ENGINE="worker", WHISPER_API_ALLOW_ANY_TOKEN="false")
+    server.tokens = {"owner": server.create_token("owner"), "other": server.create_token("other")}
     yield server
     server.stop()
 
 
-def transcribe(server, audio, **fields):
+def transcribe(server, audio, token=None, **fields):
     """A sync job with speakers; WhisperX's whole JSON (response_format=json's text) and the body."""
-    response = server.submit(audio, timeout=900, sync="true", diarize="true", response_format="json",
+    token = token or getattr(server, "tokens", {}).get("owner", TOKEN)
+    response = server.submit(audio, token=token, timeout=900, sync="true", diarize="true", response_format="json",
                              model="tiny.en", language="en", **fields)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -84,8 +88,8 @@ def test_two_voices_in_the_warm_engine(warm, talks):
     assert words and all(w["speaker"] in result["speakers"] for w in words)
     # a segment is one speaker's: its words all say so
     assert all(w["speaker"] == s["speaker"] for s in result["segments"] for w in s["words"])
-    srt = warm.submit(audio, timeout=900, sync="true", diarize="true", response_format="srt", model="tiny.en",
-                      language="en").json()["text"]
+    srt = warm.submit(audio, token=warm.tokens["owner"], timeout=900, sync="true", diarize="true",
+                      response_format="srt", model="tiny.en", language="en").json()["text"]
     assert "[SPEAKER_00]: " in srt and "[SPEAKER_01]: " in srt
 
 
@@ -121,7 +125,7 @@ def test_a_known_speaker_is_named_through_the_openai_client(warm, talks):
     # The second voice, saying something else than in the talk: 2-10 s.
     reference = sample(talks["root"] / "ref.wav", TWO_VOICES[1],
                        ["The weather was cold and windy on the island last week."])
-    client = openai.OpenAI(api_key=TOKEN, base_url=warm.url("/v1"), max_retries=0, timeout=900)
+    client = openai.OpenAI(api_key=warm.tokens["owner"], base_url=warm.url("/v1"), max_retries=0, timeout=900)
     with audio.open("rb") as handle:
         answer = client.audio.transcriptions.create(
             model="whisper-1", file=handle, language="en", response_format="diarized_json",
@@ -137,10 +141,30 @@ def test_a_known_speaker_is_named_through_the_openai_client(warm, talks):
 
 def test_a_reference_too_short_is_refused(warm, talks):
     short = sample(talks["root"] / "short.wav", TWO_VOICES[1], ["Yes."])
-    client = openai.OpenAI(api_key=TOKEN, base_url=warm.url("/v1"), max_retries=0, timeout=60)
+    client = openai.OpenAI(api_key=warm.tokens["owner"], base_url=warm.url("/v1"), max_retries=0, timeout=60)
     with pytest.raises(openai.BadRequestError) as caught:
         with talks["two"][0].open("rb") as handle:
             client.audio.transcriptions.create(model="whisper-1", file=handle, response_format="diarized_json",
                                                known_speaker_names=["Bob"], known_speaker_references=[data_url(short)])
     assert caught.value.body["param"] == "known_speaker_references[]"
     assert warm.files_gone()
+
+
+def test_an_enrolled_voice_names_its_speaker_for_its_token_only(warm, talks):
+    audio, truth = talks["two"]
+    owner, other = warm.tokens["owner"], warm.tokens["other"]
+    voice = sample(talks["root"] / "enrol.wav", TWO_VOICES[1],
+                   ["My name is Bea and I read the news every morning.", "The trains were late again today."])
+    response = warm.api("POST", "/voices", token=owner, data={"name": "Bea"}, timeout=600,
+                        files={"file": ("bea.wav", voice.read_bytes(), "application/octet-stream")})
+    assert response.status_code == 201, response.text
+    assert warm.api("GET", "/voices", token=other).json() == {"voices": []}
+    result, body = transcribe(warm, audio, token=owner)
+    assert sorted(result["speakers"]) == ["Bea", "SPEAKER_00"], result["speakers"]
+    share, mapping = attribution(truth, spans(result))
+    assert share >= 0.85 and mapping["Bea"] == 1, (share, mapping)
+    assert "[Bea]: " in render(result, "srt")
+    theirs, _ = transcribe(warm, audio, token=other)  # the same voice, another token: not named
+    assert sorted(theirs["speakers"]) == ["SPEAKER_00", "SPEAKER_01"]
+    assert warm.api("DELETE", "/voices/Bea", token=other).status_code == 404
+    assert warm.api("DELETE", "/voices/Bea", token=owner).status_code == 204

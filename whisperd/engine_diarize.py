@@ -227,10 +227,21 @@ def assign(result: dict, turns: list[dict], named: dict[str, str] | None = None)
         result["speakers"] = []
         return result
     frame = pd.DataFrame(turns, columns=["speaker", "start", "end"])
+    estimated = set()
+    for index, segment in enumerate(result["segments"]):
+        if not segment.get("words") and segment.get("text", "").strip():
+            # No word times (the CLI without an alignment model): words laid over the segment's
+            # speech, so that a segment spanning several turns can still be split; dropped after.
+            segment["words"] = _estimated_words(segment, turns, result.get("language"))
+            estimated.add(index)
     assign_word_speakers(frame, result, fill_nearest=True)
     segments = []
-    for segment in result["segments"]:
-        segments.extend(_split(segment, result.get("language")))
+    for index, segment in enumerate(result["segments"]):
+        pieces = _split(segment, result.get("language"))
+        if index in estimated:
+            for piece in pieces:
+                piece.pop("words", None)
+        segments.extend(pieces)
     labels: dict[str, str] = {}
     unnamed = 0
     for segment in segments:
@@ -248,6 +259,40 @@ def assign(result: dict, turns: list[dict], named: dict[str, str] | None = None)
     result["segments"] = segments
     result["speakers"] = list(dict.fromkeys(labels[raw] for raw in labels))
     return result
+
+
+def _estimated_words(segment: dict, turns: list[dict], language: str | None) -> list[dict]:
+    """The segment's words with times estimated: its text spread, in proportion to the words'
+    lengths, over the parts of the segment that the diarizer heard as speech."""
+    start, end = float(segment["start"]), float(segment["end"])
+    spans = sorted((max(start, t["start"]), min(end, t["end"])) for t in turns if t["end"] > start and t["start"] < end)
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    if not merged or end <= start:
+        merged = [[start, max(end, start)]]
+    tokens = list(segment["text"].strip()) if language in ("ja", "zh") else segment["text"].split()
+    weights = [len(t) + 1 for t in tokens]
+    total_weight = float(sum(weights)) or 1.0
+    speech = sum(b - a for a, b in merged) or 1e-9
+
+    def at(fraction: float) -> float:
+        left = fraction * speech
+        for a, b in merged:
+            if left <= b - a:
+                return a + left
+            left -= b - a
+        return merged[-1][1]
+
+    words, done = [], 0.0
+    for token, weight in zip(tokens, weights):
+        words.append({"word": token, "start": round(at(done / total_weight), 3),
+                      "end": round(at((done + weight) / total_weight), 3)})
+        done += weight
+    return words
 
 
 def _split(segment: dict, language: str | None) -> list[dict]:
@@ -280,11 +325,17 @@ def _split(segment: dict, language: str | None) -> list[dict]:
 
 
 def main() -> int:
-    """`whisperx.sh --whisperd-diarize`: one JSON request on stdin {"result": path of WhisperX's JSON,
-    "audio": ..., options as above}; rewrites the result file with speakers. One line on stderr and
-    status 1 on failure (the server keeps the transcript and warns)."""
+    """`whisperx.sh --whisperd-diarize PATH`: one JSON request on stdin, either {"result": path of
+    WhisperX's JSON, "audio": ..., options as above}, which rewrites the result file with speakers,
+    or {"embed": a voice sample, "out": path}, which writes {"embedding": [...] or null} there.
+    One line on stderr and status 1 on failure (the server keeps the transcript and warns)."""
     try:
         job = json.loads(sys.stdin.read())
+        if "embed" in job:  # a voice's enrolment (POST /voices): its embedding only, to job["out"]
+            vector = embed(SenkoModels(), job["embed"], job.get("device", "cpu"))
+            with open(job["out"], "w", encoding="utf-8") as handle:
+                json.dump({"embedding": vector}, handle)
+            return 0
         path = job["result"]
         with open(path, encoding="utf-8") as handle:
             result = json.load(handle)

@@ -907,6 +907,40 @@ class PostgreSQLLedger:
         return await self._write(work)
 
 
+    # speakers: enrolled voices (issue 27), a token's named speaker embeddings (migration 0014)
+
+    async def add_voice(self, owner: str, name: str, embedding: list[float]) -> str | None:
+        """Enrol a voice; its created_at, or None when the owner already has one of that name."""
+
+        async def work(conn, now):
+            status = await conn.execute(
+                "INSERT INTO voices (owner, name, embedding, created_at) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (owner, name) DO NOTHING", owner, name, json.dumps(embedding), now)
+            return now if _count(status) else None
+
+        return await self._write(work)
+
+    async def list_voices(self, owner: str) -> list[dict[str, Any]]:
+        """The owner's voices, by name: [{name, embedding, created_at}]."""
+        rows = await self._fetch_all(
+            "SELECT name, embedding, created_at FROM voices WHERE owner=$1 ORDER BY name", owner)
+        return [{"name": r["name"], "embedding": json.loads(r["embedding"]), "created_at": r["created_at"]}
+                for r in rows]
+
+    async def delete_voice(self, owner: str, name: str) -> bool:
+        async def work(conn, now):
+            return bool(_count(await conn.execute("DELETE FROM voices WHERE owner=$1 AND name=$2", owner, name)))
+
+        return await self._write(work)
+
+    async def delete_voices(self, owner: str) -> int:
+        """All of an owner's voices (its token was revoked); how many."""
+
+        async def work(conn, now):
+            return _count(await conn.execute("DELETE FROM voices WHERE owner=$1", owner))
+
+        return await self._write(work)
+
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 

@@ -961,6 +961,42 @@ class SQLiteLedger:
         return await self._write(work)
 
 
+    # speakers: enrolled voices (issue 27), a token's named speaker embeddings (migration 0014)
+
+    async def add_voice(self, owner: str, name: str, embedding: list[float]) -> str | None:
+        """Enrol a voice; its created_at, or None when the owner already has one of that name."""
+
+        async def work(conn, now):
+            cursor = await conn.execute(
+                "INSERT INTO voices (owner, name, embedding, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (owner, name) DO NOTHING", (owner, name, json.dumps(embedding), now))
+            return now if cursor.rowcount else None
+
+        return await self._write(work)
+
+    async def list_voices(self, owner: str) -> list[dict[str, Any]]:
+        """The owner's voices, by name: [{name, embedding, created_at}]."""
+        rows = await self._fetch_all(
+            "SELECT name, embedding, created_at FROM voices WHERE owner=? ORDER BY name", (owner,))
+        return [{"name": r["name"], "embedding": json.loads(r["embedding"]), "created_at": r["created_at"]}
+                for r in rows]
+
+    async def delete_voice(self, owner: str, name: str) -> bool:
+        async def work(conn, now):
+            cursor = await conn.execute("DELETE FROM voices WHERE owner=? AND name=?", (owner, name))
+            return bool(cursor.rowcount)
+
+        return await self._write(work)
+
+    async def delete_voices(self, owner: str) -> int:
+        """All of an owner's voices (its token was revoked); how many."""
+
+        async def work(conn, now):
+            cursor = await conn.execute("DELETE FROM voices WHERE owner=?", (owner,))
+            return cursor.rowcount
+
+        return await self._write(work)
+
 def open_admin(path: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A plain connection to a migrated ledger (created if missing)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
