@@ -464,10 +464,11 @@ def test_diarize_without_token_runs_without_and_says_so(make_server):
 def test_hf_token_reaches_the_engine_only_through_its_environment(make_server):
     secret = "hf_" + uuid.uuid4().hex
     server = make_server(WHISPER_OFFLINE="false")  # online: diarization can be attempted
-    job_id = server.submit_ok(diarize="true", hf_token=secret)
+    job_id = server.submit_ok(diarize="true", hf_token=secret, num_speakers="2")
     assert server.wait_status(job_id)["status"] == "Completed"
     (run,) = server.engine_runs()
     assert "--diarize" in run["argv"]
+    assert " ".join(run["argv"]).endswith("--min_speakers 2 --max_speakers 2 --print_progress True")
     assert secret not in " ".join(run["argv"])
     assert run["hf_token_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
     result = server.api("GET", f"/transcription/{job_id}/result").json()

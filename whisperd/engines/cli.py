@@ -58,6 +58,13 @@ def build_argv(config: Config, opts: EngineOptions) -> list[str]:
         argv.append("--no_align")
     if opts.diarize and opts.diarizer == "pyannote":
         argv.append("--diarize")  # senko runs after, as a step of its own (diarize_argv)
+        # The CLI has no fixed count: num_speakers is both bounds.
+        low = opts.speakers.get("min_speakers") or opts.speakers.get("num_speakers")
+        high = opts.speakers.get("max_speakers") or opts.speakers.get("num_speakers")
+        if low:
+            argv += ["--min_speakers", str(int(low))]
+        if high:
+            argv += ["--max_speakers", str(int(high))]
     if opts.prompt:
         argv += ["--initial_prompt", opts.prompt]
     if opts.temperature is not None:
