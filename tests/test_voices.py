@@ -56,6 +56,8 @@ def test_a_voice_belongs_to_its_token_alone(secure):
     assert server.api("DELETE", "/voices/Alice%20Smith", token=alice).status_code == 204
     assert server.api("DELETE", "/voices/Alice%20Smith", token=alice).status_code == 404
     assert server.api("GET", "/voices", token=bob).json()["voices"][0]["name"] == "Alice Smith"
+    preflight = server.api("OPTIONS", "/voices/Alice%20Smith", token=None)
+    assert preflight.status_code == 200 and preflight.headers["Allow"] == "OPTIONS, DELETE"
 
 
 def test_revoking_a_token_deletes_its_voices(secure):

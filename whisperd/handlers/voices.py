@@ -78,6 +78,9 @@ class VoicesHandler(UploadHandler):
 class VoiceHandler(BaseHandler):
     allowed_methods = ("OPTIONS", "DELETE")
 
+    def options(self, name: str = "") -> None:  # the route's named group comes as a keyword
+        super().options()
+
     async def delete(self, name: str) -> None:
         name = unquote(name)
         if not await self.service.ledger.delete_voice(self.identity.name, name):
