@@ -44,12 +44,11 @@ class MultipartReceiver:
 
     def __init__(self, boundary: bytes, directory: Path, max_file_size: int, file_field: str = "file",
                  repeatable: frozenset[str] = frozenset(), limit_name: str = "MAX_FILE_SIZE",
-                 field_limits: dict[str, int] | None = None, extra_bytes: int = 0) -> None:
+                 field_limits: dict[str, int] | None = None) -> None:
         self.directory = directory
-        # Fields allowed more than MAX_FIELD_BYTES (OpenAI's reference samples, data URLs), and the
-        # room the body gets for them beside the file.
+        # Fields allowed more than MAX_FIELD_BYTES (OpenAI's reference samples, data URLs); they
+        # count towards the body's allowance like any field.
         self.field_limits = field_limits or {}
-        self.extra_bytes = extra_bytes
         self.limit_name = limit_name  # named in the 413: the server's limit or the token's own
         self.repeatable = repeatable
         self.max_file_size = max_file_size
@@ -85,7 +84,7 @@ class MultipartReceiver:
     def feed(self, chunk: bytes) -> None:
         # A chunked body has no Content-Length to refuse up front: count, whatever the parts are.
         self._body_bytes += len(chunk)
-        if self._body_bytes > self.max_file_size + FORM_OVERHEAD + self.extra_bytes:
+        if self._body_bytes > self.max_file_size + FORM_OVERHEAD:
             self.close_file()
             raise ServiceError(413, f"request body is larger than {self.limit_name} ({self.max_file_size} bytes) plus the form")
         try:

@@ -90,8 +90,9 @@ class ModelsHandler(OpenAIErrorsMixin):
 class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
     allowed_methods = ("OPTIONS", "POST")
     repeatable_fields = frozenset({GRANULARITIES_FIELD, NAMES_FIELD, REFERENCES_FIELD})
+    # The samples share the body's allowance (the file's limit plus the form's), so an oversized
+    # file is still refused by its Content-Length before a byte is read.
     field_limits = {REFERENCES_FIELD: REFERENCE_FIELD_BYTES}
-    extra_body_bytes = MAX_REFERENCES * REFERENCE_FIELD_BYTES
     task = "transcribe"
     fields = FIELDS
 
@@ -300,7 +301,6 @@ class OpenAITranslationHandler(OpenAITranscriptionHandler):
 
     repeatable_fields = frozenset()
     field_limits: dict[str, int] = {}
-    extra_body_bytes = 0
     task = "translate"
     fields = TRANSLATION_FIELDS
 

@@ -56,7 +56,6 @@ class UploadHandler(BaseHandler):
     _room_checked_at = 0.0
     limits: Limits
     field_limits: dict[str, int] = {}  # text fields allowed more than uploads.MAX_FIELD_BYTES
-    extra_body_bytes = 0  # room in the body for them
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -68,7 +67,7 @@ class UploadHandler(BaseHandler):
         if length is not None:
             if not is_ascii_number(length):
                 raise ServiceError(400, "Content-Length is not a number")
-            if int(length) > limit + FORM_OVERHEAD + self.extra_body_bytes:
+            if int(length) > limit + FORM_OVERHEAD:
                 raise ServiceError(413, f"request body of {length} bytes is larger than {limit_name} ({limit} bytes)")
             self._declared = int(length)
         # Before a byte is stored: a refused upload leaves nothing.
@@ -83,8 +82,7 @@ class UploadHandler(BaseHandler):
         self._job_id = new_job_id()
         staging = self.service.staging_dir(self._job_id)
         self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields,
-                                           limit_name=limit_name, field_limits=self.field_limits,
-                                           extra_bytes=self.extra_body_bytes)
+                                           limit_name=limit_name, field_limits=self.field_limits)
         self._watch_rate()
 
     async def check_limits(self, adding_seconds: float = 0.0) -> None:
