@@ -28,6 +28,14 @@ if [ "${1:-}" = "--whisperd-worker" ]; then
     exec "$venv/bin/python" "$here/whisperd/engine_worker.py" "$@"
 fi
 
+# --whisperd-diarize RESULT.json (first argument): the CLI path's speaker step
+# (whisperd/engine_diarize.py), run after WhisperX wrote RESULT.json; its options come on stdin.
+if [ "${1:-}" = "--whisperd-diarize" ]; then
+    shift
+    here=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
+    exec "$venv/bin/python" "$here/whisperd/engine_diarize.py" "$@"
+fi
+
 # exec, not a child: the server's TERM/KILL to the process group and the exit status then
 # belong to WhisperX itself. whisperd/engine_cli.py is WhisperX's own CLI (same arguments, same
 # output files) whose `--vad_method silero` uses the Silero model in faster-whisper's wheel

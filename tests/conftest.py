@@ -19,7 +19,7 @@ SLOW_FILES = {"test_web.py"}  # a real browser
 
 # These API test files run twice: on SQLite (the default ledger) and on PostgreSQL (the
 # cluster's). WHISPERD_TEST_BACKENDS=sqlite (or postgresql) runs one of the two only.
-BOTH_BACKENDS = {"test_api", "test_security", "test_durability", "test_tenants", "test_tus"}
+BOTH_BACKENDS = {"test_api", "test_security", "test_durability", "test_tenants", "test_tus", "test_voices"}
 BACKENDS = [name for name in os.environ.get("WHISPERD_TEST_BACKENDS", "sqlite,postgresql").split(",") if name]
 
 

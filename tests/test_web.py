@@ -296,6 +296,8 @@ def test_speakers_are_shown_beside_their_words(make_server, open_page):
     rows = page.locator("#transcript li")
     expect(rows).to_have_count(2)
     expect(rows.nth(0).locator(".speaker")).to_have_text("SPEAKER_00")
+    expect(rows.nth(1).locator(".speaker")).to_have_attribute("data-speaker", "1")  # a colour of its own
+    expect(page.locator("#result-meta")).to_contain_text("2 speaker(s): SPEAKER_00, SPEAKER_01")
     expect(rows.nth(1)).to_contain_text("0:02.5 – 1:01.0")
     expect(rows.nth(1)).to_contain_text("SPEAKER_01General Kenobi.")
     assert download(page, "txt") == "[SPEAKER_00]: Hello there.\n[SPEAKER_01]: General Kenobi.\n"

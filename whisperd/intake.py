@@ -158,7 +158,7 @@ class Intake:
                                    f"{MAX_CHUNKS_BEFORE_DATA} chunks before its audio; a real recording has a "
                                    "handful (re-save it, or send another format)") from None
         except FastPathStopped:
-            raise IntakeError(CLIENT_LEFT, "the client left") from None
+            raise IntakeError(Kind.CLIENT_LEFT, "the client left") from None
         except FastPathTimeout:
             raise IntakeError(Kind.UNSUPPORTED_MEDIA, f"the audio of '{shown_name}' could not be decoded within {timeout:.0f} s") from None
         except OSError as exc:
@@ -203,7 +203,7 @@ class Intake:
                     return None  # ffmpeg decides, and says why if it cannot either
         except DecoderCanceled:
             out.unlink(missing_ok=True)
-            raise IntakeError(CLIENT_LEFT, "the client left") from None
+            raise IntakeError(Kind.CLIENT_LEFT, "the client left") from None
         except DecoderCrashed as exc:
             out.unlink(missing_ok=True)
             log.warning("intake %s: warm decoder killed: %s", out.parent.name, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ log = logging.getLogger("whisperd.files")
 STAGING = ".incoming"  # uploads in flight; a directory under it never has a job row
 RESUMABLE = ".uploads"  # tus uploads' bytes, one file per upload row; they outlive a restart
 TOKEN_FILE = ".hf_token"
+SPEAKERS_FILE = ".speakers.json"  # a job's diarization options and reference samples (speakers)
 QUARANTINE = ".quarantine"  # what start-up found and the ledger did not know; never deleted by us
 MARKERS = ".nodes"  # the cluster's node markers (nodes.py), not a job
 PROBE_PREFIX = ".probe-"  # storage.py's probe writes
@@ -115,6 +117,24 @@ class JobFiles:
         if self.node:  # whose upload this is, until its row is committed (see sweep)
             (staged / NODE_FILE).write_text(self.node, encoding="utf-8")
         os.rename(staged, self.upload_dir(job_id))
+
+    # speakers: a job's diarization options, beside its audio until the job's files go
+
+    def stage_speakers(self, job_id: str, options: dict, references: list[tuple[str, str]]) -> None:
+        """Before commit_upload: min/max/num speakers and [(name, file name in the staging dir)]."""
+        data = {"options": options, "references": [{"name": name, "file": file} for name, file in references]}
+        (self.staging_dir(job_id) / SPEAKERS_FILE).write_text(json.dumps(data), encoding="utf-8")
+
+    def read_speakers(self, job_id: str) -> dict:
+        """{"options": {...}, "references": [{"name", "audio": absolute path}]}; {} when none."""
+        directory = self.upload_dir(job_id)
+        try:
+            data = json.loads((directory / SPEAKERS_FILE).read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return {}
+        references = [{"name": r["name"], "audio": str(directory / r["file"])} for r in data.get("references", [])
+                      if (directory / r["file"]).is_file()]
+        return {"options": data.get("options") or {}, "references": references}
 
     # -- resumable uploads
 

@@ -43,8 +43,12 @@ class MultipartReceiver:
     """Feeds body chunks to python-multipart; the `file` part goes straight into `directory`."""
 
     def __init__(self, boundary: bytes, directory: Path, max_file_size: int, file_field: str = "file",
-                 repeatable: frozenset[str] = frozenset(), limit_name: str = "MAX_FILE_SIZE") -> None:
+                 repeatable: frozenset[str] = frozenset(), limit_name: str = "MAX_FILE_SIZE",
+                 field_limits: dict[str, int] | None = None) -> None:
         self.directory = directory
+        # Fields allowed more than MAX_FIELD_BYTES (OpenAI's reference samples, data URLs); they
+        # count towards the body's allowance like any field.
+        self.field_limits = field_limits or {}
         self.limit_name = limit_name  # named in the 413: the server's limit or the token's own
         self.repeatable = repeatable
         self.max_file_size = max_file_size
@@ -181,8 +185,9 @@ class MultipartReceiver:
                 raise
         else:
             self._value += data[start:end]
-            if len(self._value) > MAX_FIELD_BYTES:
-                raise ServiceError(Kind.INVALID, f"form field '{self._part_name}' is longer than {MAX_FIELD_BYTES} bytes")
+            limit = self.field_limits.get(self._part_name or "", MAX_FIELD_BYTES)
+            if len(self._value) > limit:
+                raise ServiceError(Kind.INVALID, f"form field '{self._part_name}' is longer than {limit} bytes")
 
     def _on_part_end(self) -> None:
         if self._part_is_file:

@@ -56,6 +56,8 @@ def build_response(result: dict[str, Any], response_format: str, warnings: list[
         "language": result.get("language"),
         "segments": segments,
     }
+    if "speakers" in result:  # diarized: who was found, in order of first appearance
+        response["speakers"] = list(result["speakers"])
     if warnings:
         response["warnings"] = warnings
     return response

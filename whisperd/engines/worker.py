@@ -32,8 +32,8 @@ from ..config import Config
 from ..languages import AUTO
 from ..models import local_model_dir
 from ..tasks import spawn
-from .base import (EngineOptions, EngineResult, ProgressCallback, StartedCallback, engine_env, kill_group,
-                   killed_reason, last_meaningful_line)
+from .base import (EngineOptions, EngineResult, ProgressCallback, StartedCallback, diarization_request, engine_env,
+                   kill_group, killed_reason, last_meaningful_line)
 
 log = logging.getLogger("whisperd.worker")
 BACKOFF_SECONDS = (0.5, 1, 2, 5, 10, 30)
@@ -435,7 +435,8 @@ class EngineWorker:
                 spawn(outcome, "progress callback")
         elif event == "done":
             log.info("job %s: worker done in %s", job.job_id, message.get("seconds"))
-            self._ended(job, EngineResult(0, detected_language=message.get("language")))
+            warnings = [str(w)[:600] for w in message.get("warnings") or []]
+            self._ended(job, EngineResult(0, detected_language=message.get("language"), warnings=warnings))
         elif event == "error":
             self._ended(job, EngineResult(1, stderr_tail=[str(message.get("reason") or "the engine worker failed")]))
 
@@ -450,6 +451,8 @@ def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
         "word_times": config.WHISPER_WORD_TIMES, "task": opts.task, "temperature": opts.temperature,
         "batch_size": config.WHISPER_BATCH_SIZE,
     })
+    if opts.diarize:
+        message.update(diarization_request(opts))
     if opts.diarize and opts.hf_token:
         message["hf_token"] = opts.hf_token
     return message

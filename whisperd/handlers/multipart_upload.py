@@ -62,6 +62,7 @@ class MultipartUploadHandler(BaseHandler):
     _declared: int | None = None
     _room_checked_at = 0.0
     limits: Limits
+    field_limits: dict[str, int] = {}  # text fields allowed more than uploads.MAX_FIELD_BYTES
 
     async def prepare(self) -> None:
         await super().prepare()
@@ -95,7 +96,7 @@ class MultipartUploadHandler(BaseHandler):
         self._job_id = new_job_id()
         staging = self.service.staging_dir(self._job_id)
         self._receiver = MultipartReceiver(boundary, staging, limit, repeatable=self.repeatable_fields,
-                                           limit_name=limit_name)
+                                           limit_name=limit_name, field_limits=self.field_limits)
         self._watch_rate()
 
     async def check_limits(self, adding_seconds: float = 0.0) -> None:
@@ -263,6 +264,14 @@ class MultipartUploadHandler(BaseHandler):
             self._discard()
             return True
         return False
+
+    def stage_speakers(self, options: dict, references: list[tuple[str, str]]) -> None:
+        """The job's diarization options (and reference samples already in its staging dir) beside its audio."""
+        assert self._job_id is not None
+        try:
+            self.service.files.stage_speakers(self._job_id, options, references)
+        except OSError as exc:
+            self.refuse(ServiceError(Kind.INTERNAL, f"the server could not write this job's speaker options ({exc.strerror})"))
 
     def refuse(self, error: Exception) -> None:
         """A form we will not run: drop the staged file before the error goes out."""

@@ -16,7 +16,9 @@ from ..formats import render
 from ..forms import cli_cannot_translate
 from ..jobs import Job
 from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
+from ..intake import Intake, IntakeError
 from ..models import catalog, installed_models, local_model_dir, model_info, refusal
+from ..speakers import MAX_REFERENCES, REFERENCE_SECONDS, check_name, decode_data_url, diarized_json
 from .base import BaseHandler
 from .multipart_upload import MultipartUploadHandler, deliver
 
@@ -24,8 +26,15 @@ log = logging.getLogger("whisperd.http")
 
 ALIAS = "whisper-1"
 GRANULARITIES_FIELD = "timestamp_granularities[]"
+NAMES_FIELD = "known_speaker_names[]"
+REFERENCES_FIELD = "known_speaker_references[]"
+# A reference sample as a data URL: 10 s of 48 kHz stereo 16-bit WAV is 2.6 MB in base64.
+REFERENCE_FIELD_BYTES = 3 * 1024 * 1024
 FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature",
-          GRANULARITIES_FIELD, "timestamp_granularities", "stream")
+          GRANULARITIES_FIELD, "timestamp_granularities", "stream",
+          # gpt-4o-transcribe-diarize's (issue 27): chunking_strategy is accepted and left to the
+          # server (its "auto"); the client sends an object as chunking_strategy[type] etc.
+          "chunking_strategy", NAMES_FIELD, REFERENCES_FIELD)
 # OpenAI's translations take no language (the speech's is detected) and give no word times.
 TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature")
 # format -> (engine format rendered, Content-Type); json and verbose_json are built here.
@@ -34,9 +43,10 @@ PLAIN_FORMATS = {
     "srt": ("srt", "application/x-subrip; charset=utf-8"),
     "vtt": ("vtt", "text/vtt; charset=utf-8"),
 }
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 # What the job row records as its format, for a later GET /transcription/<id>/result.
-JOB_FORMAT = {"json": "json", "verbose_json": "json", "text": "txt", "srt": "srt", "vtt": "vtt"}
+JOB_FORMAT = {"json": "json", "verbose_json": "json", "text": "txt", "srt": "srt", "vtt": "vtt",
+              "diarized_json": "json"}
 # OpenAI's error types by status; the client library picks its exception class from the status.
 ERROR_TYPES = {401: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error",
                413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
@@ -79,7 +89,10 @@ class OpenAIModelsHandler(OpenAIErrorsMixin):
 
 class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
     allowed_methods = ("OPTIONS", "POST")
-    repeatable_fields = frozenset({GRANULARITIES_FIELD})
+    repeatable_fields = frozenset({GRANULARITIES_FIELD, NAMES_FIELD, REFERENCES_FIELD})
+    # The samples share the body's allowance (the file's limit plus the form's), so an oversized
+    # file is still refused by its Content-Length before a byte is read.
+    field_limits = {REFERENCES_FIELD: REFERENCE_FIELD_BYTES}
     task = "transcribe"
     fields = FIELDS
 
@@ -89,14 +102,24 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
         form = self.received_form()
         try:
             request = self._parse(form.fields, form.lists.get(GRANULARITIES_FIELD, []))
+            known = self._known_speakers(form.lists, request)
         except OpenAIError as exc:
             self.refuse(exc)
         media = await self.take_in(form)
         if media is None:
             return  # the client left while its file was taken in
+        diarize = request["response_format"] == "diarized_json"
+        if diarize:
+            references = []
+            for index, (name, data) in enumerate(known):
+                path = await self._take_in_reference(form, index, data)
+                if path is None:
+                    return  # the client left meanwhile
+                references.append((name, path))
+            self.stage_speakers({}, references)
         new_job = self.new_job(
             form, media, language=request["language"], model=request["model"],
-            response_format=JOB_FORMAT[request["response_format"]], diarize=False,
+            response_format=JOB_FORMAT[request["response_format"]], diarize=diarize,
             prompt=request["prompt"], device=self.service.config.WHISPER_DEVICE,
             device_index=self.service.config.WHISPER_DEVICE_INDEX, task=self.task,
             temperature=request["temperature"],
@@ -121,9 +144,66 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
             raise OpenAIError(exc.kind, exc.message, code="transcription_failed") from None
         await self._answer(ended, result, request)
 
+    def _known_speakers(self, lists: dict[str, list[str]], request: dict[str, Any]) -> list[tuple[str, bytes]]:
+        """known_speaker_names[] with known_speaker_references[]: [(name, the sample's bytes)]."""
+        names, references = lists.get(NAMES_FIELD, []), lists.get(REFERENCES_FIELD, [])
+        if not names and not references:
+            return []
+        if request["response_format"] != "diarized_json":
+            raise OpenAIError(Kind.INVALID, "known speakers need response_format=diarized_json", param=NAMES_FIELD)
+        if len(names) != len(references):
+            raise OpenAIError(Kind.INVALID, f"give one known_speaker_references[] per known_speaker_names[] "
+                                   f"({len(names)} names, {len(references)} references)", param=REFERENCES_FIELD)
+        if len(names) > MAX_REFERENCES:
+            raise OpenAIError(Kind.INVALID, f"at most {MAX_REFERENCES} known speakers", param=NAMES_FIELD)
+        try:
+            checked = [check_name(name, NAMES_FIELD) for name in names]
+            if len(set(checked)) != len(checked):
+                raise ServiceError(Kind.INVALID, "known_speaker_names[] must differ from each other")
+            return [(name, decode_data_url(data, REFERENCES_FIELD)) for name, data in zip(checked, references)]
+        except ServiceError as exc:
+            raise OpenAIError(Kind.INVALID, exc.message, param=NAMES_FIELD if "name" in exc.message else REFERENCES_FIELD,
+                              code="invalid_known_speakers") from None
+
+    async def _take_in_reference(self, form, index: int, data: bytes) -> str | None:
+        """One reference sample through the same intake as an upload (allow-list, duration cap, one
+        decode) into the job's staging dir; its file name there, None when the client left."""
+        low, high = REFERENCE_SECONDS
+        directory = form.file_path.parent / f"reference-{index}"
+        try:
+            directory.mkdir()
+            raw = directory / "upload"
+            raw.write_bytes(data)
+        except OSError as exc:
+            self.refuse(OpenAIError(Kind.INTERNAL, f"the server could not store a reference sample ({exc.strerror})"))
+        intake = self._intake = Intake(self.service.config)  # stopped, as the upload's, if the client leaves
+        intake.max_seconds = high  # refused at once, before a longer sample is decoded
+        shown = f"known_speaker_references[{index}]"
+        try:
+            media = await intake.accept(raw, directory, shown)
+        except IntakeError as exc:
+            if exc.kind is Kind.CLIENT_LEFT:
+                self._discard()
+                return None
+            message = exc.message if exc.kind is not Kind.TOO_LARGE else f"the audio of '{shown}' lasts more than {high:g} s"
+            self.refuse(OpenAIError(Kind.INVALID if exc.kind in (Kind.TOO_LARGE, Kind.UNSUPPORTED_MEDIA) else exc.kind,
+                                    message + f" (a reference sample is {low:g} to {high:g} s of speech)",
+                                    param=REFERENCES_FIELD, code="invalid_known_speakers"))
+        if self._intake is None:  # the client left while it was decoded; on_connection_close cleaned up
+            return None
+        self._intake = None
+        raw.unlink()
+        if media.duration < low:
+            self.refuse(OpenAIError(Kind.INVALID, f"the audio of '{shown}' lasts {media.duration:.1f} s; a reference sample "
+                                         f"is {low:g} to {high:g} s of speech", param=REFERENCES_FIELD,
+                                    code="invalid_known_speakers"))
+        if not self.upload_pending:
+            return None
+        return f"{directory.name}/{media.canonical_path.name}"
+
     def _parse(self, fields: dict[str, str], granularities: list[str]) -> dict[str, Any]:
         config = self.service.config
-        unknown = sorted(set(fields) - set(self.fields))
+        unknown = sorted(set(fields) - set(self.fields) - {f for f in fields if f.startswith("chunking_strategy[")})
         if unknown:
             raise OpenAIError(Kind.INVALID, f"unsupported form field '{unknown[0]}'", param=unknown[0], code="unknown_parameter")
         if fields.get("stream", "false").strip().lower() not in ("false", "0", ""):
@@ -163,8 +243,9 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
             raise OpenAIError(Kind.INVALID, f"'prompt' is longer than {config.WHISPER_MAX_PROMPT_CHARS} characters", param="prompt")
 
         response_format = fields.get("response_format", "").strip().lower() or "json"
-        if response_format not in RESPONSE_FORMATS:
-            raise OpenAIError(Kind.INVALID, f"'response_format' must be one of {', '.join(RESPONSE_FORMATS)}; "
+        formats = RESPONSE_FORMATS if self.task == "transcribe" else RESPONSE_FORMATS[:-1]
+        if response_format not in formats:
+            raise OpenAIError(Kind.INVALID, f"'response_format' must be one of {', '.join(formats)}; "
                                    f"got {response_format[:40]!r}", param="response_format")
 
         temperature = fields.get("temperature", "").strip()
@@ -207,6 +288,12 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
         if response_format == "json":
             await deliver(self, job, {"text": text})
             return
+        if response_format == "diarized_json":
+            body = diarized_json(result, job.audio_seconds or 0.0, job.task)
+            if job.warnings:
+                body["warnings"] = job.warnings
+            await deliver(self, job, body)
+            return
         await deliver(self, job, verbose_json(result, text, request["granularities"], job.warnings, job.task))
 
 
@@ -214,6 +301,7 @@ class OpenAITranslationHandler(OpenAITranscriptionHandler):
     """POST /v1/audio/translations: English text from speech in any language Whisper knows."""
 
     repeatable_fields = frozenset()
+    field_limits: dict[str, int] = {}
     task = "translate"
     fields = TRANSLATION_FIELDS
 
@@ -238,6 +326,8 @@ def verbose_json(result: dict[str, Any], text: str, granularities: set[str], war
         ]
     if "word" in granularities:
         body["words"] = [word for segment in segments for word in _timed_words(segment)]
+    if "speakers" in result:
+        body["speakers"] = list(result["speakers"])
     if warnings:
         body["warnings"] = warnings
     return body
@@ -256,4 +346,6 @@ def _timed_words(segment: dict[str, Any]) -> list[dict[str, Any]]:
             later = next((w["start"] for w in words[index + 1:] if w.get("start") is not None), None)
             end = later if later is not None else segment["end"]
         out.append({"word": str(word["word"]).strip(), "start": start, "end": end})
+        if "speaker" in word:
+            out[-1]["speaker"] = word["speaker"]
     return out

@@ -75,6 +75,8 @@ class SubmitHandler(MultipartUploadHandler):
             device=request.device, device_index=request.device_index, callback_url=request.callback_url,
             task=request.task,
         )
+        if request.diarize and request.speakers:
+            self.stage_speakers(request.speakers, [])
         job = await self.submit(new_job, hf_token)
         log.info("job %s accepted: %s, %d bytes, %s", job.id, job.filename, job.upload_bytes,
                  "sync" if request.sync else "async")

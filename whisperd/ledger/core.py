@@ -637,6 +637,41 @@ class SqlLedger:
 
         return await self._write(work)
 
+    # -- enrolled voices (issue 27): a token's named speaker embeddings, never audio ---------
+
+    async def add_voice(self, owner: str, name: str, embedding: list[float]) -> str | None:
+        """Enrol a voice; its created_at, or None when the owner already has one of that name."""
+
+        async def work(tx, now):
+            added = await tx.execute(
+                "INSERT INTO voices (owner, name, embedding, created_at) VALUES (:owner, :name, :embedding, :now)"
+                " ON CONFLICT (owner, name) DO NOTHING",
+                {"owner": owner, "name": name, "embedding": json.dumps(embedding), "now": now})
+            return now if added else None
+
+        return await self._write(work)
+
+    async def list_voices(self, owner: str) -> list[dict[str, Any]]:
+        """The owner's voices, by name: [{name, embedding, created_at}]."""
+        rows = await self._read("SELECT name, embedding, created_at FROM voices WHERE owner=:owner ORDER BY name",
+                                {"owner": owner})
+        return [{"name": row[0], "embedding": json.loads(row[1]), "created_at": row[2]} for row in rows]
+
+    async def delete_voice(self, owner: str, name: str) -> bool:
+        async def work(tx, now):
+            return bool(await tx.execute("DELETE FROM voices WHERE owner=:owner AND name=:name",
+                                         {"owner": owner, "name": name}))
+
+        return await self._write(work)
+
+    async def delete_voices(self, owner: str) -> int:
+        """All of an owner's voices (its token was revoked); how many."""
+
+        async def work(tx, now):
+            return int(await tx.execute("DELETE FROM voices WHERE owner=:owner", {"owner": owner}) or 0)
+
+        return await self._write(work)
+
     # -- resumable uploads (tus, issue 17): the rows; the bytes are JobFiles' business ------
 
     async def create_upload(self, upload: UploadRecord) -> None:

@@ -481,8 +481,11 @@ async function fetchResult() {
   }
   const result = JSON.parse(body.text);
   setStatus("Completed.");
+  // Diarized: who was found, in order of first appearance; each keeps one colour in the transcript.
+  const speakers = result.speakers || [...new Set(result.segments.map((s) => s.speaker).filter((s) => s != null))];
   $("result-meta").textContent =
-    `${state.fileName}: ${result.segments.length} segment(s), language ${body.language || "unknown"}.`;
+    `${state.fileName}: ${result.segments.length} segment(s), language ${body.language || "unknown"}` +
+    (speakers.length ? `, ${speakers.length} speaker(s): ${speakers.join(", ")}.` : ".");
   $("warnings").replaceChildren(...(body.warnings || []).map((w) => {
     const item = document.createElement("li");
     item.textContent = w;
@@ -519,6 +522,7 @@ async function fetchResult() {
       const who = document.createElement("span");
       who.className = "speaker";
       who.textContent = segment.speaker;
+      who.dataset.speaker = String(Math.max(0, speakers.indexOf(segment.speaker)) % 6);
       text.append(who);
     }
     text.append(segment.text.trim());
