@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from whisperd.errors import ServiceError
+from whisperd.errors import Kind, ServiceError
 from whisperd.handlers.openai import verbose_json
 from whisperd.speakers import decode_data_url, diarized_json, letters, parse_speaker_counts
 
@@ -56,7 +56,7 @@ def test_speaker_counts(fields, wanted):
 def test_bad_speaker_counts(fields):
     with pytest.raises(ServiceError) as caught:
         parse_speaker_counts(fields)
-    assert caught.value.status == 400
+    assert caught.value.kind is Kind.INVALID
 
 
 def test_data_urls():
