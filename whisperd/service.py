@@ -18,6 +18,7 @@ from . import metrics
 from .auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
 from .engines import make_engine, worker_threads
+from .realtime import registry as realtime_registry
 from .errors import ServiceError
 from .faults import crash_point
 from .fetch import MediaFetcher
@@ -131,6 +132,8 @@ class Service:
         for job_id, timer in list(self._grace_timers.items()):
             timer.cancel()
             self.delete_job_files(job_id, "delivered")  # the grace window ends with this process
+        # live: open sessions get their completed transcripts before the engine goes (docs/realtime.md).
+        await realtime_registry.drain(self, max(grace_seconds, 5.0))
         await self.engine.close()
         for events in self._waiters.values():
             for event in events:
