@@ -12,7 +12,7 @@ import warnings
 import pytest
 import requests
 
-from conftest import TOKEN, metric
+from conftest import TOKEN, metric, wait_until
 from realtime_client import Live, silence, tone
 
 with warnings.catch_warnings():
@@ -273,3 +273,28 @@ def test_nodes_and_engines_that_cannot_run_live_sessions_say_why(make_server):
             "Authorization": f"Bearer {TOKEN}", "Connection": "Upgrade", "Upgrade": "websocket",
             "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode()})
         assert response.status_code == 503 and response.json()["error"]["code"] == code
+
+
+def test_several_http_processes_share_the_one_engine_and_live_passes_do_not_wait_for_a_batch_job(make_server):
+    server = make_server(HTTP_WORKER_NUMBER="2", FAKE_WHISPERX_MODE="slow", FAKE_WHISPERX_SLOW_SECONDS="20", **FAST)
+    job_id = server.submit_ok()
+    wait_until(lambda: server.status(job_id).json()["status"] == "Processing", what="the batch job to run")
+
+    async def one_session():
+        live = await Live.connect(server.port)
+        await live.send({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
+        await live.wait_for("session.updated")
+        await live.stream(tone(1.6), pace=8.0)
+        await live.send({"type": "input_audio_buffer.commit"})
+        started = asyncio.get_running_loop().time()
+        completed = (await live.wait_for("conversation.item.input_audio_transcription.completed", timeout=10))[0]
+        live.close()
+        return completed["transcript"], asyncio.get_running_loop().time() - started
+
+    async def scenario():
+        return await asyncio.gather(*(one_session() for _ in range(4)))
+
+    for transcript, seconds in run(scenario()):
+        assert transcript == "w0 w1 w2" and seconds < 5  # the 20 s batch job is still running
+    assert server.status(job_id).json()["status"] == "Processing"
+    assert len([run for run in server.engine_runs() if run.get("worker")]) == 1  # one engine for the box
