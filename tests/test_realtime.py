@@ -298,3 +298,25 @@ def test_several_http_processes_share_the_one_engine_and_live_passes_do_not_wait
         assert transcript == "w0 w1 w2" and seconds < 5  # the 20 s batch job is still running
     assert server.status(job_id).json()["status"] == "Processing"
     assert len([run for run in server.engine_runs() if run.get("worker")]) == 1  # one engine for the box
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_live_minutes_count_in_usage(make_server):
+    server = make_server(WHISPER_API_ALLOW_ANY_TOKEN="false", **FAST)
+    alice = server.create_token("alice")
+    admin = server.create_token("root", "--admin")
+
+    async def scenario():
+        live = await Live.connect(server.port, token=alice)
+        await live.wait_for("session.created")
+        await live.stream(tone(3.0), chunk_seconds=0.5, pace=6.0)
+        live.close()
+
+    run(scenario())
+    usage = wait_until(lambda: (lambda body: body if body["live"]["today"]["sessions"] else None)(
+        server.api("GET", "/usage", token=alice).json()), what="the session's usage")
+    assert usage["live"]["today"]["minutes"] == pytest.approx(0.05, abs=0.002)
+    assert usage["live"]["last_30_days"] == usage["live"]["today"]
+    everyone = server.api("GET", "/usage", token=admin).json()
+    assert [t["live"]["today"]["sessions"] for t in everyone["tokens"] if t["name"] == "alice"] == [1]
+    assert everyone["live"]["today"]["sessions"] == 0  # the admin's own

@@ -19,6 +19,8 @@ from tornado.websocket import WebSocketClosedError, WebSocketHandler
 from ..auth import AuthError
 from ..authguard import Throttled
 from ..engines import worker_threads
+from ..jobs import now_iso
+from ..tasks import spawn
 from ..engines.worker import WorkerUnavailable, model_spec
 from ..models import installed_models, local_model_dir
 from ..realtime import metrics, registry
@@ -192,7 +194,8 @@ class RealtimeHandler(WebSocketHandler):
 
     async def _run(self) -> None:
         """Events in order, one at a time, and a tick each second (lag event, limits, revocation)."""
-        assert self.session is not None and self._queue is not None
+        session = self.session
+        assert session is not None and self._queue is not None
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + TICK_SECONDS
         next_check = loop.time() + REVALIDATE_SECONDS
@@ -200,15 +203,17 @@ class RealtimeHandler(WebSocketHandler):
             while not self._closed:
                 try:
                     message = await asyncio.wait_for(self._queue.get(), max(0.0, next_tick - loop.time()))
-                    await self._one(message)
+                    await self._one(session, message)
                 except asyncio.TimeoutError:
                     pass
+                if self._closed:
+                    return
                 if self.service.draining:
                     await self.finish_and_close(self.service.config.WHISPER_SHUTDOWN_GRACE_SECONDS)
                     return
                 if loop.time() >= next_tick:
                     next_tick = loop.time() + TICK_SECONDS
-                    event = self.session.tick()
+                    event = session.tick()
                     if event is not None:
                         self._send(event)
                 if loop.time() >= next_check:
@@ -217,12 +222,11 @@ class RealtimeHandler(WebSocketHandler):
         except Closing as exc:
             self._end(exc)
         except Exception:
-            log.exception("live session %s failed", self.session.id)
+            log.exception("live session %s failed", session.id)
             self._end(Closing(EventError("internal error in the live session (see the server log)", "server_error",
                                          error_type="server_error"), 1011))
 
-    async def _one(self, message: str | bytes) -> None:
-        assert self.session is not None
+    async def _one(self, session: LiveSession, message: str | bytes) -> None:
         event_id = None
         try:
             if len(message) > self.service.config.WHISPER_REALTIME_MAX_EVENT_BYTES:
@@ -239,7 +243,7 @@ class RealtimeHandler(WebSocketHandler):
             if not isinstance(event, dict):
                 raise EventError("an event must be a JSON object", "invalid_event")
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
-            await self.session.handle(event)
+            await session.handle(event)
         except EventError as exc:
             self._send(error_event(exc, event_id))
 
@@ -262,16 +266,33 @@ class RealtimeHandler(WebSocketHandler):
         if self._closed:
             return
         self._closed = True
-        if self.session is not None:
-            self.session.close()
-        registry.sessions(self.service).discard(self)
+        self._ended()
         self.close(code, reason[:120])
+
+    def _ended(self) -> None:
+        """Once per session: its engine state dropped, its place freed, its minutes recorded."""
+        registry.sessions(self.service).discard(self)
+        session, self.session = self.session, None
+        if session is None:
+            return
+        session.close()
+        spawn(self._record(session), "live session usage")
+
+    async def _record(self, session: LiveSession) -> None:
+        try:
+            await self.service.ledger.record_live_session(
+                session.id, self.identity.name, session.started_iso, now_iso(), session.received_ms / 1000,
+                self.service.config.node_name)
+        except Exception:  # usage is not worth a crash; the ledger says why in the log
+            log.warning("live session %s: could not record its usage", session.id, exc_info=True)
 
     async def finish_and_close(self, timeout: float) -> None:
         """Graceful stop: completed transcripts for open utterances, then 1001 (going away)."""
         if self._closed or self.session is None:
             return
         await self.session.finish(timeout)
+        if self._closed:
+            return
         metrics.closed("going_away")
         self._shut(GOING_AWAY, "server shutting down")
 
@@ -279,8 +300,6 @@ class RealtimeHandler(WebSocketHandler):
         if not self._closed:
             metrics.closed("client")
         self._closed = True
-        if self.session is not None:
-            self.session.close()
         if self._ticker is not None and self._ticker is not asyncio.current_task():
             self._ticker.cancel()
-        registry.sessions(self.service).discard(self)
+        self._ended()

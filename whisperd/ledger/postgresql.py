@@ -906,6 +906,27 @@ class PostgreSQLLedger:
 
         return await self._write(work)
 
+    # live: realtime sessions' usage (issue 26). The lead ports these into the new core.
+
+    async def record_live_session(self, session_id: str, owner: str, started_at: str, ended_at: str,
+                                  audio_seconds: float, node: str | None) -> None:
+        async def work(conn, now):
+            await conn.execute(
+                "INSERT INTO live_sessions (id, owner, started_at, ended_at, audio_seconds, node)"
+                " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                session_id, owner, started_at, ended_at, float(audio_seconds), node)
+
+        await self._write(work)
+
+    async def live_usage(self, owner: str | None, day_start: str, window_start: str) -> dict[str, dict[str, Any]]:
+        """Per owner: live sessions and seconds of live audio since each time."""
+        rows = await self._fetch_all(
+            "SELECT owner, count(*) FILTER (WHERE started_at >= $1) AS sessions_today,"
+            " coalesce(sum(audio_seconds) FILTER (WHERE started_at >= $1), 0) AS seconds_today,"
+            " count(*) AS sessions_window, coalesce(sum(audio_seconds), 0) AS seconds_window"
+            " FROM live_sessions WHERE started_at >= $2 AND ($3::text IS NULL OR owner=$3) GROUP BY owner",
+            day_start, window_start, owner)
+        return {row["owner"]: {key: row[key] for key in row.keys() if key != "owner"} for row in rows}
 
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)

@@ -960,6 +960,28 @@ class SQLiteLedger:
 
         return await self._write(work)
 
+    # live: realtime sessions' usage (issue 26). The lead ports these into the new core.
+
+    async def record_live_session(self, session_id: str, owner: str, started_at: str, ended_at: str,
+                                  audio_seconds: float, node: str | None) -> None:
+        async def work(conn, now):
+            await conn.execute(
+                "INSERT INTO live_sessions (id, owner, started_at, ended_at, audio_seconds, node)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (session_id, owner, started_at, ended_at, float(audio_seconds), node))
+
+        await self._write(work)
+
+    async def live_usage(self, owner: str | None, day_start: str, window_start: str) -> dict[str, dict[str, Any]]:
+        """Per owner: live sessions and seconds of live audio since each time."""
+        rows = await self._fetch_all(
+            "SELECT owner, sum(started_at >= :day) AS sessions_today,"
+            " total(CASE WHEN started_at >= :day THEN audio_seconds END) AS seconds_today,"
+            " count(*) AS sessions_window, total(audio_seconds) AS seconds_window"
+            " FROM live_sessions WHERE started_at >= :window" + (" AND owner=:owner" if owner is not None else "") +
+            " GROUP BY owner",
+            {"day": day_start, "window": window_start, "owner": owner})
+        return {row["owner"]: {key: row[key] for key in row.keys() if key != "owner"} for row in rows}
 
 def open_admin(path: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A plain connection to a migrated ledger (created if missing)."""

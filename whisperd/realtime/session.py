@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+from ..jobs import now_iso
 from . import metrics
 from .agreement import Agreement
 from .audio import BYTES_PER_SECOND, Converter
@@ -65,6 +66,7 @@ class LiveSession:
         self.received_ms = 0.0
         self.input_seconds = 0.0  # of audio as sent (for the pace limit)
         self.started = time.monotonic()
+        self.started_iso = now_iso()
         self.last_event = self.started
         self.turns = self._new_turns()
         self.open: Utterance | None = None

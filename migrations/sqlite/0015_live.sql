@@ -1,0 +1,11 @@
+-- Live sessions (issue 26): one row per ended realtime session, for GET /usage's live minutes.
+-- The twin of migrations/postgresql/0015_live.sql.
+CREATE TABLE live_sessions (
+    id             TEXT PRIMARY KEY,                     -- sess_...
+    owner          TEXT NOT NULL,                        -- the token's name
+    started_at     TEXT NOT NULL,                        -- ISO-8601 UTC
+    ended_at       TEXT NOT NULL,
+    audio_seconds  REAL NOT NULL,                        -- audio received
+    node           TEXT                                  -- WHISPER_NODE_NAME that held it
+);
+CREATE INDEX live_sessions_owner_started ON live_sessions (owner, started_at);
