@@ -7,6 +7,8 @@ owner and deletion after delivery); only the request fields and the answer's sha
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import Any
 
@@ -27,7 +29,8 @@ GRANULARITIES_FIELD = "timestamp_granularities[]"
 FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature",
           GRANULARITIES_FIELD, "timestamp_granularities", "stream")
 # OpenAI's translations take no language (the speech's is detected) and give no word times.
-TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature")
+TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature", "stream")
+STREAM_KEEPALIVE_SECONDS = 5.0
 # format -> (engine format rendered, Content-Type); json and verbose_json are built here.
 PLAIN_FORMATS = {
     "text": ("txt", "text/plain; charset=utf-8"),
@@ -103,6 +106,9 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         )
         job = await self.submit(new_job, None)
         log.info("job %s accepted (OpenAI API, %s): %s, %d bytes", job.id, self.task, job.filename, job.upload_bytes)
+        if request["stream"]:
+            await stream_transcript(self, job)
+            return
         ended = await self.service.wait_finished(job.id, self.service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None)
         if ended is None or not ended.finished:
             # OpenAI's API has no "come back later"; the job goes on and stays fetchable by id.
@@ -125,8 +131,10 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         unknown = sorted(set(fields) - set(self.fields))
         if unknown:
             raise OpenAIError(400, f"unsupported form field '{unknown[0]}'", param=unknown[0], code="unknown_parameter")
-        if fields.get("stream", "false").strip().lower() not in ("false", "0", ""):
-            raise OpenAIError(400, "streamed transcriptions are not supported by this server", param="stream")
+        stream = fields.get("stream", "false").strip().lower()
+        if stream not in ("true", "1", "false", "0", ""):
+            raise OpenAIError(400, f"'stream' must be true or false; got {stream[:20]!r}", param="stream")
+        stream_on = stream in ("true", "1")
 
         model = fields.get("model", "").strip()
         if not model:
@@ -193,8 +201,11 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
                 raise OpenAIError(400, "word timestamps are unavailable on this server: " + why_not.split(": ", 1)[-1]
                                   + (" (send 'language' to use an installed alignment model)" if language == AUTO else ""),
                                   param=GRANULARITIES_FIELD, code="word_timestamps_unavailable")
+        if stream_on and response_format not in ("json", "text"):
+            raise OpenAIError(400, "stream=true answers with transcript.text.delta/done events: use "
+                                   "response_format json or text", param="stream")
         return {"model": engine_model, "language": language, "prompt": prompt, "temperature": value,
-                "response_format": response_format, "granularities": wanted}
+                "response_format": response_format, "granularities": wanted, "stream": stream_on}
 
     async def _answer(self, job: Job, result: dict[str, Any], request: dict[str, Any]) -> None:
         response_format = request["response_format"]
@@ -207,6 +218,56 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
             await deliver(self, job, {"text": text})
             return
         await deliver(self, job, verbose_json(result, text, request["granularities"], job.warnings, job.task))
+
+
+async def stream_transcript(handler: "OpenAITranscriptionHandler", job: Job) -> None:
+    """stream=true: text/event-stream of `transcript.text.delta` (one per segment) then
+    `transcript.text.done` with the whole text and usage, as OpenAI's client iterates them. The
+    response starts at once and a comment line goes out every few seconds while the job waits or
+    runs (proxies and clients see a live stream); the segments follow when the engine has them."""
+    service = handler.service
+    handler.set_status(200)
+    handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
+    handler.set_header("X-Accel-Buffering", "no")
+    handler.write(f": job {job.id}\n\n")
+    await handler.flush()
+    limit = service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None
+    loop = asyncio.get_running_loop()
+    deadline = None if limit is None else loop.time() + limit
+    ended = None
+    while deadline is None or loop.time() < deadline:
+        ended = await service.wait_finished(job.id, STREAM_KEEPALIVE_SECONDS)
+        if ended is not None and ended.finished:
+            break
+        handler.write(f": {ended.status if ended else 'waiting'}\n\n")
+        await handler.flush()
+
+    def event(body: dict[str, Any]) -> None:
+        handler.write("data: " + json.dumps(body, ensure_ascii=False) + "\n\n")
+
+    if ended is None or not ended.finished:
+        event({"type": "error", "error": {"message": f"the job is still running after SYNC_REQUEST_TIMEOUT_SECONDS; "
+                                                     f"fetch it later from /transcription/{job.id}/result",
+                                          "type": "server_error", "param": None, "code": "timeout"}})
+        await handler.finish()
+        return
+    try:
+        result = await service.engine_result_of(ended)
+    except ServiceError as exc:
+        event({"type": "error", "error": {"message": exc.message, "type": "server_error", "param": None,
+                                          "code": "transcription_failed"}})
+        await handler.finish()
+        return
+    text = "".join(segment["text"] for segment in result["segments"]).strip()
+    sent = ""
+    for segment in result["segments"]:
+        delta = segment["text"] if sent else segment["text"].lstrip()
+        if delta:
+            event({"type": "transcript.text.delta", "delta": delta, "logprobs": None})
+            sent += delta
+    event({"type": "transcript.text.done", "text": text, "logprobs": None,
+           "usage": {"type": "duration", "seconds": round(float(ended.audio_seconds or 0.0), 3)}})
+    await deliver(handler, ended, "", "text/event-stream; charset=utf-8")
 
 
 class OpenAITranslationHandler(OpenAITranscriptionHandler):
