@@ -107,7 +107,11 @@ async def session(port: int, pcm: bytes, spans: list[tuple[float, float, str]]) 
     # Each completed against the sentence whose end is nearest before the turn's end.
     stops = {e["item_id"]: e["audio_end_ms"] / 1000 for e in live.of("input_audio_buffer.speech_stopped")}
     latencies = []
+    after_stop = []  # from the server VAD's end of turn (speech_stopped sent) to completed
+    stopped_at = {e["item_id"]: e["_at"] for e in live.of("input_audio_buffer.speech_stopped")}
     for event in completed:
+        if event["item_id"] in stopped_at:
+            after_stop.append(event["_at"] - stopped_at[event["item_id"]])
         stop = stops.get(event["item_id"])
         if stop is None:
             continue
@@ -116,7 +120,7 @@ async def session(port: int, pcm: bytes, spans: list[tuple[float, float, str]]) 
             latencies.append(event["_at"] - (sent_from + speech_end))
     deltas = live.of("conversation.item.input_audio_transcription.delta")
     lags = [e["lag_seconds"] for e in live.of("whisperd.session.lag")]
-    return {"latencies": latencies, "first_delta": (deltas[0]["_at"] - (sent_from + spans[0][0])) if deltas else None,
+    return {"latencies": latencies, "after_stop": after_stop, "first_delta": (deltas[0]["_at"] - (sent_from + spans[0][0])) if deltas else None,
             "lags": lags, "text": " ".join(e["transcript"] for e in completed),
             "skipped": live.of("whisperd.session.lag")[-1]["partial_passes_skipped"] if lags else None,
             "errors": [e["error"]["code"] for e in live.of("error")]}
@@ -130,6 +134,8 @@ def summary(name: str, results: list[dict], reference: str) -> dict:
         "scenario": name, "sessions": len(results),
         "completed_after_speech_end_s": {"p50": round(pct(latencies, 50), 2), "p95": round(pct(latencies, 95), 2),
                                          "n": len(latencies)} if latencies else None,
+        "completed_after_speech_stopped_s": {"p50": round(pct(after_stop, 50), 2), "p95": round(pct(after_stop, 95), 2)}
+        if (after_stop := [x for r in results for x in r["after_stop"]]) else None,
         "first_delta_s": round(statistics.median(firsts), 2) if firsts else None,
         "lag_s": [{"first": lag[0], "max": max(lag), "last": lag[-1]} for lag in lags],
         "lag_bounded": all(lag[-1] <= max(lag[:max(1, len(lag) // 2)]) + 1.0 for lag in lags),

@@ -90,3 +90,38 @@ def test_official_client_streams_speech_and_gets_deltas_then_the_words(real_live
     assert first.usage.type == "duration" and first.usage.seconds > 1
     sent = "".join(e.delta for _, e in deltas if e.item_id == first.item_id)
     assert first.transcript.startswith(sent)
+
+
+def test_two_sessions_beside_a_batch_job_get_their_words_before_the_job_ends(real_live_server, tmp_path):
+    speech = pcm24k(JFK) + b"\0\0" * 24000 * 2
+    long_batch = tmp_path / "long.wav"  # jfk.flac four times: ~44 s of batch work
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-stream_loop", "3", "-i", str(JFK), "-ar", "16000", "-ac", "1",
+                    str(long_batch)], check=True)
+    job_id = real_live_server.submit(long_batch, language="en").json()["job_id"]
+    wait_until(lambda: real_live_server.status(job_id).json()["status"] == "Processing", timeout=60,
+               what="the batch job to run")
+
+    async def one():
+        client = openai.AsyncOpenAI(api_key=TOKEN, base_url=real_live_server.url("/v1"), max_retries=0)
+        texts = []
+        async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+            await conn.session.update(session={"type": "transcription", "audio": {"input": {
+                "transcription": {"model": "whisper-1", "language": "en"},
+                "turn_detection": {"type": "server_vad", "silence_duration_ms": 1200}}}})
+            sender = asyncio.ensure_future(stream_realtime(conn, speech))
+            async for event in conn:
+                if event.type == "conversation.item.input_audio_transcription.completed":
+                    texts.append(event.transcript)
+                    if sender.done():
+                        break
+                assert event.type != "error", event
+            await sender
+        return " ".join(texts)
+
+    async def both():
+        return await asyncio.gather(one(), one())
+
+    for text in asyncio.run(both()):
+        got = words(text)
+        assert sum(1 for w in words(JFK_TEXT) if w in got) >= len(words(JFK_TEXT)) - 3, text
+    assert real_live_server.status(job_id).json()["status"] == "Processing"  # live did not wait for it

@@ -24,7 +24,7 @@ from .turns import FRAME_MS, Turns
 
 log = logging.getLogger("whisperd.realtime")
 PASS_EVERY_MS = 1000  # a partial pass per second of new audio at most
-VAD_CHUNK_MS = 256  # voice activity is judged in chunks of this much audio
+VAD_CHUNK_MS = 128  # voice activity is judged in chunks of this much audio (a turn's end is seen this late at most)
 MAX_TURN_MS = 28_000  # a turn longer than Whisper's 30 s window is committed and a new one begun
 KEEP_MS = 1000  # audio kept before a turn can start (prefix padding comes from it)
 COMMIT_MIN_MS = 100  # OpenAI's smallest committable buffer
