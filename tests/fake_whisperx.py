@@ -513,6 +513,10 @@ def live_answer(message):
     import audioop
     import base64
 
+    if message["op"] == "live_detect":
+        detected = os.environ.get("FAKE_WHISPERX_DETECT", "en")
+        languages = message.get("languages") or []
+        return {"language": detected if detected in languages else languages[0], "probability": 0.9}
     pcm = base64.b64decode(message.get("pcm") or "")
     if message["op"] == "live_vad":
         frames = [pcm[i:i + 1024] for i in range(0, len(pcm) - len(pcm) % 1024, 1024)]
@@ -547,13 +551,13 @@ def worker_main():
     import queue
     import threading
 
-    lanes = {"live_vad": queue.Queue(), "live_pass": queue.Queue()}
+    lanes = {"live_vad": queue.Queue(), "live_pass": queue.Queue(), "live_detect": queue.Queue()}
 
     def lane(name):
         while True:
             message = lanes[name].get()
-            if name == "live_pass":
-                write_log("live", live_op=name, ref=message.get("ref"))
+            if name != "live_vad":
+                write_log("live", live_op=name, ref=message.get("ref"), languages=message.get("languages"))
             emit(event="live", ref=message.get("ref"), **live_answer(message))
 
     for name in lanes:

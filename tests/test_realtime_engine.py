@@ -125,3 +125,17 @@ def test_two_sessions_beside_a_batch_job_get_their_words_before_the_job_ends(rea
         got = words(text)
         assert sum(1 for w in words(JFK_TEXT) if w in got) >= len(words(JFK_TEXT)) - 3, text
     assert real_live_server.status(job_id).json()["status"] == "Processing"  # live did not wait for it
+
+
+def test_stream_true_keywords_and_languages_on_the_real_engine(real_live_server):
+    client = openai.OpenAI(api_key=TOKEN, base_url=real_live_server.url("/v1"), max_retries=0, timeout=300)
+    with JFK.open("rb") as audio:  # base is multilingual: detection among de and en finds English
+        events = list(client.audio.transcriptions.create(model="base", file=audio, stream=True,
+                                                         languages=["de", "en"], keywords=["Americans"]))
+    assert events[-1].type == "transcript.text.done" and len(events) >= 2
+    assert "".join(e.delta for e in events[:-1]) == events[-1].text
+    got = words(events[-1].text)
+    assert sum(1 for w in words(JFK_TEXT) if w in got) >= len(words(JFK_TEXT)) - 3, events[-1].text
+    assert 10.0 < events[-1].usage.seconds < 11.5
+    newest = real_live_server.api("GET", "/transcription?limit=1").json()["jobs"][0]
+    assert newest["language"] == "en" and newest["model"] == "base"  # chosen among de and en

@@ -10,9 +10,14 @@ same loaded weights instead of waiting for it. Protocol (JSON lines, as the work
        {"op": "live_pass", "ref": r, <model spec>, "language": ..., "prompt": ..., "prefix": ...,
         "final": bool, "pcm": base64 16 kHz mono s16le}
        {"op": "live_end", "session": s}
+       {"op": "live_detect", "ref": r, <model spec>, "path": 16 kHz WAV, "languages": [...]}
   out  {"event": "live", "ref": r, "probs": [p, ...]}       one speech probability per 32 ms frame
        {"event": "live", "ref": r, "text": "...", "seconds": s}
+       {"event": "live", "ref": r, "language": "de", "probability": p}
        {"event": "live", "ref": r, "error": "one line"}
+
+live_detect serves the OpenAI route's `languages` field: language detection on the first 30 s,
+its choice limited to the languages given (it shares the pass thread: short, and ahead of batch).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class LiveLane:
             self._vad.submit(self._answer, self._speech_probs, message)
         elif op == "live_pass":
             self._passes.submit(self._answer, self._transcribe, message)
+        elif op == "live_detect":
+            self._passes.submit(self._answer, self._detect, message)
         elif op == "live_end":
             with self._lock:
                 self._states.pop(str(message.get("session")), None)
@@ -115,6 +122,38 @@ class LiveLane:
         finally:
             self.models.release(key)
         return {"text": text, "seconds": round(time.perf_counter() - started, 3)}
+
+    def _detect(self, message: dict) -> dict:
+        allowed = [str(code) for code in message.get("languages") or []]
+        key = self.model_key(message)
+        base = self.models.acquire(key)
+        try:
+            whisper = base.model
+            if not whisper.model.is_multilingual:
+                if "en" in allowed:
+                    return {"language": "en", "probability": 1.0}
+                raise ValueError("this model knows English only, which is not among 'languages'")
+            _language, _probability, ranked = whisper.detect_language(_read_wav_head(message["path"]))
+        finally:
+            self.models.release(key)
+        best = max(((code, prob) for code, prob in ranked if code in allowed), key=lambda pair: pair[1],
+                   default=None)
+        if best is None:
+            raise ValueError("none of 'languages' is a language this model detects")
+        return {"language": best[0], "probability": round(float(best[1]), 4)}
+
+
+def _read_wav_head(path: str, seconds: float = 30.0):
+    """The first `seconds` of a 16 kHz mono 16-bit WAV (the server's canonical audio) as float32."""
+    import wave
+
+    import numpy as np
+
+    with wave.open(path, "rb") as reader:
+        if (reader.getnchannels(), reader.getsampwidth(), reader.getframerate()) != (1, 2, 16000):
+            raise ValueError("the audio is not the server's canonical 16 kHz mono WAV")
+        data = reader.readframes(int(16000 * seconds))
+    return np.frombuffer(data[:len(data) - len(data) % 2], np.int16).astype(np.float32) / 32768.0
 
 
 def _silero():

@@ -26,10 +26,12 @@ log = logging.getLogger("whisperd.http")
 
 ALIAS = "whisper-1"
 GRANULARITIES_FIELD = "timestamp_granularities[]"
+# keywords / languages: OpenAI's newer fields; the official client sends lists as name[] parts.
+LIST_FIELDS = ("keywords[]", "keywords", "languages[]", "languages")
 FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature",
-          GRANULARITIES_FIELD, "timestamp_granularities", "stream")
+          GRANULARITIES_FIELD, "timestamp_granularities", "stream") + LIST_FIELDS
 # OpenAI's translations take no language (the speech's is detected) and give no word times.
-TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature", "stream")
+TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature", "stream") + LIST_FIELDS
 STREAM_KEEPALIVE_SECONDS = 5.0
 # format -> (engine format rendered, Content-Type); json and verbose_json are built here.
 PLAIN_FORMATS = {
@@ -82,7 +84,7 @@ class ModelsHandler(OpenAIErrorsMixin):
 
 class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
     allowed_methods = ("OPTIONS", "POST")
-    repeatable_fields = frozenset({GRANULARITIES_FIELD})
+    repeatable_fields = frozenset({GRANULARITIES_FIELD, *LIST_FIELDS})
     task = "transcribe"
     fields = FIELDS
 
@@ -92,11 +94,17 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         form = self.received_form()
         try:
             request = self._parse(form.fields, form.lists.get(GRANULARITIES_FIELD, []))
+            request.update(keywords_and_languages(self, form.lists, request))
         except OpenAIError as exc:
             self.refuse(exc)
         media = await self.take_in(form)
         if media is None:
             return  # the client left while its file was taken in
+        if request["languages"] and request["language"] == AUTO:
+            try:
+                request["language"] = await detect_among(self, media.canonical_path, request)
+            except OpenAIError as exc:
+                self.refuse(exc)
         new_job = self.new_job(
             form, media, language=request["language"], model=request["model"],
             response_format=JOB_FORMAT[request["response_format"]], diarize=False,
@@ -220,6 +228,62 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, UploadHandler):
         await deliver(self, job, verbose_json(result, text, request["granularities"], job.warnings, job.task))
 
 
+def keywords_and_languages(handler: "OpenAITranscriptionHandler", lists: dict[str, list[str]],
+                           request: dict[str, Any]) -> dict[str, Any]:
+    """`keywords` (faster-whisper's hotwords) and `languages` (detect among these only).
+
+    Hotwords are, in faster-whisper, text put before the prompt in the decoder's previous-text
+    context; WhisperX's batched pipeline has no hotwords of its own, so the keywords go exactly
+    there: in front of the job's prompt (both engines, the CLI's --initial_prompt too)."""
+    config = handler.service.config
+    keywords = [k.strip() for name in ("keywords[]", "keywords") for k in lists.get(name, []) if k.strip()]
+    languages = [code.strip().lower() for name in ("languages[]", "languages")
+                 for code in lists.get(name, []) if code.strip()]
+    for code in languages:
+        if code not in WHISPER_LANGUAGES:
+            raise OpenAIError(400, f"'languages' must hold ISO-639-1 codes Whisper knows; got {code[:40]!r}",
+                              param="languages", code="invalid_language")
+    language = request["language"]
+    if languages and language != AUTO and language not in languages:
+        raise OpenAIError(400, f"'language' {language!r} is not one of 'languages' ({', '.join(languages)})",
+                          param="languages")
+    if len(set(languages)) == 1:
+        request["language"] = language = languages[0]  # nothing left to detect
+        why_not = refusal(model_info(config.WHISPER_MODELS_DIR, request["model"]), language, handler.task)
+        if why_not:
+            raise OpenAIError(400, why_not, param="languages", code="model_cannot_" + handler.task)
+    if languages and language == AUTO and handler.service.engine.mode != "worker":
+        raise OpenAIError(400, "'languages' needs the warm engine (WHISPER_ENGINE=worker) to detect among "
+                               "them; send 'language' instead", param="languages", code="languages_need_worker_engine")
+    prompt = request["prompt"]
+    if keywords:
+        prompt = (", ".join(keywords) + (" " + prompt if prompt else "")).strip()
+        if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
+            raise OpenAIError(400, f"'keywords' and 'prompt' together are longer than {config.WHISPER_MAX_PROMPT_CHARS} "
+                                   "characters", param="keywords")
+    return {"prompt": prompt, "keywords": keywords, "languages": sorted(set(languages))}
+
+
+async def detect_among(handler: "OpenAITranscriptionHandler", audio_path: Any, request: dict[str, Any]) -> str:
+    """The spoken language among `languages`, by the warm engine's language detection on the
+    first 30 s (the same detection WhisperX runs, its choice limited to these)."""
+    from ..engines import worker_threads
+    from ..engines.worker import model_spec
+
+    config = handler.service.config
+    spec = model_spec(config, request["model"], config.WHISPER_DEVICE, config.WHISPER_DEVICE_INDEX,
+                      worker_threads(config))
+    try:
+        answer = await handler.service.engine.live({"op": "live_detect", **spec, "path": str(audio_path),
+                                                    "languages": request["languages"]})
+    except Exception as exc:  # the engine cannot start, or did not answer
+        answer = {"error": str(exc) or exc.__class__.__name__}
+    if "error" in answer or answer.get("language") not in request["languages"]:
+        raise OpenAIError(503, f"the language could not be detected among {', '.join(request['languages'])}: "
+                               f"{answer.get('error') or 'no answer'}", code="language_detection_failed")
+    return str(answer["language"])
+
+
 async def stream_transcript(handler: "OpenAITranscriptionHandler", job: Job) -> None:
     """stream=true: text/event-stream of `transcript.text.delta` (one per segment) then
     `transcript.text.done` with the whole text and usage, as OpenAI's client iterates them. The
@@ -273,7 +337,7 @@ async def stream_transcript(handler: "OpenAITranscriptionHandler", job: Job) -> 
 class OpenAITranslationHandler(OpenAITranscriptionHandler):
     """POST /v1/audio/translations: English text from speech in any language Whisper knows."""
 
-    repeatable_fields = frozenset()
+    repeatable_fields = frozenset(LIST_FIELDS)
     task = "translate"
     fields = TRANSLATION_FIELDS
 
