@@ -320,3 +320,24 @@ def test_live_minutes_count_in_usage(make_server):
     everyone = server.api("GET", "/usage", token=admin).json()
     assert [t["live"]["today"]["sessions"] for t in everyone["tokens"] if t["name"] == "alice"] == [1]
     assert everyone["live"]["today"]["sessions"] == 0  # the admin's own
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+def test_per_token_maximum_of_live_sessions(make_server):
+    server = make_server(WHISPER_API_ALLOW_ANY_TOKEN="false", WHISPER_TOKEN_MAX_LIVE_SESSIONS="1", **FAST)
+    two = server.create_token("two", "--max-live-sessions", "2")
+    one = server.create_token("one")  # the setting's default: 1
+
+    async def scenario():
+        opened = [await Live.connect(server.port, token=two), await Live.connect(server.port, token=two)]
+        with pytest.raises(Exception) as refused:
+            await Live.connect(server.port, token=two)
+        assert "429" in str(refused.value)
+        opened.append(await Live.connect(server.port, token=one))  # another token's count is its own
+        with pytest.raises(Exception) as refused:
+            await Live.connect(server.port, token=one)
+        assert "429" in str(refused.value)
+        for live in opened:
+            live.close()
+
+    run(scenario())

@@ -9,3 +9,10 @@ CREATE TABLE live_sessions (
     node           TEXT                                  -- WHISPER_NODE_NAME that held it
 );
 CREATE INDEX live_sessions_owner_started ON live_sessions (owner, started_at);
+
+-- A token's own maximum of open live sessions (token create --max-live-sessions); no row: the
+-- WHISPER_TOKEN_MAX_LIVE_SESSIONS default. Keyed by the token's name, rewritten by each create.
+CREATE TABLE live_token_limits (
+    name               TEXT PRIMARY KEY,
+    max_live_sessions  INTEGER NOT NULL CHECK (max_live_sessions >= 0)
+);

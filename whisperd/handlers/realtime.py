@@ -101,11 +101,12 @@ class RealtimeHandler(WebSocketHandler):
             return self._refuse(429, f"the server has {config.WHISPER_REALTIME_MAX_SESSIONS} live sessions open "
                                      "(WHISPER_REALTIME_MAX_SESSIONS); try again later", "too_many_sessions",
                                 "rate_limit_error")
-        per_token = config.WHISPER_TOKEN_MAX_LIVE_SESSIONS
+        own = await self.service.ledger.live_session_limit(self.identity.name)
+        per_token = config.WHISPER_TOKEN_MAX_LIVE_SESSIONS if own is None else own
         if per_token and registry.count_for(self.service, self.identity.name) >= per_token:
-            return self._refuse(429, f"this token has {per_token} live sessions open "
-                                     "(WHISPER_TOKEN_MAX_LIVE_SESSIONS); close one first", "too_many_sessions",
-                                "rate_limit_error")
+            source = "token create --max-live-sessions" if own is not None else "WHISPER_TOKEN_MAX_LIVE_SESSIONS"
+            return self._refuse(429, f"this token has {per_token} live sessions open ({source}); close one first",
+                                "too_many_sessions", "rate_limit_error")
         settings = self._initial_settings()
         try:
             self._model_spec(settings)

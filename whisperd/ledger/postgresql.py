@@ -928,6 +928,20 @@ class PostgreSQLLedger:
             day_start, window_start, owner)
         return {row["owner"]: {key: row[key] for key in row.keys() if key != "owner"} for row in rows}
 
+    async def set_live_session_limit(self, name: str, limit: int | None) -> None:
+        """token create --max-live-sessions: the token's own maximum (None: the setting's default)."""
+        async def work(conn, now):
+            await conn.execute("DELETE FROM live_token_limits WHERE name=$1", name)
+            if limit is not None:
+                await conn.execute("INSERT INTO live_token_limits (name, max_live_sessions) VALUES ($1, $2)",
+                                   name, int(limit))
+
+        await self._write(work)
+
+    async def live_session_limit(self, name: str) -> int | None:
+        row = await self._fetch_one("SELECT max_live_sessions FROM live_token_limits WHERE name=$1", name)
+        return None if row is None else int(row[0])
+
 def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 

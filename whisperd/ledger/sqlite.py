@@ -983,6 +983,20 @@ class SQLiteLedger:
             {"day": day_start, "window": window_start, "owner": owner})
         return {row["owner"]: {key: row[key] for key in row.keys() if key != "owner"} for row in rows}
 
+    async def set_live_session_limit(self, name: str, limit: int | None) -> None:
+        """token create --max-live-sessions: the token's own maximum (None: the setting's default)."""
+        async def work(conn, now):
+            await conn.execute("DELETE FROM live_token_limits WHERE name=?", (name,))
+            if limit is not None:
+                await conn.execute("INSERT INTO live_token_limits (name, max_live_sessions) VALUES (?, ?)",
+                                   (name, int(limit)))
+
+        await self._write(work)
+
+    async def live_session_limit(self, name: str) -> int | None:
+        row = await self._fetch_one("SELECT max_live_sessions FROM live_token_limits WHERE name=?", (name,))
+        return None if row is None else int(row[0])
+
 def open_admin(path: str, busy_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """A plain connection to a migrated ledger (created if missing)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
