@@ -341,3 +341,18 @@ def test_per_token_maximum_of_live_sessions(make_server):
             live.close()
 
     run(scenario())
+
+
+def test_without_turn_detection_28_s_uncommitted_are_committed_by_the_server(live_server):
+    async def scenario():
+        live = await Live.connect(live_server.port)
+        await live.send({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
+        await live.wait_for("session.updated")
+        await live.stream(tone(29.0), chunk_seconds=0.5, pace=10.0)
+        completed = (await live.wait_for("conversation.item.input_audio_transcription.completed"))[0]
+        assert completed["usage"]["seconds"] == pytest.approx(28.0, abs=0.6)
+        assert live.of("input_audio_buffer.committed")[0]["item_id"] == completed["item_id"]
+        assert not live.closed.done()
+        live.close()
+
+    run(scenario())

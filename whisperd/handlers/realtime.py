@@ -89,10 +89,16 @@ class RealtimeHandler(WebSocketHandler):
         if not config.runs_jobs:
             return self._refuse(503, "this node (WHISPER_NODE_ROLE=api) runs no engine, and a live session needs "
                                      "the engine on the node that accepts it: connect to a node with the "
-                                     "'both' role", "no_engine_on_node", "server_error")
+                                     "'all' role", "no_engine_on_node", "server_error")
         if not hasattr(self.service.engine, "live"):
             return self._refuse(503, "live sessions need the warm engine (WHISPER_ENGINE=worker); this server runs "
                                      "the CLI per job", "live_needs_warm_engine", "server_error")
+        try:
+            own = await self.service.ledger.live_session_limit(self.identity.name)
+        except Exception:  # the ledger is briefly away: the setting's default applies
+            log.warning("live session: could not read the token's own limit", exc_info=True)
+            own = None
+        # No await from here to the registry's add below: two racing upgrades cannot both pass.
         if config.WHISPER_REALTIME_MAX_SESSIONS == 0:
             return self._refuse(403, "live sessions are turned off on this server (WHISPER_REALTIME_MAX_SESSIONS=0)",
                                 "realtime_disabled", "permission_error")
@@ -101,7 +107,6 @@ class RealtimeHandler(WebSocketHandler):
             return self._refuse(429, f"the server has {config.WHISPER_REALTIME_MAX_SESSIONS} live sessions open "
                                      "(WHISPER_REALTIME_MAX_SESSIONS); try again later", "too_many_sessions",
                                 "rate_limit_error")
-        own = await self.service.ledger.live_session_limit(self.identity.name)
         per_token = config.WHISPER_TOKEN_MAX_LIVE_SESSIONS if own is None else own
         if per_token and registry.count_for(self.service, self.identity.name) >= per_token:
             source = "token create --max-live-sessions" if own is not None else "WHISPER_TOKEN_MAX_LIVE_SESSIONS"
@@ -112,7 +117,7 @@ class RealtimeHandler(WebSocketHandler):
             self._model_spec(settings)
         except EventError as exc:
             return self._refuse(400, exc.message, exc.code)
-        registry.sessions(self.service).add(self)  # counted from here: two racing upgrades cannot both pass
+        registry.sessions(self.service).add(self)  # counted from here
         try:
             await super().get(*args, **kwargs)
         finally:
@@ -180,6 +185,9 @@ class RealtimeHandler(WebSocketHandler):
             return {"error": str(exc)}
         except asyncio.TimeoutError:
             return {"error": "the engine did not answer in time"}
+        except Exception as exc:  # whatever else: that pass fails, the session goes on
+            log.warning("live session: engine call failed", exc_info=True)
+            return {"error": str(exc) or exc.__class__.__name__}
 
     def _send(self, event: dict[str, Any]) -> None:
         if self._closed:

@@ -184,6 +184,8 @@ class LiveSession:
         if self.turns is None:
             if self.open is None and pcm:
                 self.open = Utterance(new_id("item"), int(self.received_ms - added_ms))
+            if self.open is not None and self.received_ms - self.open.start_ms >= MAX_TURN_MS:
+                self._end_turn(int(self.received_ms))  # a client that never commits: bounded memory
             self._maybe_partial()
         else:
             self._vad_pending += pcm
@@ -266,6 +268,8 @@ class LiveSession:
         utterance = self.open
         if utterance is None or self.received_ms - utterance.last_pass_ms < PASS_EVERY_MS:
             return
+        if self.turns is not None and self.turns.pausing:
+            return  # the turn may be ending: a partial now would only delay its final pass
         if self._partial_running or self.finals_pending:
             # Shed: the engine has not caught up with this session; the final pass will cover it.
             if self.received_ms - utterance.last_pass_ms >= 2 * PASS_EVERY_MS:

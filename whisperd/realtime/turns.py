@@ -53,6 +53,11 @@ class Turns:
                 self._silent_since = None
         return out
 
+    @property
+    def pausing(self) -> bool:
+        """Speech has gone quiet (the turn may be about to end)."""
+        return self.speaking and self._silent_since is not None
+
     def reset(self, position_ms: int) -> None:
         """After a clear or a client commit: a new turn starts with the next speech."""
         self.position_ms = position_ms
