@@ -115,8 +115,10 @@ async def session(port: int, pcm: bytes, spans: list[tuple[float, float, str]]) 
         stop = stops.get(event["item_id"])
         if stop is None:
             continue
-        speech_end = max((end for _, end, _ in spans if end <= stop + 0.05), default=None)
-        if speech_end is not None:
+        # The sentence whose end is nearest the turn's end (the VAD may end a turn a little before
+        # the synthesizer's trailing quiet, or after the silence it waits for).
+        speech_end = min((end for _, end, _ in spans), key=lambda end: abs(end - stop))
+        if abs(speech_end - stop) < GAP_SECONDS:
             latencies.append(event["_at"] - (sent_from + speech_end))
     deltas = live.of("conversation.item.input_audio_transcription.delta")
     lags = [e["lag_seconds"] for e in live.of("whisperd.session.lag")]
