@@ -152,6 +152,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20 s of speech; scenarios one and batch only")
     parser.add_argument("--seconds", type=float, help="length of the speech file (default 60, quick 20)")
+    parser.add_argument("--final-beam", type=int, default=5, help="WHISPER_REALTIME_FINAL_BEAM (default 5)")
     args = parser.parse_args()
     seconds = args.seconds or (20.0 if args.quick else 60.0)
     work = Path(tempfile.mkdtemp(prefix="whisperd-bench-live-"))
@@ -165,9 +166,9 @@ def main() -> int:
     server = Server(work / "server", {
         "WHISPER_CMD": str(REPO / "whisperx.sh"), "WHISPER_MODELS_DIR": str(REPO / "models"),
         "WHISPER_ENGINE": "worker", "WHISPER_OPENAI_MODEL": "tiny.en", "WHISPER_PRELOAD_MODEL": "true",
-        "WHISPER_REALTIME_MAX_LAG_SECONDS": "120", "MAX_FILE_SIZE": "100000000", "RUST_LOG": "info",
+        "WHISPER_REALTIME_MAX_LAG_SECONDS": "120", "WHISPER_REALTIME_FINAL_BEAM": str(args.final_beam), "MAX_FILE_SIZE": "100000000", "RUST_LOG": "info",
     }).start()
-    report = {"machine": machine(), "speech_seconds": round(len(pcm) / 48000, 1), "utterances": len(spans)}
+    report = {"final_beam": args.final_beam, "machine": machine(), "speech_seconds": round(len(pcm) / 48000, 1), "utterances": len(spans)}
     try:
         deadline = time.monotonic() + 180
         while not server.api("GET", "/status").json()["engine"]["loaded_models"]:

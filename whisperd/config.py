@@ -240,6 +240,8 @@ SETTINGS: tuple[Setting, ...] = (
             "largest client event of a live session; a larger one is refused with an error event"),
     Setting("WHISPER_REALTIME_MAX_AHEAD_SECONDS", 30.0, _float(1),
             "how far a live session's audio may run ahead of the wall clock before it is closed (audio_too_fast)"),
+    Setting("WHISPER_REALTIME_FINAL_BEAM", 5, _int(1),
+            "beam size of a live utterance's final pass (5: as batch jobs; 1: greedy, faster, less accurate)"),
     Setting("WHISPER_REALTIME_MAX_LAG_SECONDS", 20.0, _float(1),
             "a live session whose transcription falls this far behind its audio is told and closed (session_lagging)"),
     Setting("WHISPER_METRICS_AUTH", False, parse_bool,

@@ -111,10 +111,12 @@ class LiveLane:
                 language = "en"
             final = bool(message.get("final"))
             # Partials decode greedily at temperature 0 (they are checked by the next pass anyway);
-            # the final pass decodes as a batch job does (beam 5, the fallback temperatures).
+            # the final pass decodes as a batch job does (beam 5 unless the server says otherwise, the
+            # fallback temperatures).
             segments, _info = base.model.transcribe(
                 audio, language=language, task=message.get("task") or "transcribe",
-                beam_size=5 if final else 1, temperature=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0] if final else 0.0,
+                beam_size=int(message.get("beam") or 5) if final else 1,
+                temperature=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0] if final else 0.0,
                 initial_prompt=message.get("prompt") or None, prefix=message.get("prefix") or None,
                 condition_on_previous_text=False, vad_filter=False, without_timestamps=True,
                 hotwords=message.get("hotwords") or None)

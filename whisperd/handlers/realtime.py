@@ -167,7 +167,8 @@ class RealtimeHandler(WebSocketHandler):
         limits = {"max_seconds": config.WHISPER_REALTIME_MAX_SESSION_SECONDS,
                   "idle_seconds": config.WHISPER_REALTIME_IDLE_SECONDS,
                   "max_ahead_seconds": config.WHISPER_REALTIME_MAX_AHEAD_SECONDS,
-                  "max_lag_seconds": config.WHISPER_REALTIME_MAX_LAG_SECONDS}
+                  "max_lag_seconds": config.WHISPER_REALTIME_MAX_LAG_SECONDS,
+                  "final_beam": config.WHISPER_REALTIME_FINAL_BEAM}
         settings = self._initial_settings()
         engine = self.service.engine
         self.session = LiveSession(settings, self._engine_call, self._model_spec, self._send, limits,

@@ -262,6 +262,7 @@ class LiveSession:
     def _pass_message(self, utterance: Utterance, audio: bytes, final: bool) -> dict[str, Any]:
         return {"op": "live_pass", **self.model_spec(self.settings), "language": self.settings.language,
                 "prompt": self.settings.prompt, "prefix": utterance.agreement.text, "final": final,
+                "beam": self.limits.get("final_beam", 5),
                 "pcm": base64.b64encode(audio).decode()}
 
     def _maybe_partial(self) -> None:
