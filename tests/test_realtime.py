@@ -197,19 +197,22 @@ def test_auth_header_subprotocol_refusal_before_upgrade_and_revocation(make_serv
 
 
 def test_session_limits_each_refused_in_openai_shape(make_server):
-    server = make_server(WHISPER_REALTIME_MAX_SESSIONS="2", WHISPER_REALTIME_IDLE_SECONDS="2",
+    server = make_server(WHISPER_REALTIME_MAX_SESSIONS="2", WHISPER_REALTIME_IDLE_SECONDS="3",
                          WHISPER_REALTIME_MAX_AHEAD_SECONDS="3", **FAST)
 
     async def scenario():
         first = await Live.connect(server.port)
         second = await Live.connect(server.port)
         await first.wait_for("session.created")
+        await first.send({"type": "input_audio_buffer.clear"})  # an event: its idle time starts again
+        await second.send({"type": "input_audio_buffer.clear"})
+        await first.wait_for("input_audio_buffer.cleared")
         with pytest.raises(Exception) as refused:
             await Live.connect(server.port)
         assert "429" in str(refused.value)
         # Far faster than real time for long: told, then closed.
         await second.append(tone(0.1))
-        await second.stream(silence(6.0), chunk_seconds=0.5, pace=1000)
+        await second.stream(silence(9.0), chunk_seconds=0.5, pace=1000)
         code, _ = await second.wait_closed(timeout=10)
         assert code == 1008 and second.of("error")[-1]["error"]["code"] == "audio_too_fast"
         # Idle: closed with an error first.
