@@ -14,7 +14,7 @@ from harness import (FAKE_ENGINE, JFK, JFK_TEXT, REPO, SHARED, TOKEN, Server, _j
 
 # `-m "not slow"` is the inner loop (tests/fast and the unit tests); these are left to the full run.
 SLOW_FIXTURES = {"make_server"}  # a whisperd process of its own (and its engines): black-box, seconds each
-SLOW_FILES = {"test_web.py"}  # a real browser
+SLOW_FILES = {"test_web.py", "test_web_live.py"}  # a real browser
 
 
 # These API test files run twice: on SQLite (the default ledger) and on PostgreSQL (the

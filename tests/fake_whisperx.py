@@ -518,6 +518,27 @@ def answered(message, emit, loaded):
         raise
 
 
+def live_answer(message):
+    """The fake live lane (whisperd/live_lane.py's protocol): loudness for speech, a word per half
+    second of loud audio for text, so tests can predict both."""
+    import audioop
+    import base64
+
+    if message["op"] == "live_detect":
+        detected = os.environ.get("FAKE_WHISPERX_DETECT", "en")
+        languages = message.get("languages") or []
+        return {"language": detected if detected in languages else languages[0], "probability": 0.9}
+    pcm = base64.b64decode(message.get("pcm") or "")
+    if message["op"] == "live_vad":
+        frames = [pcm[i:i + 1024] for i in range(0, len(pcm) - len(pcm) % 1024, 1024)]
+        return {"probs": [0.9 if audioop.rms(f, 2) > 500 else 0.02 for f in frames]}
+    time.sleep(float(os.environ.get("FAKE_WHISPERX_LIVE_SECONDS", "0")))
+    if message.get("prompt") == "fail":
+        return {"error": "RuntimeError: fake live failure"}
+    loud = sum(1 for i in range(0, len(pcm) - 3199, 3200) if audioop.rms(pcm[i:i + 3200], 2) > 500)
+    return {"text": " ".join(f"w{n}" for n in range(loud // 5)), "seconds": 0.0}
+
+
 def worker_main():
     emit = _Emitter()
     os.dup2(2, 1)  # like the real worker: stray prints must not reach the protocol
@@ -538,7 +559,20 @@ def worker_main():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     emit(event="hello", pid=os.getpid(), jobs=int(os.environ.get("WHISPERD_WORKER_JOBS", "1")))
     loaded = []
+    import queue
     import threading
+
+    lanes = {"live_vad": queue.Queue(), "live_pass": queue.Queue(), "live_detect": queue.Queue()}
+
+    def lane(name):
+        while True:
+            message = lanes[name].get()
+            if name != "live_vad":
+                write_log("live", live_op=name, ref=message.get("ref"), languages=message.get("languages"))
+            emit(event="live", ref=message.get("ref"), **live_answer(message))
+
+    for name in lanes:
+        threading.Thread(target=lane, args=(name,), daemon=True).start()
 
     for line in sys.stdin:
         message = json.loads(line)
@@ -547,6 +581,8 @@ def worker_main():
             time.sleep(float(os.environ.get("FAKE_WHISPERX_LOAD_SECONDS", "0.2")))
             loaded[:] = [name]
             emit(event="models", loaded=list(loaded))
+        elif message.get("op") in lanes:
+            lanes[message["op"]].put(message)
         elif message.get("op") == "job":
             threading.Thread(target=answered, args=(message, emit, loaded), daemon=True).start()
     os._exit(0)

@@ -11,6 +11,7 @@ from . import metrics
 from .handlers.base import NotFoundHandler
 from .handlers.ops import HealthHandler, MetricsHandler, OpenApiHandler
 from .handlers.openai import OpenAIModelsHandler, OpenAITranscriptionHandler, OpenAITranslationHandler
+from .handlers.realtime import RealtimeHandler
 from .handlers.events import JobEventsHandler
 from .handlers.models import PageModelsHandler
 from .handlers.status import StatusHandler
@@ -59,6 +60,7 @@ ROUTES = [
 
 # The web page's files: not API, so not in openapi.json.
 WEB_ROUTES = [
+    (r"/v1/realtime/?", RealtimeHandler),  # a WebSocket (docs/realtime.md): not in the OpenAPI document either
     (r"/()", WebFileHandler),
     (r"/static/(.+)", WebFileHandler),
 ]

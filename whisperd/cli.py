@@ -25,6 +25,9 @@ def main(argv: list[str]) -> int:
     create.add_argument("--expires-in", type=float, metavar="DAYS", help="refuse it after this many days")
     create.add_argument("--admin", action="store_true", help="may see and cancel every identity's jobs")
     _limit_options(create, allow_default=False)
+    create.add_argument("--max-live-sessions", type=_limit_value(int, False), metavar="K",
+                        help="live transcription sessions open at once; 0 = no limit "
+                             "(default: WHISPER_TOKEN_MAX_LIVE_SESSIONS)")
     update = token_commands.add_parser("update", help="change the limits of the named token in force")
     update.add_argument("name")
     _limit_options(update, allow_default=True)
@@ -123,6 +126,10 @@ async def _create(store: ledger.Ledger, args: argparse.Namespace) -> int:
         print(f"whisperd: a token named {args.name!r} already exists; revoke it first "
               f"(python whisperd.py token revoke {args.name}) or choose another name", file=sys.stderr)
         return 1
+    # live: the token's own maximum of open live sessions (its own table: docs/realtime.md).
+    await store.set_live_session_limit(args.name, args.max_live_sessions)
+    if args.max_live_sessions is not None:
+        given = {**given, "max_live_sessions": args.max_live_sessions}
     shown = "".join(f", {name}={_shown(value)}" for name, value in given.items())
     print(f"Created {'admin ' if args.admin else ''}token {args.name!r} (prefix {prefix}, "
           f"expires {expires_at or 'never'}{shown}). It is shown only this once; send it as "

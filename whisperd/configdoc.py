@@ -50,7 +50,7 @@ FOREIGN_ENVIRONMENT = (
      "CUDA_VISIBLE_DEVICES, LD_LIBRARY_PATH, OMP_NUM_THREADS, WHISPERX_VENV, WHISPERX_*",
      "passed to the engine unchanged (nothing else of the server's environment is)"),
     ("PROMETHEUS_MULTIPROC_DIR", "set by the server to `WHISPER_METRICS_DIR` for prometheus-client; not read"),
-    ("WHISPERD_WORKER_JOBS, WHISPERD_WORKER_MAX_MODELS, WHISPERD_WORKER_IDLE_SECONDS",
+    ("WHISPERD_WORKER_JOBS, WHISPERD_WORKER_MAX_MODELS, WHISPERD_WORKER_IDLE_SECONDS, WHISPERD_WORKER_LIVE",
      "set by the server for its warm engine worker, from the settings above"),
     ("WHISPERD_DECODER_MEMORY_BYTES", "set by the server for its warm decoder processes, from "
                                       "`WHISPER_DECODER_MEMORY_MB`"),

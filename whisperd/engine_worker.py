@@ -128,7 +128,8 @@ def _load_pipeline(key: ModelKey, inter_threads: int):
     # Built here rather than by load_model so that several jobs can decode at once
     # (CTranslate2 inter_threads) from one copy of the weights.
     whisper = WhisperModel(key.model, device=key.device, device_index=key.device_index, compute_type=compute_type,
-                           download_root=key.model_dir, cpu_threads=threads, num_workers=inter_threads)
+                           download_root=key.model_dir, cpu_threads=threads,
+                           num_workers=inter_threads + live_replicas())
     # The CLI's asr_options with its default flags; the prompt is set per job.
     asr_options = {
         "beam_size": 5, "patience": 1.0, "length_penalty": 1.0,
@@ -159,6 +160,19 @@ def _language(job: dict) -> str | None:
     if job["model"].endswith(".en"):  # as the CLI: judged on the --model string
         language = "en"
     return language
+
+
+def live_replicas() -> int:
+    """live: one CTranslate2 replica more than the batch slots, for the live lane (live_lane.py): a
+    realtime pass runs beside a batch chunk instead of waiting for it, on the same weights."""
+    return 1 if os.environ.get("WHISPERD_WORKER_LIVE", "1") != "0" else 0
+
+
+def _live_lane(models: "Models"):
+    """live: the lane for realtime sessions (imported here: its file sits beside this one)."""
+    from live_lane import LiveLane
+
+    return LiveLane(models, emit, ModelKey.of, short_reason)
 
 
 def read_canonical(path: str):
@@ -426,6 +440,7 @@ def main() -> int:
 
     threading.Thread(target=sweep, name="idle", daemon=True).start()
     emit(event="hello", pid=os.getpid(), jobs=jobs)
+    lane = _live_lane(models)
 
     def handle(message: dict) -> None:
         op = message.get("op")
@@ -454,6 +469,9 @@ def main() -> int:
             message = json.loads(line)
         except json.JSONDecodeError:
             emit(event="error", id=None, reason="the worker got a line that is not JSON")
+            continue
+        if str(message.get("op", "")).startswith("live_"):
+            lane.submit(message)  # its own threads: never behind the batch jobs' executor
             continue
         executor.submit(handle, message)
     # End of input means the server is gone (or stopping us): nobody will read what a running

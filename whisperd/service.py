@@ -25,6 +25,7 @@ from . import metrics
 from .identity.auth import Authenticator, Identity, accept_any_token, load_validator
 from .config import Config
 from .engines import make_engine, worker_threads
+from .realtime import registry as realtime_registry
 from .errors import Kind, ServiceError
 from .faults import crash_point, fail_point
 from .fetch import MediaFetcher
@@ -144,7 +145,10 @@ class Service:
             Part("webhooks", self._resume_webhooks, self.webhooks.stop),
             Part("waiters", None, self._wake_all_waiters),
             Part("storage", None, self.storage.close),
-            *([Part("engine", self._start_engine, self.engine.close)] if runs_jobs else []),
+            *([Part("engine", self._start_engine, self.engine.close),
+               # open live sessions get their completed transcripts before the engine goes (docs/realtime.md)
+               Part("live", None, lambda: realtime_registry.drain(self, max(self._grace_seconds, 5.0)))]
+              if runs_jobs else []),
             Part("notifications", lambda: self.ledger.listen(self._changed_elsewhere), None),  # close() ends them
             *([Part("scheduler", self.scheduler.start, lambda: self.scheduler.shutdown(self._grace_seconds))]
               if runs_jobs else []),

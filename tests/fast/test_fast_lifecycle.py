@@ -8,14 +8,14 @@ import dataclasses
 
 import pytest
 
-RUNS_JOBS = ["ledger", "node", "requests", "webhooks", "waiters", "storage", "engine", "notifications", "scheduler", "timers"]
+RUNS_JOBS = ["ledger", "node", "requests", "webhooks", "waiters", "storage", "engine", "live", "notifications", "scheduler", "timers"]
 
 
 @pytest.mark.gen_test
 async def test_the_parts_start_in_order_and_an_api_node_runs_no_engine(service, monkeypatch):
     assert [part.name for part in service.parts()] == RUNS_JOBS
     monkeypatch.setattr(service, "config", dataclasses.replace(service.config, WHISPER_NODE_ROLE="api"))
-    assert [part.name for part in service.parts()] == [n for n in RUNS_JOBS if n not in ("engine", "scheduler")]
+    assert [part.name for part in service.parts()] == [n for n in RUNS_JOBS if n not in ("engine", "live", "scheduler")]
 
 
 @pytest.mark.gen_test

@@ -42,7 +42,7 @@ async def test_every_response_format(api, service, fmt, check):
     ({"language": "zz"}, "language", "ISO-639-1"),
     ({"temperature": "2"}, "temperature", "from 0 to 1"),
     ({"temperature": "warm"}, "temperature", "from 0 to 1"),
-    ({"stream": "true"}, "stream", "not supported"),
+    ({"stream": "true", "response_format": "srt"}, "stream", "use response_format json or text"),
     ({"response_format": "xml"}, "response_format", "must be one of"),
     ({"timestamp_granularities[]": "word"}, "timestamp_granularities[]", "verbose_json"),
     ({"timestamp_granularities[]": "phoneme"}, "timestamp_granularities[]", "segment and/or word"),

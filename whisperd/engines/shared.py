@@ -77,6 +77,8 @@ class EngineHost(TCPServer):
                     spawn(self._run(stream, jobs, message), f"engine host: job {message['id']}")
                 elif message.get("op") == "stop":
                     spawn(self.worker.stop(message["id"], message.get("because") or "canceled"), "engine host: stop")
+                elif message.get("op") == "live":
+                    spawn(self._live(stream, message), "engine host: live pass")
         except (StreamClosedError, json.JSONDecodeError, KeyError):
             pass
         finally:
@@ -99,6 +101,14 @@ class EngineHost(TCPServer):
         finally:
             jobs.discard(job_id)
         self._send(stream, {"event": "result", "id": job_id, "result": dataclasses.asdict(result)})
+
+    async def _live(self, stream: IOStream, message: dict[str, Any]) -> None:
+        """live: one realtime session's VAD or pass, forwarded to the worker's live lane."""
+        try:
+            answer = await self.worker.live(message["message"])
+        except Exception as exc:  # the worker cannot start, or did not answer: the pass's answer
+            answer = {"error": str(exc) or exc.__class__.__name__}
+        self._send(stream, {"event": "live", "ref": message.get("ref"), "answer": answer})
 
     def _status(self) -> dict[str, Any]:
         return {"event": "status", "status": self.worker.status(), "healthy": list(self.worker.healthy())}
@@ -173,6 +183,8 @@ class SharedEngine:
         self._healthy: tuple[bool, str | None] = (True, None)
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._live: dict[int, asyncio.Future] = {}  # live: answers from the host's live lane, by ref
+        self._live_refs = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -199,6 +211,9 @@ class SharedEngine:
             stream.close()
             self._status = {**self._status, "state": "restarting", "pid": None,
                             "reason": "the engine host ended; it is being started again"}
+            for future in list(self._live.values()):
+                if not future.done():
+                    future.set_result({"error": "the engine host ended"})
             for job_id, future in list(self._results.items()):
                 if not future.done():  # the host died under it: not the job's doing
                     future.set_result(EngineResult(None, stderr_tail=["the engine host ended while running the job"],
@@ -213,6 +228,11 @@ class SharedEngine:
             self._status = {**message["status"], "shared": True}
             healthy, reason = message.get("healthy") or (True, None)
             self._healthy = (bool(healthy), reason)
+            return
+        if event == "live":
+            future = self._live.get(message.get("ref"))
+            if future is not None and not future.done():
+                future.set_result(message.get("answer") or {"error": "no answer"})
             return
         job_id = message.get("id")
         if event == "progress":
@@ -256,6 +276,20 @@ class SharedEngine:
             future.set_result(EngineResult(None, killed_because=because))
             return
         self._write({"op": "stop", "id": job_id, "because": because})
+
+    async def live(self, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """live: a realtime session's VAD or pass, on the box's one engine (through the host)."""
+        if not self._connected.is_set():
+            await asyncio.wait_for(self._connected.wait(), self.config.WHISPER_WORKER_START_SECONDS)
+        self._live_refs += 1
+        ref = self._live_refs
+        future = asyncio.get_running_loop().create_future()
+        self._live[ref] = future
+        try:
+            self._write({"op": "live", "ref": ref, "message": message})
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._live.pop(ref, None)
 
     def _write(self, message: dict[str, Any]) -> None:
         if self._stream is None:

@@ -144,6 +144,8 @@ class EngineWorker:
         self._waiting: dict[str, WorkerJob] = {}  # not sent yet: waiting for the worker or for their turn
         self._suspects: set[str] = set()  # were in flight when the worker died beside other jobs
         self._turn = asyncio.Condition()
+        self._live: dict[int, asyncio.Future] = {}  # live: answers awaited from the live lane, by ref
+        self._live_refs = 0
 
     @property
     def pid(self) -> int | None:
@@ -359,6 +361,7 @@ class EngineWorker:
             self._last_stderr() or f"the engine worker ended ({how})"
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(False)
+        self._live_fail(reason)
         inflight = list(self._inflight.values())
         self._inflight.clear()
         spared = self._killed_for if self._killing == proc.pid else None
@@ -413,6 +416,9 @@ class EngineWorker:
             log.warning("engine worker wrote a line that is not JSON: %r", raw[:200])
             return
         event = message.get("event")
+        if event == "live":
+            self._live_answer(message)
+            return
         if event == "hello":
             self.state, self.reason, self._failures = "ready", None, 0
             if self._ready is not None and not self._ready.done():
@@ -439,6 +445,40 @@ class EngineWorker:
             self._ended(job, EngineResult(0, detected_language=message.get("language"), warnings=warnings))
         elif event == "error":
             self._ended(job, EngineResult(1, stderr_tail=[str(message.get("reason") or "the engine worker failed")]))
+
+
+    # -- live: realtime sessions' passes, on the worker's live lane (engine_worker.py, live_lane.py)
+
+    async def live(self, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """Send one live_* op and wait for its answer: {"probs": [...]} or {"text": ...} or
+        {"error": ...}. A live op never waits for a batch job's turn: the lane has its own threads."""
+        if self.state != "ready" or self.pid is None:
+            await asyncio.shield(self.start())
+            if self.proc is None or self.proc.returncode is not None:
+                raise WorkerUnavailable(self.reason or "the engine worker is not running")
+        self._live_refs += 1
+        ref = self._live_refs
+        future = asyncio.get_running_loop().create_future()
+        self._live[ref] = future
+        try:
+            self._send({**message, "ref": ref})
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._live.pop(ref, None)
+
+    def live_forget(self, session: str) -> None:
+        if self.pid is not None:
+            self._send({"op": "live_end", "session": session})
+
+    def _live_answer(self, message: dict[str, Any]) -> None:
+        future = self._live.get(message.get("ref"))
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _live_fail(self, reason: str) -> None:
+        for future in list(self._live.values()):
+            if not future.done():
+                future.set_result({"error": f"the engine worker ended ({reason})"})
 
 
 def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:

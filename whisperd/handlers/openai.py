@@ -7,6 +7,8 @@ owner and deletion after delivery); only the request fields and the answer's sha
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from typing import Any
 
@@ -30,13 +32,16 @@ NAMES_FIELD = "known_speaker_names[]"
 REFERENCES_FIELD = "known_speaker_references[]"
 # A reference sample as a data URL: 10 s of 48 kHz stereo 16-bit WAV is 2.6 MB in base64.
 REFERENCE_FIELD_BYTES = 3 * 1024 * 1024
+# keywords / languages: OpenAI's newer fields; the official client sends lists as name[] parts.
+LIST_FIELDS = ("keywords[]", "keywords", "languages[]", "languages")
 FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature",
           GRANULARITIES_FIELD, "timestamp_granularities", "stream",
           # gpt-4o-transcribe-diarize's (issue 27): chunking_strategy is accepted and left to the
           # server (its "auto"); the client sends an object as chunking_strategy[type] etc.
-          "chunking_strategy", NAMES_FIELD, REFERENCES_FIELD)
+          "chunking_strategy", NAMES_FIELD, REFERENCES_FIELD) + LIST_FIELDS
 # OpenAI's translations take no language (the speech's is detected) and give no word times.
-TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature")
+TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature", "stream") + LIST_FIELDS
+STREAM_KEEPALIVE_SECONDS = 5.0
 # format -> (engine format rendered, Content-Type); json and verbose_json are built here.
 PLAIN_FORMATS = {
     "text": ("txt", "text/plain; charset=utf-8"),
@@ -89,7 +94,7 @@ class OpenAIModelsHandler(OpenAIErrorsMixin):
 
 class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
     allowed_methods = ("OPTIONS", "POST")
-    repeatable_fields = frozenset({GRANULARITIES_FIELD, NAMES_FIELD, REFERENCES_FIELD})
+    repeatable_fields = frozenset({GRANULARITIES_FIELD, NAMES_FIELD, REFERENCES_FIELD, *LIST_FIELDS})
     # The samples share the body's allowance (the file's limit plus the form's), so an oversized
     # file is still refused by its Content-Length before a byte is read.
     field_limits = {REFERENCES_FIELD: REFERENCE_FIELD_BYTES}
@@ -103,11 +108,17 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
         try:
             request = self._parse(form.fields, form.lists.get(GRANULARITIES_FIELD, []))
             known = self._known_speakers(form.lists, request)
+            request.update(keywords_and_languages(self, form.lists, request))
         except OpenAIError as exc:
             self.refuse(exc)
         media = await self.take_in(form)
         if media is None:
             return  # the client left while its file was taken in
+        if request["languages"] and request["language"] == AUTO:
+            try:
+                request["language"] = await detect_among(self, media.canonical_path, request)
+            except OpenAIError as exc:
+                self.refuse(exc)
         diarize = request["response_format"] == "diarized_json"
         if diarize:
             references = []
@@ -126,8 +137,11 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
         )
         job = await self.submit(new_job, None)
         log.info("job %s accepted (OpenAI API, %s): %s, %d bytes", job.id, self.task, job.filename, job.upload_bytes)
+        if request["stream"]:
+            await stream_transcript(self, job)
+            return
         ended = await self.service.wait_finished(job.id, self.service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None,
-                                                 known=job)  # faults: an outage meanwhile ends in the 504 below
+                                                 known=job)  # an outage meanwhile ends in the 504 below
         if ended is None or not ended.finished:
             # OpenAI's API has no "come back later"; the job goes on and stays fetchable by id.
             raise OpenAIError(
@@ -206,8 +220,10 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
         unknown = sorted(set(fields) - set(self.fields) - {f for f in fields if f.startswith("chunking_strategy[")})
         if unknown:
             raise OpenAIError(Kind.INVALID, f"unsupported form field '{unknown[0]}'", param=unknown[0], code="unknown_parameter")
-        if fields.get("stream", "false").strip().lower() not in ("false", "0", ""):
-            raise OpenAIError(Kind.INVALID, "streamed transcriptions are not supported by this server", param="stream")
+        stream = fields.get("stream", "false").strip().lower()
+        if stream not in ("true", "1", "false", "0", ""):
+            raise OpenAIError(Kind.INVALID, f"'stream' must be true or false; got {stream[:20]!r}", param="stream")
+        stream_on = stream in ("true", "1")
 
         model = fields.get("model", "").strip()
         if not model:
@@ -275,8 +291,11 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
                 raise OpenAIError(Kind.INVALID, "word timestamps are unavailable on this server: " + why_not.split(": ", 1)[-1]
                                   + (" (send 'language' to use an installed alignment model)" if language == AUTO else ""),
                                   param=GRANULARITIES_FIELD, code="word_timestamps_unavailable")
+        if stream_on and response_format not in ("json", "text"):
+            raise OpenAIError(Kind.INVALID, "stream=true answers with transcript.text.delta/done events: use "
+                                   "response_format json or text", param="stream")
         return {"model": engine_model, "language": language, "prompt": prompt, "temperature": value,
-                "response_format": response_format, "granularities": wanted}
+                "response_format": response_format, "granularities": wanted, "stream": stream_on}
 
     async def _answer(self, job: Job, result: dict[str, Any], request: dict[str, Any]) -> None:
         response_format = request["response_format"]
@@ -297,10 +316,116 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
         await deliver(self, job, verbose_json(result, text, request["granularities"], job.warnings, job.task))
 
 
+def keywords_and_languages(handler: "OpenAITranscriptionHandler", lists: dict[str, list[str]],
+                           request: dict[str, Any]) -> dict[str, Any]:
+    """`keywords` (faster-whisper's hotwords) and `languages` (detect among these only).
+
+    Hotwords are, in faster-whisper, text put before the prompt in the decoder's previous-text
+    context; WhisperX's batched pipeline has no hotwords of its own, so the keywords go exactly
+    there: in front of the job's prompt (both engines, the CLI's --initial_prompt too)."""
+    config = handler.service.config
+    keywords = [k.strip() for name in ("keywords[]", "keywords") for k in lists.get(name, []) if k.strip()]
+    languages = [code.strip().lower() for name in ("languages[]", "languages")
+                 for code in lists.get(name, []) if code.strip()]
+    for code in languages:
+        if code not in WHISPER_LANGUAGES:
+            raise OpenAIError(Kind.INVALID, f"'languages' must hold ISO-639-1 codes Whisper knows; got {code[:40]!r}",
+                              param="languages", code="invalid_language")
+    language = request["language"]
+    if languages and language != AUTO and language not in languages:
+        raise OpenAIError(Kind.INVALID, f"'language' {language!r} is not one of 'languages' ({', '.join(languages)})",
+                          param="languages")
+    if len(set(languages)) == 1:
+        request["language"] = language = languages[0]  # nothing left to detect
+        why_not = refusal(model_info(config.WHISPER_MODELS_DIR, request["model"]), language, handler.task)
+        if why_not:
+            raise OpenAIError(Kind.INVALID, why_not, param="languages", code="model_cannot_" + handler.task)
+    if languages and language == AUTO and handler.service.engine.mode != "worker":
+        raise OpenAIError(Kind.INVALID, "'languages' needs the warm engine (WHISPER_ENGINE=worker) to detect among "
+                               "them; send 'language' instead", param="languages", code="languages_need_worker_engine")
+    prompt = request["prompt"]
+    if keywords:
+        prompt = (", ".join(keywords) + (" " + prompt if prompt else "")).strip()
+        if len(prompt) > config.WHISPER_MAX_PROMPT_CHARS:
+            raise OpenAIError(Kind.INVALID, f"'keywords' and 'prompt' together are longer than {config.WHISPER_MAX_PROMPT_CHARS} "
+                                   "characters", param="keywords")
+    return {"prompt": prompt, "keywords": keywords, "languages": sorted(set(languages))}
+
+
+async def detect_among(handler: "OpenAITranscriptionHandler", audio_path: Any, request: dict[str, Any]) -> str:
+    """The spoken language among `languages`, by the warm engine's language detection on the
+    first 30 s (the same detection WhisperX runs, its choice limited to these)."""
+    from ..engines import worker_threads
+    from ..engines.worker import model_spec
+
+    config = handler.service.config
+    spec = model_spec(config, request["model"], config.WHISPER_DEVICE, config.WHISPER_DEVICE_INDEX,
+                      worker_threads(config))
+    try:
+        answer = await handler.service.engine.live({"op": "live_detect", **spec, "path": str(audio_path),
+                                                    "languages": request["languages"]})
+    except Exception as exc:  # the engine cannot start, or did not answer
+        answer = {"error": str(exc) or exc.__class__.__name__}
+    if "error" in answer or answer.get("language") not in request["languages"]:
+        raise OpenAIError(Kind.UNAVAILABLE, f"the language could not be detected among {', '.join(request['languages'])}: "
+                               f"{answer.get('error') or 'no answer'}", code="language_detection_failed")
+    return str(answer["language"])
+
+
+async def stream_transcript(handler: "OpenAITranscriptionHandler", job: Job) -> None:
+    """stream=true: text/event-stream of `transcript.text.delta` (one per segment) then
+    `transcript.text.done` with the whole text and usage, as OpenAI's client iterates them. The
+    response starts at once and a comment line goes out every few seconds while the job waits or
+    runs (proxies and clients see a live stream); the segments follow when the engine has them."""
+    service = handler.service
+    handler.set_status(200)
+    handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
+    handler.set_header("X-Accel-Buffering", "no")
+    handler.write(f": job {job.id}\n\n")
+    await handler.flush()
+    limit = service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None
+    loop = asyncio.get_running_loop()
+    deadline = None if limit is None else loop.time() + limit
+    ended = None
+    while deadline is None or loop.time() < deadline:
+        ended = await service.wait_finished(job.id, STREAM_KEEPALIVE_SECONDS)
+        if ended is not None and ended.finished:
+            break
+        handler.write(f": {ended.status if ended else 'waiting'}\n\n")
+        await handler.flush()
+
+    def event(body: dict[str, Any]) -> None:
+        handler.write("data: " + json.dumps(body, ensure_ascii=False) + "\n\n")
+
+    if ended is None or not ended.finished:
+        event({"type": "error", "error": {"message": f"the job is still running after SYNC_REQUEST_TIMEOUT_SECONDS; "
+                                                     f"fetch it later from /transcription/{job.id}/result",
+                                          "type": "server_error", "param": None, "code": "timeout"}})
+        await handler.finish()
+        return
+    try:
+        result = await service.engine_result_of(ended)
+    except ServiceError as exc:
+        event({"type": "error", "error": {"message": exc.message, "type": "server_error", "param": None,
+                                          "code": "transcription_failed"}})
+        await handler.finish()
+        return
+    text = "".join(segment["text"] for segment in result["segments"]).strip()
+    sent = ""
+    for segment in result["segments"]:
+        delta = segment["text"] if sent else segment["text"].lstrip()
+        if delta:
+            event({"type": "transcript.text.delta", "delta": delta, "logprobs": None})
+            sent += delta
+    event({"type": "transcript.text.done", "text": text, "logprobs": None,
+           "usage": {"type": "duration", "seconds": round(float(ended.audio_seconds or 0.0), 3)}})
+    await deliver(handler, ended, "", "text/event-stream; charset=utf-8")
+
+
 class OpenAITranslationHandler(OpenAITranscriptionHandler):
     """POST /v1/audio/translations: English text from speech in any language Whisper knows."""
 
-    repeatable_fields = frozenset()
+    repeatable_fields = frozenset(LIST_FIELDS)
     field_limits: dict[str, int] = {}
     task = "translate"
     fields = TRANSLATION_FIELDS

@@ -100,6 +100,9 @@ class UsageHandler(BaseHandler):
         identity = self.identity
         used = await self.service.usage(None if identity.admin else identity.name, today, window)
         body = usage_entry(identity.name, used.get(identity.name, {}), identity.limits.resolved(config))
+        # live: minutes of realtime sessions (issue 26), beside the jobs'.
+        live = await self.service.ledger.live_usage(None if identity.admin else identity.name, today, window)
+        body["live"] = live_entry(live.get(identity.name, {}))
         body["day_started_at"] = today
         body["window_started_at"] = window
         body["as_of"] = now_iso()
@@ -109,10 +112,18 @@ class UsageHandler(BaseHandler):
             names = sorted(set(tokens) | set(used))
             body["tokens"] = [
                 {**usage_entry(name, used.get(name, {}), tokens.get(name, UNSET).resolved(config)),
-                 "token": name in tokens}
-                for name in names
+                 "token": name in tokens, "live": live_entry(live.get(name, {}))}
+                for name in sorted(set(names) | set(live))
             ]
         self.send_json(body)
+
+
+def live_entry(used: dict[str, Any]) -> dict[str, Any]:
+    """live: realtime sessions ended today and over 30 days, and their minutes of audio."""
+    return {"today": {"sessions": int(used.get("sessions_today") or 0),
+                      "minutes": round(float(used.get("seconds_today") or 0.0) / 60, 3)},
+            "last_30_days": {"sessions": int(used.get("sessions_window") or 0),
+                             "minutes": round(float(used.get("seconds_window") or 0.0) / 60, 3)}}
 
 
 def usage_entry(name: str, used: dict[str, Any], limits: Limits) -> dict[str, Any]:

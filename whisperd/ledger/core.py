@@ -672,6 +672,46 @@ class SqlLedger:
 
         return await self._write(work)
 
+    # -- live sessions (issue 26): usage of ended realtime sessions, per-token session caps ----
+
+    async def record_live_session(self, session_id: str, owner: str, started_at: str, ended_at: str,
+                                  audio_seconds: float, node: str | None) -> None:
+        async def work(tx, now):
+            await tx.execute(
+                "INSERT INTO live_sessions (id, owner, started_at, ended_at, audio_seconds, node)"
+                " VALUES (:id, :owner, :started, :ended, :seconds, :node) ON CONFLICT (id) DO NOTHING",
+                {"id": session_id, "owner": owner, "started": started_at, "ended": ended_at,
+                 "seconds": float(audio_seconds), "node": node})
+
+        await self._write(work)
+
+    async def live_usage(self, owner: str | None, day_start: str, window_start: str) -> dict[str, dict[str, Any]]:
+        """Per owner (one, or None: all): live sessions and seconds of live audio since each time."""
+        rows = await self._read(
+            "SELECT owner, sum(CASE WHEN started_at >= :day THEN 1 ELSE 0 END),"
+            " coalesce(sum(CASE WHEN started_at >= :day THEN audio_seconds END), 0.0),"
+            " count(*), coalesce(sum(audio_seconds), 0.0)"
+            " FROM live_sessions WHERE started_at >= :window" + (" AND owner=:owner" if owner is not None else "") +
+            " GROUP BY owner",
+            {"day": day_start, "window": window_start, "owner": owner})
+        return {row[0]: {"sessions_today": int(row[1]), "seconds_today": float(row[2]),
+                         "sessions_window": int(row[3]), "seconds_window": float(row[4])} for row in rows}
+
+    async def set_live_session_limit(self, name: str, limit: int | None) -> None:
+        """token create --max-live-sessions: the token's own maximum (None: the setting's default)."""
+
+        async def work(tx, now):
+            await tx.execute("DELETE FROM live_token_limits WHERE name=:name", {"name": name})
+            if limit is not None:
+                await tx.execute("INSERT INTO live_token_limits (name, max_live_sessions) VALUES (:name, :limit)",
+                                 {"name": name, "limit": int(limit)})
+
+        await self._write(work)
+
+    async def live_session_limit(self, name: str) -> int | None:
+        row = await self._read_one("SELECT max_live_sessions FROM live_token_limits WHERE name=:name", {"name": name})
+        return None if row is None else int(row[0])
+
     # -- resumable uploads (tus, issue 17): the rows; the bytes are JobFiles' business ------
 
     async def create_upload(self, upload: UploadRecord) -> None:

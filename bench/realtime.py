@@ -1,0 +1,212 @@
+"""Live sessions on the real engine: espeak speech streamed at real-time pace over /v1/realtime.
+
+Scenarios, each in the same run on the same server (tiny.en, warm engine):
+  one     1 session
+  four    4 sessions at once
+  batch   1 session while a batch job of the same speech (x3, ~3 min) runs
+Per scenario: end of each utterance (in the audio) to its `completed` (p50/p95), time from the
+first speech sent to the first delta, the session's lag over time (whisperd.session.lag: first,
+max, last), and the word error rate of the live transcript next to the batch transcript's of the
+same file (POST /v1/audio/transcriptions). Goals (issue 26): completed within 1.0 s of the end
+of speech at p95 for one session; lag bounded (last <= max of the first half + 1 s) everywhere;
+live WER within 0.05 of batch.
+
+    .venv/bin/python bench/realtime.py            # 60 s of speech
+    .venv/bin/python bench/realtime.py --quick    # 20 s, scenarios one and batch only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from pathlib import Path
+
+from common import REPO, machine, pct  # noqa: E402  (puts tests/ on sys.path)
+from harness import TOKEN, Server  # noqa: E402
+from realtime_client import Live  # noqa: E402
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Every morning the baker opens his shop before the sun comes up.",
+    "Children played football in the park until it started to rain.",
+    "The train to the city leaves from platform four at nine o'clock.",
+    "She wrote a long letter to her grandmother about the summer holiday.",
+    "Our team finished the project two days before the deadline.",
+    "The museum shows paintings from many different countries and centuries.",
+    "He forgot his umbrella on the bus and got wet walking home.",
+    "A small boat sailed slowly across the calm blue lake.",
+    "The doctor told him to drink more water and sleep eight hours.",
+    "We planted tomatoes and beans in the garden behind the house.",
+    "The library will be closed on Monday for repairs to the roof.",
+    "Please remember to switch off the lights when you leave the room.",
+    "The old bridge was built more than two hundred years ago.",
+    "Music filled the hall as the orchestra began to play.",
+    "They bought fresh bread, cheese and apples at the market.",
+]
+GAP_SECONDS = 1.2  # silence between sentences: server VAD ends a turn after 500 ms
+
+
+def build_speech(directory: Path, seconds: float) -> tuple[Path, list[tuple[float, float, str]]]:
+    """A mono 24 kHz WAV of sentences with gaps, and each sentence's (start, end, text)."""
+    frames = bytearray()
+    spans = []
+    rate = 24000
+    index = 0
+    while len(frames) / (2 * rate) < seconds:
+        text = SENTENCES[index % len(SENTENCES)]
+        index += 1
+        part = directory / f"s{index}.wav"
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(part), text], check=True)
+        pcm = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(part), "-ar", str(rate), "-ac", "1",
+                              "-f", "s16le", "-"], check=True, capture_output=True).stdout
+        start = len(frames) / (2 * rate)
+        frames += pcm
+        spans.append((start, len(frames) / (2 * rate), text))
+        frames += b"\0\0" * int(GAP_SECONDS * rate)
+    path = directory / "speech.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(bytes(frames))
+    return path, spans
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    clean = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(),
+                           jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
+    return jiwer.wer(reference, hypothesis, reference_transform=clean, hypothesis_transform=clean)
+
+
+async def session(port: int, pcm: bytes, spans: list[tuple[float, float, str]]) -> dict:
+    live = await Live.connect(port)
+    await live.send({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+        "format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "whisper-1", "language": "en"},
+        "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                           "silence_duration_ms": 500}}}}})
+    await live.wait_for("session.updated")
+    sent_from = time.monotonic()
+    await live.stream(pcm, chunk_seconds=0.1, pace=1.0)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+            len(live.of("conversation.item.input_audio_transcription.completed"))
+            + len(live.of("conversation.item.input_audio_transcription.failed"))
+            < len(live.of("input_audio_buffer.committed")) or not live.of("input_audio_buffer.committed")):
+        await asyncio.sleep(0.1)
+    live.close()
+    completed = live.of("conversation.item.input_audio_transcription.completed")
+    # Each completed against the sentence whose end is nearest before the turn's end.
+    stops = {e["item_id"]: e["audio_end_ms"] / 1000 for e in live.of("input_audio_buffer.speech_stopped")}
+    latencies = []
+    after_stop = []  # from the server VAD's end of turn (speech_stopped sent) to completed
+    stopped_at = {e["item_id"]: e["_at"] for e in live.of("input_audio_buffer.speech_stopped")}
+    for event in completed:
+        if event["item_id"] in stopped_at:
+            after_stop.append(event["_at"] - stopped_at[event["item_id"]])
+        stop = stops.get(event["item_id"])
+        if stop is None:
+            continue
+        # The sentence whose end is nearest the turn's end (the VAD may end a turn a little before
+        # the synthesizer's trailing quiet, or after the silence it waits for).
+        speech_end = min((end for _, end, _ in spans), key=lambda end: abs(end - stop))
+        if abs(speech_end - stop) < GAP_SECONDS:
+            latencies.append(event["_at"] - (sent_from + speech_end))
+    deltas = live.of("conversation.item.input_audio_transcription.delta")
+    lags = [e["lag_seconds"] for e in live.of("whisperd.session.lag")]
+    return {"latencies": latencies, "after_stop": after_stop, "first_delta": (deltas[0]["_at"] - (sent_from + spans[0][0])) if deltas else None,
+            "lags": lags, "text": " ".join(e["transcript"] for e in completed),
+            "skipped": live.of("whisperd.session.lag")[-1]["partial_passes_skipped"] if lags else None,
+            "errors": [e["error"]["code"] for e in live.of("error")]}
+
+
+def summary(name: str, results: list[dict], reference: str) -> dict:
+    latencies = [x for r in results for x in r["latencies"]]
+    lags = [r["lags"] for r in results if r["lags"]]
+    firsts = [r["first_delta"] for r in results if r["first_delta"] is not None]
+    out = {
+        "scenario": name, "sessions": len(results),
+        "completed_after_speech_end_s": {"p50": round(pct(latencies, 50), 2), "p95": round(pct(latencies, 95), 2),
+                                         "n": len(latencies)} if latencies else None,
+        "completed_after_speech_stopped_s": {"p50": round(pct(after_stop, 50), 2), "p95": round(pct(after_stop, 95), 2)}
+        if (after_stop := [x for r in results for x in r["after_stop"]]) else None,
+        "first_delta_s": round(statistics.median(firsts), 2) if firsts else None,
+        "lag_s": [{"first": lag[0], "max": max(lag), "last": lag[-1]} for lag in lags],
+        "lag_bounded": all(lag[-1] <= max(lag[:max(1, len(lag) // 2)]) + 1.0 for lag in lags),
+        "wer": [round(wer(reference, r["text"]), 3) for r in results],
+        "partial_passes_skipped": [r["skipped"] for r in results],
+        "errors": [r["errors"] for r in results if r["errors"]],
+    }
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="20 s of speech; scenarios one and batch only")
+    parser.add_argument("--seconds", type=float, help="length of the speech file (default 60, quick 20)")
+    parser.add_argument("--final-beam", type=int, default=5, help="WHISPER_REALTIME_FINAL_BEAM (default 5)")
+    args = parser.parse_args()
+    seconds = args.seconds or (20.0 if args.quick else 60.0)
+    work = Path(tempfile.mkdtemp(prefix="whisperd-bench-live-"))
+    speech, spans = build_speech(work, seconds)
+    reference = " ".join(text for _, _, text in spans)
+    with wave.open(str(speech)) as reader:
+        pcm = reader.readframes(reader.getnframes())
+    long_batch = work / "long.wav"  # the speech three times: a batch job that outlasts a session
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-stream_loop", "2", "-i", str(speech), "-ar", "16000",
+                    str(long_batch)], check=True)
+    server = Server(work / "server", {
+        "WHISPER_CMD": str(REPO / "whisperx.sh"), "WHISPER_MODELS_DIR": str(REPO / "models"),
+        "WHISPER_ENGINE": "worker", "WHISPER_OPENAI_MODEL": "tiny.en", "WHISPER_PRELOAD_MODEL": "true",
+        "WHISPER_REALTIME_MAX_LAG_SECONDS": "120", "WHISPER_REALTIME_FINAL_BEAM": str(args.final_beam), "MAX_FILE_SIZE": "100000000", "RUST_LOG": "info",
+    }).start()
+    report = {"final_beam": args.final_beam, "machine": machine(), "speech_seconds": round(len(pcm) / 48000, 1), "utterances": len(spans)}
+    try:
+        deadline = time.monotonic() + 180
+        while not server.api("GET", "/status").json()["engine"]["loaded_models"]:
+            if time.monotonic() > deadline:
+                raise SystemExit("the engine did not load tiny.en in 180 s")
+            time.sleep(0.5)
+        started = time.monotonic()
+        with speech.open("rb") as audio:
+            batch = server.api("POST", "/v1/audio/transcriptions", files={"file": ("speech.wav", audio)},
+                               data={"model": "whisper-1", "language": "en"}, timeout=600).json()
+        report["batch"] = {"seconds": round(time.monotonic() - started, 2), "wer": round(wer(reference, batch["text"]), 3)}
+        report["scenarios"] = []
+        report["scenarios"].append(summary("one", [asyncio.run(session(server.port, pcm, spans))], reference))
+        if not args.quick:
+            async def four():
+                return await asyncio.gather(*(session(server.port, pcm, spans) for _ in range(4)))
+
+            report["scenarios"].append(summary("four", asyncio.run(four()), reference))
+        job = server.api("POST", "/transcription", files={"file": ("long.wav", long_batch.read_bytes())},
+                         data={"language": "en"}).json()["job_id"]
+        while server.api("GET", f"/transcription/{job}").json()["status"] == "Queued":
+            time.sleep(0.2)
+        beside = summary("beside_batch", [asyncio.run(session(server.port, pcm, spans))], reference)
+        beside["batch_job_status_at_end"] = server.api("GET", f"/transcription/{job}").json()["status"]
+        report["scenarios"].append(beside)
+    finally:
+        server.stop()
+    one = report["scenarios"][0]
+    report["goals"] = {
+        "p95_completed_within_1s_one_session": bool(one["completed_after_speech_end_s"]
+                                                    and one["completed_after_speech_end_s"]["p95"] <= 1.0),
+        "lag_bounded_everywhere": all(s["lag_bounded"] for s in report["scenarios"]),
+        "live_wer_within_0.05_of_batch": all(w <= report["batch"]["wer"] + 0.05
+                                             for s in report["scenarios"] for w in s["wer"]),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
