@@ -9,6 +9,7 @@ import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import make_wav
+from harness import wait_until
 
 FIELDS = ["file", "language", "model", "diarize", "prompt", "hf_token", "response_format", "device",
           "device_index", "sync"]
@@ -107,6 +108,11 @@ def test_generated_requests_never_break_the_server(make_server):
             assert isinstance(response.json()["error"], str) and response.json()["error"], (request, response.text)
         owned = {row[0] for row in server.rows("SELECT id FROM jobs WHERE delivered_at IS NULL AND expired_at IS NULL"
                                                " AND status IN ('Queued', 'Processing', 'Completed')")}
+        # A delivery is recorded just after the client has the last byte, and its files go just
+        # after that: a sync answer's job may still be on disk for that moment.
+        delivered = {row[0] for row in server.rows("SELECT id FROM jobs WHERE delivered_at IS NOT NULL")}
+        wait_until(lambda: not any(job_id in path for path in server.job_files() for job_id in delivered),
+                   timeout=10, what="a delivered job's files to go")
         for path in server.job_files():
             assert ".incoming/" not in path and any(job_id in path for job_id in owned), (request, path)
 
