@@ -223,7 +223,7 @@ class JobRunner:
             audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=engine_language,
             device=job.device, device_index=job.device_index, prompt=job.prompt, align=align,
             diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads, task=job.task,
-            temperature=job.temperature,
+            temperature=job.temperature, batch_size=job.batch_size,
         )
         try:
             result = await self._attempt(running, opts)

@@ -55,3 +55,27 @@ def test_the_batch_size_reaches_both_engines(fast_env, tmp_path):
     assert job_message(config, options(tmp_path))["batch_size"] == 32
     with pytest.raises(ConfigError):
         load({**fast_env, "WHISPER_BATCH_SIZE": "0"})
+
+
+def test_a_device_entry_may_carry_its_batch_size_and_bad_ones_stop_start_up(fast_env):
+    from whisperd.config import device_batch_sizes, parse_devices
+    assert parse_devices("cuda:0=32, cuda:1") == [("cuda", "0"), ("cuda", "1")]
+    assert device_batch_sizes("cuda:0=32, cuda:1") == [32, None]
+    assert load({**fast_env, "WHISPER_ENGINE": "worker", "WHISPER_DEVICES": "cpu=4,cpu"}).devices == [("cpu", "0")] * 2
+    for bad in ("cpu=0", "cpu=x", "cpu=257", "cpu= +4", "cuda:0=\u00b2"):
+        with pytest.raises(ConfigError) as refused:
+            load({**fast_env, "WHISPER_DEVICES": bad})
+        assert "WHISPER_DEVICES" in str(refused.value) and "batch size" in str(refused.value)
+    with pytest.raises(ConfigError):
+        load({**fast_env, "WHISPER_BATCH_SIZE": "257"})
+
+
+def test_a_jobs_batch_size_wins_over_the_setting_in_both_engines(fast_env, tmp_path):
+    config = load({**fast_env, "WHISPER_BATCH_SIZE": "32"})
+    asked = options(tmp_path)
+    asked.batch_size = 8
+    assert "--batch_size" not in build_argv(config, asked)  # 8 is WhisperX's own default
+    asked.batch_size = 3
+    argv = build_argv(config, asked)
+    assert argv[argv.index("--batch_size") + 1] == "3"
+    assert job_message(config, asked)["batch_size"] == 3

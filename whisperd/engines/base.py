@@ -41,6 +41,7 @@ class EngineOptions:
     threads: int | None = None
     temperature: float | None = None  # None: WhisperX's own fallback schedule (0, 0.2, ... 1.0)
     task: str = "transcribe"  # or "translate": English text from any language
+    batch_size: int | None = None  # None: the device's default (WHISPER_DEVICES' =N, else WHISPER_BATCH_SIZE)
 
 
 @dataclass

@@ -448,7 +448,7 @@ def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
         "language": None if opts.language == AUTO else opts.language,
         "prompt": opts.prompt, "align": opts.align, "diarize": opts.diarize,
         "word_times": config.WHISPER_WORD_TIMES, "task": opts.task, "temperature": opts.temperature,
-        "batch_size": config.WHISPER_BATCH_SIZE,
+        "batch_size": opts.batch_size or config.WHISPER_BATCH_SIZE,
     })
     if opts.diarize and opts.hf_token:
         message["hf_token"] = opts.hf_token

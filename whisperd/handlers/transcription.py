@@ -73,7 +73,7 @@ class SubmitHandler(UploadHandler):
             form, media, language=request.language, model=request.model,
             response_format=request.response_format, diarize=request.diarize, prompt=request.prompt,
             device=request.device, device_index=request.device_index, callback_url=request.callback_url,
-            task=request.task,
+            task=request.task, batch_size=request.batch_size,
         )
         job = await self.submit(new_job, hf_token)
         log.info("job %s accepted: %s, %d bytes, %s", job.id, job.filename, job.upload_bytes,
