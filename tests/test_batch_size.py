@@ -73,3 +73,17 @@ def test_the_real_engine_runs_with_a_jobs_batch_size(make_server):
     assert response.status_code == 200, response.text
     assert "ask not what your country can do for you" in response.json()["text"].lower()
     assert server.rows("SELECT batch_size FROM jobs")[0][0] == 2
+
+
+def test_through_the_engine_host_a_job_gets_its_devices_default(make_server):
+    """With several HTTP processes the engine host places the job: the default is its device's there."""
+    server = make_server(WHISPER_ENGINE="worker", WHISPER_DEVICES="cpu=5", HTTP_WORKER_NUMBER="2",
+                         WHISPER_API_ALLOW_ANY_TOKEN="false")
+    token = server.create_token("alice", "--admin")
+    wait_for(lambda: server.api("GET", "/status", token=token).json()["engine"].get("shared") is True,
+             what="the engine host")
+    ids = [server.submit_ok(token=token, diarize="false"), server.submit_ok(token=token, diarize="false", batch_size="7")]
+    for job_id in ids:
+        assert server.wait_status(job_id, token=token)["status"] == "Completed"
+    jobs = {run["worker_job"]["id"]: run["worker_job"] for run in server.engine_runs() if run.get("worker_job")}
+    assert [jobs[job_id]["batch_size"] for job_id in ids] == [5, 7]

@@ -10,7 +10,7 @@ import pytest
 from whisperd.config import ConfigError, load
 from whisperd.engines.base import EngineOptions
 from whisperd.engines.cli import build_argv
-from whisperd.engines.worker import job_message
+from whisperd.engines.worker import job_message, with_batch_size
 
 from .harness import engine_runs
 
@@ -48,11 +48,11 @@ def test_the_batch_size_reaches_both_engines(fast_env, tmp_path):
     default = load(fast_env)
     assert default.WHISPER_BATCH_SIZE == 8
     assert "--batch_size" not in build_argv(default, options(tmp_path))  # WhisperX's own default
-    assert job_message(default, options(tmp_path))["batch_size"] == 8
+    assert job_message(default, options(tmp_path))["batch_size"] is None  # the device's default, where placed
     config = load({**fast_env, "WHISPER_BATCH_SIZE": "32"})
     argv = build_argv(config, options(tmp_path))
     assert argv[argv.index("--batch_size") + 1] == "32"
-    assert job_message(config, options(tmp_path))["batch_size"] == 32
+    assert with_batch_size(job_message(config, options(tmp_path)), config.WHISPER_BATCH_SIZE)["batch_size"] == 32
     with pytest.raises(ConfigError):
         load({**fast_env, "WHISPER_BATCH_SIZE": "0"})
 
@@ -78,4 +78,4 @@ def test_a_jobs_batch_size_wins_over_the_setting_in_both_engines(fast_env, tmp_p
     asked.batch_size = 3
     argv = build_argv(config, asked)
     assert argv[argv.index("--batch_size") + 1] == "3"
-    assert job_message(config, asked)["batch_size"] == 3
+    assert with_batch_size(job_message(config, asked), 32)["batch_size"] == 3

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import Config, device_batch_sizes
 from .base import EngineOptions, EngineResult, ProgressCallback, StartedCallback
-from .worker import EngineWorker, job_message
+from .worker import EngineWorker, job_message, with_batch_size
 
 
 class DeviceEngines:
@@ -66,10 +66,7 @@ class DeviceEngines:
 
     async def run(self, job_id: str, opts: EngineOptions, on_progress: ProgressCallback | None = None,
                   on_started: StartedCallback | None = None, timeout: float | None = None) -> EngineResult:
-        message = job_message(self.config, opts)
-        if opts.batch_size is None:
-            del message["batch_size"]  # the placed device's own default (run_message)
-        return await self.run_message(job_id, message, on_progress, timeout)
+        return await self.run_message(job_id, job_message(self.config, opts), on_progress, timeout)
 
     async def run_message(self, job_id: str, message: dict[str, Any], on_progress: ProgressCallback | None = None,
                           timeout: float | None = None) -> EngineResult:
@@ -77,8 +74,8 @@ class DeviceEngines:
         device, index = self.devices[number]
         compute_type = self.config.WHISPER_CPU_COMPUTE_TYPE if device == "cpu" else self.config.WHISPER_CUDA_COMPUTE_TYPE
         # A job's own batch_size wins; else the device entry's =N; else WHISPER_BATCH_SIZE.
-        message = {"batch_size": self.batch_sizes[number] or self.config.WHISPER_BATCH_SIZE,
-                   **message, "device": device, "device_index": int(index), "compute_type": compute_type or "default"}
+        message = {**with_batch_size(message, self.batch_sizes[number] or self.config.WHISPER_BATCH_SIZE),
+                   "device": device, "device_index": int(index), "compute_type": compute_type or "default"}
         self._busy[number] += 1
         self._placed[job_id] = number
         try:
