@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Benchmark of voice activity detection: long espeak talks through the service (warm engine,
 tiny.en, sync) with WHISPER_VAD=silero and =pyannote, against faster-whisper's
-BatchedInferencePipeline with its own Silero VAD on the same file, model, batch size and threads,
-all in one run. Prints wall times, the ratio service(silero) / faster-whisper (goal <= 1.3) and
-the word error rate of each against the script (goal: silero no higher than pyannote).
+BatchedInferencePipeline with its own Silero VAD on the same file, model, batch size, threads and
+word-timestamp setting (both sides with --word-times, neither without: the service's word times
+cost ~11 s of a 10-minute talk that a baseline without them never pays), all in one run. Prints
+wall times, the ratio service(silero) / faster-whisper (goal <= 1.3) and the word error rate of each against the script (goal: silero no higher than pyannote).
 
-Usage: /work/main/.venv/bin/python bench/vad.py [--minutes 10] [--rounds 2] [--out bench/results/vad.txt]
+Usage: /work/main/.venv/bin/python bench/vad.py [--minutes 10] [--rounds 2] [--word-times] [--vads silero]
+                                                 [--second-minutes 0] [--out bench/results/vad.txt]
 Rounds alternate the service and the baseline so that both see the same machine. The talks are
 made here with espeak-ng and sox: distinct sentences with pauses of 0.3 to 2.5 s between them.
 """
@@ -66,7 +68,8 @@ print("ready", flush=True)
 for line in sys.stdin:
     started = time.perf_counter()
     audio = decode_audio(sys.argv[2])
-    segments, _ = pipeline.transcribe(audio, batch_size=int(sys.argv[4]), language="en")
+    segments, _ = pipeline.transcribe(audio, batch_size=int(sys.argv[4]), language="en",
+                                      word_timestamps=sys.argv[5] == "true")
     text = " ".join(s.text.strip() for s in segments)
     print("took", time.perf_counter() - started, text, flush=True)
 """
@@ -114,9 +117,13 @@ def wer(reference: str, hypothesis: str) -> float:
     return previous[-1] / max(1, len(ref))
 
 
-def start_service(root: Path, vad: str) -> Server:
+def start_service(root: Path, vad: str, word_times: bool) -> Server:
     server = Server(root / vad, {
         "WHISPER_ENGINE": "worker", "WHISPER_CMD": str(REPO / "whisperx.sh"), "WHISPER_VAD": vad,
+        # Like with like: the baseline's batch size and word-timestamp setting, and one job at a
+        # time, so that the warm engine takes THREADS (4) CPU threads as the baseline does.
+        "WHISPER_BATCH_SIZE": str(BATCH_SIZE), "WHISPER_WORD_TIMES": "true" if word_times else "false",
+        "ENABLE_CONCURRENCY": "false",
         "WHISPER_MODELS_DIR": str(REPO / "models"), "WHISPER_DEFAULT_MODEL": "tiny.en",
         "WHISPER_DEVICE": "cpu", "SYNC_REQUEST_TIMEOUT_SECONDS": "1200", "ENABLE_AUTHORIZATION": "false",
         "WHISPER_MAX_AUDIO_SECONDS": "36000", "RUST_LOG": "info",
@@ -144,6 +151,9 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the timed talk")
     parser.add_argument("--second-minutes", type=float, default=5.0, help="length of a second talk, another voice (WER only; 0: none)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--word-times", action="store_true",
+                        help="word timestamps on both sides (the service's default); off on both without it")
+    parser.add_argument("--vads", default="silero,pyannote", help="the service's WHISPER_VAD values to run")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     lines: list[str] = []
@@ -160,14 +170,16 @@ def main() -> int:
             talks["b"] = make_talk(root, "b", args.second_minutes)
         talk, script = talks["a"]
         baseline = subprocess.Popen([venv_python(), "-c", FASTER_WHISPER, str(REPO / "models" / "tiny.en"), str(talk),
-                                     str(THREADS), str(BATCH_SIZE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     str(THREADS), str(BATCH_SIZE), "true" if args.word_times else "false"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        times: dict[str, list[float]] = {"faster-whisper": [], "silero": [], "pyannote": []}
+        vads = [vad for vad in args.vads.split(",") if vad]
+        times: dict[str, list[float]] = {"faster-whisper": [], **{vad: [] for vad in vads}}
         texts: dict[tuple[str, str], str] = {}
         try:
             assert baseline.stdout.readline().startswith("ready")
-            for vad in ("silero", "pyannote"):
-                server = start_service(root, vad)
+            for vad in vads:
+                server = start_service(root, vad, args.word_times)
                 try:
                     for number in range(args.rounds if vad == "silero" else 1):
                         baseline.stdin.write("go\n")
@@ -191,16 +203,18 @@ def main() -> int:
     info = machine()
     say(f"bench/vad.py, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: {info.get('cores')} cores, "
         f"{info.get('cpu')}; load average at start {info.get('load_avg_1m_at_start')}; tiny.en int8 on the CPU, batch {BATCH_SIZE}, "
-        f"{THREADS} threads; {time.monotonic() - started:.0f} s")
+        f"{THREADS} threads, word timestamps {'on' if args.word_times else 'off'} on both sides; "
+        f"{time.monotonic() - started:.0f} s")
     say(f"talk a: {args.minutes:g} min espeak-ng en-us -s 150; talk b: {args.second_minutes:g} min en-gb+m3 -s 140")
     fw, silero = median(times["faster-whisper"]), median(times["silero"])
     say(f"  faster-whisper BatchedInferencePipeline (own Silero VAD, model loaded): {fw:.2f} s "
         f"(runs {', '.join(f'{t:.2f}' for t in times['faster-whisper'])})")
-    for vad in ("silero", "pyannote"):
+    for vad in vads:
         say(f"  service, warm engine, sync, WHISPER_VAD={vad}: {median(times[vad]):.2f} s "
             f"(runs {', '.join(f'{t:.2f}' for t in times[vad])})")
     say(f"  service(silero) / faster-whisper = {silero / fw:.2f} (goal <= 1.3)")
-    say(f"  service(pyannote) / service(silero) = {median(times['pyannote']) / silero:.2f}")
+    if "pyannote" in times:
+        say(f"  service(pyannote) / service(silero) = {median(times['pyannote']) / silero:.2f}")
     for name, (_, script_text) in talks.items():
         row = [f"{who} {wer(script_text, texts[(who, name)]):.3f}" for who in ("silero", "pyannote", "faster-whisper")
                if (who, name) in texts]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .integers import BadInteger, strict_int
 from .urlpolicy import HostPolicy
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def parse_bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _int(minimum: int) -> Callable[[Any], int]:
+def _int(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         if isinstance(value, bool):
             raise ValueError("expected a whole number")
@@ -46,6 +47,8 @@ def _int(minimum: int) -> Callable[[Any], int]:
             raise ValueError("expected a whole number") from None
         if number < minimum:
             raise ValueError(f"expected a whole number >= {minimum}")
+        if maximum is not None and number > maximum:
+            raise ValueError(f"expected a whole number <= {maximum}")
         return number
 
     return convert
@@ -105,12 +108,36 @@ def _device_index(value: Any) -> str:
     return str(_int(0)(value))
 
 
-def parse_devices(text: str) -> list[tuple[str, str]]:
-    """"cuda:0,cuda:1" -> [("cuda", "0"), ("cuda", "1")]; "cpu,cpu" -> two CPU devices; "" -> []."""
-    devices = []
+MAX_BATCH_SIZE = 256  # far above what fits an 80 GB card with large-v3; a typo (8000) stops here
+
+
+def _device_entries(text: str) -> list[tuple[str, int | None]]:
+    """"cuda:0=32,cuda:1" -> [("cuda:0", 32), ("cuda:1", None)]: each entry and its default batch size."""
+    entries = []
     for entry in (part.strip() for part in text.split(",")):
         if not entry:
             continue
+        name, sep, batch = entry.partition("=")
+        size = None
+        if sep:
+            try:
+                size = strict_int(batch.strip(), f"the batch size of {entry!r}", maximum=MAX_BATCH_SIZE, minimum=1)
+            except BadInteger as exc:
+                raise ValueError(str(exc)) from None
+        entries.append((name.strip(), size))
+    return entries
+
+
+def device_batch_sizes(text: str) -> list[int | None]:
+    """Each WHISPER_DEVICES entry's own default batch size (`cuda:0=32`), None where it names none."""
+    return [size for _, size in _device_entries(text)]
+
+
+def parse_devices(text: str) -> list[tuple[str, str]]:
+    """"cuda:0,cuda:1" -> [("cuda", "0"), ("cuda", "1")]; "cpu,cpu" -> two CPU devices; "" -> [].
+    An entry's `=N` (its default batch size) is read by device_batch_sizes()."""
+    devices = []
+    for entry, _ in _device_entries(text):
         kind, _, index = entry.partition(":")
         if kind not in DEVICES or (index and not index.isdigit()) or (kind == "cpu" and index not in ("", "0")):
             raise ValueError(f"{entry!r} is not a device (cuda:N or cpu)")
@@ -290,9 +317,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("WHISPER_DEVICES", "", _devices,
             "one warm engine per device, e.g. cuda:0,cuda:1 (cpu,cpu to try it on a CPU box); jobs go to the device "
             "holding their model, else the least busy; MAX_CONCURRENT_JOBS is then per device (empty: one engine, "
-            "WHISPER_DEVICE/WHISPER_DEVICE_INDEX)"),
-    Setting("WHISPER_BATCH_SIZE", 8, _int(1),
-            "chunks of ~30 s transcribed at once (WhisperX's --batch_size); larger is faster on a GPU and needs more of its memory"),
+            "WHISPER_DEVICE/WHISPER_DEVICE_INDEX); an entry may carry its default batch size, e.g. cuda:0=32,cuda:1=16 "
+            "(else WHISPER_BATCH_SIZE; a job's batch_size field wins)"),
+    Setting("WHISPER_BATCH_SIZE", 8, _int(1, MAX_BATCH_SIZE),
+            "chunks of ~30 s transcribed at once (WhisperX's --batch_size), the default of a job that sends no "
+            "batch_size and of a device without its own; larger is faster on a GPU and needs more of its memory "
+            "(docs/engines.md)"),
     Setting("WHISPER_VAD", "silero", _choice("silero", "pyannote"),
             "voice activity detection that cuts audio into chunks: silero (faster-whisper's bundled model, "
             "offline, fast) or pyannote (WhisperX's default); --vad_method for the CLI engine"),

@@ -28,7 +28,8 @@ import sys
 import wave
 
 RATE = 16000
-CHUNK_SAMPLES = 65536  # decoded samples resampled at once: one resampler call per ~1.5 s, not per packet
+CHUNK_SAMPLES = 16384  # decoded samples resampled at once: one resampler call per ~0.4 s, not per packet
+# (30.8 ms of CPU for a 30 s 44.1 kHz stereo mp3 against 34.3 ms with 65536: the chunk stays in cache)
 _OPENED: dict = {}  # the container the last probe opened, kept for the decode that follows it
 
 
@@ -39,8 +40,16 @@ def _forget() -> None:
         container.close()
 
 
+# How much of the file FFmpeg may read to find the format and the streams. Its default (5 MB)
+# made every uncompressed upload pay for reading ~5 MB in stream analysis: 28-41 ms of a 30 s
+# 44.1 kHz stereo WAV's open, against 1.1 ms with 32 KiB (mp3: 0.3 ms either way; the format,
+# streams and declared duration found are the same). A file that cannot be told within it is
+# refused here, and ffprobe, with its defaults, decides (intake.py's fallback).
+PROBE_BYTES = 32768
+
+
 def _options(formats: str) -> dict:
-    return {"protocol_whitelist": "file", "format_whitelist": formats}
+    return {"protocol_whitelist": "file", "format_whitelist": formats, "probesize": str(PROBE_BYTES)}
 
 
 def _describe(stream) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DEVICES, OUTPUT_FORMATS, Config, parse_bool
+from .config import DEVICES, MAX_BATCH_SIZE, OUTPUT_FORMATS, Config, parse_bool
 from .fetch import CREDENTIALS_HINT, FIELD
 from .languages import AUTO, WHISPER_LANGUAGES
 from .models import TASKS, installed_models, is_valid_name, local_model_dir, model_info, refusal
@@ -16,6 +16,7 @@ from .urlpolicy import PolicyError, check_url
 FIELDS = (
     "file", "language", "model", "diarize", "prompt", "hf_token", "response_format",
     "device", "device_index", "sync", "callback_url", "task",
+    "batch_size",  # WhisperX's --batch_size for this job (issue 28); empty: the device's default
     "upload", "url",  # instead of file: a finished resumable upload's id, or a URL to fetch (issue 17)
     *SPEAKER_FIELDS,  # min_speakers, max_speakers, num_speakers (speakers.py, issue 27)
 )
@@ -37,6 +38,7 @@ class JobRequest:
     upload: str | None = None  # a finished tus upload's id
     url: str | None = None  # media to fetch
     speakers: dict[str, int] | None = None  # min/max/num speakers for diarization
+    batch_size: int | None = None  # None: the device's default (WHISPER_DEVICES' =N, else WHISPER_BATCH_SIZE)
 
 
 def _bool(fields: dict[str, str], name: str, default: bool) -> bool:
@@ -95,6 +97,9 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
     device_index = fields.get("device_index", "").strip() or config.WHISPER_DEVICE_INDEX
     device_number = integer_input(device_index, "'device_index'", maximum=999)
 
+    batch_text = fields.get("batch_size", "").strip()
+    batch_size = integer_input(batch_text, "'batch_size'", maximum=MAX_BATCH_SIZE, minimum=1) if batch_text else None
+
     callback_url = fields.get("callback_url", "").strip() or None
     if callback_url is not None:
         if not config.WHISPER_WEBHOOK_SECRET:
@@ -133,4 +138,5 @@ def parse_job_request(fields: dict[str, str], config: Config, offline: bool) -> 
         upload=upload,
         url=url,
         speakers=parse_speaker_counts(fields),
+        batch_size=batch_size,
     )

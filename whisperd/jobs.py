@@ -70,6 +70,7 @@ class Job:
     delivered_to: str | None = None  # identity that received the result (grace window)
     temperature: float | None = None  # None: the engine's own fallback schedule
     lease: str | None = None  # the running claim's token: its runner's writes carry it (ledger/core.py)
+    batch_size: int | None = None  # None: the device's default (WHISPER_DEVICES' =N, else WHISPER_BATCH_SIZE)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Job":
@@ -100,6 +101,7 @@ class NewJob:
     task: str = "transcribe"
     audio_seconds: float | None = None
     temperature: float | None = None
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)

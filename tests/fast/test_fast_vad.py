@@ -10,7 +10,7 @@ import pytest
 from whisperd.config import ConfigError, load
 from whisperd.engines.base import EngineOptions
 from whisperd.engines.cli import build_argv
-from whisperd.engines.worker import job_message
+from whisperd.engines.worker import job_message, with_batch_size
 
 from .harness import engine_runs
 
@@ -48,10 +48,34 @@ def test_the_batch_size_reaches_both_engines(fast_env, tmp_path):
     default = load(fast_env)
     assert default.WHISPER_BATCH_SIZE == 8
     assert "--batch_size" not in build_argv(default, options(tmp_path))  # WhisperX's own default
-    assert job_message(default, options(tmp_path))["batch_size"] == 8
+    assert job_message(default, options(tmp_path))["batch_size"] is None  # the device's default, where placed
     config = load({**fast_env, "WHISPER_BATCH_SIZE": "32"})
     argv = build_argv(config, options(tmp_path))
     assert argv[argv.index("--batch_size") + 1] == "32"
-    assert job_message(config, options(tmp_path))["batch_size"] == 32
+    assert with_batch_size(job_message(config, options(tmp_path)), config.WHISPER_BATCH_SIZE)["batch_size"] == 32
     with pytest.raises(ConfigError):
         load({**fast_env, "WHISPER_BATCH_SIZE": "0"})
+
+
+def test_a_device_entry_may_carry_its_batch_size_and_bad_ones_stop_start_up(fast_env):
+    from whisperd.config import device_batch_sizes, parse_devices
+    assert parse_devices("cuda:0=32, cuda:1") == [("cuda", "0"), ("cuda", "1")]
+    assert device_batch_sizes("cuda:0=32, cuda:1") == [32, None]
+    assert load({**fast_env, "WHISPER_ENGINE": "worker", "WHISPER_DEVICES": "cpu=4,cpu"}).devices == [("cpu", "0")] * 2
+    for bad in ("cpu=0", "cpu=x", "cpu=257", "cpu= +4", "cuda:0=\u00b2"):
+        with pytest.raises(ConfigError) as refused:
+            load({**fast_env, "WHISPER_DEVICES": bad})
+        assert "WHISPER_DEVICES" in str(refused.value) and "batch size" in str(refused.value)
+    with pytest.raises(ConfigError):
+        load({**fast_env, "WHISPER_BATCH_SIZE": "257"})
+
+
+def test_a_jobs_batch_size_wins_over_the_setting_in_both_engines(fast_env, tmp_path):
+    config = load({**fast_env, "WHISPER_BATCH_SIZE": "32"})
+    asked = options(tmp_path)
+    asked.batch_size = 8
+    assert "--batch_size" not in build_argv(config, asked)  # 8 is WhisperX's own default
+    asked.batch_size = 3
+    argv = build_argv(config, asked)
+    assert argv[argv.index("--batch_size") + 1] == "3"
+    assert with_batch_size(job_message(config, asked), 32)["batch_size"] == 3

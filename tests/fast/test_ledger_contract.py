@@ -90,10 +90,10 @@ async def events_of(ledger, job_id):
 
 def test_submit_inserts_a_queued_job_with_its_accepted_event(db):
     async def body(ledger):
-        asked = new_job(warnings=["w1"], callback_url="http://127.0.0.1:9/x", temperature=0.2)
+        asked = new_job(warnings=["w1"], callback_url="http://127.0.0.1:9/x", temperature=0.2, batch_size=24)
         job = await ledger.submit(asked, "via test")
-        assert (job.status, job.owner, job.attempts, job.warnings, job.temperature) == (
-            "Queued", "alice", 0, ["w1"], 0.2)
+        assert (job.status, job.owner, job.attempts, job.warnings, job.temperature, job.batch_size) == (
+            "Queued", "alice", 0, ["w1"], 0.2, 24)
         assert job.seq > 0 and job.created_at.endswith("Z") and job.lease is None
         again = await ledger.submit(asked)  # a retry after a lost answer: the same job, no second row
         assert again.seq == job.seq

@@ -47,6 +47,7 @@ class EngineOptions:
     speakers: dict[str, int] = field(default_factory=dict)
     known_speakers: list[dict[str, Any]] = field(default_factory=list)
     references: list[dict[str, str]] = field(default_factory=list)
+    batch_size: int | None = None  # None: the device's default (WHISPER_DEVICES' =N, else WHISPER_BATCH_SIZE)
 
 
 @dataclass

@@ -73,8 +73,9 @@ def build_argv(config: Config, opts: EngineOptions) -> list[str]:
         argv += ["--threads", str(opts.threads)]
     # whisperx.sh's entry (whisperd/engine_cli.py) serves `silero` from faster-whisper's wheel, offline.
     argv += ["--vad_method", config.WHISPER_VAD]
-    if config.WHISPER_BATCH_SIZE != 8:  # WhisperX's own default otherwise: the spec's command line unchanged
-        argv += ["--batch_size", str(config.WHISPER_BATCH_SIZE)]
+    batch_size = opts.batch_size or config.WHISPER_BATCH_SIZE
+    if batch_size != 8:  # WhisperX's own default otherwise: the spec's command line unchanged
+        argv += ["--batch_size", str(batch_size)]
     argv += ["--print_progress", "True"]
     return argv
 

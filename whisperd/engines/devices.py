@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..config import Config
+from ..config import Config, device_batch_sizes
 from .base import EngineOptions, EngineResult, ProgressCallback, StartedCallback
-from .worker import EngineWorker, job_message
+from .worker import EngineWorker, job_message, with_batch_size
 
 
 class DeviceEngines:
@@ -36,6 +36,7 @@ class DeviceEngines:
         self.config = config
         self.times_words = config.WHISPER_WORD_TIMES
         self.devices = devices
+        self.batch_sizes = device_batch_sizes(config.WHISPER_DEVICES)  # None: WHISPER_BATCH_SIZE
         self.slots = max(1, slots)
         self.workers = [EngineWorker(config, offline, self.slots, threads, device=device) for device in devices]
         self._busy = [0] * len(devices)
@@ -72,7 +73,9 @@ class DeviceEngines:
         number = self.place(message["model"])
         device, index = self.devices[number]
         compute_type = self.config.WHISPER_CPU_COMPUTE_TYPE if device == "cpu" else self.config.WHISPER_CUDA_COMPUTE_TYPE
-        message = {**message, "device": device, "device_index": int(index), "compute_type": compute_type or "default"}
+        # A job's own batch_size wins; else the device entry's =N; else WHISPER_BATCH_SIZE.
+        message = {**with_batch_size(message, self.batch_sizes[number] or self.config.WHISPER_BATCH_SIZE),
+                   "device": device, "device_index": int(index), "compute_type": compute_type or "default"}
         self._busy[number] += 1
         self._placed[job_id] = number
         try:
@@ -92,9 +95,11 @@ class DeviceEngines:
         states = [s["state"] for s in snapshots]
         state = next((wanted for wanted in ("ready", "starting", "restarting", "failed") if wanted in states), "stopped")
         devices = []
-        for (device, index), snapshot in zip(self.devices, snapshots):
+        for number, ((device, index), snapshot) in enumerate(zip(self.devices, snapshots)):
             devices.append({"device": device if device == "cpu" else f"{device}:{index}", "device_index": int(index),
-                            "slots": self.slots, **{k: v for k, v in snapshot.items() if k != "mode"},
+                            "slots": self.slots,
+                            "batch_size": self.batch_sizes[number] or self.config.WHISPER_BATCH_SIZE,
+                            **{k: v for k, v in snapshot.items() if k != "mode"},
                             "rss_mib": _rss_mib(snapshot["pid"])})
         loaded: list[str] = []
         for snapshot in snapshots:

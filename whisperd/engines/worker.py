@@ -173,7 +173,7 @@ class EngineWorker:
     async def run_message(self, job_id: str, message: dict[str, Any], on_progress: ProgressCallback | None = None,
                           timeout: float | None = None) -> EngineResult:
         """Run one job line (the shared engine's host receives them ready-made)."""
-        job = WorkerJob(self, job_id, message)
+        job = WorkerJob(self, job_id, with_batch_size(message, self.config.WHISPER_BATCH_SIZE))
         self._waiting[job_id] = job  # from now on a stop finds it
         result = await job.run(on_progress, timeout)
         log.info("job %s: worker answered: code %s %s", job_id, result.returncode,
@@ -481,6 +481,13 @@ class EngineWorker:
                 future.set_result({"error": f"the engine worker ended ({reason})"})
 
 
+def with_batch_size(message: dict[str, Any], default: int) -> dict[str, Any]:
+    """The job line with its batch size: the job's own, else `default` (its device's). Filled in
+    where the job is placed, so that a line relayed by the shared engine host gets the default of
+    the device that runs it there."""
+    return message if message.get("batch_size") else {**message, "batch_size": default}
+
+
 def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
     """The job line: the CLI's options as JSON; the HF token only here, never on a command line."""
     message = model_spec(config, opts.model, opts.device, opts.device_index, opts.threads)
@@ -489,7 +496,7 @@ def job_message(config: Config, opts: EngineOptions) -> dict[str, Any]:
         "language": None if opts.language == AUTO else opts.language,
         "prompt": opts.prompt, "align": opts.align, "diarize": opts.diarize,
         "word_times": config.WHISPER_WORD_TIMES, "task": opts.task, "temperature": opts.temperature,
-        "batch_size": config.WHISPER_BATCH_SIZE,
+        "batch_size": opts.batch_size,  # None: the default of the device that runs it (with_batch_size)
     })
     if opts.diarize:
         message.update(diarization_request(opts))

@@ -73,7 +73,7 @@ class SubmitHandler(MultipartUploadHandler):
             form, media, language=request.language, model=request.model,
             response_format=request.response_format, diarize=request.diarize, prompt=request.prompt,
             device=request.device, device_index=request.device_index, callback_url=request.callback_url,
-            task=request.task,
+            task=request.task, batch_size=request.batch_size,
         )
         if request.diarize and request.speakers:
             self.stage_speakers(request.speakers, [])

@@ -196,16 +196,16 @@ class SqlLedger:
             row = await tx.fetchone(
                 "INSERT INTO jobs (id, owner, status, created_at, filename, upload_bytes, language,"
                 " model, response_format, diarize, prompt, device, device_index, warnings, callback_url,"
-                " task, audio_seconds, temperature)"
+                " task, audio_seconds, temperature, batch_size)"
                 " VALUES (:id, :owner, 'Queued', :now, :filename, :upload_bytes, :language, :model,"
                 " :response_format, :diarize, :prompt, :device, :device_index, :warnings, :callback_url,"
-                " :task, :audio_seconds, :temperature) RETURNING *",
+                " :task, :audio_seconds, :temperature, :batch_size) RETURNING *",
                 {"id": job.id, "owner": job.owner, "now": now, "filename": job.filename,
                  "upload_bytes": job.upload_bytes, "language": job.language, "model": job.model,
                  "response_format": job.response_format, "diarize": int(job.diarize), "prompt": job.prompt,
                  "device": job.device, "device_index": job.device_index, "warnings": json.dumps(job.warnings),
                  "callback_url": job.callback_url, "task": job.task, "audio_seconds": job.audio_seconds,
-                 "temperature": job.temperature},
+                 "temperature": job.temperature, "batch_size": job.batch_size},
             )
             if upload_id is not None and not await self._use_upload(tx, now, upload_id, job.id):
                 raise UploadUnusable(upload_id)  # the job's INSERT goes with the rollback
