@@ -461,7 +461,7 @@ def test_hf_token_reaches_the_engine_only_through_its_environment(make_server):
     assert server.wait_status(job_id)["status"] == "Completed"
     (run,) = server.engine_runs()
     assert "--diarize" in run["argv"]
-    assert " ".join(run["argv"]).endswith("--min_speakers 2 --max_speakers 2 --print_progress True")
+    assert " ".join(run["argv"]).endswith("--min_speakers 2 --max_speakers 2 --vad_method silero --print_progress True")
     assert secret not in " ".join(run["argv"])
     assert run["hf_token_sha256"] == hashlib.sha256(secret.encode()).hexdigest()
     result = server.api("GET", f"/transcription/{job_id}/result").json()
