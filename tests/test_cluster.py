@@ -50,8 +50,11 @@ def shared_files(root: Path) -> list[str]:
     found = []
     for sub in ("tmp", "output"):
         base = root / sub
-        if base.exists():
-            found += [str(p) for p in base.rglob("*") if _job_file(p.relative_to(base).parts)]
+        try:
+            if base.exists():
+                found += [str(p) for p in base.rglob("*") if _job_file(p.relative_to(base).parts)]
+        except FileNotFoundError as exc:  # a directory went while it was walked: still on its way out
+            found.append(str(exc.filename))
     return found
 
 
