@@ -160,9 +160,10 @@ def test_a_failing_optional_stage_still_delivers_the_transcript(real_server):
     assert "hf_not_a_real_token" not in server.log()
 
 
-def test_both_engines_give_the_same_transcript(make_server):
+def jfk_through_both_engines(make_server, **settings) -> dict[str, dict]:
+    """jfk.flac through the CLI and the warm worker (sync, tsv): each engine's response body."""
     common = dict(WHISPER_CMD=str(REPO / "whisperx.sh"), WHISPER_MODELS_DIR=str(REPO / "models"),
-                  WHISPER_DEVICE="cpu", WHISPER_OFFLINE="true", SYNC_REQUEST_TIMEOUT_SECONDS="300")
+                  WHISPER_DEVICE="cpu", WHISPER_OFFLINE="true", SYNC_REQUEST_TIMEOUT_SECONDS="300", **settings)
     bodies = {}
     for engine in ("cli", "worker"):
         server = make_server(WHISPER_ENGINE=engine, **common)
@@ -170,6 +171,11 @@ def test_both_engines_give_the_same_transcript(make_server):
         assert response.status_code == 200, response.text
         bodies[engine] = response.json()
         server.stop()
+    return bodies
+
+
+def test_both_engines_give_the_same_transcript(make_server):
+    bodies = jfk_through_both_engines(make_server)
     assert bodies["cli"]["segments"] == bodies["worker"]["segments"]
     assert bodies["cli"]["text"] == bodies["worker"]["text"]
     assert bodies["cli"]["language"] == bodies["worker"]["language"] == "en"

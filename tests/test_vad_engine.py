@@ -10,21 +10,14 @@ import subprocess
 import pytest
 
 from conftest import JFK, REPO
+from test_e2e import jfk_through_both_engines
 
 pytestmark = pytest.mark.engine
 
 
 @pytest.mark.parametrize("vad", ["silero", "pyannote"])
 def test_both_engines_give_the_same_transcript_with_either_vad(make_server, vad):
-    common = dict(WHISPER_CMD=str(REPO / "whisperx.sh"), WHISPER_MODELS_DIR=str(REPO / "models"), WHISPER_VAD=vad,
-                  WHISPER_DEVICE="cpu", WHISPER_OFFLINE="true", SYNC_REQUEST_TIMEOUT_SECONDS="300")
-    bodies = {}
-    for engine in ("cli", "worker"):
-        server = make_server(WHISPER_ENGINE=engine, **common)
-        response = server.submit(JFK, sync="true", diarize="false", response_format="tsv", timeout=300)
-        assert response.status_code == 200, response.text
-        bodies[engine] = response.json()
-        server.stop()
+    bodies = jfk_through_both_engines(make_server, WHISPER_VAD=vad)
     assert bodies["cli"]["segments"] == bodies["worker"]["segments"]
     assert bodies["cli"]["text"] == bodies["worker"]["text"]
     assert "ask not what your country can do for you" in bodies["worker"]["text"].lower()

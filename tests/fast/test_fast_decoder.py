@@ -15,8 +15,8 @@ from whisperd.errors import Kind
 
 from whisperd import intake
 
-from .harness import FFMPEG, FFPROBE, ffmpeg_made, job_files, wav_bytes
-from .test_fast_intake import float_wav, tool_starts
+from .harness import ffmpeg_made, job_files, wav_bytes
+from .test_fast_intake import float_wav, log_tool_starts, tool_starts
 
 gen_test = pytest.mark.gen_test(timeout=60)
 
@@ -24,12 +24,7 @@ gen_test = pytest.mark.gen_test(timeout=60)
 @pytest.fixture
 def fast_env(fast_env, tmp_path):
     """ffprobe and ffmpeg behind wrappers that log each start, and the warm decoder asked for."""
-    log = tmp_path / "tool-starts.log"
-    for name, real in (("ffprobe", FFPROBE), ("ffmpeg", FFMPEG)):
-        wrapper = tmp_path / f"logged-{name}"
-        wrapper.write_text(f'#!/bin/sh\necho {name} >> "{log}"\nexec {real} "$@"\n')
-        wrapper.chmod(0o755)
-        fast_env[f"WHISPER_{name.upper()}"] = str(wrapper)
+    log_tool_starts(fast_env, tmp_path)
     fast_env["WHISPER_DECODER"] = "pyav"
     return fast_env
 

@@ -14,9 +14,8 @@ from .test_fast_uploads import staged
 gen_test = pytest.mark.gen_test(timeout=30)
 
 
-@pytest.fixture
-def fast_env(fast_env, tmp_path):
-    """The harness's configuration with ffprobe and ffmpeg behind wrappers that log each start."""
+def log_tool_starts(fast_env, tmp_path):
+    """ffprobe and ffmpeg behind wrappers that log each start (tool_starts reads the log)."""
     log = tmp_path / "tool-starts.log"
     for name, real in (("ffprobe", FFPROBE), ("ffmpeg", FFMPEG)):
         wrapper = tmp_path / f"logged-{name}"
@@ -24,6 +23,12 @@ def fast_env(fast_env, tmp_path):
         wrapper.chmod(0o755)
         fast_env[f"WHISPER_{name.upper()}"] = str(wrapper)
     return fast_env
+
+
+@pytest.fixture
+def fast_env(fast_env, tmp_path):
+    """The harness's configuration with ffprobe and ffmpeg behind wrappers that log each start."""
+    return log_tool_starts(fast_env, tmp_path)
 
 
 def tool_starts(tmp_path) -> list[str]:
