@@ -156,14 +156,21 @@ class JobFiles:
     def remove_resumable(self, upload_id: str) -> None:
         _remove_tree(self.resumable_path(upload_id))
 
-    def stage_resumable(self, upload_id: str, job_id: str, client_name: str) -> Path:
+    def stage_resumable(self, upload_id: str, job_id: str) -> Path:
         """A finished upload's bytes in a new job's staging dir: a second name for the same file
-        (no copy), so that the upload stays whole until the job's row commits (issue 24); the
-        upload's own name goes after that commit (Service.submit)."""
+        (no copy; a copy where the file system has no hard links), so that the upload stays whole
+        until the job's row commits (issue 24); the upload's own name goes after that commit
+        (Service.submit). FileNotFoundError when the upload's bytes are gone."""
         staged = self.staging_dir(job_id)
         staged.mkdir(parents=True, exist_ok=True)
         target = staged / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
-        os.link(self.resumable_path(upload_id), target)
+        source = self.resumable_path(upload_id)
+        try:
+            os.link(source, target)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            shutil.copyfile(source, target)
         return target
 
     def remove_output(self, job_id: str) -> None:

@@ -7,12 +7,10 @@ the service; neither touches the ledger or the job directories itself.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from pathlib import Path
 
 from .errors import Kind, ServiceError
-from .jobfiles import UPLOAD_NAME, JobFiles, is_job_id
+from .jobfiles import JobFiles, is_job_id
 from .jobs import UploadRecord, now_iso
 from .ledger import Ledger
 
@@ -78,18 +76,13 @@ class ResumableUploads:
         if upload.upload_length > max_bytes:  # the token's limit may have been lowered since creation
             raise ServiceError(Kind.TOO_LARGE, f"upload {upload_id} is {upload.upload_length} bytes, larger than {limit_name} "
                                     f"({max_bytes} bytes)")
-        staged = self.files.staging_dir(job_id)
-        staged.mkdir(parents=True, exist_ok=True)
-        target = staged / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
-        source = self.files.resumable_path(upload_id)
         try:
-            # A second name for the same bytes (both live under WHISPER_TMP_FILES): intake reads and
-            # removes this one; the upload's own stays until a job is accepted.
-            os.link(source, target)
+            # A second name for the same bytes (a copy without hard links: off the IOLoop); intake
+            # reads and removes it, the upload's own name stays until a job is accepted.
+            target = await asyncio.get_running_loop().run_in_executor(None, self.files.stage_resumable,
+                                                                      upload_id, job_id)
         except FileNotFoundError:
             raise ServiceError(Kind.GONE, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
-        except OSError:  # a file system without hard links: a copy, off the IOLoop
-            await asyncio.get_running_loop().run_in_executor(None, shutil.copyfile, source, target)
         return target, upload.upload_length, upload.filename
 
     async def use_up(self, upload_id: str) -> None:
