@@ -91,8 +91,7 @@ async def _traced_reads(db_path: Path, job_id: str) -> list[str]:
         await ledger.open()
         statements.clear()  # the PRAGMAs of opening are not part of a request
         try:
-            job = await ledger.get(job_id)  # GET /transcription/{id}
-            await ledger.queue_position(job)  # ... of a Queued job
+            await ledger.get_with_position(job_id)  # GET /transcription/{id}, also of a Queued job
             await ledger.counts()  # GET /status
         finally:
             await ledger.close()

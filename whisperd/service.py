@@ -557,7 +557,18 @@ class Service:
         await check_usage(self.ledger, owner, limits, adding_seconds)
 
     async def queue_position(self, job: Job) -> int:
-        position = await self.ledger.queue_position(job, self.config.WHISPER_SCHEDULING)
+        return self._place(await self.ledger.queue_position(job, self.config.WHISPER_SCHEDULING))
+
+    async def job_and_position(self, job_id: str) -> tuple[Job | None, int | None]:
+        """job(job_id) and, when it is Queued, its queue_position: one ledger read for a status."""
+        if not is_job_id(job_id):
+            return None, None
+        job, position = await self.ledger.get_with_position(job_id, self.config.WHISPER_SCHEDULING)
+        return job, None if position is None else self._place(position)
+
+    def _place(self, position: int) -> int:
+        """The ledger's place among Queued jobs as the client sees it: in rounds of
+        MAX_CONCURRENT_JOBS when several run at once."""
         if self.config.ENABLE_CONCURRENCY:
             return math.ceil(position / self.config.MAX_CONCURRENT_JOBS)
         return position

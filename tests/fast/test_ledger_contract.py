@@ -159,6 +159,25 @@ def test_fair_claims_take_owners_in_turn_and_positions_say_that_order(db):
     run(db, body)
 
 
+def test_a_status_read_gets_the_job_and_its_place_in_the_order_claims_take(db):
+    async def body(ledger):
+        for owner in ("alice", "alice", "bob", "alice", "carol"):
+            await ledger.submit(new_job(owner=owner))
+        running = await ledger.claim(1)
+        queued = await ledger.list_jobs(None, "Queued", None, 100)
+        for policy in ("fifo", "fair"):
+            for job in queued:
+                read, place = await ledger.get_with_position(job.id, policy)
+                assert read == job and place == await ledger.queue_position(job, policy)
+        assert sorted([(await ledger.get_with_position(job.id))[1] for job in queued]) == [1, 2, 3, 4]
+        assert sorted([(await ledger.get_with_position(job.id, "fair"))[1] for job in queued]) == [1, 2, 3, 4]
+        assert await ledger.get_with_position(running.id) == (await ledger.get(running.id), None)
+        assert await ledger.get_with_position(running.id, "fair") == (await ledger.get(running.id), None)
+        assert await ledger.get_with_position(uuid.uuid4().hex) == (None, None)
+
+    run(db, body)
+
+
 def test_fair_position_is_a_round_robin_from_the_least_recently_served():
     owners = [("a", 3, 0, 1), ("b", 1, 0, 2), ("c", 2, 5, 0)]
     assert fair_position("a", 1, owners) == 1

@@ -411,6 +411,22 @@ class SqlLedger:
         row = await self._read_one("SELECT * FROM jobs WHERE id=:id", {"id": job_id})
         return Job.from_row(row) if row else None
 
+    async def get_with_position(self, job_id: str, policy: str = "fifo") -> tuple[Job | None, int | None]:
+        """The job (None: no such job) and, when it is Queued, its queue_position(job, policy) (else
+        None): what a status read shows, the job's row and its place in one read (under "fair",
+        the owners' queues are a second), where get() then queue_position() crossed twice."""
+        fair = policy == "fair"
+        same_owner = " AND q.owner=j.owner" if fair else ""
+        row = await self._read_one(
+            "SELECT j.*, CASE WHEN j.status='Queued' THEN (SELECT count(*) FROM jobs q WHERE q.status='Queued'"
+            f"{same_owner} AND q.seq <= j.seq) END AS place FROM jobs j WHERE j.id=:id", {"id": job_id})
+        if row is None:
+            return None, None
+        job, place = Job.from_row(row), _int_or_none(row["place"])
+        if fair and place is not None:
+            place = await self._fair_position(job, place)
+        return job, place
+
     async def events(self, job_id: str) -> list[dict[str, Any]]:
         """A job's history, oldest first: at, event, actor, detail."""
         rows = await self._read("SELECT at, event, actor, detail FROM job_events WHERE job_id=:id ORDER BY id",
@@ -424,6 +440,10 @@ class SqlLedger:
                                      {"seq": job.seq})
         rank = await self._count("SELECT count(*) FROM jobs WHERE status='Queued' AND owner=:owner AND seq <= :seq",
                                  {"owner": job.owner, "seq": job.seq})
+        return await self._fair_position(job, rank)
+
+    async def _fair_position(self, job: Job, rank: int) -> int:
+        """queue_position under "fair" of the owner's rank-th Queued job (0: it is not Queued)."""
         if rank == 0:
             return 0
         # Another owner delays this job by at most `rank` jobs: count no further than that.
