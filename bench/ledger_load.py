@@ -89,6 +89,7 @@ async def _traced_reads(db_path: Path, job_id: str) -> list[str]:
     with mock.patch.object(ledger_module.aiosqlite, "connect", traced_connect):
         ledger = ledger_module.SQLiteLedger(str(db_path), "bench")
         await ledger.open()
+        ledger._point.set_trace_callback(statements.append)  # reads by key, on the IOLoop's thread
         statements.clear()  # the PRAGMAs of opening are not part of a request
         try:
             await ledger.get_with_position(job_id)  # GET /transcription/{id}, also of a Queued job

@@ -8,6 +8,7 @@ actor (host:pid) and node name, as whisperd's worker processes and cluster nodes
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from datetime import timedelta
 
@@ -176,6 +177,41 @@ def test_a_status_read_gets_the_job_and_its_place_in_the_order_claims_take(db):
         assert await ledger.get_with_position(uuid.uuid4().hex) == (None, None)
 
     run(db, body)
+
+
+def test_a_sqlite_point_read_that_meets_a_lock_is_read_on_the_readers_thread(tmp_path):
+    """SQLite reads a job by its id on the IOLoop's thread and never waits there: a lock in the way
+    sends the read to the reader's thread (whose busy_timeout may wait); other errors are errors."""
+    path = str(tmp_path / "ledger.db")
+    sqlite.open_admin(path).close()
+
+    class Locked:
+        def __init__(self, message):
+            self.message = message
+
+        def execute(self, sql, params):
+            raise sqlite3.OperationalError(self.message)
+
+        def close(self):
+            pass
+
+    async def main():
+        ledger = sqlite.SQLiteLedger(path, "host-a:1")
+        await ledger.open()
+        try:
+            job = await ledger.submit(new_job())
+            assert await ledger.get_with_position(job.id) == (job, 1)
+            ledger._point.close()
+            ledger._point = Locked("database is locked")
+            assert await ledger.get_with_position(job.id) == (job, 1)
+            assert await ledger.get(job.id) == job
+            ledger._point = Locked("no such table: jobs")
+            with pytest.raises(sqlite3.OperationalError, match="no such table"):
+                await ledger.get(job.id)
+        finally:
+            await ledger.close()
+
+    asyncio.run(main())
 
 
 def test_fair_position_is_a_round_robin_from_the_least_recently_served():

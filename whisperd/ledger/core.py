@@ -152,6 +152,11 @@ class SqlLedger:
         rows = await self._read(sql, params)
         return rows[0] if rows else None
 
+    async def _read_point(self, sql: str, params: dict[str, Any]) -> Row | None:
+        """_read_one for a read of one row by its key (a status poll): a backend may answer it
+        more cheaply than a general read (see SQLiteLedger._read_point)."""
+        return await self._read_one(sql, params)
+
     async def _count(self, sql: str, params: dict[str, Any] | None = None) -> int:
         row = await self._read_one(sql, params)
         return int(row[0] or 0) if row else 0
@@ -408,7 +413,7 @@ class SqlLedger:
         return await self._write(work)
 
     async def get(self, job_id: str) -> Job | None:
-        row = await self._read_one("SELECT * FROM jobs WHERE id=:id", {"id": job_id})
+        row = await self._read_point("SELECT * FROM jobs WHERE id=:id", {"id": job_id})
         return Job.from_row(row) if row else None
 
     async def get_with_position(self, job_id: str, policy: str = "fifo") -> tuple[Job | None, int | None]:
@@ -417,7 +422,7 @@ class SqlLedger:
         the owners' queues are a second), where get() then queue_position() crossed twice."""
         fair = policy == "fair"
         same_owner = " AND q.owner=j.owner" if fair else ""
-        row = await self._read_one(
+        row = await self._read_point(
             "SELECT j.*, CASE WHEN j.status='Queued' THEN (SELECT count(*) FROM jobs q WHERE q.status='Queued'"
             f"{same_owner} AND q.seq <= j.seq) END AS place FROM jobs j WHERE j.id=:id", {"id": job_id})
         if row is None:
