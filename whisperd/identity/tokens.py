@@ -18,7 +18,7 @@ from datetime import timedelta
 from .. import metrics
 from .auth import Identity
 from ..clock import iso, seconds_since, utc_now
-from ..jobs import TokenRecord, now_iso
+from ..jobs import TokenRecord
 from ..ledger import Ledger
 from .limits import Limits
 
@@ -94,7 +94,7 @@ class LedgerTokens:
         if prefix is None:
             return None
         record = await self._row(prefix)
-        if record is None or not record.in_force(now_iso()):
+        if record is None or not record.in_force():
             return None
         if not await self._matches(token, record):
             return None
