@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import socket
-import threading
 import uuid
 from pathlib import Path
 from typing import IO, Callable
@@ -26,6 +25,7 @@ from .config import Config
 from . import clock
 from .jobs import now_iso
 from .ledger import Ledger, Recovery
+from .ledger.core import run_sync
 
 log = logging.getLogger("whisperd.nodes")
 from .jobfiles import CLUSTER_MARK, MARKERS  # noqa: E402  (MARKERS: one file per node that uses this storage)
@@ -96,20 +96,7 @@ def ledger_identity(config: Config, actor: str) -> Callable[[str], tuple[str, bo
             finally:
                 await ledger.close()
 
-        outcome: dict = {}
-
-        def target() -> None:
-            try:
-                outcome["value"] = asyncio.run(ask())
-            except BaseException as exc:  # handed to the caller's thread
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=target, name="whisperd-cluster-identity")
-        thread.start()
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        return run_sync(ask)
 
     return identity_of
 

@@ -13,7 +13,9 @@ its start (ISO-8601 UTC text, the form every time column but the lease columns h
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Protocol
@@ -55,6 +57,25 @@ def fair_position(owner: str, rank: int, owners: list[tuple[str, int, int, int]]
         if name != owner:
             position += min(queued, rank if index < mine else rank - 1)
     return position
+
+
+def run_sync(make: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a coroutine to completion from synchronous start-up code (on a thread of its own,
+    so that it works both before any event loop exists and inside a running one)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(make())
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="whisperd-ledger-sync")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def migration_files(directory: Path) -> list[tuple[int, str, str]]:
