@@ -175,6 +175,10 @@ def test_a_status_read_gets_the_job_and_its_place_in_the_order_claims_take(db):
         assert await ledger.get_with_position(running.id) == (await ledger.get(running.id), None)
         assert await ledger.get_with_position(running.id, "fair") == (await ledger.get(running.id), None)
         assert await ledger.get_with_position(uuid.uuid4().hex) == (None, None)
+        ledger.POINT_COUNT_LIMIT = 2  # a job further back than a point read counts: placed all the same
+        for policy in ("fifo", "fair"):
+            for job in queued:
+                assert (await ledger.get_with_position(job.id, policy))[1] == await ledger.queue_position(job, policy)
 
     run(db, body)
 

@@ -124,6 +124,9 @@ class SqlLedger:
     CLAIM_SCOPE = ""  # which Processing rows count against this claimer's max_running
     RESTARTED = "1=1"  # which rows a restart of this node takes back (besides Queued ones being canceled)
     FINISHED_HERE = "1=1"  # which finished jobs' notices a restart of this node sends again
+    # The most Queued jobs a point read (_read_point) counts to place a job (None: no bound): a
+    # job further back is placed by queue_position(), a general read.
+    POINT_COUNT_LIMIT: int | None = None
 
     def __init__(self, actor: str, node: str, lease_seconds: float = 30.0) -> None:
         self.actor = actor  # host:pid, recorded on the events this process writes
@@ -442,13 +445,16 @@ class SqlLedger:
         None): what a status read shows, the job's row and its place in one read (under "fair",
         the owners' queues are a second), where get() then queue_position() crossed twice."""
         fair = policy == "fair"
-        same_owner = " AND q.owner=j.owner" if fair else ""
+        ahead = "SELECT 1 FROM jobs q WHERE q.status='Queued'" + (" AND q.owner=j.owner" if fair else "") + \
+            " AND q.seq <= j.seq" + (f" LIMIT {int(self.POINT_COUNT_LIMIT)}" if self.POINT_COUNT_LIMIT else "")
         row = await self._read_point(
-            "SELECT j.*, CASE WHEN j.status='Queued' THEN (SELECT count(*) FROM jobs q WHERE q.status='Queued'"
-            f"{same_owner} AND q.seq <= j.seq) END AS place FROM jobs j WHERE j.id=:id", {"id": job_id})
+            f"SELECT j.*, CASE WHEN j.status='Queued' THEN (SELECT count(*) FROM ({ahead}) AS ahead) END AS place"
+            " FROM jobs j WHERE j.id=:id", {"id": job_id})
         if row is None:
             return None, None
         job, place = Job.from_row(row), _int_or_none(row["place"])
+        if place is not None and place == self.POINT_COUNT_LIMIT:
+            return job, await self.queue_position(job, policy)  # further back than a point read counts
         if fair and place is not None:
             place = await self._fair_position(job, place)
         return job, place

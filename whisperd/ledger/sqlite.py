@@ -273,6 +273,9 @@ class SQLiteLedger(SqlLedger):
         " FROM nodes n ORDER BY n.name"
     )
     APPEND_WARNING = "json_insert(warnings, '$[#]', :warning)"
+    # Point reads run on the IOLoop's thread: counting 1,000 queued jobs ahead takes ~45 us there,
+    # 20,000 ~0.6 ms; a job further back is placed on the reader's thread.
+    POINT_COUNT_LIMIT = 1000
 
     def __init__(self, path: str, actor: str, busy_ms: int = BUSY_TIMEOUT_MS, node: str | None = None) -> None:
         super().__init__(actor, node or actor.split(":")[0])
