@@ -230,13 +230,6 @@ class Service:
             pass
         return self.requests_in_flight
 
-    async def cluster_nodes(self) -> list[dict[str, Any]] | None:
-        """Every node of the cluster (its row in the ledger), or None when the ledger cannot say."""
-        try:
-            return await self.ledger.nodes()
-        except Exception:  # like the queue counts in /status: report (as null), don't fail
-            return None
-
     def engine_status(self) -> dict[str, Any]:
         """The engine's part of /status (and of a health probe): mode, state, loaded models."""
         return self.engine.status()
@@ -532,6 +525,10 @@ class Service:
     async def queue_counts(self) -> dict[str, int]:
         """Queued and Processing, for /status."""
         return await self.ledger.counts()
+
+    async def queue_counts_and_nodes(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """queue_counts() and every node of the cluster, read together (an admin's /status)."""
+        return await self.ledger.counts_and_nodes()
 
     async def status_counts(self) -> dict[str, int]:
         """Jobs by status, for /metrics."""

@@ -526,6 +526,9 @@ def test_heartbeats_renew_leases_and_expired_leases_are_taken_back_on_a_shared_l
         lost = await frozen.heartbeat("all", now_iso(), [job.id])
         late = await frozen.complete(job.id, "en", claimed.lease)
         names = [node["name"] for node in await alive.nodes()]
+        counts, nodes = await alive.counts_and_nodes()  # an admin's /status reads both at once
+        assert counts == await alive.counts() and [node["name"] for node in nodes] == names
+        assert nodes and set(nodes[0]) >= {"name", "role", "last_seen", "seconds_since_seen", "running_jobs"}
         return job.id, taken, lost, late, names, (await alive.get(job.id)).status
 
     # The frozen node's lease is over as soon as it is taken (a lease of -1 s).

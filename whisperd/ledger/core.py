@@ -59,6 +59,11 @@ def fair_position(owner: str, rank: int, owners: list[tuple[str, int, int, int]]
     return position
 
 
+def _active_counts(rows: Iterable[Row]) -> dict[str, int]:
+    found = {row[0]: row[1] for row in rows}
+    return {"Queued": found.get("Queued", 0), "Processing": found.get("Processing", 0)}
+
+
 def run_sync(make: Callable[[], Awaitable[Any]]) -> Any:
     """Run a coroutine to completion from synchronous start-up code (on a thread of its own,
     so that it works both before any event loop exists and inside a running one)."""
@@ -175,6 +180,10 @@ class SqlLedger:
     async def _read_one(self, sql: str, params: dict[str, Any] | None = None) -> Row | None:
         rows = await self._read(sql, params)
         return rows[0] if rows else None
+
+    async def _reads(self, *queries: tuple[str, dict[str, Any] | None]) -> list[list[Row]]:
+        """Several reads, each one's rows (a backend may run them together)."""
+        return [await self._read(sql, params) for sql, params in queries]
 
     async def _read_point(self, sql: str, params: dict[str, Any]) -> Row | None:
         """_read_one for a read of one row by its key (a status poll): a backend may answer it
@@ -512,11 +521,15 @@ class SqlLedger:
         return {row[0]: {"active": int(row[1]), "jobs_today": int(row[2]), "seconds_today": float(row[3]),
                          "jobs_window": int(row[4]), "seconds_window": float(row[5])} for row in rows}
 
+    COUNTS = "SELECT status, count(*) FROM jobs WHERE status IN ('Queued', 'Processing') GROUP BY status"
+
     async def counts(self) -> dict[str, int]:
-        rows = await self._read(
-            "SELECT status, count(*) FROM jobs WHERE status IN ('Queued', 'Processing') GROUP BY status")
-        found = {row[0]: row[1] for row in rows}
-        return {"Queued": found.get("Queued", 0), "Processing": found.get("Processing", 0)}
+        return _active_counts(await self._read(self.COUNTS))
+
+    async def counts_and_nodes(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """counts() and nodes() in one go (an admin's /status): one crossing to SQLite's reader."""
+        counted, nodes = await self._reads((self.COUNTS, None), (self.NODES, None))
+        return _active_counts(counted), [dict(row) for row in nodes]
 
     async def status_counts(self) -> dict[str, int]:
         """Rows per status, every status present (0 when none): the metrics' jobs gauge."""
