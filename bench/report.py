@@ -78,7 +78,10 @@ for it); a submission returns the row it wrote instead of reading it again; a to
 is remembered for one second (a revocation takes effect within it), so a request pays a SHA-256
 and no read; the pre-run warnings of a job are written while its engine starts; a timer
 checkpoints the WAL beside the requests; the start-up heap is frozen out of the garbage
-collector's sight (`gc.freeze()`). A point read is still one hop to aiosqlite's reader thread.
+collector's sight (`gc.freeze()`). On SQLite a read of one job by its id (and a Queued job's place,
+counted up to 1,000 jobs ahead) runs on the IOLoop's thread, with no busy wait, instead of one hop to
+aiosqlite's reader thread and back, which cost more CPU than the read; a status poll is one such read
+(bench/status_read.py: 1.8x a bare Tornado handler's CPU, was 2.5x).
 
 The ledger benchmark also reports the server's CPU per request beside bare Tornado's: unlike
 latencies, it is not inflated by a busy machine, so it shows what whisperd itself adds.

@@ -95,6 +95,8 @@ class Server:
             # a download cut short has its own tests (test_nothing_lost.py).
             "WHISPER_RESULT_GRACE_SECONDS": "0",
             "PYTHONUNBUFFERED": "1",
+            # pass_time() moves the server's clocks through this file (whisperd/clock.py).
+            "WHISPERD_CLOCK_OFFSET_FILE": str(root / "clock-offset"),
         })
         if db_url:  # the ledger on PostgreSQL (the cluster's); unset: SQLite at WHISPER_DB_PATH
             base["WHISPER_DB_URL"] = db_url
@@ -103,6 +105,14 @@ class Server:
         self.db_url = self.env.get("WHISPER_DB_URL") or None
         self.log_path = root / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
+
+    def pass_time(self, seconds: float) -> None:
+        """Let `seconds` pass for the server and its command line at once, instead of waiting:
+        both its clocks (wall and monotonic) move forward, as time does (clock.py)."""
+        path = Path(self.env["WHISPERD_CLOCK_OFFSET_FILE"])
+        moved = [float(n) for n in path.read_text().split()] if path.exists() else []
+        wall, mono = (moved + [0.0, 0.0])[:2]
+        path.write_text(f"{wall + seconds} {mono + seconds}\n")
 
     # -- life cycle
 

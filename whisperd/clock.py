@@ -1,10 +1,14 @@
-"""The wall clock, read in one place so that a test can move it (WHISPERD_CLOCK_OFFSET_FILE).
+"""The clock, read in one place so that a test can move it (WHISPERD_CLOCK_OFFSET_FILE).
 
 Every part of whisperd that asks what time it is asks here (utc_now, now_iso, wall_time), and
-writes a time for the ledger with iso(). Like the crash points in faults.py, the hook is for
-the fault-injection tests: a file holding a number of seconds added to the wall clock, read at
-each call. Unset, it costs a dict lookup. (Durations are measured with time.monotonic, which no
-test needs to move.)
+writes a time for the ledger with iso(); every cache or window that decides by elapsed time (a
+token's row read again after a second, the auth guard's buckets, a lease's renewal, retention's
+jump check) reads monotonic() here. Like the crash points in faults.py, the hook is for the
+tests: a file holding seconds added to the clocks, read at each call, "W" (the wall clock
+stepped by W: a jump, which the monotonic clock does not see) or "W M" (the monotonic clock
+moved by M too: W = M is time passing). Unset, it costs a dict lookup. What stays on
+time.monotonic() or loop.time() elsewhere measures a duration or arms an IOLoop timer (the loop
+keeps its own clock, which no file moves).
 """
 
 from __future__ import annotations
@@ -13,17 +17,30 @@ import os
 import time
 from datetime import datetime, timezone
 
+OFFSET_FILE = "WHISPERD_CLOCK_OFFSET_FILE"
+
+
+def offsets() -> tuple[float, float]:
+    """(wall, monotonic) seconds the test moved the clocks by; (0, 0) unless OFFSET_FILE is set."""
+    path = os.environ.get(OFFSET_FILE)
+    if not path:
+        return 0.0, 0.0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            numbers = [float(word) for word in handle.read().split()[:2]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return (numbers[0] if numbers else 0.0), (numbers[1] if len(numbers) > 1 else 0.0)
+
 
 def wall_time() -> float:
     """Seconds since the epoch, as retention sees them."""
-    path = os.environ.get("WHISPERD_CLOCK_OFFSET_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return time.time() + float(handle.read().strip() or 0)
-        except (OSError, ValueError):
-            pass
-    return time.time()
+    return time.time() + offsets()[0]
+
+
+def monotonic() -> float:
+    """time.monotonic(), as the caches and windows that decide by elapsed time see it."""
+    return time.monotonic() + offsets()[1]
 
 
 def utc_now() -> datetime:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Kind, ServiceError
+from . import clock
 from .bounded import BoundedRun, RunCanceled, RunTimeout
 from .canonical_wav import (MAX_CHUNKS_BEFORE_DATA, FastPathStopped, FastPathTimeout, TooManyChunks,
                             copy_if_canonical)
@@ -219,7 +220,7 @@ class Intake:
     def _tools_installed(self) -> bool:
         # A PATH search is ~0.1 ms a program: remembered for a few seconds, per pair of names.
         key = (self.ffprobe, self.ffmpeg)
-        now = time.monotonic()
+        now = clock.monotonic()
         known = _TOOLS_SEEN.get(key)
         if known is None or now - known[0] > TOOLS_RECHECK_SECONDS:
             known = _TOOLS_SEEN[key] = (now, shutil.which(self.ffprobe) is not None

@@ -22,7 +22,8 @@ def _from_mapping(cls, row: Mapping[str, Any], booleans: tuple[str, ...] = (), j
     known = _FIELDS.get(cls)
     if known is None:
         known = _FIELDS[cls] = frozenset(f.name for f in fields(cls))
-    data = {key: row[key] for key in row.keys() if key in known}
+    # By position, not row[key]: a sqlite3.Row finds a name by comparing it with each column's.
+    data = {key: value for key, value in zip(row.keys(), row) if key in known}
     for name in booleans:
         if name in data:
             data[name] = bool(data[name])
@@ -138,8 +139,9 @@ class TokenRecord:
     def from_row(cls, row: Mapping[str, Any]) -> "TokenRecord":
         return _from_mapping(cls, row, booleans=("admin",))
 
-    def in_force(self, at_iso: str) -> bool:
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > at_iso)
+    def in_force(self, at_iso: str | None = None) -> bool:
+        """Not revoked, and not expired at `at_iso` (None: now, read only for a token that expires)."""
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > (at_iso or now_iso()))
 
 
 @dataclass

@@ -17,15 +17,15 @@ import json
 import logging
 import os
 import socket
-import threading
-import time
 import uuid
 from pathlib import Path
 from typing import IO, Callable
 
 from .config import Config
+from . import clock
 from .jobs import now_iso
 from .ledger import Ledger, Recovery
+from .ledger.core import run_sync
 
 log = logging.getLogger("whisperd.nodes")
 from .jobfiles import CLUSTER_MARK, MARKERS  # noqa: E402  (MARKERS: one file per node that uses this storage)
@@ -96,20 +96,7 @@ def ledger_identity(config: Config, actor: str) -> Callable[[str], tuple[str, bo
             finally:
                 await ledger.close()
 
-        outcome: dict = {}
-
-        def target() -> None:
-            try:
-                outcome["value"] = asyncio.run(ask())
-            except BaseException as exc:  # handed to the caller's thread
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=target, name="whisperd-cluster-identity")
-        thread.start()
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        return run_sync(ask)
 
     return identity_of
 
@@ -172,7 +159,7 @@ class NodeKeeper:
         self.interval = max(0.2, self.lease / 3)
         self.started_at = now_iso()
         self.connected = True  # False while the ledger cannot be reached: claim nothing
-        self._last_renewed = time.monotonic()
+        self._last_renewed = clock.monotonic()
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -197,7 +184,7 @@ class NodeKeeper:
         except Exception as exc:
             await self._unreachable(exc, running)
             return
-        self._last_renewed = time.monotonic()
+        self._last_renewed = clock.monotonic()
         if not self.connected:
             log.warning("ledger reachable again: claiming jobs again")
             self.connected = True
@@ -229,7 +216,7 @@ class NodeKeeper:
             self.connected = False
         # Our leases were last renewed at _last_renewed; past one lease, another node may
         # have taken the jobs back: keep nothing we cannot prove is still ours.
-        if running and time.monotonic() - self._last_renewed >= self.lease - self.interval:
+        if running and clock.monotonic() - self._last_renewed >= self.lease - self.interval:
             log.error("could not renew the leases of %d job(s) in time: abandoning them (another node "
                       "runs them again)", len(running))
             await asyncio.gather(*(job.stop(ABANDONED) for job in list(running.values())))

@@ -12,11 +12,11 @@ new time, confirms the jump and takes the wall clock's word.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from .faults import crash_point
+from .clock import monotonic
 from .jobfiles import JobFiles
 from .jobs import now_iso
 from .ledger import Ledger
@@ -37,7 +37,7 @@ class Retention:
 
     def trusted_now(self) -> float:
         """The wall time this pass may use: the wall clock, unless it just jumped forward."""
-        wall, mono = self.clock().timestamp(), time.monotonic()
+        wall, mono = self.clock().timestamp(), monotonic()
         previous, self._previous = self._previous, (wall, mono)
         if previous is None:
             return wall

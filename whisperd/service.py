@@ -230,13 +230,6 @@ class Service:
             pass
         return self.requests_in_flight
 
-    async def cluster_nodes(self) -> list[dict[str, Any]] | None:
-        """Every node of the cluster (its row in the ledger), or None when the ledger cannot say."""
-        try:
-            return await self.ledger.nodes()
-        except Exception:  # like the queue counts in /status: report (as null), don't fail
-            return None
-
     def engine_status(self) -> dict[str, Any]:
         """The engine's part of /status (and of a health probe): mode, state, loaded models."""
         return self.engine.status()
@@ -533,6 +526,10 @@ class Service:
         """Queued and Processing, for /status."""
         return await self.ledger.counts()
 
+    async def queue_counts_and_nodes(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """queue_counts() and every node of the cluster, read together (an admin's /status)."""
+        return await self.ledger.counts_and_nodes()
+
     async def status_counts(self) -> dict[str, int]:
         """Jobs by status, for /metrics."""
         return await self.ledger.status_counts()
@@ -557,7 +554,18 @@ class Service:
         await check_usage(self.ledger, owner, limits, adding_seconds)
 
     async def queue_position(self, job: Job) -> int:
-        position = await self.ledger.queue_position(job, self.config.WHISPER_SCHEDULING)
+        return self._place(await self.ledger.queue_position(job, self.config.WHISPER_SCHEDULING))
+
+    async def job_and_position(self, job_id: str) -> tuple[Job | None, int | None]:
+        """job(job_id) and, when it is Queued, its queue_position: one ledger read for a status."""
+        if not is_job_id(job_id):
+            return None, None
+        job, position = await self.ledger.get_with_position(job_id, self.config.WHISPER_SCHEDULING)
+        return job, None if position is None else self._place(position)
+
+    def _place(self, position: int) -> int:
+        """The ledger's place among Queued jobs as the client sees it: in rounds of
+        MAX_CONCURRENT_JOBS when several run at once."""
         if self.config.ENABLE_CONCURRENCY:
             return math.ceil(position / self.config.MAX_CONCURRENT_JOBS)
         return position

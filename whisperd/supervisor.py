@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from typing import Callable
+
+from . import clock
 
 log = logging.getLogger("whisperd.supervisor")
 MAX_RESTARTS_PER_MINUTE = 10
@@ -82,7 +83,7 @@ def run_workers(count: int, child_main: Callable[[int], int], on_child_died: Cal
         log.error("%s process %d ended unexpectedly (%s)", "engine host" if index == ENGINE_HOST else "worker",
                   pid, how)
         on_child_died(pid)
-        now = time.monotonic()
+        now = clock.monotonic()
         restarts[:] = [t for t in restarts if now - t < 60] + [now]
         if len(restarts) > MAX_RESTARTS_PER_MINUTE:
             log.error("workers keep dying (%d restarts in a minute): stopping", len(restarts))

@@ -58,6 +58,22 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture
+def pass_time(tmp_path, monkeypatch):
+    """pass_time(seconds): whisperd's clocks (clock.py, wall and monotonic alike) move forward, as
+    when that much time passes, instead of the test waiting it out. Retention, which reads the
+    `clock` fixture, sees no step."""
+    path = tmp_path / "clock-offset"
+    monkeypatch.setenv("WHISPERD_CLOCK_OFFSET_FILE", str(path))
+    moved = [0.0]
+
+    def move(seconds: float) -> None:
+        moved[0] += seconds
+        path.write_text(f"{moved[0]} {moved[0]}\n")
+
+    return move
+
+
 def base_environment(root: Path) -> dict[str, str]:
     models = root / "models"
     (models / "tiny.en").mkdir(parents=True, exist_ok=True)

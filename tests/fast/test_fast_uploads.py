@@ -168,10 +168,10 @@ async def test_a_ledger_that_refuses_the_row_leaves_no_file(api, service, monkey
 async def test_a_busy_ledger_is_503_with_retry_after(api, service, monkeypatch):
     from whisperd.ledger import LedgerBusy
 
-    async def busy(job_id):
+    async def busy(job_id, *args):
         raise LedgerBusy()
 
-    monkeypatch.setattr(service.ledger, "get", busy)
+    monkeypatch.setattr(service.ledger, "get_with_position", busy)  # the status read's one read
     response = await api.call("GET", "/transcription/00000000-0000-4000-8000-000000000000")
     assert response.code == 503
     assert response.headers["Retry-After"] == "5"

@@ -8,6 +8,7 @@ actor (host:pid) and node name, as whisperd's worker processes and cluster nodes
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from datetime import timedelta
 
@@ -157,6 +158,64 @@ def test_fair_claims_take_owners_in_turn_and_positions_say_that_order(db):
         assert [positions[job.id] for job in taken] == [1, 2, 3, 4, 5, 6]
 
     run(db, body)
+
+
+def test_a_status_read_gets_the_job_and_its_place_in_the_order_claims_take(db):
+    async def body(ledger):
+        for owner in ("alice", "alice", "bob", "alice", "carol"):
+            await ledger.submit(new_job(owner=owner))
+        running = await ledger.claim(1)
+        queued = await ledger.list_jobs(None, "Queued", None, 100)
+        for policy in ("fifo", "fair"):
+            for job in queued:
+                read, place = await ledger.get_with_position(job.id, policy)
+                assert read == job and place == await ledger.queue_position(job, policy)
+        assert sorted([(await ledger.get_with_position(job.id))[1] for job in queued]) == [1, 2, 3, 4]
+        assert sorted([(await ledger.get_with_position(job.id, "fair"))[1] for job in queued]) == [1, 2, 3, 4]
+        assert await ledger.get_with_position(running.id) == (await ledger.get(running.id), None)
+        assert await ledger.get_with_position(running.id, "fair") == (await ledger.get(running.id), None)
+        assert await ledger.get_with_position(uuid.uuid4().hex) == (None, None)
+        ledger.POINT_COUNT_LIMIT = 2  # a job further back than a point read counts: placed all the same
+        for policy in ("fifo", "fair"):
+            for job in queued:
+                assert (await ledger.get_with_position(job.id, policy))[1] == await ledger.queue_position(job, policy)
+
+    run(db, body)
+
+
+def test_a_sqlite_point_read_that_meets_a_lock_is_read_on_the_readers_thread(tmp_path):
+    """SQLite reads a job by its id on the IOLoop's thread and never waits there: a lock in the way
+    sends the read to the reader's thread (whose busy_timeout may wait); other errors are errors."""
+    path = str(tmp_path / "ledger.db")
+    sqlite.open_admin(path).close()
+
+    class Locked:
+        def __init__(self, message):
+            self.message = message
+
+        def execute(self, sql, params):
+            raise sqlite3.OperationalError(self.message)
+
+        def close(self):
+            pass
+
+    async def main():
+        ledger = sqlite.SQLiteLedger(path, "host-a:1")
+        await ledger.open()
+        try:
+            job = await ledger.submit(new_job())
+            assert await ledger.get_with_position(job.id) == (job, 1)
+            ledger._point.close()
+            ledger._point = Locked("database is locked")
+            assert await ledger.get_with_position(job.id) == (job, 1)
+            assert await ledger.get(job.id) == job
+            ledger._point = Locked("no such table: jobs")
+            with pytest.raises(sqlite3.OperationalError, match="no such table"):
+                await ledger.get(job.id)
+        finally:
+            await ledger.close()
+
+    asyncio.run(main())
 
 
 def test_fair_position_is_a_round_robin_from_the_least_recently_served():
@@ -467,6 +526,9 @@ def test_heartbeats_renew_leases_and_expired_leases_are_taken_back_on_a_shared_l
         lost = await frozen.heartbeat("all", now_iso(), [job.id])
         late = await frozen.complete(job.id, "en", claimed.lease)
         names = [node["name"] for node in await alive.nodes()]
+        counts, nodes = await alive.counts_and_nodes()  # an admin's /status reads both at once
+        assert counts == await alive.counts() and [node["name"] for node in nodes] == names
+        assert nodes and set(nodes[0]) >= {"name", "role", "last_seen", "seconds_since_seen", "running_jobs"}
         return job.id, taken, lost, late, names, (await alive.get(job.id)).status
 
     # The frozen node's lease is over as soon as it is taken (a lease of -1 s).

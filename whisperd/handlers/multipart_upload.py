@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from .. import metrics
+from .. import clock
 from ..identity.auth import ANONYMOUS, ANY_TOKEN, Identity
 from ..errors import Kind, ServiceError
 from ..faults import fail_point
@@ -86,7 +86,7 @@ class MultipartUploadHandler(BaseHandler):
                                               connection.params.chunk_size))  # type: ignore[union-attr]
         # Before a byte is stored: a refused upload leaves nothing.
         await self.service.check_queue_room()
-        self._room_checked_at = time.monotonic()
+        self._room_checked_at = clock.monotonic()
         await self.check_limits()
         address = self.request.remote_ip or "?"
         self.service.take_upload_slot(address, slot_owner(self.identity))
@@ -287,7 +287,7 @@ class MultipartUploadHandler(BaseHandler):
         try:
             # Checked again in the transaction that writes the row: other uploads of this caller
             # (in this process or another) may have been accepted since the checks above.
-            if time.monotonic() - self._room_checked_at > QUEUE_RECHECK_SECONDS:
+            if clock.monotonic() - self._room_checked_at > QUEUE_RECHECK_SECONDS:
                 await self.service.check_queue_room()  # again: others may have filled it while this body arrived
             job = await self.service.submit(new_job, hf_token, quota(self.limits), self._resumable_id)
         except UploadUnusable as exc:

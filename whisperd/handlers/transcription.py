@@ -103,11 +103,12 @@ class SubmitHandler(MultipartUploadHandler):
         await deliver(self, ended, body)
 
 
-async def status_body(service, job: Job) -> dict[str, Any]:
-    """GET /transcription/{id}'s body for a job that is not canceled or expired."""
+async def status_body(service, job: Job, position: int | None = None) -> dict[str, Any]:
+    """GET /transcription/{id}'s body for a job that is not canceled or expired; `position`: a
+    Queued job's queue_position when the caller read it with the job (else it is read here)."""
     body: dict[str, Any] = {"status": job.status}
     if job.status == "Queued":
-        body["queue_position"] = await service.queue_position(job)
+        body["queue_position"] = position if position is not None else await service.queue_position(job)
     elif job.status == "Processing":
         body["progress"] = job.progress
         body["stage"] = job.stage
@@ -135,12 +136,13 @@ class JobHandler(_JobLookup):
     allowed_methods = ("OPTIONS", "GET", "DELETE")
 
     async def get(self, job_id: str) -> None:
-        job = await self._job(job_id)
+        job, position = await self.service.job_and_position(job_id)
+        job = self.job_or_404(job, job_id)
         if job.status == "Canceled":
             raise ServiceError(Kind.GONE, f"job {job.id} was canceled at {job.finished_at}")
         if job.expired_at:
             raise ServiceError(Kind.GONE, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
-        self.send_json(await status_body(self.service, job))
+        self.send_json(await status_body(self.service, job, position))
 
     async def delete(self, job_id: str) -> None:
         await self._job(job_id)

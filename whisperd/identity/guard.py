@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from collections import OrderedDict
 
+from ..clock import monotonic
 from ..errors import Kind, ServiceError
 
 REMEMBER_SECONDS = 30.0
@@ -63,7 +63,7 @@ class _Buckets:
 
 
 class FailureGuard:
-    def __init__(self, failures_per_minute: int, clock=time.monotonic) -> None:
+    def __init__(self, failures_per_minute: int, clock=monotonic) -> None:
         self.clock = clock
         self._addresses = _Buckets(failures_per_minute, failures_per_minute / 60.0)
         self._prefixes = _Buckets(failures_per_minute, failures_per_minute / 60.0)

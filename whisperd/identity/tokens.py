@@ -11,14 +11,13 @@ import hashlib
 import hmac
 import re
 import secrets
-import time
 from collections import OrderedDict
 from datetime import timedelta
 
 from .. import metrics
 from .auth import Identity
-from ..clock import iso, seconds_since, utc_now
-from ..jobs import TokenRecord, now_iso
+from ..clock import iso, monotonic, seconds_since, utc_now
+from ..jobs import TokenRecord
 from ..ledger import Ledger
 from .limits import Limits
 
@@ -94,7 +93,7 @@ class LedgerTokens:
         if prefix is None:
             return None
         record = await self._row(prefix)
-        if record is None or not record.in_force(now_iso()):
+        if record is None or not record.in_force():
             return None
         if not await self._matches(token, record):
             return None
@@ -102,7 +101,7 @@ class LedgerTokens:
         return Identity(record.name, admin=record.admin, limits=limits_of(record))
 
     async def _row(self, prefix: str) -> TokenRecord | None:
-        now = time.monotonic()
+        now = monotonic()
         known = self._rows.get(prefix)
         if known is not None and now - known[0] < RECHECK_SECONDS:
             return known[1]
@@ -139,7 +138,7 @@ class LedgerTokens:
         return digest in self._verified
 
     async def _record_use(self, record: TokenRecord) -> None:
-        now = time.monotonic()
+        now = monotonic()
         last = self._touched.get(record.id)
         if last is not None and now - last < LAST_USE_EVERY_SECONDS:
             return

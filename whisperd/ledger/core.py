@@ -13,7 +13,9 @@ its start (ISO-8601 UTC text, the form every time column but the lease columns h
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Protocol
@@ -55,6 +57,30 @@ def fair_position(owner: str, rank: int, owners: list[tuple[str, int, int, int]]
         if name != owner:
             position += min(queued, rank if index < mine else rank - 1)
     return position
+
+
+def _active_counts(rows: Iterable[Row]) -> dict[str, int]:
+    found = {row[0]: row[1] for row in rows}
+    return {"Queued": found.get("Queued", 0), "Processing": found.get("Processing", 0)}
+
+
+def run_sync(make: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a coroutine to completion from synchronous start-up code (on a thread of its own,
+    so that it works both before any event loop exists and inside a running one)."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(make())
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="whisperd-ledger-sync")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def migration_files(directory: Path) -> list[tuple[int, str, str]]:
@@ -103,6 +129,9 @@ class SqlLedger:
     CLAIM_SCOPE = ""  # which Processing rows count against this claimer's max_running
     RESTARTED = "1=1"  # which rows a restart of this node takes back (besides Queued ones being canceled)
     FINISHED_HERE = "1=1"  # which finished jobs' notices a restart of this node sends again
+    # The most Queued jobs a point read (_read_point) counts to place a job (None: no bound): a
+    # job further back is placed by queue_position(), a general read.
+    POINT_COUNT_LIMIT: int | None = None
 
     def __init__(self, actor: str, node: str, lease_seconds: float = 30.0) -> None:
         self.actor = actor  # host:pid, recorded on the events this process writes
@@ -151,6 +180,15 @@ class SqlLedger:
     async def _read_one(self, sql: str, params: dict[str, Any] | None = None) -> Row | None:
         rows = await self._read(sql, params)
         return rows[0] if rows else None
+
+    async def _reads(self, *queries: tuple[str, dict[str, Any] | None]) -> list[list[Row]]:
+        """Several reads, each one's rows (a backend may run them together)."""
+        return [await self._read(sql, params) for sql, params in queries]
+
+    async def _read_point(self, sql: str, params: dict[str, Any]) -> Row | None:
+        """_read_one for a read of one row by its key (a status poll): a backend may answer it
+        more cheaply than a general read (see SQLiteLedger._read_point)."""
+        return await self._read_one(sql, params)
 
     async def _count(self, sql: str, params: dict[str, Any] | None = None) -> int:
         row = await self._read_one(sql, params)
@@ -408,8 +446,27 @@ class SqlLedger:
         return await self._write(work)
 
     async def get(self, job_id: str) -> Job | None:
-        row = await self._read_one("SELECT * FROM jobs WHERE id=:id", {"id": job_id})
+        row = await self._read_point("SELECT * FROM jobs WHERE id=:id", {"id": job_id})
         return Job.from_row(row) if row else None
+
+    async def get_with_position(self, job_id: str, policy: str = "fifo") -> tuple[Job | None, int | None]:
+        """The job (None: no such job) and, when it is Queued, its queue_position(job, policy) (else
+        None): what a status read shows, the job's row and its place in one read (under "fair",
+        the owners' queues are a second), where get() then queue_position() crossed twice."""
+        fair = policy == "fair"
+        ahead = "SELECT 1 FROM jobs q WHERE q.status='Queued'" + (" AND q.owner=j.owner" if fair else "") + \
+            " AND q.seq <= j.seq" + (f" LIMIT {int(self.POINT_COUNT_LIMIT)}" if self.POINT_COUNT_LIMIT else "")
+        row = await self._read_point(
+            f"SELECT j.*, CASE WHEN j.status='Queued' THEN (SELECT count(*) FROM ({ahead}) AS ahead) END AS place"
+            " FROM jobs j WHERE j.id=:id", {"id": job_id})
+        if row is None:
+            return None, None
+        job, place = Job.from_row(row), _int_or_none(row["place"])
+        if place is not None and place == self.POINT_COUNT_LIMIT:
+            return job, await self.queue_position(job, policy)  # further back than a point read counts
+        if fair and place is not None:
+            place = await self._fair_position(job, place)
+        return job, place
 
     async def events(self, job_id: str) -> list[dict[str, Any]]:
         """A job's history, oldest first: at, event, actor, detail."""
@@ -424,6 +481,10 @@ class SqlLedger:
                                      {"seq": job.seq})
         rank = await self._count("SELECT count(*) FROM jobs WHERE status='Queued' AND owner=:owner AND seq <= :seq",
                                  {"owner": job.owner, "seq": job.seq})
+        return await self._fair_position(job, rank)
+
+    async def _fair_position(self, job: Job, rank: int) -> int:
+        """queue_position under "fair" of the owner's rank-th Queued job (0: it is not Queued)."""
         if rank == 0:
             return 0
         # Another owner delays this job by at most `rank` jobs: count no further than that.
@@ -460,11 +521,15 @@ class SqlLedger:
         return {row[0]: {"active": int(row[1]), "jobs_today": int(row[2]), "seconds_today": float(row[3]),
                          "jobs_window": int(row[4]), "seconds_window": float(row[5])} for row in rows}
 
+    COUNTS = "SELECT status, count(*) FROM jobs WHERE status IN ('Queued', 'Processing') GROUP BY status"
+
     async def counts(self) -> dict[str, int]:
-        rows = await self._read(
-            "SELECT status, count(*) FROM jobs WHERE status IN ('Queued', 'Processing') GROUP BY status")
-        found = {row[0]: row[1] for row in rows}
-        return {"Queued": found.get("Queued", 0), "Processing": found.get("Processing", 0)}
+        return _active_counts(await self._read(self.COUNTS))
+
+    async def counts_and_nodes(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        """counts() and nodes() in one go (an admin's /status): one crossing to SQLite's reader."""
+        counted, nodes = await self._reads((self.COUNTS, None), (self.NODES, None))
+        return _active_counts(counted), [dict(row) for row in nodes]
 
     async def status_counts(self) -> dict[str, int]:
         """Rows per status, every status present (0 when none): the metrics' jobs gauge."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +22,7 @@ import asyncpg
 
 from ..config import REPO_DIR
 from ..jobs import now_iso
-from .core import CLAIM, QUOTA, WEBHOOKS, SqlLedger, Work, migration_files
+from .core import CLAIM, QUOTA, WEBHOOKS, SqlLedger, Work, migration_files, run_sync
 from .errors import LedgerUnavailable
 from .notify import CHANNEL, Listener
 from .recovery import Recovery
@@ -78,25 +77,6 @@ def _unavailable(url: str, exc: BaseException) -> LedgerUnavailable:
     # asyncpg's messages name host and port, never the password; the URL is shown redacted.
     return LedgerUnavailable(f"cannot use the PostgreSQL ledger WHISPER_DB_URL={shown_url(url)}: "
                              f"{exc.__class__.__name__}: {exc}")
-
-
-def _run_sync(make: Callable[[], Awaitable[Any]]) -> Any:
-    """Run a coroutine to completion from synchronous start-up code (on a thread of its own,
-    so that it works both before any event loop exists and inside a running one)."""
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = asyncio.run(make())
-        except BaseException as exc:  # handed to the caller's thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="whisperd-ledger-sync")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
 
 
 async def _connect(url: str) -> asyncpg.Connection:
@@ -166,7 +146,7 @@ def _run_transaction(url: str, work: Work | None, migrated: bool = False) -> Any
             await conn.close()
 
     try:
-        return _run_sync(run)
+        return run_sync(run)
     except Exception as exc:
         if database_away(exc) or isinstance(exc, asyncpg.PostgresError):
             raise _unavailable(url, exc) from None
