@@ -22,6 +22,7 @@ from .identity.auth import load_validator
 from .config import Config
 from .engines.shared import serve_host, socket_path
 from .jobfiles import JobFiles, is_job_id
+from .store import StoreRefused, open_files
 from .service import Service
 from .settle import settle
 from .supervisor import run_workers
@@ -49,7 +50,11 @@ def setup_logging(level: str) -> None:
 
 def check_environment(config: Config) -> None:
     """Warn about what will hurt later; raise StartupError for what cannot work at all."""
-    files = JobFiles.of(config)
+    files = open_files(config)
+    try:
+        files.check()  # the object store's bucket and credentials (store/s3.py); nothing on local disks
+    except StoreRefused as exc:
+        raise StartupError(str(exc)) from None
     try:
         files.ensure_roots()
         for root in (files.tmp_root, files.output_root):
@@ -147,7 +152,7 @@ def recover(config: Config, count_ends: bool = True) -> ledger_module.Recovery:
             metrics.setup(config.metrics_dir)
         except OSError as exc:
             raise StartupError(f"cannot prepare WHISPER_METRICS_DIR={config.metrics_dir}: {exc.strerror}") from None
-    files = JobFiles.of(config)
+    files = open_files(config)
     settle(report, files.remove_all)  # the previous run's engines stopped, ended jobs' files gone, ends counted
     if report.requeued:
         log.warning("requeued %d job(s) left Processing by the previous run", len(report.requeued))
@@ -185,6 +190,7 @@ def sweep_job_dirs(config: Config, files: JobFiles, report: ledger_module.Recove
         log.error("WHISPER_ACCEPT_LEDGER_RESET=true: starting beside %d job directories the ledger does not know",
                   len(unknown_jobs))
     removed, quarantine = files.sweep(report.live_jobs, known, min_age)
+    removed += files.sweep_store(report.live_jobs, min_age)  # the object store's (store/s3.py); local: none
     if removed:
         log.info("removed %d file(s) or directories of jobs that ended", len(removed))
     if quarantine is not None:
@@ -299,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     def died(pid: int) -> None:
         report = ledger_module.release_worker(config, f"{host}:{pid}", f"{host}:{os.getpid()}")
         metrics.process_died(pid)
-        settle(report, JobFiles.of(config).remove_all)
+        settle(report, open_files(config).remove_all)
 
     log.info("starting %d worker processes%s", workers, " and the engine host" if shared else "")
     return run_workers(workers, child, died, engine_host if shared else None)
