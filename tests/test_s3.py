@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from conftest import make_wav, wait_until
-from seaweed import BUCKET, SECRET_KEY, SeaweedServer, prefix_of
+from seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedServer, prefix_of
 
 
 def s3_server(make_server, store: SeaweedServer, **env):
@@ -37,6 +37,8 @@ def test_a_job_lives_in_the_store_and_is_gone_after_delivery(make_server, seawee
     assert server.files_gone(), server.job_files()  # objects deleted after delivery
     assert seaweed.keys(prefix) == []
     assert server.api("GET", f"/transcription/{job_id}/result").status_code == 410
+    log = server.log()  # RUST_LOG=debug: boto3's own debug lines (request headers) stay out
+    assert ACCESS_KEY not in log and SECRET_KEY not in log and "Signature" not in log
 
 
 def test_sync_mode_and_the_openai_route_read_from_the_store(make_server, seaweed):

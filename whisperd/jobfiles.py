@@ -145,6 +145,9 @@ class JobFiles:
     def sweep_store(self, live_jobs: set[str], min_age_seconds: float) -> list[str]:
         return []  # sweep() covers the directories
 
+    def cluster_marks(self):
+        return None  # nodes.check_cluster_identity marks the two directories themselves
+
     async def close(self) -> None:
         return None
 

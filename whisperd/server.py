@@ -46,6 +46,9 @@ def setup_logging(level: str) -> None:
     # Tornado's own access log would print full URIs; ours (app.log_request) prints paths only.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     logging.getLogger("aiosqlite").setLevel(logging.INFO)  # one debug line per SQL call drowns the rest
+    # boto3's debug lines carry request headers (the access key id, signatures): never in our log.
+    for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def check_environment(config: Config) -> None:
@@ -97,7 +100,8 @@ def check_node_paths(config: Config) -> None:
         _held_runtime_dirs.extend(nodes.hold_runtime_dirs(config))
         ledger_module.prepare_schema(config)  # the identity's table (migration 0013)
         identity = nodes.check_cluster_identity(
-            config, nodes.ledger_identity(config, f"{socket.gethostname()}:{os.getpid()}"))
+            config, nodes.ledger_identity(config, f"{socket.gethostname()}:{os.getpid()}"),
+            open_files(config).cluster_marks())  # the object store's mark, or (None) the directories
     except nodes.NodeRefused as exc:
         raise StartupError(str(exc)) from None
     except ledger_module.LedgerUnavailable as exc:
@@ -208,8 +212,11 @@ def prepare_node(config: Config, count_ends: bool = True) -> ledger_module.Recov
     if config.WHISPER_DB_URL:
         check_node_paths(config)
         others = nodes.mark_shared_storage(config)
-        log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
-                 (": " + ", ".join(others)) if others else "")
+        if config.WHISPER_STORAGE_URL:  # the directories are this node's scratch; the store is shared
+            log.info("job files in %s; this node's scratch under %s", config.WHISPER_STORAGE_URL, config.WHISPER_TMP_FILES)
+        else:
+            log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
+                     (": " + ", ".join(others)) if others else "")
     report = recover(config, count_ends)
     check_tokens(config, report.live_tokens)
     return report

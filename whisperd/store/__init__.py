@@ -54,6 +54,8 @@ class JobStore(Protocol):
         """At start: StoreRefused when the store cannot be used at all."""
     def sweep_store(self, live_jobs: set[str], min_age_seconds: float) -> list[str]:
         """At start: the stored files of no live job, older than min_age_seconds, removed."""
+    def cluster_marks(self):
+        """Where a cluster's identity is marked (nodes.check_cluster_identity); None: the two directories."""
     async def close(self) -> None: ...
 
 

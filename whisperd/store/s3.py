@@ -297,6 +297,25 @@ class S3JobFiles(JobFiles):
             log.error("the start-up sweep of the object store stopped: %s", _store_error(exc, "sweep"))
         return removed
 
+    def cluster_marks(self):
+        """The cluster's mark is an object beside the jobs: the store is what the nodes share."""
+        key = f"{self.base}{CLUSTER_MARK}"
+
+        def read() -> str | None:
+            bex = _client_errors()
+            try:
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            except bex.ClientError as exc:
+                if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None
+                raise _store_error(exc, "read the cluster's mark") from None
+            return body.decode("utf-8", "replace").strip() or None
+
+        def write(identity: str) -> None:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=(identity + "\n").encode(), **self.extra)
+
+        return {"WHISPER_STORAGE_URL": (f"s3://{self.bucket}/{self.base}", f"s3://{self.bucket}/{key}", read, write)}
+
     def leftovers(self, live_jobs: set[str], min_age_seconds: float = 0.0) -> list[Path]:
         return []  # the scratch holds copies only: nothing there is the ledger's business
 
