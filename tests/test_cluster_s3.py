@@ -5,6 +5,8 @@ left in the store once the results are delivered."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -148,3 +150,27 @@ def test_the_store_restarted_under_load_loses_nothing(s3_cluster):
     assert one.proc.poll() is None and two.proc.poll() is None
     nothing_left(s3_cluster, [one, two], timeout=30)
     assert not set(ran([one, two])) - set(ids)  # nothing ran that was not accepted
+
+
+def test_a_claimed_job_whose_audio_cannot_be_fetched_goes_back_uncounted(s3_cluster):
+    front = s3_cluster("front", "api")
+    worker = s3_cluster("fetcher", "worker", WHISPER_LEASE_SECONDS="20")
+    os.killpg(worker.proc.pid, signal.SIGSTOP)  # it claims nothing until the store is gone
+    try:
+        job_id = front.submit_ok(diarize="false")  # published while the store is up
+        s3_cluster.store.stop()
+    finally:
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+    # The worker, healthy as far as it knows, claims the job; the fetch fails: back to the queue.
+    wait_until(lambda: "requeued" in events_of(front, job_id), 30, "the job to go back to the queue")
+    (row,) = front.rows("SELECT status, attempts FROM jobs")
+    assert row["status"] == "Queued" and row["attempts"] == 0, dict(row)  # no attempt burnt
+    health = worker.api("GET", "/health")
+    assert health.status_code == 503 and "object store" in health.json()["checks"]["storage"]
+    assert "the job storage failed" in worker.log() and "object store" in worker.log()
+    assert worker.engine_runs() == []
+    s3_cluster.store.start()
+    assert front.wait_status(job_id, timeout=60)["status"] == "Completed"
+    assert events_of(front, job_id).count("completed") == 1
+    assert front.api("GET", f"/transcription/{job_id}/result").status_code == 200
+    nothing_left(s3_cluster, [front, worker])

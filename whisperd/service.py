@@ -141,12 +141,12 @@ class Service:
         job runs and the waiters are woken, and before the node and the ledger go."""
         runs_jobs = self.config.runs_jobs  # WHISPER_NODE_ROLE=api: answers, runs nothing
         return [
-            Part("ledger", self.ledger.open, self.ledger.close),
+            Part("ledger", self.ledger.open, self._close_ledger),
             Part("node", self.keeper.start, self.keeper.stop),  # registered before anything is claimed
             Part("requests", None, self._stop_requests),
             Part("webhooks", self._resume_webhooks, self.webhooks.stop),
             Part("waiters", None, self._wake_all_waiters),
-            Part("storage", None, self._close_storage),
+            Part("storage", None, self.storage.close),
             *([Part("engine", self._start_engine, self.engine.close),
                # open live sessions get their completed transcripts before the engine goes (docs/realtime.md)
                Part("live", None, lambda: realtime_registry.drain(self, max(self._grace_seconds, 5.0)))]
@@ -172,9 +172,10 @@ class Service:
         while self._started:
             await _call(self._started.pop().stop)
 
-    async def _close_storage(self) -> None:
-        await self.storage.close()
-        await self.files.close()  # the store's deletions under way end before the ledger closes
+    async def _close_ledger(self) -> None:
+        # Last of all: the deliveries of the requests answered just before still delete objects.
+        await self.files.close()  # the store's deletions under way end first
+        await self.ledger.close()
 
     def _start_engine(self) -> None:
         # In the background, not awaited: a warm engine imports and loads its model while we

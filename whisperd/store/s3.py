@@ -77,6 +77,7 @@ class S3JobFiles(JobFiles):
         self._client_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3")
         self._pending: set[asyncio.Future] = set()
+        self._closed = False
 
     @classmethod
     def of(cls, config) -> "S3JobFiles":
@@ -216,7 +217,7 @@ class S3JobFiles(JobFiles):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None:  # start-up (settle, before any loop): wait for it
+        if loop is None or self._closed:  # start-up (settle, before any loop), or after close(): wait for it
             self._delete_job(job_id)
             return
         future = loop.run_in_executor(self._pool, self._delete_job, job_id)
@@ -337,6 +338,7 @@ class S3JobFiles(JobFiles):
         return removed, None
 
     async def close(self) -> None:
+        self._closed = True
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
         self._pool.shutdown(wait=False)
