@@ -21,6 +21,10 @@ SLOW_FILES = {"test_web.py", "test_web_live.py"}  # a real browser
 # cluster's). WHISPERD_TEST_BACKENDS=sqlite (or postgresql) runs one of the two only.
 BOTH_BACKENDS = {"test_api", "test_security", "test_durability", "test_tenants", "test_tus", "test_voices"}
 BACKENDS = [name for name in os.environ.get("WHISPERD_TEST_BACKENDS", "sqlite,postgresql").split(",") if name]
+# WHISPERD_TEST_STORAGE=s3: every server make_server starts keeps its job files in a SeaweedFS
+# started for the run (tests/seaweed.py), under a prefix of its own; Server.job_files() then
+# lists its objects too. Unset (or "local"): the local directories, the default backend.
+STORAGE = os.environ.get("WHISPERD_TEST_STORAGE", "local")
 
 
 def pytest_configure(config):
@@ -54,6 +58,24 @@ def postgres():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def seaweed():
+    """One SeaweedFS S3 server for the whole run (each server gets a prefix of its own)."""
+    from seaweed import SeaweedServer
+
+    store = SeaweedServer().start()
+    yield store
+    store.destroy()
+
+
+@pytest.fixture
+def storage_env(request):
+    """The S3 settings a new server gets under WHISPERD_TEST_STORAGE=s3 (a new prefix per call); {} otherwise."""
+    if STORAGE != "s3":
+        return lambda: {}
+    return request.getfixturevalue("seaweed").storage_env
+
+
 @pytest.fixture
 def backend(request) -> str:
     return getattr(request, "param", "sqlite")
@@ -68,10 +90,12 @@ def new_ledger_url(backend, request):
 
 
 @pytest.fixture
-def make_server(tmp_path, new_ledger_url):
+def make_server(tmp_path, new_ledger_url, storage_env):
     servers: list[Server] = []
 
     def factory(start: bool = True, **env) -> Server:
+        if "WHISPER_STORAGE_URL" not in env:
+            env = {**storage_env(), **env}
         server = Server(tmp_path / f"srv{len(servers)}", {k: str(v) for k, v in env.items()},
                         db_url=None if "WHISPER_DB_URL" in env else new_ledger_url())
         server.root.mkdir(parents=True, exist_ok=True)

@@ -238,9 +238,10 @@ class Server:
         with self.db() as conn:
             return conn.execute(sql, params).fetchall()
 
-    def job_files(self) -> list[str]:
+    def job_files(self, stored: bool = True) -> list[str]:
         """Everything on disk under the upload and output roots (the empty staging dir, resumable
-        uploads and the quarantine of start-up's unknown directories aside)."""
+        uploads and the quarantine of start-up's unknown directories aside), and the job objects
+        on the S3 backend unless stored=False."""
         for _ in range(20):  # a directory the server removes while we walk it: look again
             try:
                 found = []
@@ -248,10 +249,29 @@ class Server:
                     if root.exists():
                         found += [str(p) for p in root.rglob("*") if p.name not in (".incoming", ".uploads")
                                   and _job_file(p.relative_to(root).parts)]
-                return found
+                return found + (self.stored_objects() if stored else [])
             except FileNotFoundError:
                 time.sleep(0.01)
         raise AssertionError("the job directories kept changing while being listed")
+
+    def stored_objects(self) -> list[str]:
+        """On the S3 backend (WHISPER_STORAGE_URL): the job objects under this server's prefix, as
+        s3:// names (the job files that matter there; the directories are scratch); [] otherwise."""
+        url = self.env.get("WHISPER_STORAGE_URL")
+        if not url:
+            return []
+        import boto3
+        from botocore.config import Config
+        bucket, _, prefix = url[len("s3://"):].partition("/")
+        jobs = f"{prefix.strip('/')}/jobs/" if prefix.strip("/") else "jobs/"
+        client = boto3.session.Session(aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                                       aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"]).client(
+            "s3", endpoint_url=self.env["WHISPER_S3_ENDPOINT"], region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
+        found = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=jobs):
+            found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
+        return found
 
     def files_gone(self, timeout: float = 10.0) -> bool:
         """Wait until no job file is left (a delivery is recorded, and its files removed, just

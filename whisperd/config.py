@@ -166,6 +166,13 @@ def _db_url(value: Any) -> str | None:
     return text
 
 
+def _storage_url(value: Any) -> str:
+    text = _text(value).strip()
+    if text and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?", text):
+        raise ValueError("expected s3://bucket or s3://bucket/prefix (or empty for the local directories)")
+    return text
+
+
 def _node_name(value: Any) -> str:
     text = _text(value).strip()
     if text and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,99}", text):
@@ -419,6 +426,19 @@ SETTINGS: tuple[Setting, ...] = (
             "all; api (answers, runs no job); worker (runs jobs, answers /health and /metrics only)"),
     Setting("WHISPER_LEASE_SECONDS", 30.0, _float(1),
             "a running job's lease, renewed while it runs; an expired one is taken back by any node"),
+    # Shared-nothing cluster (issue 29, docs/cluster.md): job files in S3-compatible object storage.
+    Setting("WHISPER_STORAGE_URL", "", _storage_url,
+            "s3://bucket/prefix keeps every job file in S3-compatible object storage, WHISPER_TMP_FILES and "
+            "WHISPER_OUTPUT_DIR becoming this node's scratch (empty: the job files live in those directories); "
+            "credentials come from the usual AWS environment variables or files"),
+    Setting("WHISPER_S3_ENDPOINT", "", _text,
+            "the S3 endpoint URL for a server that is not AWS (e.g. http://127.0.0.1:8333); empty: AWS"),
+    Setting("WHISPER_S3_REGION", "", _text,
+            "the bucket's region (empty: the AWS configuration's, else us-east-1)"),
+    Setting("WHISPER_S3_ADDRESSING", "auto", _choice("auto", "path", "virtual"),
+            "bucket addressing: path (endpoint/bucket/key: most self-hosted servers), virtual (bucket.endpoint) or auto"),
+    Setting("WHISPER_S3_SSE", "", _choice("", "AES256", "aws:kms"),
+            "server-side encryption asked for on every object written (empty: the bucket's default)"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}

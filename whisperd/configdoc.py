@@ -49,6 +49,10 @@ FOREIGN_ENVIRONMENT = (
     ("PATH, HOME, USER, LOGNAME, LANG, LC_ALL, LC_CTYPE, TZ, TMPDIR, XDG_DATA_HOME, XDG_CACHE_HOME, "
      "CUDA_VISIBLE_DEVICES, LD_LIBRARY_PATH, OMP_NUM_THREADS, WHISPERX_VENV, WHISPERX_*",
      "passed to the engine unchanged (nothing else of the server's environment is)"),
+    ("AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_CONFIG_FILE, "
+     "AWS_SHARED_CREDENTIALS_FILE, AWS_*",
+     "read by boto3 for `WHISPER_STORAGE_URL`'s credentials (or its files, or an instance role); never passed "
+     "to the engine, never logged"),
     ("PROMETHEUS_MULTIPROC_DIR", "set by the server to `WHISPER_METRICS_DIR` for prometheus-client; not read"),
     ("WHISPERD_WORKER_JOBS, WHISPERD_WORKER_MAX_MODELS, WHISPERD_WORKER_IDLE_SECONDS, WHISPERD_WORKER_LIVE",
      "set by the server for its warm engine worker, from the settings above"),

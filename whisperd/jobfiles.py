@@ -1,4 +1,4 @@
-"""Where a job's files live on disk, and their removal: one directory per job, nothing shared."""
+"""The local backend of the job files (store/): one directory per job on disk, and their removal."""
 
 from __future__ import annotations
 
@@ -117,6 +117,39 @@ class JobFiles:
         if self.node:  # whose upload this is, until its row is committed (see sweep)
             (staged / NODE_FILE).write_text(self.node, encoding="utf-8")
         os.rename(staged, self.upload_dir(job_id))
+
+    # -- the store interface (store/__init__.py): on local directories these steps are (almost) free
+
+    async def publish_upload(self, job_id: str, hf_token: str | None) -> None:
+        self.commit_upload(job_id, hf_token)
+
+    async def fetch_inputs(self, job_id: str) -> Path | None:
+        return self.audio_path(job_id)
+
+    async def save_output(self, job_id: str) -> None:
+        return None  # the engine wrote the result where it is kept
+
+    async def read_result(self, job_id: str) -> dict:
+        from .results import load_engine_result
+        return load_engine_result(self.output_dir(job_id))
+
+    def drop_scratch(self, job_id: str) -> None:
+        return None  # the job directories are the files themselves, not copies
+
+    def probe(self) -> OSError | None:
+        return None  # storage.StorageWatch probes the directories themselves
+
+    def check(self) -> None:
+        return None
+
+    def sweep_store(self, live_jobs: set[str], min_age_seconds: float) -> list[str]:
+        return []  # sweep() covers the directories
+
+    def cluster_marks(self):
+        return None  # nodes.check_cluster_identity marks the two directories themselves
+
+    async def close(self) -> None:
+        return None
 
     # speakers: a job's diarization options, beside its audio until the job's files go
 

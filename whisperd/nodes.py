@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -51,30 +52,37 @@ class NodeRefused(Exception):
     """This node must not start; the message is the one line the operator sees."""
 
 
-def check_cluster_identity(config: Config, identity_of: Callable[[str], tuple[str, bool]]) -> str:
+def check_cluster_identity(config: Config, identity_of: Callable[[str], tuple[str, bool]],
+                           places: dict[str, tuple[str, str, Callable[[], str | None], Callable[[str], None]]] | None = None) -> str:
     """Refuse a node whose WHISPER_TMP_FILES or WHISPER_OUTPUT_DIR is not the cluster's.
 
     The ledger holds the cluster's identity (`identity_of(proposed)` makes it the first time).
     The node that makes it marks both directories; every later node must find that mark in
     both, or it looks at another directory than the cluster does (a local disk, a mount that
     failed): its jobs would fail "the uploaded audio is missing" and its results answer 410.
+    places: {setting: (its value, where its mark is, read, write)} where the job files are shared
+    (the object store's, store/s3.py); by default the two directories.
     """
-    roots = {"WHISPER_TMP_FILES": Path(config.WHISPER_TMP_FILES).resolve(),
-             "WHISPER_OUTPUT_DIR": Path(config.WHISPER_OUTPUT_DIR).resolve()}
+    if places is None:
+        places = {}
+        for setting in ("WHISPER_TMP_FILES", "WHISPER_OUTPUT_DIR"):
+            path = Path(getattr(config, setting)).resolve()
+            places[setting] = (str(path), str(path / CLUSTER_MARK), functools.partial(read_cluster_mark, path),
+                               functools.partial(write_cluster_mark, path))
     identity, made = identity_of(str(uuid.uuid4()))
-    for name, root in roots.items():
-        mark = read_cluster_mark(root)
+    for name, (root, where, read, write) in places.items():
+        mark = read()
         if mark == identity:
             continue
         if mark is None and made:
-            write_cluster_mark(root, identity)
+            write(identity)
             log.info("marked %s=%s as the job directory of cluster %s", name, root, identity)
             continue
         if mark is None:
             raise NodeRefused(
                 f"{name}={root} is not this cluster's shared directory (it has no {CLUSTER_MARK} mark, and the "
                 f"cluster's directories carry {identity}): mount the shared directory there, or, if this empty "
-                f"directory is to become the cluster's, write {identity} into {root / CLUSTER_MARK}")
+                f"directory is to become the cluster's, write {identity} into {where}")
         raise NodeRefused(
             f"{name}={root} belongs to another cluster (its {CLUSTER_MARK} says {mark}, this ledger's cluster is "
             f"{identity}): point the node at this cluster's shared directory, or at the ledger that directory "

@@ -141,6 +141,7 @@ class JobRunner:
             except OutcomeAbandoned as abandoned:
                 log.error("%s; the next start takes the job back", abandoned)
         finally:
+            self.files.drop_scratch(job.id)  # a store's local copies (store/): gone whatever happened
             self.notify(job.id)
 
     async def _stop_engine(self, running: RunningJob, because: str) -> None:
@@ -194,7 +195,8 @@ class JobRunner:
         job = running.job
         metrics.job_started(job.created_at, job.started_at)
         running.t_start = time.monotonic()
-        audio = self.files.audio_path(job.id) or await self._take_in_legacy(job)
+        # From the store to this node's scratch (an OSError here: the store's outage, requeued uncounted).
+        audio = await self.files.fetch_inputs(job.id) or await self._take_in_legacy(job)
         if audio is None:
             return
         token = self.files.read_token(job.id)
@@ -355,6 +357,9 @@ class JobRunner:
             if result.detected_language and engine_result.get("language") != language:
                 engine_result["language"] = language  # keep the canonical copy truthful
                 write_engine_result(opts.output_dir, engine_result)
+            # Durable in the store before the ledger says Completed; an OSError here sends the
+            # job back uncounted (run()), never Completed, never lost.
+            await self.files.save_output(job.id)
             if await self._outcome(job, "completion", lambda: self.ledger.complete(job.id, language, job.lease)):
                 metrics.audio_processed(job.audio_seconds)
                 running.ended("Completed")

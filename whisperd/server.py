@@ -22,6 +22,7 @@ from .identity.auth import load_validator
 from .config import Config
 from .engines.shared import serve_host, socket_path
 from .jobfiles import JobFiles, is_job_id
+from .store import StoreRefused, open_files
 from .service import Service
 from .settle import settle
 from .supervisor import run_workers
@@ -45,11 +46,18 @@ def setup_logging(level: str) -> None:
     # Tornado's own access log would print full URIs; ours (app.log_request) prints paths only.
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
     logging.getLogger("aiosqlite").setLevel(logging.INFO)  # one debug line per SQL call drowns the rest
+    # boto3's debug lines carry request headers (the access key id, signatures): never in our log.
+    for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def check_environment(config: Config) -> None:
     """Warn about what will hurt later; raise StartupError for what cannot work at all."""
-    files = JobFiles.of(config)
+    files = open_files(config)
+    try:
+        files.check()  # the object store's bucket and credentials (store/s3.py); nothing on local disks
+    except StoreRefused as exc:
+        raise StartupError(str(exc)) from None
     try:
         files.ensure_roots()
         for root in (files.tmp_root, files.output_root):
@@ -92,7 +100,8 @@ def check_node_paths(config: Config) -> None:
         _held_runtime_dirs.extend(nodes.hold_runtime_dirs(config))
         ledger_module.prepare_schema(config)  # the identity's table (migration 0013)
         identity = nodes.check_cluster_identity(
-            config, nodes.ledger_identity(config, f"{socket.gethostname()}:{os.getpid()}"))
+            config, nodes.ledger_identity(config, f"{socket.gethostname()}:{os.getpid()}"),
+            open_files(config).cluster_marks())  # the object store's mark, or (None) the directories
     except nodes.NodeRefused as exc:
         raise StartupError(str(exc)) from None
     except ledger_module.LedgerUnavailable as exc:
@@ -147,7 +156,7 @@ def recover(config: Config, count_ends: bool = True) -> ledger_module.Recovery:
             metrics.setup(config.metrics_dir)
         except OSError as exc:
             raise StartupError(f"cannot prepare WHISPER_METRICS_DIR={config.metrics_dir}: {exc.strerror}") from None
-    files = JobFiles.of(config)
+    files = open_files(config)
     settle(report, files.remove_all)  # the previous run's engines stopped, ended jobs' files gone, ends counted
     if report.requeued:
         log.warning("requeued %d job(s) left Processing by the previous run", len(report.requeued))
@@ -185,6 +194,7 @@ def sweep_job_dirs(config: Config, files: JobFiles, report: ledger_module.Recove
         log.error("WHISPER_ACCEPT_LEDGER_RESET=true: starting beside %d job directories the ledger does not know",
                   len(unknown_jobs))
     removed, quarantine = files.sweep(report.live_jobs, known, min_age)
+    removed += files.sweep_store(report.live_jobs, min_age)  # the object store's (store/s3.py); local: none
     if removed:
         log.info("removed %d file(s) or directories of jobs that ended", len(removed))
     if quarantine is not None:
@@ -202,8 +212,11 @@ def prepare_node(config: Config, count_ends: bool = True) -> ledger_module.Recov
     if config.WHISPER_DB_URL:
         check_node_paths(config)
         others = nodes.mark_shared_storage(config)
-        log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
-                 (": " + ", ".join(others)) if others else "")
+        if config.WHISPER_STORAGE_URL:  # the directories are this node's scratch; the store is shared
+            log.info("job files in %s; this node's scratch under %s", config.WHISPER_STORAGE_URL, config.WHISPER_TMP_FILES)
+        else:
+            log.info("job files under %s are shared with %d other node(s)%s", config.WHISPER_TMP_FILES, len(others),
+                     (": " + ", ".join(others)) if others else "")
     report = recover(config, count_ends)
     check_tokens(config, report.live_tokens)
     return report
@@ -299,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     def died(pid: int) -> None:
         report = ledger_module.release_worker(config, f"{host}:{pid}", f"{host}:{os.getpid()}")
         metrics.process_died(pid)
-        settle(report, JobFiles.of(config).remove_all)
+        settle(report, open_files(config).remove_all)
 
     log.info("starting %d worker processes%s", workers, " and the engine host" if shared else "")
     return run_workers(workers, child, died, engine_host if shared else None)

@@ -29,7 +29,7 @@ from .realtime import registry as realtime_registry
 from .errors import Kind, ServiceError
 from .faults import crash_point, fail_point
 from .fetch import MediaFetcher
-from .jobfiles import JobFiles, is_job_id
+from .jobfiles import is_job_id
 from .clock import utc_now
 from .jobs import Job, NewJob, Quota, TokenRecord
 from .identity.limits import Limits, check_usage
@@ -37,12 +37,13 @@ from .ledger import Ledger, LedgerError, QuotaExceeded, Recovery, UploadUnusable
 from .outcomes import OutcomeRecorder
 from .resumable import ResumableUploads
 from .nodes import NodeKeeper
-from .results import EngineOutputError, build_response, load_engine_result
+from .results import EngineOutputError, build_response
 from .retention import Retention, expire_uploads
 from .runner import JobRunner
 from .scheduler import Scheduler
 from .settle import settle
 from .storage import StorageWatch
+from .store import open_files
 from .identity.guard import FailureGuard
 from .tasks import spawn
 from .identity.tokens import LedgerTokens, prefix_of
@@ -97,7 +98,7 @@ class Service:
         self.offline = offline
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.ledger = open_ledger(config, self.actor)
-        self.files = JobFiles.of(config)
+        self.files = open_files(config)  # local directories or S3 (store/): nothing here knows which
         self.auth = authenticator or make_authenticator(config, self.ledger)
         self.uploads_in_flight = 0  # this process's uploads still streaming (take_upload_slot)
         self.uploads_by_address: dict[str, int] = {}  # a share of the slots per client address
@@ -107,7 +108,8 @@ class Service:
         self.outcomes = OutcomeRecorder()
         # Read-only or full job storage: claim nothing, refuse uploads, until a probe write works.
         self.storage = StorageWatch([self.files.tmp_root, self.files.output_root],
-                                    f"{config.node_name}-{os.getpid()}", lambda: self.scheduler.wake())
+                                    f"{config.node_name}-{os.getpid()}", lambda: self.scheduler.wake(),
+                                    self.files.probe)
         self.runner = JobRunner(config, self.ledger, self.files, offline, self.notify, self.delete_job_files,
                                 worker_threads(config), self.engine, self.outcomes, self.storage)
         self.keeper = NodeKeeper(config, self.ledger, lambda: self.scheduler.running, lambda: self.scheduler.wake(),
@@ -139,7 +141,7 @@ class Service:
         job runs and the waiters are woken, and before the node and the ledger go."""
         runs_jobs = self.config.runs_jobs  # WHISPER_NODE_ROLE=api: answers, runs nothing
         return [
-            Part("ledger", self.ledger.open, self.ledger.close),
+            Part("ledger", self.ledger.open, self._close_ledger),
             Part("node", self.keeper.start, self.keeper.stop),  # registered before anything is claimed
             Part("requests", None, self._stop_requests),
             Part("webhooks", self._resume_webhooks, self.webhooks.stop),
@@ -169,6 +171,11 @@ class Service:
         self._grace_seconds, self._requests_grace, self._close_http = grace_seconds, requests_grace, close_http
         while self._started:
             await _call(self._started.pop().stop)
+
+    async def _close_ledger(self) -> None:
+        # Last of all: the deliveries of the requests answered just before still delete objects.
+        await self.files.close()  # the store's deletions under way end first
+        await self.ledger.close()
 
     def _start_engine(self) -> None:
         # In the background, not awaited: a warm engine imports and loads its model while we
@@ -398,7 +405,7 @@ class Service:
         upload_id: the tus upload this job is made of, used up in the row's own transaction
         (UploadUnusable when another submission took it first); its bytes go after the commit."""
         try:
-            self.files.commit_upload(new_job.id, hf_token if new_job.diarize else None)
+            await self.files.publish_upload(new_job.id, hf_token if new_job.diarize else None)
         except OSError as exc:
             refusal = self.storage_refusal(exc)
             if refusal is None:
@@ -587,7 +594,7 @@ class Service:
         if job.expired_at:
             raise ServiceError(Kind.GONE, f"job {job.id} expired at {job.expired_at} (retention period over); its files are deleted")
         try:
-            return load_engine_result(self.files.output_dir(job.id))
+            return await self.files.read_result(job.id)
         except EngineOutputError:
             raise ServiceError(Kind.GONE, f"the result files of job {job.id} are gone") from None
 

@@ -40,10 +40,12 @@ def _kind(exc: OSError) -> str:
 
 
 class StorageWatch:
-    def __init__(self, roots: list[Path], name: str, on_recovered: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, roots: list[Path], name: str, on_recovered: Callable[[], None] = lambda: None,
+                 probe_store: Callable[[], OSError | None] = lambda: None) -> None:
         self.roots = list(dict.fromkeys(roots))
         self.name = name  # node and pid: several processes, several nodes may probe one directory
         self.on_recovered = on_recovered
+        self.probe_store = probe_store  # the object store's own probe write (store/s3.py); None: fine
         self.kind: str | None = None  # None: healthy
         self.reason: str | None = None
         self.since = 0.0
@@ -109,7 +111,7 @@ class StorageWatch:
                 except OSError:
                     pass
                 return exc
-        return None
+        return self.probe_store()
 
     async def _probe_until_writable(self) -> None:
         loop = asyncio.get_running_loop()
