@@ -150,6 +150,50 @@ long job's time (the engine's own stage times) and the share of speech time attr
 right voice. Its last run (docs/diarization.md):"""
 
 
+REALTIME = Path(__file__).resolve().parent / "results" / "realtime.json"
+REALTIME_INTRO = """\
+## Live transcription (issue 26)
+
+`.venv/bin/python bench/realtime.py --out bench/results/realtime.json` (not part of `run.sh`: it
+streams minutes of speech at real-time pace through the real engine) streams espeak-ng sentences
+1.2 s apart over `/v1/realtime` with tiny.en and server VAD (OpenAI's defaults: threshold 0.5,
+silence_duration_ms 500), as one session, four at once, and one beside a batch job of the same
+speech x3. "clip end" is the end of each sentence's espeak-ng clip, which ends with ~0.35 s of
+quiet; "voice end" is the clip's last audible sample (the stricter count); the 500 ms of silence
+the VAD waits for is inside both; "speech_stopped" counts from the server's own event. The final
+pass of a turn starts when its speech goes quiet and `completed` reuses it when the quiet lasts
+(docs/realtime.md). Its last run:"""
+
+
+def _realtime_section() -> list[str]:
+    run = json.loads(REALTIME.read_text())
+    m = run["machine"]
+    out = ["", REALTIME_INTRO, "",
+           f"{m['cores']} cores, {m['cpu']}; load average {m['load_avg_1m_at_start']:.1f} at the start, "
+           f"{run.get('load_avg_1m_at_end', float('nan')):.1f} at the end (shared with other work); "
+           f"{run['speech_seconds']} s of speech, {run['utterances']} sentences; final beam {run['final_beam']}; "
+           f"batch transcript of the same file: WER {run['batch']['wer']}.", "",
+           "| scenario | sessions | clip end → completed p50 / p95 (s) | voice end → completed p50 / p95 (s) "
+           "| speech_stopped → completed p50 / p95 (s) | first delta (s) | lag max (s) | live WER | partials shed "
+           "| final passes speculated / used |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in run["scenarios"]:
+        end, stop = row["completed_after_speech_end_s"] or {}, row["completed_after_speech_stopped_s"] or {}
+        voice = row.get("completed_after_voice_end_s") or {}
+        out.append(" | ".join([
+            f"| {row['scenario']}", str(row["sessions"]), f"{end.get('p50')} / {end.get('p95')}",
+            f"{voice.get('p50', '-')} / {voice.get('p95', '-')}",
+            f"{stop.get('p50')} / {stop.get('p95')}", str(row["first_delta_s"]),
+            ", ".join(f"{lag['max']:g}" for lag in row["lag_s"]), ", ".join(str(w) for w in row["wer"]),
+            ", ".join(str(n) for n in row["partial_passes_skipped"]),
+            ", ".join(f"{a} / {b}" for a, b in (x or (None, None) for x in row.get("final_passes_speculated_used", [])))
+            or "-"]) + " |")
+    goals = run["goals"]
+    out += ["", "Goals: " + "; ".join(f"{name.replace('_', ' ')}: {'met' if met else '**missed**'}"
+                                      for name, met in goals.items()) + "."]
+    return out
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
@@ -188,6 +232,8 @@ def render(report: dict) -> str:
     out += _speed_section()
     if DIARIZATION.exists():  # a run of its own (minutes of real engine time), kept as it printed
         out += ["", DIARIZATION_INTRO, "", "```", DIARIZATION.read_text(encoding="utf-8").rstrip(), "```"]
+    if REALTIME.exists():  # a run of its own (minutes of speech at real-time pace)
+        out += _realtime_section()
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -104,3 +104,35 @@ def test_word_timestamps_from_the_warm_engine_on_real_speech(warm_server):
     assert 0.0 <= starts[0] < 1.5 and 9.0 < timed[-1][2] < 11.5  # jfk.flac speaks from ~0.3 s to ~10.5 s
     (run,) = warm_server.rows("SELECT temperature FROM jobs")
     assert run["temperature"] == 0.0
+
+
+def test_stream_true_sends_each_chunks_text_while_the_warm_engine_decodes_the_rest(warm_server, tmp_path):
+    """A ~45 s espeak talk is two chunks for WhisperX (at most 30 s each): the first chunk's text
+    must arrive while the second is still being decoded, well before the done event."""
+    import subprocess
+    import time
+
+    from speech import conversation, varied_sentences
+
+    sentences = varied_sentences(8, seed=26)
+    talk = tmp_path / "talk.wav"
+    truth = conversation(talk, [("en-us", 50)], turns=len(sentences), gap=0.7, sentences=sentences)
+    assert truth[-1][1] > 40  # two chunks
+    flac = tmp_path / "talk.flac"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(talk), "-ar", "16000", "-ac", "1", str(flac)],
+                   check=True, timeout=60)
+    arrivals = []
+    with flac.open("rb") as audio:
+        for event in client(warm_server).audio.transcriptions.create(model="whisper-1", file=audio, language="en",
+                                                                      stream=True):
+            arrivals.append((time.monotonic(), event))
+    done_at, done = arrivals[-1]
+    deltas = [(at, event) for at, event in arrivals[:-1]]
+    assert done.type == "transcript.text.done" and {e.type for _, e in deltas} == {"transcript.text.delta"}
+    assert len(deltas) >= 2
+    assert done_at - deltas[0][0] > 0.3, "the first chunk's text came only with the end of the job"
+    assert "".join(e.delta for _, e in deltas) == done.text
+    said = [w for text in sentences for w in words(text)]
+    heard = set(words(done.text))
+    assert sum(w in heard for w in said) / len(said) > 0.8
+    assert done.usage.seconds == pytest.approx(truth[-1][1], abs=0.5)

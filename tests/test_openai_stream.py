@@ -28,6 +28,31 @@ def test_stream_true_gives_deltas_then_done_with_the_same_text(server):
     assert server.files_gone()  # delivered like any answer
 
 
+def test_stream_true_sends_each_segment_as_the_warm_engine_decodes_it(make_server, tmp_path):
+    # The fake worker emits its first segment, then waits for the gate before the second and the
+    # end: a delta that arrives while the gate is shut was sent while the job was still running.
+    gate = tmp_path / "gate"
+    server = make_server(WHISPER_ENGINE="worker", FAKE_WHISPERX_SEGMENT_GATE=str(gate))
+    size = server.default_audio.stat().st_size
+    events = []
+    fast = openai.OpenAI(api_key=TOKEN, base_url=server.url("/v1"), max_retries=0, timeout=20)
+    with server.default_audio.open("rb") as audio:
+        for event in fast.audio.transcriptions.create(model="whisper-1", file=audio, stream=True):
+            if not events:
+                assert event.type == "transcript.text.delta" and event.delta == f"Fake transcript of {size} bytes."
+                assert not gate.exists()
+                running = server.api("GET", "/transcription").json()["jobs"][0]
+                assert running["status"] == "Processing"  # the job has not ended
+                gate.touch()
+            events.append(event)
+    assert [e.type for e in events] == ["transcript.text.delta"] * 2 + ["transcript.text.done"]
+    assert events[1].delta == " Second segment."
+    assert "".join(e.delta for e in events[:-1]) == events[-1].text == f"Fake transcript of {size} bytes. Second segment."
+    job = [run["worker_job"] for run in server.engine_runs() if run.get("worker_job")][-1]
+    assert job["batch_size"] == 1  # one chunk a batch: each chunk's text as soon as it is decoded
+    assert server.files_gone()
+
+
 def test_stream_true_on_translations_and_refusals(make_server):
     server = make_server(start=False, WHISPER_ENGINE="worker", WHISPER_OPENAI_TRANSLATE_MODEL="base")
     add_model(server, "base", vocabulary=51865)

@@ -71,6 +71,10 @@ def test_server_vad_session_gives_deltas_then_completed_in_the_ga_shape(live_ser
             "conversation.item.input_audio_transcription.completed")
         lag = await live.wait_for("whisperd.session.lag")
         assert lag[-1]["lag_seconds"] < 5
+        # The final pass was started when the tone went quiet and `completed` used it: the next
+        # lag event (sent after completed) counts it.
+        lags = await live.wait_for("whisperd.session.lag", count=len(live.of("whisperd.session.lag")) + 1)
+        assert lags[-1]["final_passes_speculated"] >= 1 and lags[-1]["speculative_finals_used"] == 1
         live.close()
 
     run(scenario())

@@ -1,6 +1,7 @@
 """The page's Live mode in Chromium with a fake microphone fed from a speech file: getUserMedia,
 the AudioWorklet's pcm16 at 24 kHz over /v1/realtime (token in the subprotocol), captions, lag, stop.
-Against the fake warm engine (it hears loud audio as speech, a word per half second)."""
+Against the fake warm engine (it hears loud audio as speech, a word per half second), and once
+against the real one (tiny.en, marked `engine` as the other real-engine tests)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import JFK, TOKEN
+from conftest import JFK, JFK_TEXT, REPO, TOKEN, wait_until, words
 from test_web import BROWSER_ARGS, CHROMIUM, sync_playwright
 
 try:
@@ -61,3 +62,34 @@ def test_live_mode_captions_a_fake_microphone(make_server, fake_microphone_page)
     assert page.errors == []
     runs = [run for run in server.engine_runs() if run.get("live_op") == "live_pass"]
     assert runs  # the passes reached the engine's live lane
+
+
+@pytest.mark.engine
+def test_live_mode_captions_jfk_with_the_real_engine(make_server, fake_microphone_page):
+    assert (REPO / "models" / "tiny.en" / "model.bin").is_file(), "models/tiny.en missing: run scripts/setup-engine.sh"
+    server = make_server(WHISPER_ENGINE="worker", WHISPER_CMD=str(REPO / "whisperx.sh"),
+                         WHISPER_MODELS_DIR=str(REPO / "models"), WHISPER_OPENAI_MODEL="tiny.en",
+                         WHISPER_PRELOAD_MODEL="true", WHISPER_WORKER_START_SECONDS="600")
+    # As a caption user would find a running server: the warm engine has loaded tiny.en.
+    wait_until(lambda: server.api("GET", "/status").json()["engine"]["loaded_models"], timeout=180,
+               what="the warm engine to load tiny.en")
+    page = fake_microphone_page
+    page.goto(server.url("/"))
+    page.fill("#token", TOKEN)
+    page.click("#token-save")
+    page.click("#live-start")
+    expect(page.locator("#live-state")).to_have_text("Listening…")
+    # jfk.flac is 11 s of speech (the server VAD ends a turn at its longer pauses), then 2 s of
+    # silence: every turn's final transcript from the real engine is kept as a finished caption.
+    spoken = words(JFK_TEXT)
+
+    def finished_words():
+        heard = words(" ".join(page.locator("#live-captions li.done").all_text_contents()))
+        return heard if heard[-2:] == spoken[-2:] else None  # the last turn ("... your country") is in
+
+    heard = wait_until(finished_words, timeout=60, what="captions of the whole of jfk.flac", poll=0.2)
+    page.click("#live-stop")
+    expect(page.locator("#live-state")).to_have_text("Stopped.", timeout=10_000)
+    assert sum(word in heard for word in spoken) >= 0.8 * len(spoken), heard
+    assert heard[:4] == ["and", "so", "my", "fellow"], heard
+    assert page.errors == []

@@ -241,6 +241,7 @@ def run_job(job: dict, models: Models) -> dict:
 
             pipeline.preprocess = measured
 
+        _emit_segments(pipeline, job["id"])  # live: stream=true's text while the job runs
         def progress(percent: float) -> None:
             emit(event="progress", id=job["id"], percent=round(float(percent), 2), stage="transcribing")
 
@@ -295,6 +296,22 @@ def run_job(job: dict, models: Models) -> dict:
     if warnings:
         outcome["warnings"] = warnings
     return outcome
+
+
+def _emit_segments(pipeline, job_id) -> None:
+    """live: a `segment` event for each chunk's text as the pipeline yields it (the server streams it to
+    a stream=true request). WhisperX's transcribe calls `self.__call__(...)` by name, so an
+    attribute of the instance wraps it; the text is WhisperX's segment text, as the JSON will hold it."""
+    call = pipeline.__call__
+
+    def emitting(*args, **kwargs):
+        for index, out in enumerate(call(*args, **kwargs)):
+            text = out.get("text") if isinstance(out, dict) else None
+            text = text[0] if isinstance(text, list) and text else text
+            emit(event="segment", id=job_id, index=index, text=text if isinstance(text, str) else "")
+            yield out
+
+    pipeline.__call__ = emitting
 
 
 class _VadWithProgress:

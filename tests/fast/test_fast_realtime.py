@@ -34,6 +34,29 @@ def test_turns_follow_threshold_padding_and_silence():
     # 0.4 is above threshold - 0.15 (hysteresis): it did not end the turn
 
 
+@pytest.mark.parametrize("silence_ms", [0, 20, 64, 80, 96, 100, 320, 500, 1000])
+def test_the_end_a_quiet_predicts_is_where_the_turn_stops_if_it_lasts(silence_ms):
+    # The speculative final pass is made for end_if_silent(); it is used only when the turn then
+    # stops exactly there, so the prediction must be exact for any silence_duration_ms.
+    turns = Turns(threshold=0.5, prefix_padding_ms=0, silence_duration_ms=silence_ms)
+    turns.feed([0.9] * 10)
+    assert turns.end_if_silent() is None and turns.quiet_ms == 0
+    stopped = []
+    predicted = set()
+    for _ in range(40):
+        stopped += [e.at_ms for e in turns.feed([0.05]) if e.event == "stopped"]
+        if stopped:
+            break
+        predicted.add(turns.end_if_silent())
+        assert turns.quiet_ms > 0
+    assert stopped and predicted <= {stopped[0]}
+    turns = Turns(threshold=0.5, prefix_padding_ms=0, silence_duration_ms=500)
+    turns.feed([0.9] * 10 + [0.05] * 3)
+    assert turns.end_if_silent() == 10 * 32 + 96
+    turns.feed([0.9])  # speech resumed: no end predicted
+    assert turns.end_if_silent() is None
+
+
 def test_session_updates_apply_whole_or_not_at_all():
     settings = Settings()
     ga = apply_update({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {

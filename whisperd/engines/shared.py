@@ -9,6 +9,7 @@ Engine that speaks JSON lines over that socket:
   client -> host  {"op": "run", "id": ..., "job": {the worker's job line}, "timeout": s | null}
                   {"op": "stop", "id": ..., "because": "canceled" | "timeout" | "shutdown"}
   host -> client  {"event": "progress", "id": ..., "percent": 42.0, "stage": "transcribing"}
+                  {"event": "segment", "id": ..., "index": n, "text": "..."}   (stream=true: segment_feed.py)
                   {"event": "result", "id": ..., "result": {EngineResult's fields}}
                   {"event": "status", "status": {...}, "healthy": [true, null]}   on connect and every STATUS_EVERY s
 
@@ -34,6 +35,7 @@ from tornado.process import Subprocess
 from tornado.tcpserver import TCPServer
 
 from ..config import Config
+from ..segment_feed import FEED
 from ..tasks import spawn
 from .base import EngineOptions, EngineResult, ProgressCallback, StartedCallback
 from .worker import EngineWorker, job_message
@@ -93,8 +95,12 @@ class EngineHost(TCPServer):
         def progress(percent: float, stage: str = "transcribing") -> None:
             self._send(stream, {"event": "progress", "id": job_id, "percent": percent, "stage": stage})
 
+        def segment(index: int, text: str) -> None:
+            self._send(stream, {"event": "segment", "id": job_id, "index": index, "text": text})
+
         try:
-            result = await self.worker.run_message(job_id, message["job"], progress, message.get("timeout"))
+            with FEED.listen(job_id, segment):  # the worker publishes in this (the host's) process
+                result = await self.worker.run_message(job_id, message["job"], progress, message.get("timeout"))
         except Exception:  # a bug here must still answer the job
             log.exception("job %s: the engine host failed to run it", job_id)
             result = EngineResult(1, stderr_tail=["internal error in the engine host (see the server log)"])
@@ -235,7 +241,9 @@ class SharedEngine:
                 future.set_result(message.get("answer") or {"error": "no answer"})
             return
         job_id = message.get("id")
-        if event == "progress":
+        if event == "segment" and job_id in self._results:
+            FEED.publish(job_id, int(message.get("index") or 0), str(message.get("text") or ""))
+        elif event == "progress":
             callback = self._progress.get(job_id)
             if callback is not None:
                 outcome = callback(float(message.get("percent", 0)), str(message.get("stage") or "transcribing"))

@@ -31,6 +31,7 @@ from tornado.process import Subprocess
 from ..config import Config
 from ..languages import AUTO
 from ..models import local_model_dir
+from ..segment_feed import FEED
 from ..tasks import spawn
 from .base import (EngineOptions, EngineResult, ProgressCallback, StartedCallback, diarization_request, engine_env,
                    kill_group, killed_reason, last_meaningful_line)
@@ -434,7 +435,9 @@ class EngineWorker:
         job = self._inflight.get(message.get("id"))
         if job is None:
             return
-        if event == "progress" and job.on_progress is not None:
+        if event == "segment":  # stream=true: to a handler of this process waiting on the job
+            FEED.publish(job.job_id, int(message.get("index") or 0), str(message.get("text") or ""))
+        elif event == "progress" and job.on_progress is not None:
             outcome = job.on_progress(min(100.0, float(message.get("percent", 0))),
                                       str(message.get("stage") or "transcribing")[:40])
             if asyncio.iscoroutine(outcome):

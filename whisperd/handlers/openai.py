@@ -20,6 +20,7 @@ from ..jobs import Job
 from ..languages import AUTO, LANGUAGE_NAMES, WHISPER_LANGUAGES
 from ..intake import Intake, IntakeError
 from ..models import catalog, installed_models, local_model_dir, model_info, refusal
+from ..segment_feed import FEED
 from ..speakers import MAX_REFERENCES, REFERENCE_SECONDS, check_name, decode_data_url, diarized_json
 from .base import BaseHandler
 from .multipart_upload import MultipartUploadHandler, deliver
@@ -42,6 +43,7 @@ FIELDS = ("file", "model", "language", "prompt", "response_format", "temperature
 # OpenAI's translations take no language (the speech's is detected) and give no word times.
 TRANSLATION_FIELDS = ("file", "model", "prompt", "response_format", "temperature", "stream") + LIST_FIELDS
 STREAM_KEEPALIVE_SECONDS = 5.0
+STREAM_BATCH_SIZE = 1  # a stream=true job's batch size on the warm engine (see post())
 # format -> (engine format rendered, Content-Type); json and verbose_json are built here.
 PLAIN_FORMATS = {
     "text": ("txt", "text/plain; charset=utf-8"),
@@ -134,6 +136,10 @@ class OpenAITranscriptionHandler(OpenAIErrorsMixin, MultipartUploadHandler):
             prompt=request["prompt"], device=self.service.config.WHISPER_DEVICE,
             device_index=self.service.config.WHISPER_DEVICE_INDEX, task=self.task,
             temperature=request["temperature"],
+            # stream=true on the warm engine: one chunk a batch, so each chunk's text goes out as soon
+            # as it is decoded instead of with the batch of up to WHISPER_BATCH_SIZE chunks it is in.
+            batch_size=STREAM_BATCH_SIZE if request["stream"] and self.service.config.WHISPER_ENGINE == "worker"
+            else None,
         )
         job = await self.submit(new_job, None)
         log.info("job %s accepted (OpenAI API, %s): %s, %d bytes", job.id, self.task, job.filename, job.upload_bytes)
@@ -373,26 +379,21 @@ async def detect_among(handler: "OpenAITranscriptionHandler", audio_path: Any, r
 
 
 async def stream_transcript(handler: "OpenAITranscriptionHandler", job: Job) -> None:
-    """stream=true: text/event-stream of `transcript.text.delta` (one per segment) then
-    `transcript.text.done` with the whole text and usage, as OpenAI's client iterates them. The
-    response starts at once and a comment line goes out every few seconds while the job waits or
-    runs (proxies and clients see a live stream); the segments follow when the engine has them."""
+    """stream=true: text/event-stream of `transcript.text.delta` then `transcript.text.done` with the
+    whole text and usage, as OpenAI's client iterates them. The response starts at once; a delta goes
+    out for each segment as the warm engine decodes it (segment_feed.py: when the job runs in this
+    process), a comment line every few seconds while nothing else does (proxies and clients see a
+    live stream), and whatever text the deltas have not carried (all of it from the CLI engine, or
+    from a job another process or node ran) goes out as one delta when the job ends."""
     service = handler.service
     handler.set_status(200)
     handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
     handler.set_header("X-Accel-Buffering", "no")
-    handler.write(f": job {job.id}\n\n")
-    await handler.flush()
-    limit = service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None
-    loop = asyncio.get_running_loop()
-    deadline = None if limit is None else loop.time() + limit
-    ended = None
-    while deadline is None or loop.time() < deadline:
-        ended = await service.wait_finished(job.id, STREAM_KEEPALIVE_SECONDS)
-        if ended is not None and ended.finished:
-            break
-        handler.write(f": {ended.status if ended else 'waiting'}\n\n")
+    segments: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    with FEED.listen(job.id, lambda index, text: segments.put_nowait((index, text))):
+        handler.write(f": job {job.id}\n\n")
         await handler.flush()
+        sent, ended = await _stream_segments(handler, job, segments)
 
     def event(body: dict[str, Any]) -> None:
         handler.write("data: " + json.dumps(body, ensure_ascii=False) + "\n\n")
@@ -411,15 +412,69 @@ async def stream_transcript(handler: "OpenAITranscriptionHandler", job: Job) -> 
         await handler.finish()
         return
     text = "".join(segment["text"] for segment in result["segments"]).strip()
-    sent = ""
-    for segment in result["segments"]:
-        delta = segment["text"] if sent else segment["text"].lstrip()
-        if delta:
-            event({"type": "transcript.text.delta", "delta": delta, "logprobs": None})
-            sent += delta
+    if not sent:  # none came while it ran (the CLI engine, another process or node): one per segment now
+        for segment in result["segments"]:
+            delta = segment["text"] if sent else segment["text"].lstrip()
+            if delta:
+                event({"type": "transcript.text.delta", "delta": delta, "logprobs": None})
+                sent += delta
+    elif text.startswith(sent) and text[len(sent):]:  # what the streamed segments did not carry
+        event({"type": "transcript.text.delta", "delta": text[len(sent):], "logprobs": None})
     event({"type": "transcript.text.done", "text": text, "logprobs": None,
            "usage": {"type": "duration", "seconds": round(float(ended.audio_seconds or 0.0), 3)}})
     await deliver(handler, ended, "", "text/event-stream; charset=utf-8")
+
+
+async def _stream_segments(handler: "OpenAITranscriptionHandler", job: Job,
+                           segments: "asyncio.Queue[tuple[int, str]]") -> tuple[str, Job | None]:
+    """Until the job ends (or SYNC_REQUEST_TIMEOUT_SECONDS): each segment the engine publishes as a
+    delta, in order, once each (a job run again after a worker restart publishes from 0 again).
+    Returns the text sent so far and the job as it ended (None, or unfinished, when the wait ran out)."""
+    service = handler.service
+    limit = service.config.SYNC_REQUEST_TIMEOUT_SECONDS or None
+    loop = asyncio.get_running_loop()
+    deadline = None if limit is None else loop.time() + limit
+    sent = ""
+    following = 0  # the index of the next segment to send
+    ended = None
+
+    def send(index: int, text: str) -> None:
+        nonlocal sent, following
+        if index != following:
+            return  # one already sent, by an earlier run of the job
+        following += 1
+        delta = text if sent else text.lstrip()
+        if delta:
+            handler.write("data: " + json.dumps({"type": "transcript.text.delta", "delta": delta, "logprobs": None},
+                                                ensure_ascii=False) + "\n\n")
+            sent += delta
+
+    while deadline is None or loop.time() < deadline:
+        waiting = asyncio.ensure_future(service.wait_finished(job.id, STREAM_KEEPALIVE_SECONDS))
+        wrote = False
+        try:
+            while not waiting.done():
+                taking = asyncio.ensure_future(segments.get())
+                done, _ = await asyncio.wait({waiting, taking}, return_when=asyncio.FIRST_COMPLETED)
+                if taking in done:
+                    send(*taking.result())
+                    while not segments.empty():
+                        send(*segments.get_nowait())
+                    await handler.flush()
+                    wrote = True
+                else:
+                    taking.cancel()
+        finally:
+            waiting.cancel()  # the client went away (flush raised): stop waiting too
+        ended = waiting.result()
+        while not segments.empty():  # published before the end was seen
+            send(*segments.get_nowait())
+        if ended is not None and ended.finished:
+            break
+        if not wrote:
+            handler.write(f": {ended.status if ended else 'waiting'}\n\n")
+        await handler.flush()
+    return sent, ended
 
 
 class OpenAITranslationHandler(OpenAITranscriptionHandler):

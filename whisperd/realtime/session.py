@@ -4,6 +4,12 @@ The handler feeds it client events (`handle`) and sends what it emits (`send`). 
 converted to 16 kHz once on arrival; voice activity and transcription passes run on the warm
 engine's live lane (`engine.live`). One pass at a time per session: a partial pass that comes
 due while the previous one still runs is skipped (shed first), a final pass is never skipped.
+
+The final pass is started speculatively when speech goes quiet (SPECULATE_AFTER_MS into the
+quiet), on exactly the audio and prefix the turn's final pass would get should the quiet last
+silence_duration_ms; when it does, `completed` reuses that pass instead of starting one after the
+wait, so the wait and the pass overlap. Speech that resumes makes the speculation moot (its
+answer is dropped; the turn's end differs).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from .turns import FRAME_MS, Turns
 
 log = logging.getLogger("whisperd.realtime")
 PASS_EVERY_MS = 1000  # a partial pass per second of new audio at most
-VAD_CHUNK_MS = 128  # voice activity is judged in chunks of this much audio (a turn's end is seen this late at most)
+VAD_CHUNK_MS = 64  # voice activity is judged in chunks of this much audio (a turn's end is seen this late at most)
+SPECULATE_AFTER_MS = 64  # quiet this long inside a turn starts its final pass early (a pause between words
+#                          is often shorter: each speculation that speech then overrides costs one pass)
 MAX_TURN_MS = 28_000  # a turn longer than Whisper's 30 s window is committed and a new one begun
 KEEP_MS = 1000  # audio kept before a turn can start (prefix padding comes from it)
 COMMIT_MIN_MS = 100  # OpenAI's smallest committable buffer
@@ -47,6 +55,7 @@ class Utterance:
         self.end_ms: int | None = None
         self.agreement = Agreement()
         self.last_pass_ms = start_ms  # audio end of the last partial pass started
+        self.speculation: tuple[int, asyncio.Task] | None = None  # (the turn end it assumes, its pass)
 
 
 class LiveSession:
@@ -78,6 +87,8 @@ class LiveSession:
         self.lag = 0.0
         self.max_lag = 0.0
         self.skipped = 0
+        self.speculated = 0  # final passes started early
+        self.speculation_hits = 0  # ... of which `completed` used the answer
         self.transcribed_seconds = 0.0
         self._vad_pending = bytearray()
         self._vad_from_ms = 0
@@ -96,10 +107,11 @@ class LiveSession:
     def _emit(self, kind: str, **fields: Any) -> None:
         self.send({"type": kind, "event_id": new_id("event"), **fields})
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -240,6 +252,7 @@ class LiveSession:
                 elif turn.event == "stopped" and self.open is not None:
                     self._emit("input_audio_buffer.speech_stopped", audio_end_ms=turn.at_ms, item_id=self.open.item_id)
                     self._end_turn(turn.at_ms)
+            self._maybe_speculate()
             if self.open is not None and self.turns.position_ms - self.open.start_ms >= MAX_TURN_MS:
                 at = self.turns.position_ms
                 self._emit("input_audio_buffer.speech_stopped", audio_end_ms=at, item_id=self.open.item_id)
@@ -301,15 +314,57 @@ class LiveSession:
             self._partial_running = False
             self._update_lag()
 
+    def _maybe_speculate(self) -> None:
+        """Speech went quiet: start the final pass the turn will need if the quiet lasts."""
+        utterance = self.open
+        if utterance is None or self.turns is None or self.finals_pending:
+            return  # a final already waits for the lane: a speculation would only queue behind it
+        end_ms = self.turns.end_if_silent()
+        if end_ms is None or self.turns.quiet_ms < SPECULATE_AFTER_MS or self.received_ms < end_ms:
+            return
+        if utterance.speculation is not None and utterance.speculation[0] == end_ms:
+            return
+        utterance.speculation = (end_ms, self._spawn(self._speculate(utterance, end_ms)))
+        self.speculated += 1
+
+    async def _speculate(self, utterance: Utterance, end_ms: int) -> tuple[str, dict[str, Any]] | None:
+        """The final pass on [start, end_ms) with the prefix of now: (prefix, answer), or None when
+        the turn has meanwhile gone on or ended elsewhere (the pass is not run)."""
+        async with self._pass_lock:
+            if utterance.speculation is None or utterance.speculation[0] != end_ms:
+                return None  # a later quiet replaced it
+            if utterance.end_ms is None and (self.open is not utterance or self.turns is None
+                                             or self.turns.end_if_silent() != end_ms):
+                return None  # speech resumed while it waited for the lane
+            if utterance.end_ms is not None and utterance.end_ms != end_ms:
+                return None  # the turn ended elsewhere (a commit, the longest turn)
+            message = self._pass_message(utterance, self._audio(utterance.start_ms, end_ms), True)
+            return message["prefix"], await self.engine_call(message)
+
+    async def _speculated(self, utterance: Utterance) -> dict[str, Any] | None:
+        """The speculative final pass's answer if it was made for exactly this end and prefix."""
+        if utterance.speculation is None or utterance.speculation[0] != utterance.end_ms:
+            return None
+        try:
+            made = await asyncio.shield(utterance.speculation[1])
+        except Exception:  # the engine went away under it: the final pass says so itself
+            return None
+        if made is None or made[0] != utterance.agreement.text or "error" in made[1]:
+            return None
+        self.speculation_hits += 1
+        return made[1]
+
     async def _final(self, utterance: Utterance) -> None:
         assert utterance.end_ms is not None
         try:
             audio = self._audio(utterance.start_ms, utterance.end_ms)
-            async with self._pass_lock:
-                try:
-                    answer = await self.engine_call(self._pass_message(utterance, audio, True))
-                except Exception as exc:  # the engine went away under it
-                    answer = {"error": str(exc) or exc.__class__.__name__}
+            answer = await self._speculated(utterance)
+            if answer is None:
+                async with self._pass_lock:
+                    try:
+                        answer = await self.engine_call(self._pass_message(utterance, audio, True))
+                    except Exception as exc:  # the engine went away under it
+                        answer = {"error": str(exc) or exc.__class__.__name__}
             if "error" in answer:
                 self._emit("conversation.item.input_audio_transcription.failed", item_id=utterance.item_id,
                            content_index=0, error={"type": "transcription_error", "code": "engine_error",
@@ -356,7 +411,8 @@ class LiveSession:
         metrics.lag(self.lag)
         return {"type": "whisperd.session.lag", "event_id": new_id("event"), "lag_seconds": round(self.lag, 3),
                 "audio_received_seconds": round(self.received_ms / 1000, 3),
-                "partial_passes_skipped": self.skipped}
+                "partial_passes_skipped": self.skipped, "final_passes_speculated": self.speculated,
+                "speculative_finals_used": self.speculation_hits}
 
     async def finish(self, timeout: float) -> None:
         """Graceful stop: the open utterance is committed and every pending final pass is waited for."""

@@ -58,6 +58,20 @@ class Turns:
         """Speech has gone quiet (the turn may be about to end)."""
         return self.speaking and self._silent_since is not None
 
+    def end_if_silent(self) -> int | None:
+        """While speech has gone quiet: where the turn will end (its `stopped` at_ms) should the
+        quiet last silence_duration_ms; None while speaking or outside a turn."""
+        if not self.pausing:
+            return None
+        assert self._silent_since is not None
+        frames = max(1, -(-self.silence_duration_ms // FRAME_MS))  # feed() stops at the end of this frame
+        return self._silent_since + min(frames * FRAME_MS, END_PADDING_MS)
+
+    @property
+    def quiet_ms(self) -> int:
+        """How long the current quiet inside a turn has lasted (0 while speaking)."""
+        return self.position_ms - self._silent_since if self.pausing and self._silent_since is not None else 0
+
     def reset(self, position_ms: int) -> None:
         """After a clear or a client commit: a new turn starts with the next speech."""
         self.position_ms = position_ms
