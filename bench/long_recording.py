@@ -2,7 +2,7 @@
 """Benchmark of a long recording end to end: two hours of speech and silence through HTTP, real
 WhisperX (tiny.en, warm engine, CPU), with the server's memory, the progress and the result size.
 
-Usage: /work/main/.venv/bin/python bench/long_recording.py [--minutes 120] [--via tus|multipart]
+Usage: /work/main/.venv/bin/python bench/long_recording.py [--minutes 120] [--via tus|multipart] [--vad silero|pyannote]
        /work/main/.venv/bin/python bench/long_recording.py --upload-only-mib 512
 The audio is made here with espeak-ng and sox (a minute of sentences and pauses, repeated).
 --upload-only-mib: only a tus upload of that many MiB (the fake engine), for the server's peak memory.
@@ -15,6 +15,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,9 @@ SENTENCES = [
 ]
 
 
-def make_audio(directory: Path, minutes: float) -> Path:
-    """About a minute of espeak-ng sentences with pauses between them, repeated to `minutes`."""
+def make_audio(directory: Path, minutes: float) -> tuple[Path, str]:
+    """About a minute of espeak-ng sentences with pauses between them, repeated to `minutes`; the
+    file and its script."""
     parts = []
     for number, sentence in enumerate(SENTENCES):
         wav = directory / f"s{number}.wav"
@@ -56,7 +58,30 @@ def make_audio(directory: Path, minutes: float) -> Path:
     repeats = max(0, round(minutes * 60 / block_seconds) - 1)
     out = directory / "long.flac"
     subprocess.run(["sox", str(block), str(out), "repeat", str(repeats)], check=True)
-    return out
+    return out, " ".join(SENTENCES * (repeats + 1))
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+
+
+def wer(reference: str, hypothesis: str, band: int = 400) -> float:
+    """Word error rate: the edit distance over the reference's words, computed within `band` words
+    of the diagonal (10,000 words a side: the full table would be 10^8 cells in Python). A distance
+    that needs a wider band is over-counted, never under-counted."""
+    ref, hyp = words(reference), words(hypothesis)
+    far = len(ref) + len(hyp)
+    previous = {j: j for j in range(0, min(len(hyp), band) + 1)}
+    for i, r in enumerate(ref, 1):
+        current = {}
+        for j in range(max(0, i - band), min(len(hyp), i + band) + 1):
+            if j == 0:
+                current[j] = i
+                continue
+            current[j] = min(previous.get(j, far) + 1, current.get(j - 1, far) + 1,
+                             previous.get(j - 1, far) + (r != hyp[j - 1]))
+        previous = current
+    return previous.get(len(hyp), far) / max(1, len(ref))
 
 
 def tus_upload(server: Server, path: Path, chunk: int = 8 * 2**20) -> str:
@@ -118,6 +143,7 @@ def main() -> int:
     parser.add_argument("--upload-only-mib", type=int, default=0)
     parser.add_argument("--minutes", type=float, default=120.0)
     parser.add_argument("--via", choices=("tus", "multipart"), default="tus")
+    parser.add_argument("--vad", choices=("silero", "pyannote"), default="silero", help="WHISPER_VAD of the server")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "long-recording.txt"))
     args = parser.parse_args()
     if args.upload_only_mib:
@@ -130,21 +156,21 @@ def main() -> int:
         lines.append(text)
 
     host = machine()
-    say(f"bench/long_recording.py --minutes {args.minutes:g} --via {args.via}, "
+    say(f"bench/long_recording.py --minutes {args.minutes:g} --via {args.via} --vad {args.vad}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {host['cores']} cores ({host['cpu']}), "
         f"{host['ram_gib']} GiB, load average {host['load_avg_1m_at_start']:.1f} at the start; "
         "tiny.en, warm engine worker, CPU, int8")
     with tempfile.TemporaryDirectory(prefix="bench-long-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
-        audio = make_audio(root, args.minutes)
+        audio, script = make_audio(root, args.minutes)
         seconds = float(subprocess.run(["soxi", "-D", str(audio)], capture_output=True, text=True).stdout)
         say(f"audio: {seconds / 3600:.2f} h of espeak-ng speech and silence, {audio.stat().st_size / 2**20:.1f} MiB FLAC, "
             f"made in {time.perf_counter() - started:.0f} s")
         server = Server(root / "srv", {
             "WHISPER_ENGINE": "worker", "WHISPER_CMD": str(REPO / "whisperx.sh"),
             "WHISPER_MODELS_DIR": str(REPO / "models"), "ENABLE_AUTHORIZATION": "false", "RUST_LOG": "info",
-            "WHISPER_DEFAULT_DIARIZE": "false", "MAX_FILE_SIZE": str(2**30),
+            "WHISPER_DEFAULT_DIARIZE": "false", "MAX_FILE_SIZE": str(2**30), "WHISPER_VAD": args.vad,
         })
         server.root.mkdir(parents=True, exist_ok=True)
         server.start()
@@ -217,6 +243,7 @@ def main() -> int:
                 f"{limit:.0f} s, {limit / took:.0f}x what it took")
             say(f"result: {len(result.content) / 1024:.0f} KiB JSON body, {len(data.get('segments', []))} segments, "
                 f"{len(spoken.encode()) / 1024:.0f} KiB of segment text, {len(spoken.split())} words")
+            say(f"word error rate against the script ({len(words(script))} words): {wer(script, spoken):.3f}")
         finally:
             server.stop()
     Path(args.out).write_text("\n".join(lines) + "\n")
