@@ -141,8 +141,8 @@ default filter, tests/test_decoder_quality.py) and the WAV demuxers hand over la
 mp3's MPEG decoding itself (FFmpeg's mp3float; its fixed-point decoder is slower) stays the larger
 part of the mp3's decoder CPU, so that row's added time follows the machine's load: each round's
 figure is printed beside the median, and the decoder's own CPU time a file below the table.
-`bench/results/decoder-before-after.txt` runs the warm decoder's rows of the code before and after
-that change alternately in one sitting.
+`bench/results/decoder.txt` below is the run before that change (one round, no CPU column); the
+before/after figures of the change are in its commit message.
 """
 
 
