@@ -86,12 +86,15 @@ def main() -> int:
             cpu[name] = decode_cpu_ms(work / files[name], work / "out.wav")
         # Rounds of the copied WAV and every row back to back: the load of a shared machine moves
         # between rounds, so each row is judged against the baseline of its own round (the median).
-        for _ in range(args.rounds):
-            base = throughput(work, engine, args.jobs, 1, audio["16 kHz mono WAV (copied)"])
+        for number in range(args.rounds):
+            # A directory a round: throughput() keeps a row's server (and its ledger) under it.
+            here = work / f"round-{number}"
+            here.mkdir()
+            base = throughput(here, engine, args.jobs, 1, audio["16 kHz mono WAV (copied)"])
             runs.setdefault(("16 kHz mono WAV (copied)", "-"), []).append(base)
             for name in names:
                 for decoder in decoders:
-                    row = throughput(work, engine, args.jobs, 1, audio[name], {"WHISPER_DECODER": decoder})
+                    row = throughput(here, engine, args.jobs, 1, audio[name], {"WHISPER_DECODER": decoder})
                     runs.setdefault((name, decoder), []).append(row)
                     added.setdefault((name, decoder), []).append(row["overhead_ms_per_job"] - base["overhead_ms_per_job"])
     lines = [f"bench/decoder.py --jobs {args.jobs} --rounds {args.rounds}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: "

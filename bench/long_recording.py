@@ -235,6 +235,9 @@ def main() -> int:
             for stage, moves in stages.items():
                 shown = moves if len(moves) <= 8 else moves[:4] + ["..."] + moves[-3:]
                 say(f"  {stage}: {len(moves)} values: " + ", ".join(shown))
+            done = [line.split("worker done in ", 1)[1] for line in server.log().splitlines() if "worker done in " in line]
+            if done:  # the engine's own stage times: the audio read, VAD and transcription, word times, the rest
+                say(f"engine's stage times (s): {done[-1]}")
             say(f"server RSS: {server_before / 1024:.0f} MiB before, peak {peaks['server'] / 1024:.0f} MiB "
                 f"(the HTTP process; the file streamed to disk)")
             say(f"engine worker RSS: peak {peaks['engine'] / 1024:.0f} MiB")
