@@ -22,10 +22,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import engine_cost, ledger_load, scheduling, upload
+from . import engine_cost, ledger_load, s3, scheduling, upload
 from .common import REPO, machine, write_noop_engine
 
-BENCHMARKS = ("upload", "ledger", "scheduling", "engine")
+BENCHMARKS = ("upload", "ledger", "scheduling", "engine", "s3")
 RESULTS = REPO / "bench" / "results"
 
 
@@ -126,6 +126,19 @@ def engine_rows(r: dict) -> list[dict]:
     ]
 
 
+def s3_rows(r: dict) -> list[dict]:
+    up, tp = r["upload"], r["jobs_per_s"]
+    return [
+        _row(f"6 job files in S3, {r['upload_mib']} MiB", "upload throughput, S3 vs local directory",
+             f"{up['s3']['mib_per_s']:.0f} MiB/s", f"local {up['local']['mib_per_s']:.0f} MiB/s",
+             f"{up['s3']['mib_per_s'] / up['local']['mib_per_s']:.2f}x", "report"),
+        _row("", "server RSS growth, S3 vs local", f"{up['s3']['rss_growth_mib']:.1f} MiB",
+             f"local {up['local']['rss_growth_mib']:.1f} MiB", "", "report"),
+        _row(f"  {r['jobs']} jobs, PostgreSQL + S3", "jobs/s, 2 worker nodes vs 1 (no shared directory)",
+             f"{tp['2']:.1f} jobs/s", f"1 node {tp['1']:.1f} jobs/s", f"{tp['2'] / tp['1']:.2f}x", "report"),
+    ]
+
+
 def print_table(rows: list[dict], out=sys.stdout) -> None:
     header = _row("benchmark", "figure", "value", "baseline (same run)", "ratio", "goal")
     cols = list(header)[:-1]
@@ -160,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "ledger": lambda: ledger_load.run(work, engine, args.quick, profiles),
             "scheduling": lambda: scheduling.run(work, engine, args.quick, profiles),
             "engine": lambda: engine_cost.run(work, args.quick),
+            "s3": lambda: s3.run(work, engine, args.quick),
         }
         for name in args.only:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -172,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: failed; the servers' logs and data are kept in {work}", file=sys.stderr)
         raise
     shutil.rmtree(work, ignore_errors=True)
-    makers = {"upload": upload_rows, "ledger": ledger_rows, "scheduling": scheduling_rows, "engine": engine_rows}
+    makers = {"upload": upload_rows, "ledger": ledger_rows, "scheduling": scheduling_rows, "engine": engine_rows,
+              "s3": s3_rows}
     rows = [row for name in args.only for row in makers[name](report["results"][name])]
     report["table"] = rows
     m = report["machine"]

@@ -55,6 +55,7 @@ slower or busier machine moves both sides:
 | 3 | one job at a time: the 202's arrival → the engine's first instruction | the engine spawned directly (spawn → first instruction) |
 | 4 | a queue of jobs submitted at once (after 5 untimed warm-up jobs), sequential and 6 concurrent: jobs/s, service overhead per job, server CPU per job; and sequential with 44.1 kHz WAVs, which intake probes and decodes (report only) | the same engine runs started directly, 1 or 6 at a time |
 | 5 | `jfk.flac` with tiny.en on the CPU through the WhisperX CLI, split into start-up, import, model load and transcription | the warm transcription |
+| 6 | job files in S3 (SeaweedFS): a large upload's throughput and server RSS growth; jobs/s of 2 worker nodes sharing only PostgreSQL and S3 | the same upload to the local directory; 1 worker node |
 """
 
 WHERE = """\
@@ -169,6 +170,17 @@ def _speed_section() -> list[str]:
     return out
 
 
+S3 = Path(__file__).resolve().parent / "results" / "s3.txt"
+S3_INTRO = """\
+## Job files in S3 (issue 29)
+
+`python -m bench.s3 --out bench/results/s3.txt` (benchmark 6 of `run.sh`, which puts its rows in
+the table when it runs) starts SeaweedFS (`weed mini`) and PostgreSQL on loopback and measures a
+large upload to whisperd on the S3 backend against the same upload to the local directory (the
+S3 side includes publishing the canonical audio to the store before the job is accepted; the
+store writes to the same disk), and jobs/s of the no-op engine with 2 worker nodes against 1,
+each node with its own directories, sharing only PostgreSQL and the bucket. Its last run:"""
+
 DIARIZATION = Path(__file__).resolve().parent / "results" / "diarization.txt"
 DIARIZATION_INTRO = """\
 ## Speaker diarization
@@ -260,6 +272,8 @@ def render(report: dict) -> str:
     out.append("")
     out.append(WHERE)
     out += _speed_section()
+    if S3.exists():  # a run of its own (bench/s3.py), kept as it printed
+        out += ["", S3_INTRO, "", "```", S3.read_text(encoding="utf-8").rstrip(), "```"]
     if DIARIZATION.exists():  # a run of its own (minutes of real engine time), kept as it printed
         out += ["", DIARIZATION_INTRO, "", "```", DIARIZATION.read_text(encoding="utf-8").rstrip(), "```"]
     if REALTIME.exists():  # a run of its own (minutes of speech at real-time pace)

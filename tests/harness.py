@@ -257,21 +257,33 @@ class Server:
     def stored_objects(self) -> list[str]:
         """On the S3 backend (WHISPER_STORAGE_URL): the job objects under this server's prefix, as
         s3:// names (the job files that matter there; the directories are scratch); [] otherwise."""
-        url = self.env.get("WHISPER_STORAGE_URL")
-        if not url:
+        if not self.env.get("WHISPER_STORAGE_URL"):
             return []
+        client, bucket, jobs = self._store()
+        found = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=jobs):
+            found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
+        return found
+
+    def _store(self):
+        """A client of this server's S3 store, its bucket and the prefix its jobs' objects are under."""
         import boto3
         from botocore.config import Config
-        bucket, _, prefix = url[len("s3://"):].partition("/")
+        bucket, _, prefix = self.env["WHISPER_STORAGE_URL"][len("s3://"):].partition("/")
         jobs = f"{prefix.strip('/')}/jobs/" if prefix.strip("/") else "jobs/"
         client = boto3.session.Session(aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
                                        aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"]).client(
             "s3", endpoint_url=self.env["WHISPER_S3_ENDPOINT"], region_name="us-east-1",
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))
-        found = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=jobs):
-            found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
-        return found
+        return client, bucket, jobs
+
+    def job_audio(self, job_id: str) -> bytes:
+        """The canonical audio the server keeps for a job: its object on the S3 backend, the file in
+        its upload directory otherwise."""
+        if not self.env.get("WHISPER_STORAGE_URL"):
+            return (self.root / "tmp" / job_id / "audio.wav").read_bytes()
+        client, bucket, jobs = self._store()
+        return client.get_object(Bucket=bucket, Key=f"{jobs}{job_id}/upload/audio.wav")["Body"].read()
 
     def files_gone(self, timeout: float = 10.0) -> bool:
         """Wait until no job file is left (a delivery is recorded, and its files removed, just

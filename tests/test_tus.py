@@ -84,7 +84,7 @@ def test_tuspy_uploads_in_chunks_with_checksums_and_the_upload_becomes_a_job_onc
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
     assert server.wait_status(job_id)["status"] == "Completed"
-    assert (server.root / "tmp" / job_id / "audio.wav").read_bytes() == audio.read_bytes()
+    assert server.job_audio(job_id) == audio.read_bytes()
     job = server.rows("SELECT filename, upload_bytes, response_format FROM jobs WHERE id=?", (job_id,))[0]
     assert (job["filename"], job["upload_bytes"], job["response_format"]) == ("five.wav", audio.stat().st_size, "srt")
     assert server.rows("SELECT job_id FROM uploads WHERE id=?", (upload_id,))[0]["job_id"] == job_id
@@ -203,7 +203,7 @@ def test_a_connection_cut_mid_patch_keeps_what_came_and_the_client_resumes(serve
     uploader.upload()
     job_id = use(server, location.rsplit("/", 1)[1]).json()["job_id"]
     assert server.wait_status(job_id)["status"] == "Completed"
-    assert (server.root / "tmp" / job_id / "audio.wav").read_bytes() == data
+    assert server.job_audio(job_id) == data
 
 
 def test_a_restart_between_two_patches_loses_nothing(make_server):
