@@ -151,6 +151,8 @@ def summary(name: str, results: list[dict], reference: str) -> dict:
         if (after_voice := [x for r in results for x in r["after_voice"]]) else None,
         "completed_after_speech_stopped_s": {"p50": round(pct(after_stop, 50), 2), "p95": round(pct(after_stop, 95), 2)}
         if (after_stop := [x for r in results for x in r["after_stop"]]) else None,
+        # each session's utterances in order, so that a tail can be traced to its utterance
+        "completed_after_speech_end_each_s": [[round(x, 2) for x in r["latencies"]] for r in results],
         "first_delta_s": round(statistics.median(firsts), 2) if firsts else None,
         "lag_s": [{"first": lag[0], "max": max(lag), "last": lag[-1]} for lag in lags],
         "lag_bounded": all(lag[-1] <= max(lag[:max(1, len(lag) // 2)]) + 1.0 for lag in lags),
