@@ -14,6 +14,7 @@ live WER within 0.05 of batch.
 
     .venv/bin/python bench/realtime.py            # 60 s of speech
     .venv/bin/python bench/realtime.py --quick    # 20 s, scenarios one and batch only
+    .venv/bin/python bench/realtime.py --seconds 30 --compare 3   # one session, early final off vs on
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def summary(name: str, results: list[dict], reference: str) -> dict:
         if (after_voice := [x for r in results for x in r["after_voice"]]) else None,
         "completed_after_speech_stopped_s": {"p50": round(pct(after_stop, 50), 2), "p95": round(pct(after_stop, 95), 2)}
         if (after_stop := [x for r in results for x in r["after_stop"]]) else None,
+        # each session's utterances in order, so that a tail can be traced to its utterance
+        "completed_after_speech_end_each_s": [[round(x, 2) for x in r["latencies"]] for r in results],
         "first_delta_s": round(statistics.median(firsts), 2) if firsts else None,
         "lag_s": [{"first": lag[0], "max": max(lag), "last": lag[-1]} for lag in lags],
         "lag_bounded": all(lag[-1] <= max(lag[:max(1, len(lag) // 2)]) + 1.0 for lag in lags),
@@ -161,11 +164,71 @@ def summary(name: str, results: list[dict], reference: str) -> dict:
     return out
 
 
+def start_server(root: Path, final_beam: int, **env: str) -> Server:
+    server = Server(root, {
+        "WHISPER_CMD": str(REPO / "whisperx.sh"), "WHISPER_MODELS_DIR": str(REPO / "models"),
+        "WHISPER_ENGINE": "worker", "WHISPER_OPENAI_MODEL": "tiny.en", "WHISPER_PRELOAD_MODEL": "true",
+        "WHISPER_REALTIME_MAX_LAG_SECONDS": "120", "WHISPER_REALTIME_FINAL_BEAM": str(final_beam),
+        "MAX_FILE_SIZE": "100000000", "RUST_LOG": "info", **env,
+    }).start()
+    deadline = time.monotonic() + 180
+    while not server.api("GET", "/status").json()["engine"]["loaded_models"]:
+        if time.monotonic() > deadline:
+            server.stop()
+            raise SystemExit("the engine did not load tiny.en in 180 s")
+        time.sleep(0.5)
+    return server
+
+
+def compare(args, work: Path, speech: Path, spans, pcm: bytes, reference: str) -> dict:
+    """--compare N: one session at a time on two servers, WHISPER_REALTIME_EARLY_FINAL=false (the
+    baseline: the final pass starts when the turn ends) and =true, alternating, N sessions each, so
+    that both sides meet the same load on the shared machine."""
+    servers = {}
+    report = {"final_beam": args.final_beam, "machine": machine(), "speech_seconds": round(len(pcm) / 48000, 1),
+              "utterances": len(spans), "compare_rounds": args.compare}
+    try:
+        for mode in ("false", "true"):
+            servers[mode] = start_server(work / f"server-{mode}", args.final_beam, WHISPER_REALTIME_EARLY_FINAL=mode)
+        with speech.open("rb") as audio:
+            batch = servers["true"].api("POST", "/v1/audio/transcriptions", files={"file": ("speech.wav", audio)},
+                                        data={"model": "whisper-1", "language": "en"}, timeout=600).json()
+        report["batch"] = {"wer": round(wer(reference, batch["text"]), 3)}
+        results: dict[str, list[dict]] = {"false": [], "true": []}
+        loads = []
+        for _ in range(args.compare):
+            for mode in ("false", "true"):
+                results[mode].append(asyncio.run(session(servers[mode].port, pcm, spans)))
+                loads.append(round(os.getloadavg()[0], 2))
+    finally:
+        for server in servers.values():
+            server.stop()
+    report["load_avg_1m_after_each_session"] = loads
+    report["scenarios"] = [summary("one, early final off (baseline)", results["false"], reference),
+                           summary("one", results["true"], reference)]
+    base, new = (report["scenarios"][i]["completed_after_speech_stopped_s"] for i in (0, 1))
+    report["p95_speech_stopped_to_completed_ratio"] = round(new["p95"] / base["p95"], 2) if base and new else None
+    one = report["scenarios"][1]
+    report["goals"] = {
+        "p95_completed_within_1s_one_session": bool(one["completed_after_speech_end_s"]
+                                                    and one["completed_after_speech_end_s"]["p95"] <= 1.0),
+        "p95_completed_within_1s_of_voice_end_one_session": bool(one["completed_after_voice_end_s"]
+                                                                 and one["completed_after_voice_end_s"]["p95"] <= 1.0),
+        "lag_bounded_everywhere": all(s["lag_bounded"] for s in report["scenarios"]),
+        "live_wer_within_0.05_of_batch": all(w <= report["batch"]["wer"] + 0.05
+                                             for s in report["scenarios"] for w in s["wer"]),
+    }
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="20 s of speech; scenarios one and batch only")
     parser.add_argument("--seconds", type=float, help="length of the speech file (default 60, quick 20)")
     parser.add_argument("--final-beam", type=int, default=5, help="WHISPER_REALTIME_FINAL_BEAM (default 5)")
+    parser.add_argument("--compare", type=int, metavar="N",
+                        help="instead of the scenarios: N single sessions each on WHISPER_REALTIME_EARLY_FINAL=false "
+                             "and =true servers, alternating (a baseline in the same run)")
     parser.add_argument("--out", type=Path, help="also write the report there (bench/results/realtime.json is what "
                                                  "bench/report.py puts in docs/performance.md)")
     args = parser.parse_args()
@@ -175,21 +238,19 @@ def main() -> int:
     reference = " ".join(text for _, _, text, _ in spans)
     with wave.open(str(speech)) as reader:
         pcm = reader.readframes(reader.getnframes())
+    if args.compare:
+        report = compare(args, work, speech, spans, pcm, reference)
+        report["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+        print(json.dumps(report, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     long_batch = work / "long.wav"  # the speech three times: a batch job that outlasts a session
     subprocess.run(["ffmpeg", "-loglevel", "error", "-stream_loop", "2", "-i", str(speech), "-ar", "16000",
                     str(long_batch)], check=True)
-    server = Server(work / "server", {
-        "WHISPER_CMD": str(REPO / "whisperx.sh"), "WHISPER_MODELS_DIR": str(REPO / "models"),
-        "WHISPER_ENGINE": "worker", "WHISPER_OPENAI_MODEL": "tiny.en", "WHISPER_PRELOAD_MODEL": "true",
-        "WHISPER_REALTIME_MAX_LAG_SECONDS": "120", "WHISPER_REALTIME_FINAL_BEAM": str(args.final_beam), "MAX_FILE_SIZE": "100000000", "RUST_LOG": "info",
-    }).start()
+    server = start_server(work / "server", args.final_beam)
     report = {"final_beam": args.final_beam, "machine": machine(), "speech_seconds": round(len(pcm) / 48000, 1), "utterances": len(spans)}
     try:
-        deadline = time.monotonic() + 180
-        while not server.api("GET", "/status").json()["engine"]["loaded_models"]:
-            if time.monotonic() > deadline:
-                raise SystemExit("the engine did not load tiny.en in 180 s")
-            time.sleep(0.5)
         started = time.monotonic()
         with speech.open("rb") as audio:
             batch = server.api("POST", "/v1/audio/transcriptions", files={"file": ("speech.wav", audio)},

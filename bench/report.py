@@ -193,6 +193,11 @@ right voice. Its last run (docs/diarization.md):"""
 
 
 REALTIME = Path(__file__).resolve().parent / "results" / "realtime.json"
+REALTIME_RUNS = (("realtime-compare.json", "bench/realtime.py --seconds 30 --compare 3: one session at a time on "
+                                          "two servers, WHISPER_REALTIME_EARLY_FINAL=false (the baseline) and =true, "
+                                          "alternating"),
+                 ("realtime.json", "bench/realtime.py: one, four, beside a batch job"),
+                 ("realtime-one.json", "bench/realtime.py --quick --seconds 60: one, beside a batch job"))
 REALTIME_INTRO = """\
 ## Live transcription (issue 26)
 
@@ -204,13 +209,21 @@ speech x3. "clip end" is the end of each sentence's espeak-ng clip, which ends w
 quiet; "voice end" is the clip's last audible sample (the stricter count); the 500 ms of silence
 the VAD waits for is inside both; "speech_stopped" counts from the server's own event. The final
 pass of a turn starts when its speech goes quiet and `completed` reuses it when the quiet lasts
-(docs/realtime.md). Its last run:"""
+(docs/realtime.md). The last runs:"""
 
 
 def _realtime_section() -> list[str]:
-    run = json.loads(REALTIME.read_text())
+    out = ["", REALTIME_INTRO]
+    for name, what in REALTIME_RUNS:
+        path = REALTIME.parent / name
+        if path.exists():
+            out += _realtime_run(json.loads(path.read_text()), f"`bench/results/{name}` ({what})")
+    return out
+
+
+def _realtime_run(run: dict, title: str) -> list[str]:
     m = run["machine"]
-    out = ["", REALTIME_INTRO, "",
+    out = ["", title + ": "
            f"{m['cores']} cores, {m['cpu']}; load average {m['load_avg_1m_at_start']:.1f} at the start, "
            f"{run.get('load_avg_1m_at_end', float('nan')):.1f} at the end (shared with other work); "
            f"{run['speech_seconds']} s of speech, {run['utterances']} sentences; final beam {run['final_beam']}; "
@@ -230,6 +243,10 @@ def _realtime_section() -> list[str]:
             ", ".join(str(n) for n in row["partial_passes_skipped"]),
             ", ".join(f"{a} / {b}" for a, b in (x or (None, None) for x in row.get("final_passes_speculated_used", [])))
             or "-"]) + " |")
+    if run.get("p95_speech_stopped_to_completed_ratio") is not None:
+        out += ["", f"speech_stopped → completed p95, early final on / off: "
+                    f"{run['p95_speech_stopped_to_completed_ratio']}; load average after each session: "
+                    f"{', '.join(str(x) for x in run['load_avg_1m_after_each_session'])}."]
     goals = run["goals"]
     out += ["", "Goals: " + "; ".join(f"{name.replace('_', ' ')}: {'met' if met else '**missed**'}"
                                       for name, met in goals.items()) + "."]

@@ -301,6 +301,9 @@ SETTINGS: tuple[Setting, ...] = (
             "beam size of a live utterance's final pass (5: as batch jobs; 1: greedy, faster, less accurate)"),
     Setting("WHISPER_REALTIME_MAX_LAG_SECONDS", 20.0, _float(1),
             "a live session whose transcription falls this far behind its audio is told and closed (session_lagging)"),
+    Setting("WHISPER_REALTIME_EARLY_FINAL", True, parse_bool,
+            "start a live turn's final pass when its speech goes quiet, so that completed need not wait for it "
+            "after silence_duration_ms (false: start it when the turn ends; costs a pass per pause in speech)"),
     Setting("WHISPER_METRICS_AUTH", False, parse_bool,
             "false: /metrics answers loopback callers only, without a token; true: a Bearer token from anywhere"),
     Setting("WHISPER_METRICS_DIR", "", _text,

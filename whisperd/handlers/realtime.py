@@ -168,7 +168,8 @@ class RealtimeHandler(WebSocketHandler):
                   "idle_seconds": config.WHISPER_REALTIME_IDLE_SECONDS,
                   "max_ahead_seconds": config.WHISPER_REALTIME_MAX_AHEAD_SECONDS,
                   "max_lag_seconds": config.WHISPER_REALTIME_MAX_LAG_SECONDS,
-                  "final_beam": config.WHISPER_REALTIME_FINAL_BEAM}
+                  "final_beam": config.WHISPER_REALTIME_FINAL_BEAM,
+                  "early_final": config.WHISPER_REALTIME_EARLY_FINAL}
         settings = self._initial_settings()
         engine = self.service.engine
         self.session = LiveSession(settings, self._engine_call, self._model_spec, self._send, limits,

@@ -301,6 +301,8 @@ class LiveSession:
             async with self._pass_lock:
                 if self.open is not utterance:
                     return  # ended meanwhile: its final pass has it
+                if self.turns is not None and self.turns.pausing:
+                    return  # gone quiet while it waited: the speculative final pass goes first
                 answer = await self.engine_call(self._pass_message(utterance, self._audio(utterance.start_ms, until_ms),
                                                                    False))
             if "error" in answer or self.open is not utterance:
@@ -317,6 +319,8 @@ class LiveSession:
     def _maybe_speculate(self) -> None:
         """Speech went quiet: start the final pass the turn will need if the quiet lasts."""
         utterance = self.open
+        if not self.limits.get("early_final", True):
+            return  # WHISPER_REALTIME_EARLY_FINAL=false
         if utterance is None or self.turns is None or self.finals_pending:
             return  # a final already waits for the lane: a speculation would only queue behind it
         end_ms = self.turns.end_if_silent()
