@@ -197,7 +197,9 @@ REALTIME_RUNS = (("realtime-compare.json", "bench/realtime.py --seconds 30 --com
                                           "two servers, WHISPER_REALTIME_EARLY_FINAL=false (the baseline) and =true, "
                                           "alternating"),
                  ("realtime.json", "bench/realtime.py: one, four, beside a batch job"),
-                 ("realtime-one.json", "bench/realtime.py --quick --seconds 60: one, beside a batch job"))
+                 ("realtime-one.json", "bench/realtime.py --quick --seconds 60: one, beside a batch job"),
+                 ("realtime-compare-quiet.json", "bench/realtime.py --seconds 60 --compare 2 on the quiet machine "
+                                                 "(no other work; load 0.8-2.1): early final off and on, alternating"))
 REALTIME_INTRO = """\
 ## Live transcription (issue 26)
 
