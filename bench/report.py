@@ -150,9 +150,11 @@ default filter, tests/test_decoder_quality.py) and the WAV demuxers hand over la
 mp3's MPEG decoding itself (FFmpeg's mp3float; its fixed-point decoder is slower) stays the larger
 part of the mp3's decoder CPU, so that row's added time follows the machine's load: each round's
 figure is printed beside the median, and the decoder's own CPU time a file below the table.
-`bench/results/decoder.txt` below is a run of the branch as it stands (three rounds; processes
-before, the warm decoder after, in one run): the 44.1 kHz WAV adds 9.3 ms a job (goal met), the
-mp3 27.8 ms (goal 15 ms: missed). Where the mp3's 31 ms of decoder CPU a file goes (in-process,
+`bench/results/decoder.txt` below starts with a run on the machine with nothing else running
+(three rounds; processes and the warm decoder in one run, load average 2.3-1.4): the 30 s 44.1 kHz
+mp3 adds **13.2 ms** a job (rounds 11/13/14; goal 15 ms: met; ffmpeg processes +98.6 ms), the
+44.1 kHz WAV **11.6 ms** (met; processes +108.6 ms). The earlier run kept below it shared the
+cores with other work: WAV 9.3 ms, mp3 27.8 ms (missed there). Where the mp3's 31 ms of decoder CPU a file goes (in-process,
 median of 15): MPEG decoding 16 ms and demuxing 3 ms (FFmpeg's own work: mp3float has no threads,
 its fixed-point decoder took 45 ms), the resampler 7.6 ms (filter 16; the default 10.7 ms, 12 taps
 7.1 ms), the rest (FIFO, WAV writes) ~4 ms. With up to two decoders on the two cores, a job's added
