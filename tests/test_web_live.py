@@ -41,14 +41,19 @@ def fake_microphone_page(tmp_path):
         browser.close()
 
 
-def test_live_mode_captions_a_fake_microphone(make_server, fake_microphone_page):
-    server = make_server(WHISPER_ENGINE="worker")
-    page = fake_microphone_page
+def start_live_mode(page, server):
+    """The page with the token saved and Live mode listening, as a caption user starts it."""
     page.goto(server.url("/"))
     page.fill("#token", TOKEN)
     page.click("#token-save")
     page.click("#live-start")
     expect(page.locator("#live-state")).to_have_text("Listening…")
+    return page
+
+
+def test_live_mode_captions_a_fake_microphone(make_server, fake_microphone_page):
+    server = make_server(WHISPER_ENGINE="worker")
+    page = start_live_mode(fake_microphone_page, server)
     expect(page.locator("#live-stop")).to_be_enabled()
     # A provisional caption while speech goes on, then finished utterances kept.
     expect(page.locator("#live-captions li.done").first).to_contain_text("w0", timeout=40_000)
@@ -73,12 +78,7 @@ def test_live_mode_captions_jfk_with_the_real_engine(make_server, fake_microphon
     # As a caption user would find a running server: the warm engine has loaded tiny.en.
     wait_until(lambda: server.api("GET", "/status").json()["engine"]["loaded_models"], timeout=180,
                what="the warm engine to load tiny.en")
-    page = fake_microphone_page
-    page.goto(server.url("/"))
-    page.fill("#token", TOKEN)
-    page.click("#token-save")
-    page.click("#live-start")
-    expect(page.locator("#live-state")).to_have_text("Listening…")
+    page = start_live_mode(fake_microphone_page, server)
     # jfk.flac is 11 s of speech (the server VAD ends a turn at its longer pauses), then 2 s of
     # silence: every turn's final transcript from the real engine is kept as a finished caption.
     spoken = words(JFK_TEXT)

@@ -149,8 +149,9 @@ class S3JobFiles(JobFiles):
         except BaseException:
             try:
                 self._delete_keys(keys)  # nothing half-published stays
-            except Exception:
-                pass  # the start-up sweep takes what stays
+            except Exception as exc:  # the original failure is what the caller must see; say this one
+                log.warning("job %s: %d half-published %s object(s) stay for the start-up sweep: %s",
+                            job_id, len(keys), side, _store_error(exc, "delete them"))
             raise
         return keys
 
