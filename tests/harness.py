@@ -260,10 +260,29 @@ class Server:
         if not self.env.get("WHISPER_STORAGE_URL"):
             return []
         client, bucket, jobs = self._store()
+        uploads = jobs[:-len("jobs/")] + "uploads/"  # tus uploads' objects and multipart uploads
         found = []
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=jobs):
-            found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
+        for prefix in (jobs, uploads):
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
+            for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+                found += [f"multipart upload of s3://{bucket}/{item['Key']}" for item in page.get("Uploads", [])]
         return found
+
+    def upload_bytes(self, upload_id: str) -> bytes | None:
+        """The bytes a tus upload of under one S3 part has kept so far (its file; on S3, its tail
+        object, named by its ledger row); None when there are none."""
+        if not self.env.get("WHISPER_STORAGE_URL"):
+            path = self.root / "tmp" / ".uploads" / upload_id
+            return path.read_bytes() if path.exists() else None
+        rows = self.rows("SELECT stored FROM uploads WHERE id=?", (upload_id,))
+        if not rows or not rows[0]["stored"]:
+            return None
+        record = json.loads(rows[0]["stored"])
+        assert record["mpu"] is None, "the upload has whole S3 parts: read it by staging it"
+        client, bucket, jobs = self._store()
+        key = f"{jobs[:-len('jobs/')]}uploads/{upload_id}/{record['tail']}"
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     def _store(self):
         """A client of this server's S3 store, its bucket and the prefix its jobs' objects are under."""

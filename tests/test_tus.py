@@ -216,8 +216,7 @@ def test_a_restart_between_two_patches_loses_nothing(make_server):
     assert offset_of(server, location) == 50_000
     assert patch(server, location, 50_000, data[50_000:]).status_code == 204
     upload_id = location.rsplit("/", 1)[1]
-    stored = server.root / "tmp" / ".uploads"
-    assert hashlib.sha1((stored / upload_id).read_bytes()).digest() == hashlib.sha1(data).digest()
+    assert hashlib.sha1(server.upload_bytes(upload_id)).digest() == hashlib.sha1(data).digest()
     job_id = use(server, upload_id).json()["job_id"]
     assert server.wait_status(job_id)["status"] == "Completed"
     # A kill -9 between two PATCHes: the same.
@@ -253,10 +252,10 @@ def test_unfinished_uploads_expire_and_retention_deletes_their_bytes(make_server
     location = create(server, len(data))
     assert patch(server, location, 0, data[:1000]).status_code == 204
     upload_id = location.rsplit("/", 1)[1]
-    assert (server.root / "tmp" / ".uploads" / upload_id).exists()
+    assert server.upload_bytes(upload_id) == data[:1000]
     wait_until(lambda: not server.rows("SELECT count(*) AS n FROM uploads")[0]["n"], 15,
                "retention to expire the unfinished upload", poll=0.2)
-    assert not (server.root / "tmp" / ".uploads" / upload_id).exists()
+    assert server.upload_bytes(upload_id) is None
     assert server.api("HEAD", location, headers=dict(TUS)).status_code == 404
     nothing_left(server)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -9,6 +11,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from .clock import wall_time
 
@@ -189,11 +192,27 @@ class JobFiles:
     def remove_resumable(self, upload_id: str) -> None:
         _remove_tree(self.resumable_path(upload_id))
 
-    def stage_resumable(self, upload_id: str, job_id: str) -> Path:
+    async def open_patch(self, upload, offset: int) -> "LocalPatch":
+        """The upload's file, locked against a writer in another process, cut back to `offset`:
+        bytes past the ledger's offset (a PATCH cut off before it was counted) do not count."""
+        handle = open(self.resumable_path(upload.id), "r+b")  # FileNotFoundError: the bytes are gone
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: another writes
+            handle.truncate(offset)
+            handle.seek(offset)
+        except BaseException:
+            handle.close()
+            raise
+        return LocalPatch(handle, offset)
+
+    async def stage_resumable(self, upload, job_id: str) -> Path:
         """A finished upload's bytes in a new job's staging dir: a second name for the same file
         (no copy; a copy where the file system has no hard links), so that the upload stays whole
         until the job's row commits (issue 24); the upload's own name goes after that commit
         (Service.submit). FileNotFoundError when the upload's bytes are gone."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._link_resumable, upload.id, job_id)
+
+    def _link_resumable(self, upload_id: str, job_id: str) -> Path:
         staged = self.staging_dir(job_id)
         staged.mkdir(parents=True, exist_ok=True)
         target = staged / UPLOAD_NAME  # the client's extension decides nothing (intake.py)
@@ -262,6 +281,40 @@ class JobFiles:
             except OSError as exc:
                 log.error("could not quarantine %s: %s", entry, exc)
         return removed, quarantine
+
+
+class LocalPatch:
+    """One PATCH's bytes going straight into the upload's file (store.PatchBytes)."""
+
+    def __init__(self, handle: BinaryIO, start: int) -> None:
+        self.handle = handle
+        self.start = start
+        self.received = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.handle.write(chunk)  # small sequential writes, as multipart uploads do
+        self.received += len(chunk)
+
+    async def settle(self, keep: bool, reserve) -> tuple[int, None]:
+        await asyncio.get_running_loop().run_in_executor(None, self._close, keep)
+        return self.received, None
+
+    def _close(self, keep: bool) -> None:
+        """Durable on disk (keep), or cut back to where this PATCH began; the lock goes with the file."""
+        try:
+            if not keep:
+                self.handle.truncate(self.start)
+                self.received = 0
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        finally:
+            self.handle.close()
+
+    async def undo(self) -> None:
+        return None  # past the ledger's offset: the next PATCH cuts it off
+
+    async def done(self) -> None:
+        return None
 
 
 def _made_by(directory: Path) -> str | None:

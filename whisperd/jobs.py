@@ -160,6 +160,8 @@ class UploadRecord:
     finished_at: str | None = None
     job_id: str | None = None
     used_at: str | None = None
+    stored: str | None = None  # the store's record of the bytes that count (None: a local file)
+    next_part: int = 1  # the S3 part number the next PATCH may take
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "UploadRecord":

@@ -11,6 +11,7 @@ new time, confirms the jump and takes the wall clock's word.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timedelta, timezone
 from typing import Callable
@@ -94,7 +95,8 @@ async def expire_uploads(ledger: Ledger, files: JobFiles) -> list[str]:
         if not batch:
             break
     # Bytes whose row is gone (a crash between the two deletions): rows are made before bytes.
-    for upload_id in files.resumable_ids():
+    # Listing an object store is a network call: off the IOLoop.
+    for upload_id in await asyncio.get_running_loop().run_in_executor(None, files.resumable_ids):
         if await ledger.get_upload(upload_id) is None:
             files.remove_resumable(upload_id)
             expired.append(upload_id)

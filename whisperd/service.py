@@ -118,7 +118,7 @@ class Service:
                                    may_claim=lambda: self.keeper.connected and self.storage.healthy)
         self.webhooks = WebhookSender(config, self.ledger)
         self.fetcher = MediaFetcher(config)
-        self.resumable = ResumableUploads(self.ledger, self.files)
+        self.resumable = ResumableUploads(self.ledger, self.files, config, self.storage_refusal)
         self.draining = False  # set once, by stop(): new requests get 503 from then on
         self.requests_in_flight = 0  # handlers count themselves (request_began/ended): shutdown waits for them
         self._no_requests = asyncio.Event()

@@ -439,6 +439,39 @@ def test_uploads_advance_by_offset_and_are_used_once(db):
     run(db, body)
 
 
+def test_one_patch_claims_an_upload_at_a_time_and_part_numbers_are_never_given_twice(db):
+    """Issue 29: any node may take a PATCH; the ledger decides which one writes, and hands out the
+    S3 part numbers; the offset update lets go of the claim and records the store's record."""
+
+    async def body(ledger):
+        upload = _upload()
+        await ledger.create_upload(upload)
+        soon, later = now_iso(utc_now() + timedelta(seconds=20)), now_iso(utc_now() + timedelta(seconds=40))
+        assert await ledger.claim_upload(upload.id, "first", soon) is None
+        assert await ledger.claim_upload(upload.id, "second", soon) == soon  # held: until when
+        assert await ledger.renew_upload_claim(upload.id, "first", later)
+        assert not await ledger.renew_upload_claim(upload.id, "second", later)
+        assert await ledger.claim_upload(upload.id, "second", soon) == later
+        assert await ledger.reserve_upload_parts(upload.id, 3, 10_000) == 1
+        assert await ledger.reserve_upload_parts(upload.id, 2, 10_000) == 4
+        assert await ledger.reserve_upload_parts(upload.id, 9_996, 10_000) is None  # past S3's last number
+        expires = now_iso(utc_now() + timedelta(hours=5))
+        assert await ledger.advance_upload(upload.id, 0, 4, stored='{"tail": "t1"}', claim="first", expires_at=expires)
+        row = await ledger.get_upload(upload.id)
+        assert (row.upload_offset, row.stored, row.next_part, row.expires_at) == (4, '{"tail": "t1"}', 6, expires)
+        assert await ledger.claim_upload(upload.id, "second", soon) is None  # the offset update let go
+        assert await ledger.advance_upload(upload.id, 4, 4, claim="first")  # not its claim: kept
+        assert await ledger.claim_upload(upload.id, "third", soon) == soon
+        await ledger.release_upload_claim(upload.id, "second")
+        assert (await ledger.get_upload(upload.id)).stored == '{"tail": "t1"}'  # None keeps it
+        lapsed = _upload()
+        await ledger.create_upload(lapsed)
+        assert await ledger.claim_upload(lapsed.id, "dead node", now_iso(utc_now() - timedelta(seconds=1))) is None
+        assert await ledger.claim_upload(lapsed.id, "living node", soon) is None  # a lapsed claim is taken over
+
+    run(db, body)
+
+
 def test_an_upload_becomes_a_job_in_the_jobs_own_transaction(db):
     """Issue 24 item 7: until the job's row commits, the upload stays whole and usable."""
 

@@ -9,26 +9,24 @@ that was acknowledged. A PATCH body goes to disk chunk by chunk, as multipart up
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import fcntl
 import hashlib
 import logging
-import os
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from email.utils import format_datetime
-from typing import Any, BinaryIO
+from typing import Any
 
 from tornado.web import stream_request_body
 
-from ..clock import iso, utc_now
 from ..jobfiles import display_name, new_job_id
 from ..identity.limits import check_open_uploads, file_size_limit
 from ..ratefloor import RateFloor
 from ..jobs import UploadRecord, now_iso
 from ..errors import Kind, ServiceError
 from ..integers import BadInteger, strict_int
+from ..resumable import Patch, idle_hours, iso_in
+from ..tasks import spawn
 from .base import BaseHandler
 from .multipart_upload import slot_owner
 
@@ -65,16 +63,6 @@ def http_date(stamp: str) -> str:
     return format_datetime(moment, usegmt=True)
 
 
-def iso_in(hours: float) -> str:
-    return iso(utc_now() + timedelta(hours=hours))
-
-
-def idle_hours(config: Any) -> float:
-    """How long an unfinished upload lives past its last byte: abandoned ones must not hold the
-    disk for the day a finished one is kept."""
-    return min(config.WHISPER_UPLOAD_IDLE_HOURS, config.WHISPER_UPLOAD_EXPIRY_HOURS)
-
-
 def _number(value: str | None, name: str) -> int:
     try:
         return strict_int(value, name, maximum=MAX_BYTES)
@@ -84,31 +72,28 @@ def _number(value: str | None, name: str) -> int:
 
 
 class _Writing:
-    """One PATCH's bytes going to disk: the file (locked against a PATCH in another process), the hash."""
+    """One PATCH as the handler sees it: its bytes (resumable.Patch) and the hash of its body."""
 
-    def __init__(self, handle: BinaryIO, start: int, algorithm: str | None, expected: bytes | None) -> None:
-        self.handle = handle
-        self.start = start
-        self.received = 0
+    def __init__(self, patch: Patch, algorithm: str | None, expected: bytes | None) -> None:
+        self.patch = patch
         self.hasher = hashlib.new(algorithm) if algorithm else None
         self.expected = expected
 
+    @property
+    def start(self) -> int:
+        return self.patch.start
+
+    @property
+    def received(self) -> int:
+        return self.patch.received
+
     def write(self, chunk: bytes) -> None:
-        self.handle.write(chunk)  # small sequential writes, as multipart uploads do
-        self.received += len(chunk)
+        self.patch.write(chunk)
         if self.hasher is not None:
             self.hasher.update(chunk)
 
-    def close(self, keep: bool) -> int:
-        """Close the file; without keep, cut it back to where this PATCH began. Returns the bytes kept."""
-        try:
-            if not keep:
-                self.handle.truncate(self.start)
-                self.received = 0
-            self.handle.flush()
-        finally:
-            self.handle.close()  # closing releases the flock too
-        return self.received
+    def verified(self) -> bool:
+        return self.expected is None or self.hasher is None or self.hasher.digest() == self.expected
 
 
 class _TusBase(BaseHandler):
@@ -271,22 +256,9 @@ class TusUploadHandler(_TusBase):
         owner = slot_owner(self.identity)
         self.service.take_upload_slot(address, owner)
         self._slot = (address, owner)
-        path = self.service.resumable.path(upload.id)
-        try:
-            handle = open(path, "r+b")
-        except FileNotFoundError:
-            raise ServiceError(Kind.GONE, f"the bytes of upload {upload.id} are gone from the server; upload again") from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ServiceError(Kind.LOCKED, f"another PATCH of upload {upload.id} is in progress; ask HEAD for the offset "
-                                "once it ends") from None
-        # Bytes past the recorded offset (from a PATCH cut off before it was recorded) do not count.
-        handle.truncate(offset)
-        handle.seek(offset)
+        patch = await self.service.resumable.begin_patch(upload, offset)  # 423 while another PATCH writes
         self._upload = upload
-        self._writing = _Writing(handle, offset, algorithm, expected)
+        self._writing = _Writing(patch, algorithm, expected)
         declared = _number(length, "Content-Length") if length is not None else None
         self._rate = RateFloor(self.service.config, self._too_slow, declared).start()
 
@@ -313,6 +285,12 @@ class TusUploadHandler(_TusBase):
     def on_finish(self) -> None:
         super().on_finish()
         self._release_slot()
+        self._drop()  # an answer that came before the body was taken: its bytes do not count
+
+    def _drop(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            spawn(self.service.resumable.finish_patch(writing.patch, keep=False), "dropping a PATCH's bytes")
 
     def _checksum(self) -> tuple[str | None, bytes | None]:
         header = self.request.headers.get("Upload-Checksum")
@@ -350,9 +328,7 @@ class TusUploadHandler(_TusBase):
         """Answer now and drop this PATCH's bytes: the rest of the body is not worth reading."""
         self._refused = True
         self._release_slot()
-        if self._writing is not None:
-            self._writing.close(keep=False)
-            self._writing = None
+        self._drop()
         self.answer_now(error)
 
     async def patch(self, upload_id: str) -> None:
@@ -362,32 +338,14 @@ class TusUploadHandler(_TusBase):
         if self._rate is not None:
             self._rate.stop()  # the whole body is here
         self._writing = None
-        if writing.expected is not None and writing.hasher is not None and writing.hasher.digest() != writing.expected:
-            writing.close(keep=False)
+        verified = writing.verified()
+        await self.service.resumable.finish_patch(writing.patch, keep=verified)
+        if not verified:
             raise ServiceError(Kind.CHECKSUM_MISMATCH, "Upload-Checksum does not match the PATCH's body (sha1); the bytes were dropped: "
                                 "send them again")
-        received = writing.close(keep=True)
-        await self._record(upload, writing.start, received)
         self._describe(upload)
         self.set_status(204)
         self.finish()
-
-    async def _record(self, upload: UploadRecord, start: int, received: int) -> None:
-        """Make the bytes durable, then move the ledger's offset (only then do they count)."""
-        path = self.service.resumable.path(upload.id)
-        await asyncio.get_running_loop().run_in_executor(None, _fsync, path)
-        if not await self.service.resumable.advance(upload.id, start, start + received):
-            raise ServiceError(Kind.CONFLICT, f"upload {upload.id} changed meanwhile (another PATCH, used, or expired); "
-                                "ask HEAD for its offset")
-        upload.upload_offset = start + received
-        config = self.service.config
-        # Each byte pushes an unfinished upload's expiry back by the idle time; a finished one
-        # keeps the full WHISPER_UPLOAD_EXPIRY_HOURS to be used.
-        expires_at = iso_in(config.WHISPER_UPLOAD_EXPIRY_HOURS if upload.complete else idle_hours(config))
-        if await self.service.resumable.set_expiry(upload.id, expires_at):
-            upload.expires_at = expires_at
-        if upload.complete:
-            log.info("upload %s finished: %d bytes", upload.id, upload.upload_length)
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -397,20 +355,18 @@ class TusUploadHandler(_TusBase):
     def _keep_partial(self) -> None:
         # Cut off mid-PATCH: keep what came (tus core: the client resumes from HEAD's offset),
         # unless a checksum was asked for, which a part of the body cannot satisfy.
-        writing, upload = self._writing, self._upload
-        self._writing = None
-        if writing is None or upload is None:
-            return
-        keep = writing.expected is None
-        received = writing.close(keep=keep)
-        if received:
-            asyncio.ensure_future(self._record_partial(upload, writing.start, received))
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            spawn(self._record_partial(writing), f"a cut-off PATCH of upload {writing.patch.upload.id}")
 
-    async def _record_partial(self, upload: UploadRecord, start: int, received: int) -> None:
+    async def _record_partial(self, writing: _Writing) -> None:
+        upload = writing.patch.upload
+        keep = writing.expected is None
         try:
-            await self._record(upload, start, received)
-            log.info("upload %s: connection cut mid-PATCH; kept %d bytes, offset %d", upload.id, received,
-                     upload.upload_offset)
+            await self.service.resumable.finish_patch(writing.patch, keep=keep)
+            if keep:
+                log.info("upload %s: connection cut mid-PATCH; kept %d bytes, offset %d", upload.id,
+                         writing.received, upload.upload_offset)
         except Exception as exc:  # the next PATCH starts from the recorded offset anyway
             log.warning("upload %s: could not record a cut-off PATCH's bytes: %s", upload.id, exc)
 
@@ -425,11 +381,3 @@ class TusUploadHandler(_TusBase):
         log.info("upload %s terminated by the client", upload.id)
         self.set_status(204)
         self.finish()
-
-
-def _fsync(path: os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -796,16 +796,66 @@ class SqlLedger:
         row = await self._read_one("SELECT * FROM uploads WHERE id=:id", {"id": upload_id})
         return UploadRecord.from_row(row) if row else None
 
-    async def advance_upload(self, upload_id: str, from_offset: int, to_offset: int) -> bool:
-        """Record that the bytes up to to_offset are on disk; False when the offset moved meanwhile
-        (another PATCH won, on any node), the upload was used, or it expired."""
+    async def advance_upload(self, upload_id: str, from_offset: int, to_offset: int, *, stored: str | None = None,
+                             claim: str | None = None, expires_at: str | None = None) -> bool:
+        """Record that the bytes up to to_offset are durable; False when the offset moved meanwhile
+        (another PATCH won, on any node), the upload was used, or it expired. stored: the store's
+        new record of those bytes (kept as it is when None); claim: the PATCH's claim, let go in
+        the same write; expires_at: the new Upload-Expires."""
 
         async def work(tx, now):
             return bool(await tx.execute(
                 "UPDATE uploads SET upload_offset=:to, updated_at=:now,"
-                " finished_at=CASE WHEN :to = upload_length THEN :now END"
+                " finished_at=CASE WHEN :to = upload_length THEN :now END,"
+                " stored=coalesce(:stored, stored), expires_at=coalesce(:expires, expires_at),"
+                " patch_claim=CASE WHEN patch_claim = :claim THEN NULL ELSE patch_claim END,"
+                " patch_claim_until=CASE WHEN patch_claim = :claim THEN NULL ELSE patch_claim_until END"
                 " WHERE id=:id AND upload_offset=:from AND job_id IS NULL AND expires_at > :now",
-                {"id": upload_id, "from": from_offset, "to": to_offset, "now": now}))
+                {"id": upload_id, "from": from_offset, "to": to_offset, "now": now, "stored": stored,
+                 "claim": claim, "expires": expires_at}))
+
+        return await self._write(work)
+
+    async def claim_upload(self, upload_id: str, claim: str, until: str) -> str | None:
+        """Take the one PATCH slot of an upload, cluster-wide, until `until` (renew_upload_claim
+        moves it on); None when taken, else the time the PATCH holding it lapses."""
+
+        async def work(tx, now):
+            if await tx.execute(
+                    "UPDATE uploads SET patch_claim=:claim, patch_claim_until=:until WHERE id=:id AND job_id IS NULL"
+                    " AND (patch_claim IS NULL OR patch_claim_until <= :now)",
+                    {"id": upload_id, "claim": claim, "until": until, "now": now}):
+                return None
+            rows = await tx.fetchall("SELECT patch_claim_until FROM uploads WHERE id=:id", {"id": upload_id})
+            return (rows[0][0] if rows else None) or now
+
+        return await self._write(work, durable=False)
+
+    async def renew_upload_claim(self, upload_id: str, claim: str, until: str) -> bool:
+        """Move a PATCH's claim on; False when it is not this PATCH's any more."""
+
+        async def work(tx, now):
+            return bool(await tx.execute("UPDATE uploads SET patch_claim_until=:until WHERE id=:id AND patch_claim=:claim",
+                                         {"id": upload_id, "claim": claim, "until": until}))
+
+        return await self._write(work, durable=False)
+
+    async def release_upload_claim(self, upload_id: str, claim: str) -> None:
+        async def work(tx, now):
+            await tx.execute("UPDATE uploads SET patch_claim=NULL, patch_claim_until=NULL WHERE id=:id AND patch_claim=:claim",
+                             {"id": upload_id, "claim": claim})
+
+        await self._write(work, durable=False)
+
+    async def reserve_upload_parts(self, upload_id: str, count: int, limit: int) -> int | None:
+        """Take `count` part numbers of an upload for one PATCH, never handed out again; the
+        first of them, or None when they would pass `limit` (the store's last part number)."""
+
+        async def work(tx, now):
+            rows = await tx.fetchall(
+                "UPDATE uploads SET next_part = next_part + :count WHERE id=:id AND next_part + :count <= :limit + 1"
+                " RETURNING next_part - :count", {"id": upload_id, "count": count, "limit": limit})
+            return int(rows[0][0]) if rows else None
 
         return await self._write(work)
 
@@ -832,15 +882,6 @@ class SqlLedger:
             "SELECT count(*), coalesce(sum(upload_length), 0), coalesce(sum(upload_length - upload_offset), 0)"
             f" FROM uploads WHERE job_id IS NULL AND expires_at > :now{where}", {"now": now_iso(), "owner": owner})
         return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
-
-    async def set_upload_expiry(self, upload_id: str, expires_at: str) -> bool:
-        """Move an upload's Upload-Expires (not one already used); False when there is none such."""
-
-        async def work(tx, now):
-            return bool(await tx.execute("UPDATE uploads SET expires_at=:expires WHERE id=:id AND job_id IS NULL",
-                                         {"expires": expires_at, "id": upload_id}))
-
-        return await self._write(work)
 
     async def delete_upload(self, upload_id: str) -> bool:
         """tus termination: forget an upload not yet used (False: none such)."""

@@ -13,13 +13,32 @@ and WhisperX need a file); they differ in where a job's files live between those
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from ..jobfiles import JobFiles
+from ..jobs import UploadRecord
 
 
 class StoreRefused(Exception):
     """The object store cannot be used at all (credentials, bucket): start-up stops with this line."""
+
+
+class PatchBytes(Protocol):
+    """One tus PATCH's bytes on their way to where the upload's bytes are kept (resumable.py
+    claims the upload before, and counts what settle() made durable after)."""
+
+    start: int  # the upload's offset this PATCH writes from
+    received: int
+
+    def write(self, chunk: bytes) -> None:
+        """On the IOLoop, as the body comes: small sequential writes to a local file."""
+    async def settle(self, keep: bool, reserve: Callable[[int], Awaitable[int]]) -> tuple[int, str | None]:
+        """Make this PATCH's bytes durable (keep) or drop them: (bytes kept, the store's new record
+        of the upload's bytes for the ledger, None: unchanged). reserve(n): n part numbers, first."""
+    async def undo(self) -> None:
+        """The ledger did not count what settle() wrote (another PATCH won): it goes."""
+    async def done(self) -> None:
+        """The ledger counted it: what it replaced goes."""
 
 
 class JobStore(Protocol):
@@ -54,6 +73,15 @@ class JobStore(Protocol):
         """At start: StoreRefused when the store cannot be used at all."""
     def sweep_store(self, live_jobs: set[str], min_age_seconds: float) -> list[str]:
         """At start: the stored files of no live job, older than min_age_seconds, removed."""
+    # tus uploads: bytes that outlive a restart, written one PATCH at a time (resumable.py)
+    def create_resumable(self, upload_id: str) -> None: ...
+    async def open_patch(self, upload: UploadRecord, offset: int) -> PatchBytes:
+        """FileNotFoundError when the upload's bytes are gone; BlockingIOError while another writes."""
+    async def stage_resumable(self, upload: UploadRecord, job_id: str) -> Path:
+        """A finished upload's bytes as job_id's staged file (FileNotFoundError when gone)."""
+    def resumable_ids(self) -> list[str]:
+        """The uploads that have bytes kept (retention compares them with the ledger's rows)."""
+    def remove_resumable(self, upload_id: str) -> None: ...
     def cluster_marks(self):
         """Where a cluster's identity is marked (nodes.check_cluster_identity); None: the two directories."""
     async def close(self) -> None: ...

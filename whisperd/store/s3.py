@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import os
 import threading
@@ -29,8 +30,9 @@ from typing import Any, Callable
 
 from ..clock import wall_time
 from ..jobfiles import (CANONICAL_NAME, CLUSTER_MARK, MARKERS, QUARANTINE, RESUMABLE, STAGING, TOKEN_FILE,
-                        JobFiles, _remove_tree, is_job_id)
+                        UPLOAD_NAME, JobFiles, _remove_tree, is_job_id)
 from . import StoreRefused
+from . import s3_tus
 
 log = logging.getLogger("whisperd.store")
 PART_BYTES = 8 * 2**20  # multipart threshold and part size: a 512 MiB upload is 64 parts, a few in memory
@@ -123,6 +125,10 @@ class S3JobFiles(JobFiles):
     def _key(self, job_id: str, side: str, name: str = "") -> str:
         return f"{self.base}jobs/{job_id}/{side}/{name}"
 
+    def upload_key(self, upload_id: str, name: str) -> str:
+        """A tus upload's object (store/s3_tus.py)."""
+        return f"{self.base}uploads/{upload_id}/{name}"
+
     def _list(self, prefix: str) -> list[dict]:
         found: list[dict] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
@@ -214,22 +220,63 @@ class S3JobFiles(JobFiles):
 
     def remove_all(self, job_id: str) -> None:
         super().remove_all(job_id)
+        self._in_background(self._delete_job, job_id, f"job {job_id}")
+
+    def _in_background(self, delete: Callable[..., None], key: str, what: str) -> None:
+        """Deletions the caller does not wait for (close() does); at start-up, before any loop, or
+        after close(), done at once. A failure leaves the objects to the next sweep, said in the log."""
+
+        def run() -> None:
+            try:
+                delete(key)
+            except Exception as exc:
+                log.error("%s: its objects were not deleted: %s", what, _store_error(exc, "delete objects"))
+
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        if loop is None or self._closed:  # start-up (settle, before any loop), or after close(): wait for it
-            self._delete_job(job_id)
+        if loop is None or self._closed:
+            run()
             return
-        future = loop.run_in_executor(self._pool, self._delete_job, job_id)
+        future = loop.run_in_executor(self._pool, run)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 
     def _delete_job(self, job_id: str) -> None:
+        self._delete_keys([item["Key"] for item in self._list(f"{self.base}jobs/{job_id}/")])
+
+    # -- tus uploads (store/s3_tus.py): any node takes any PATCH
+
+    def create_resumable(self, upload_id: str) -> None:
+        return None  # the first PATCH makes the objects; until then the row is the whole upload
+
+    async def open_patch(self, upload, offset: int) -> s3_tus.S3Patch:
+        spool = self.staging_root / f".tus-{upload.id}-{uuid.uuid4().hex[:8]}"
+        patch = s3_tus.S3Patch(self, upload, offset, spool)
         try:
-            self._delete_keys([item["Key"] for item in self._list(f"{self.base}jobs/{job_id}/")])
-        except Exception as exc:  # the objects stay until the next start's sweep (their job has ended)
-            log.error("job %s: its objects were not deleted: %s", job_id, _store_error(exc, "delete objects"))
+            await self._run("read the upload's last bytes", patch.fill)
+        except BaseException:
+            patch.handle.close()
+            _remove_tree(spool)
+            raise
+        return patch
+
+    async def stage_resumable(self, upload, job_id: str) -> Path:
+        staged = self.staging_dir(job_id)
+        staged.mkdir(parents=True, exist_ok=True)
+        target = staged / UPLOAD_NAME
+        try:
+            await self._run("fetch the upload's bytes", s3_tus.stage, self, upload, target)
+        except FileNotFoundError:
+            raise
+        return target
+
+    def resumable_ids(self) -> list[str]:
+        return s3_tus.upload_ids(self)
+
+    def remove_resumable(self, upload_id: str) -> None:
+        self._in_background(functools.partial(s3_tus.delete_upload, self), upload_id, f"upload {upload_id}")
 
     def probe(self) -> OSError | None:
         key = f"{self.base}{PROBE_KEY}{uuid.uuid4().hex}"
@@ -289,7 +336,7 @@ class S3JobFiles(JobFiles):
             self._delete_keys(doomed)
             removed += doomed
             paginator = self.client.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.base):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.base}jobs/"):  # tus: retention's
                 for upload in page.get("Uploads", []):
                     if upload["Initiated"].timestamp() <= cutoff:
                         self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],

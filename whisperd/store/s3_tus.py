@@ -1,0 +1,233 @@
+"""tus uploads on the S3 backend: one S3 multipart upload per tus upload, PATCHes onto its parts.
+
+An upload's bytes live under <prefix>/uploads/<id>/: the parts of one multipart upload (key
+`data`), each PART_BYTES long, and the bytes past the last whole part (fewer than PART_BYTES:
+S3 refuses a part under 5 MiB unless it is the last) in an object `tail-<random>`. The ledger's
+`stored` column records which: {"mpu": its id, "parts": [[number, etag], ...], "tail": name}.
+Any node may take the next PATCH: it spools the tail and the body in its scratch, sends the
+whole parts it now has under part numbers reserved in the ledger (never handed out twice, so a
+PATCH that lost its claim cannot overwrite one that counts), puts the rest as a new tail, and
+the ledger's offset update (compare-and-set) decides whether any of it counts. Nothing is
+overwritten in place: what lost is deleted, or never listed when the upload is completed.
+
+Parts are numbered in the order PATCHes counted them, which is the order of their bytes: a PATCH
+reserves its numbers after it read the record of every PATCH that counted before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..jobfiles import _remove_tree
+from ..jobs import UploadRecord
+
+if TYPE_CHECKING:
+    from .s3 import S3JobFiles
+
+PART_BYTES = 8 * 2**20  # S3's floor for a part that is not the last is 5 MiB
+DATA = "data"
+
+
+def _errors():
+    import botocore.exceptions
+    return botocore.exceptions
+
+
+def record_of(upload: UploadRecord) -> dict[str, Any]:
+    state = json.loads(upload.stored) if upload.stored else {}
+    return {"mpu": state.get("mpu"), "parts": [list(part) for part in state.get("parts", [])],
+            "tail": state.get("tail")}
+
+
+class S3Patch:
+    """One PATCH on the S3 backend (store.PatchBytes): spooled in the node's scratch, then parts."""
+
+    def __init__(self, store: "S3JobFiles", upload: UploadRecord, offset: int, spool: Path) -> None:
+        self.store = store
+        self.upload = upload
+        self.start = offset
+        self.received = 0
+        self.record = record_of(upload)
+        self.head = offset - len(self.record["parts"]) * PART_BYTES  # the tail's bytes, first in the spool
+        self.spool = spool
+        self.handle = open(spool, "w+b")
+        os.chmod(spool, 0o600)
+        self.written: tuple[str | None, str | None] = (None, None)  # (multipart upload made, tail put)
+
+    def fill(self) -> None:
+        """The tail that counts, first in the spool (in the store's thread pool)."""
+        if self.head:
+            key = self.store.upload_key(self.upload.id, self.record["tail"])
+            with _missing_as_gone(key):
+                body = self.store.client.get_object(Bucket=self.store.bucket, Key=key, Range=f"bytes=0-{self.head - 1}")["Body"]
+            for chunk in iter(lambda: body.read(2**20), b""):
+                self.handle.write(chunk)
+            if self.handle.tell() != self.head:
+                raise FileNotFoundError(f"the tail of upload {self.upload.id} is shorter than the ledger says")
+
+    def write(self, chunk: bytes) -> None:
+        self.handle.write(chunk)
+        self.received += len(chunk)
+
+    async def settle(self, keep: bool, reserve) -> tuple[int, str | None]:
+        try:
+            self.handle.flush()
+            if not keep or not self.received:
+                self.received = self.received if keep else 0
+                return self.received, None
+            total = self.head + self.received
+            whole, rest = divmod(total, PART_BYTES)
+            record = dict(self.record, parts=list(self.record["parts"]))
+            if whole:
+                if record["mpu"] is None:
+                    record["mpu"] = await self.store._run("start the upload's multipart upload", self._create)
+                    self.written = (record["mpu"], None)
+                first = await reserve(whole)
+                sending = asyncio.Semaphore(4)
+
+                async def send(index: int) -> list:
+                    async with sending:
+                        etag = await self.store._run("store a part of the upload", self._part, record["mpu"],
+                                                     first + index, index * PART_BYTES, PART_BYTES)
+                    return [first + index, etag]
+
+                record["parts"] += await asyncio.gather(*(send(index) for index in range(whole)))
+            record["tail"] = None
+            if rest:
+                record["tail"] = f"tail-{uuid.uuid4().hex}"
+                await self.store._run("store the end of the upload", self._put_tail, record["tail"],
+                                      whole * PART_BYTES, rest)
+                self.written = (self.written[0], record["tail"])
+            return self.received, json.dumps(record)
+        finally:
+            self.handle.close()
+            _remove_tree(self.spool)
+
+    def _create(self) -> str:
+        return self.store.client.create_multipart_upload(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, DATA),
+                                                         **self.store.extra)["UploadId"]
+
+    def _part(self, mpu: str, number: int, at: int, size: int) -> str:
+        body = os.pread(self.handle_fd(), size, at)
+        with _missing_as_gone(f"the multipart upload of {self.upload.id}"):  # aborted: terminated or expired
+            return self.store.client.upload_part(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, DATA),
+                                             UploadId=mpu, PartNumber=number, Body=body)["ETag"]
+
+    def _put_tail(self, name: str, at: int, size: int) -> None:
+        body = os.pread(self.handle_fd(), size, at)
+        self.store.client.put_object(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, name), Body=body,
+                                     **self.store.extra)
+
+    def handle_fd(self) -> int:
+        return self.handle.fileno()
+
+    async def undo(self) -> None:
+        made, tail = self.written
+        await self.store._run("remove what a PATCH that lost wrote", self._undo, made, tail)
+
+    def _undo(self, made: str | None, tail: str | None) -> None:
+        if tail:
+            self.store.client.delete_object(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, tail))
+        if made:
+            self.store.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, DATA),
+                                                     UploadId=made)
+
+    async def done(self) -> None:
+        old = self.record["tail"]
+        if old and self.received:
+            await self.store._run("remove the upload's old tail", lambda: self.store.client.delete_object(
+                Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, old)))
+
+
+def stage(store: "S3JobFiles", upload: UploadRecord, target: Path) -> None:
+    """A finished upload's bytes as one local file (in the store's thread pool): its multipart
+    upload completed into `data` (once; a later staging finds `data`), then downloaded."""
+    record = record_of(upload)
+    data = store.upload_key(upload.id, DATA)
+    if record["mpu"] is None:  # fewer bytes than one part: they are all in the tail
+        if not record["tail"]:
+            raise FileNotFoundError(upload.id)
+        _download(store, store.upload_key(upload.id, record["tail"]), target, upload.upload_length)
+        return
+    if not _exists(store, data):
+        try:
+            _complete(store, upload, record, data)
+        except _errors().ClientError:
+            if not _exists(store, data):  # another staging completed it first: its object is here
+                raise
+    _download(store, data, target, upload.upload_length)
+
+
+@contextlib.contextmanager
+def _missing_as_gone(what: str):
+    """A key or multipart upload the store no longer has: FileNotFoundError (410), not the store
+    failing (which would stop this node taking work)."""
+    try:
+        yield
+    except _errors().ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "NoSuchUpload", "404") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            raise FileNotFoundError(what) from None
+        raise
+
+
+def _complete(store: "S3JobFiles", upload: UploadRecord, record: dict[str, Any], data: str) -> None:
+    parts = [{"PartNumber": number, "ETag": etag} for number, etag in record["parts"]]
+    if record["tail"]:
+        # The tail becomes the last part, under a number no PATCH was given (next_part): two
+        # stagings at once send the same bytes under it.
+        with _missing_as_gone(record["tail"]):
+            body = store.client.get_object(Bucket=store.bucket, Key=store.upload_key(upload.id, record["tail"]))["Body"].read()
+        size = upload.upload_length - len(record["parts"]) * PART_BYTES
+        etag = store.client.upload_part(Bucket=store.bucket, Key=data, UploadId=record["mpu"], PartNumber=upload.next_part,
+                                        Body=body[:size])["ETag"]
+        parts.append({"PartNumber": upload.next_part, "ETag": etag})
+    store.client.complete_multipart_upload(Bucket=store.bucket, Key=data, UploadId=record["mpu"],
+                                           MultipartUpload={"Parts": parts})
+
+
+def _exists(store: "S3JobFiles", key: str) -> bool:
+    bex = _errors()
+    try:
+        store.client.head_object(Bucket=store.bucket, Key=key)
+        return True
+    except bex.ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return False
+        raise
+
+
+def _download(store: "S3JobFiles", key: str, target: Path, length: int) -> None:
+    with _missing_as_gone(key):
+        store.client.download_file(store.bucket, key, str(target), Config=store._transfer())
+    if target.stat().st_size != length:
+        raise FileNotFoundError(f"{key} is shorter than the upload")
+
+
+def upload_ids(store: "S3JobFiles") -> list[str]:
+    """Every upload with objects or a multipart upload under <prefix>/uploads/."""
+    root = f"{store.base}uploads/"
+    found = set()
+    for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=root, Delimiter="/"):
+        found.update(item["Prefix"][len(root):].rstrip("/") for item in page.get("CommonPrefixes", []))
+    for page in store.client.get_paginator("list_multipart_uploads").paginate(Bucket=store.bucket, Prefix=root):
+        found.update(item["Key"][len(root):].split("/", 1)[0] for item in page.get("Uploads", []))
+    return sorted(found)
+
+
+def delete_upload(store: "S3JobFiles", upload_id: str) -> None:
+    """Every object of the upload, and its multipart upload aborted (its parts go with it)."""
+    root = store.upload_key(upload_id, "")
+    store._delete_keys([item["Key"] for item in store._list(root)])
+    for page in store.client.get_paginator("list_multipart_uploads").paginate(Bucket=store.bucket, Prefix=root):
+        for item in page.get("Uploads", []):
+            store.client.abort_multipart_upload(Bucket=store.bucket, Key=item["Key"], UploadId=item["UploadId"])
+
+
+__all__ = ["PART_BYTES", "S3Patch", "stage", "upload_ids", "delete_upload"]
