@@ -1,5 +1,7 @@
 """#6 Job files in S3 (issue 29): an upload to whisperd on the S3 backend vs the local directory
-(throughput, server RSS growth), and jobs/s of 2 worker nodes sharing only PostgreSQL and S3 vs 1.
+(throughput, server RSS growth), a tus upload in 8 MiB PATCHes the same two ways and with its
+PATCHes alternating between two nodes, and jobs/s of 2 worker nodes sharing only PostgreSQL and
+S3 vs 1.
 
 The S3 server is SeaweedFS (`weed mini`, tests/seaweed.py) on loopback, on the same disk: its
 own writes compete with whisperd's, as a store on the same box would; read the ratios, not the
@@ -23,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .common import REPO, Server, Whisperd, machine, write_noop_engine
+from .common import REPO, RssSampler, Server, Whisperd, machine, write_noop_engine
 from .upload import MIB, make_file, measure
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -42,6 +44,47 @@ def uploads(work: Path, engine: Path, store: SeaweedServer, mib: int, repeats: i
         root.mkdir(parents=True, exist_ok=True)
         with Whisperd(root, engine, {**env, **extra}) as server:
             result[backend] = measure(server.proc.pid, server.port, path, repeats, fields, root / "tmp", server.token)
+    path.unlink()
+    return result
+
+
+def tus(work: Path, engine: Path, store: SeaweedServer, postgres: PostgresServer, mib: int) -> dict:
+    """A tus upload of `mib` MiB in 8 MiB PATCHes: create .. the last 204, and the HTTP process's
+    RSS growth; on the local directory, on S3, and on S3 with the PATCHes alternating between two
+    nodes (PostgreSQL): no node holds an upload, any takes the next PATCH."""
+    import requests
+
+    path = make_file(work / f"tus-{mib}mib.bin", mib * MIB)
+    chunk = 8 * MIB
+    env = {"MAX_FILE_SIZE": str(2**33)}
+    url, storage = postgres.new_database(), store.storage_env()
+    setups = {"local": [env], "s3": [{**env, **store.storage_env()}],
+              "s3, 2 nodes": [{**env, **storage, "WHISPER_DB_URL": url, "WHISPER_NODE_NAME": f"n{i}"} for i in (1, 2)]}
+    result = {}
+    for name, envs in setups.items():
+        nodes = []
+        try:
+            for i, node_env in enumerate(envs):
+                root = work / f"tus-{name.replace(', ', '-').replace(' ', '')}-{i}"
+                root.mkdir(parents=True, exist_ok=True)
+                nodes.append(Whisperd(root, engine, node_env).start())
+            tus_headers = {**nodes[0].auth, "Tus-Resumable": "1.0.0"}
+            with RssSampler(nodes[0].proc.pid) as rss, requests.Session() as session, path.open("rb") as handle:
+                started = time.monotonic()
+                created = session.post(nodes[0].url("/uploads"), headers={**tus_headers, "Upload-Length": str(path.stat().st_size)})
+                assert created.status_code == 201, created.text
+                location, offset = created.headers["Location"], 0
+                while data := handle.read(chunk):
+                    node = nodes[(offset // chunk) % len(nodes)]
+                    answer = session.patch(node.url(location), data=data, headers={
+                        **tus_headers, "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"})
+                    assert answer.status_code == 204, answer.text
+                    offset = int(answer.headers["Upload-Offset"])
+                elapsed = time.monotonic() - started
+            result[name] = {"mib_per_s": round(mib / elapsed, 1), "rss_growth_mib": round(rss.growth_mib, 1)}
+        finally:
+            for node in nodes:
+                node.stop()
     path.unlink()
     return result
 
@@ -86,11 +129,12 @@ def run(work: Path, engine: Path, quick: bool) -> dict:
     postgres = PostgresServer().start()
     try:
         up = uploads(work, engine, store, mib, repeats)
+        resumable = tus(work, engine, store, postgres, mib)
         tp = throughput(work, engine, store, postgres, jobs)
     finally:
         store.destroy()
         postgres.stop()
-    return {"upload_mib": mib, "repeats": repeats, "upload": up, "jobs": jobs, "jobs_per_s": tp}
+    return {"upload_mib": mib, "repeats": repeats, "upload": up, "tus": resumable, "jobs": jobs, "jobs_per_s": tp}
 
 
 def summary(r: dict) -> str:
@@ -103,6 +147,11 @@ def summary(r: dict) -> str:
         lines.append(f"  {backend:5}  {u['mib_per_s']:7.1f} MiB/s  RSS growth {u['rss_growth_mib']:5.1f} MiB  "
                      f"server CPU {u['cpu_ms_per_mib']:.2f} ms/MiB")
     lines.append(f"  S3 / local throughput: {up['s3']['mib_per_s'] / up['local']['mib_per_s']:.2f}x")
+    if "tus" in r:
+        lines.append(f"tus upload of {r['upload_mib']} MiB in 8 MiB PATCHes, create .. last 204:")
+        for name, t in r["tus"].items():
+            lines.append(f"  {name:11}  {t['mib_per_s']:7.1f} MiB/s  RSS growth {t['rss_growth_mib']:5.1f} MiB  "
+                         f"({t['mib_per_s'] / r['tus']['local']['mib_per_s']:.2f}x local)")
     lines.append(f"{r['jobs']} jobs (no-op engine, 2 slots per worker node), an api node, PostgreSQL + S3, no shared directory:")
     lines.append(f"  1 worker node {tp['1']:.1f} jobs/s, 2 worker nodes {tp['2']:.1f} jobs/s: {tp['2'] / tp['1']:.2f}x")
     return "\n".join(lines) + "\n"

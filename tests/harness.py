@@ -43,6 +43,18 @@ def make_wav(path: Path, seconds: float = 1.0, rate: int = 16000, freq: float = 
     return path
 
 
+def long_tone(path: Path, seconds: int) -> bytes:
+    """A WAV of `seconds` quickly made: one second of make_wav's tone (440 whole periods) repeated."""
+    with wave.open(str(make_wav(path)), "rb") as one:
+        frames = one.readframes(one.getnframes())
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes(frames * seconds)
+    return path.read_bytes()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,11 +7,11 @@ upload, and nothing is left in the store once the job is delivered."""
 from __future__ import annotations
 
 import socket
-import wave
 
 import pytest
 
-from conftest import TOKEN, make_wav, wait_until
+from conftest import TOKEN, wait_until
+from harness import long_tone
 from test_cluster_s3 import s3_cluster  # noqa: F401  (the fixture)
 from whisperd.resumable import CLAIM_SECONDS
 from whisperd.store.s3_tus import PART_BYTES
@@ -28,20 +28,6 @@ def nodes(s3_cluster):  # noqa: F811
     three[0].uploads = s3_cluster.prefix[:-len("jobs/")] + "uploads/"
     three[0].store = s3_cluster.store
     return three
-
-
-def long_wav(directory, seconds: int) -> bytes:
-    """A tone of `seconds` (one second of it repeated: 440 whole periods, no seam)."""
-    second = directory / "second.wav"
-    with wave.open(str(make_wav(second)), "rb") as one:
-        frames = one.readframes(one.getnframes())
-    path = directory / "long.wav"
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(16000)
-        out.writeframes(frames * seconds)
-    return path.read_bytes()
 
 
 def create(node, size: int) -> str:
@@ -85,7 +71,7 @@ def claimed(node, location: str) -> bool:
 
 
 def test_patches_on_any_node_make_one_multipart_upload_and_a_job_of_exactly_those_bytes(nodes):
-    data = long_wav(nodes[0].root, 660)  # 20.1 MiB: two whole parts and a tail
+    data = long_tone(nodes[0].root / "long.wav", 660)  # 20.1 MiB: two whole parts and a tail
     assert 2 * PART_BYTES < len(data) < 3 * PART_BYTES
     location = create(nodes[0], len(data))
     cuts = [0, 3 * MiB, 12 * MiB, 12 * MiB + 100_000, len(data)]
@@ -126,7 +112,7 @@ def test_patches_on_any_node_make_one_multipart_upload_and_a_job_of_exactly_thos
 
 
 def test_a_node_killed_mid_patch_holds_the_upload_until_its_claim_lapses(nodes):
-    data = long_wav(nodes[0].root, 300)  # 9.2 MiB
+    data = long_tone(nodes[0].root / "long.wav", 300)  # 9.2 MiB
     location = create(nodes[0], len(data))
     assert patch(nodes[1], location, 0, data[:PART_BYTES + 1000]).status_code == 204
     held = HeldPatch(nodes[0], location, PART_BYTES + 1000, data[PART_BYTES + 1000:], 5000)

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from conftest import make_wav, wait_until
+from harness import long_tone
 from seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedServer, prefix_of
 
 
@@ -212,3 +213,49 @@ def test_a_node_killed_mid_upload_or_mid_delivery_leaves_nothing_after_the_sweep
     assert server.files_gone(), server.job_files()
     assert seaweed.keys(prefix) == []
     assert seaweed.multipart_uploads(prefix) == []
+
+
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def tus_patch(server, location: str, offset: int, data: bytes):
+    return server.api("PATCH", location, data=data, headers={**TUS, "Upload-Offset": str(offset),
+                                                             "Content-Type": "application/offset+octet-stream"})
+
+
+def tus_create(server, size: int) -> str:
+    response = server.api("POST", "/uploads", headers={**TUS, "Upload-Length": str(size)})
+    assert response.status_code == 201, response.text
+    return response.headers["Location"]
+
+
+def test_a_tus_upload_survives_the_store_down_and_a_restart_and_becomes_a_job_of_its_bytes(make_server, own_store):
+    from whisperd.store.s3_tus import PART_BYTES
+    server = s3_server(make_server, own_store)
+    prefix = prefix_of(server.env)
+    data = long_tone(server.root / "long.wav", 300)  # 9.2 MiB: one whole part and a tail
+    location = tus_create(server, len(data))
+    assert tus_patch(server, location, 0, data[:PART_BYTES + 100]).status_code == 204
+    assert len(own_store.multipart_uploads(f"{prefix}uploads/")) == 1
+    server.kill9()  # a restart keeps the live upload's multipart upload (the sweep takes only jobs')
+    server.start()
+    assert len(own_store.multipart_uploads(f"{prefix}uploads/")) == 1
+
+    own_store.stop()
+    refused = tus_patch(server, location, PART_BYTES + 100, data[PART_BYTES + 100:])
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0, refused.text
+    assert SECRET_KEY not in refused.text
+    assert scratch_files(server) == []  # the PATCH's spool went with it
+    own_store.start()
+    wait_until(lambda: server.api("GET", "/health").status_code == 200, 20, "the node to see the store back")
+    head = server.api("HEAD", location, headers=dict(TUS))
+    assert head.headers["Upload-Offset"] == str(PART_BYTES + 100)  # nothing of the refused PATCH counted
+    assert tus_patch(server, location, PART_BYTES + 100, data[PART_BYTES + 100:]).status_code == 204  # not 423
+    job = server.api("POST", "/transcription", files={"upload": (None, location.rsplit("/", 1)[1])})
+    assert job.status_code == 202, job.text
+    job_id = job.json()["job_id"]
+    assert server.wait_status(job_id, timeout=60)["status"] == "Completed"
+    assert server.job_audio(job_id) == data
+    assert server.api("GET", f"/transcription/{job_id}/result").status_code == 200
+    assert server.files_gone(), server.job_files()
+    assert SECRET_KEY not in server.log()

@@ -55,6 +55,8 @@ def display_name(client_name: str | None) -> str:
 class JobFiles:
     """The upload directory and the engine output directory of every job."""
 
+    resumable_on_disk = True  # tus uploads' bytes live in tmp_root/.uploads (S3: in the store)
+
     def __init__(self, tmp_root: str, output_root: str, node: str | None = None) -> None:
         self.tmp_root = Path(tmp_root).resolve()
         self.output_root = Path(output_root).resolve()

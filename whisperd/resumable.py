@@ -75,6 +75,12 @@ class ResumableUploads:
     def free_disk_mb(self) -> float:
         return self.files.free_disk_mb()
 
+    def disk_to_reserve(self, length: int, pending: int) -> int:
+        """What a new upload must find free on this node's disk: its bytes and those still to come
+        of every open upload where they are kept on disk; nothing where an object store keeps
+        them (a PATCH spools only its own body there)."""
+        return length + pending if self.files.resumable_on_disk else 0
+
     async def create(self, upload: UploadRecord) -> None:
         """The row first (retention removes bytes that have none), then the store's empty start."""
         await self.ledger.create_upload(upload)

@@ -177,7 +177,7 @@ class TusCreationHandler(_TusBase):
         # Reserve what this upload and every other open one have yet to write: twenty creations
         # against the same free space must not each be told it fits.
         _count, _declared, pending = await self.service.resumable.open_uploads(None)
-        self._check_disk(length + pending)
+        self._check_disk(self.service.resumable.disk_to_reserve(length, pending))
         stamp = now_iso()
         upload = UploadRecord(
             id=new_job_id(), owner=self.identity.name, upload_length=length, upload_offset=0,

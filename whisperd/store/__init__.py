@@ -46,6 +46,7 @@ class JobStore(Protocol):
 
     tmp_root: Path
     output_root: Path
+    resumable_on_disk: bool  # whether tus uploads' bytes take this node's disk until used
 
     def ensure_roots(self) -> None: ...
     def free_disk_mb(self) -> float: ...

@@ -65,6 +65,8 @@ def _store_error(exc: BaseException, doing: str) -> OSError:
 class S3JobFiles(JobFiles):
     """JobFiles whose job files are objects; the directories are this node's scratch."""
 
+    resumable_on_disk = False
+
     def __init__(self, tmp_root: str, output_root: str, node: str | None, url: str, endpoint: str = "",
                  region: str = "", addressing: str = "auto", sse: str = "") -> None:
         super().__init__(tmp_root, output_root, node)
@@ -371,7 +373,7 @@ class S3JobFiles(JobFiles):
     def sweep(self, live_jobs: set[str], known_jobs: set[str],
               min_age_seconds: float = 0.0) -> tuple[list[str], Path | None]:
         """At start: this node's scratch is copies of a run that ended with the last process: all go
-        (the tus uploads' bytes aside: retention answers for them)."""
+        (tus PATCHes' spools too, in the staging directory: their bytes never counted)."""
         removed = []
         _remove_tree(self.staging_root)
         self.staging_root.mkdir(parents=True, exist_ok=True)
