@@ -134,6 +134,9 @@ def s3_rows(r: dict) -> list[dict]:
              f"{up['s3']['mib_per_s'] / up['local']['mib_per_s']:.2f}x", "report"),
         _row("", "server RSS growth, S3 vs local", f"{up['s3']['rss_growth_mib']:.1f} MiB",
              f"local {up['local']['rss_growth_mib']:.1f} MiB", "", "report"),
+        *([_row("", "tus upload, S3 with PATCHes on 2 nodes vs local", f"{t['s3, 2 nodes']['mib_per_s']:.0f} MiB/s",
+                f"local {t['local']['mib_per_s']:.0f} MiB/s",
+                f"{t['s3, 2 nodes']['mib_per_s'] / t['local']['mib_per_s']:.2f}x", "report")] if (t := r.get("tus")) else []),
         _row(f"  {r['jobs']} jobs, PostgreSQL + S3", "jobs/s, 2 worker nodes vs 1 (no shared directory)",
              f"{tp['2']:.1f} jobs/s", f"1 node {tp['1']:.1f} jobs/s", f"{tp['2'] / tp['1']:.2f}x", "report"),
     ]

@@ -182,7 +182,8 @@ S3_INTRO = """\
 the table when it runs) starts SeaweedFS (`weed mini`) and PostgreSQL on loopback and measures a
 large upload to whisperd on the S3 backend against the same upload to the local directory (the
 S3 side includes publishing the canonical audio to the store before the job is accepted; the
-store writes to the same disk), and jobs/s of the no-op engine with 2 worker nodes against 1,
+store writes to the same disk), the same file as a tus upload in 8 MiB PATCHes (local, S3, and
+S3 with its PATCHes alternating between two nodes), and jobs/s of the no-op engine with 2 worker nodes against 1,
 each node with its own directories, sharing only PostgreSQL and the bucket. Its last run:"""
 
 DIARIZATION = Path(__file__).resolve().parent / "results" / "diarization.txt"

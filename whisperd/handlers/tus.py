@@ -2,9 +2,11 @@
 
 A client creates an upload (POST, Upload-Length), sends its bytes in one or more PATCHes from
 the offset HEAD reports, and names the finished upload in POST /transcription (`upload=<id>`).
-The ledger's upload_offset is the truth: bytes on disk past it do not count and the next PATCH
+The ledger's upload_offset is the truth: bytes stored past it do not count and the next PATCH
 writes over them, so a PATCH cut off, a crash, or a restart between two PATCHes loses nothing
-that was acknowledged. A PATCH body goes to disk chunk by chunk, as multipart uploads do.
+that was acknowledged. A PATCH body goes to disk chunk by chunk, as multipart uploads do (on the
+S3 backend, to a spool the store turns into parts: store/s3_tus.py); resumable.py claims the
+upload for it, cluster-wide, and counts what it wrote.
 """
 
 from __future__ import annotations
