@@ -150,3 +150,28 @@ def test_termination_and_expiry_abort_the_multipart_upload(s3_cluster):  # noqa:
     wait_until(lambda: not store.multipart_uploads(uploads) and not store.keys(uploads), 10,
                "the expired upload's parts and tail to go")
     assert patch(one, abandoned, PART_BYTES + 5, b"x").status_code in (404, 410)
+
+
+def test_a_patch_that_lost_its_claim_counts_for_nothing_and_overwrites_nothing(nodes):
+    """A PATCH stalled past its claim (here: the other node's clock moved on) finishes after
+    another PATCH from the same offset counted: its parts, under numbers of their own, and its
+    tail never make it into the upload, which is exactly the bytes that counted."""
+    data = long_tone(nodes[0].root / "long.wav", 660)  # 20.1 MiB
+    at = PART_BYTES + 10  # a whole part counted already: both PATCHes below add to one multipart upload
+    impostor = bytes(range(256)) * ((len(data) - at) // 256 + 1)
+    location = create(nodes[0], len(data))
+    assert patch(nodes[2], location, 0, data[:at]).status_code == 204
+    stale = HeldPatch(nodes[0], location, at, impostor[:len(data) - at], 1000)
+    wait_until(lambda: claimed(nodes[0], location), 10, "node0's PATCH to claim the upload")
+    nodes[1].pass_time(CLAIM_SECONDS + 1)  # for node1, node0's claim has lapsed
+    assert patch(nodes[1], location, at, data[at:]).status_code == 204
+    assert stale.finish() == "HTTP/1.1 409 Conflict"  # its offset moved meanwhile: nothing of it counts
+    store = nodes[0].store
+    assert len([key for key in store.keys(nodes[0].uploads) if "/tail-" in key]) == 1  # its tail went
+    (multipart,) = store.multipart_uploads(nodes[0].uploads)
+    numbers = [part["PartNumber"] for part in store.client().list_parts(
+        Bucket="whisperd-test", Key=multipart["Key"], UploadId=multipart["UploadId"])["Parts"]]
+    assert numbers == [1, 2, 3], numbers  # its part went in under a number of its own (3), never listed
+    job_id = nodes[2].api("POST", "/transcription", files={"upload": (None, location.rsplit("/", 1)[1])}).json()["job_id"]
+    assert nodes[2].wait_status(job_id, timeout=120)["status"] == "Completed"
+    assert nodes[2].job_audio(job_id) == data

@@ -207,7 +207,7 @@ class JobFiles:
             raise
         return LocalPatch(handle, offset)
 
-    async def stage_resumable(self, upload, job_id: str) -> Path:
+    async def stage_resumable(self, upload, job_id: str, reserve=None) -> Path:
         """A finished upload's bytes in a new job's staging dir: a second name for the same file
         (no copy; a copy where the file system has no hard links), so that the upload stays whole
         until the job's row commits (issue 24); the upload's own name goes after that commit

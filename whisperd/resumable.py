@@ -228,7 +228,7 @@ class ResumableUploads:
         try:
             # A second name for the same bytes, or their copy from the store (off the IOLoop);
             # intake reads and removes it, the upload's own name stays until a job is accepted.
-            target = await self.files.stage_resumable(upload, job_id)
+            target = await self.files.stage_resumable(upload, job_id, self._reserver(upload.id))
         except FileNotFoundError:
             raise ServiceError(Kind.GONE, f"the bytes of upload {upload_id} are gone from the server; upload again") from None
         except OSError as exc:

@@ -78,8 +78,10 @@ class JobStore(Protocol):
     def create_resumable(self, upload_id: str) -> None: ...
     async def open_patch(self, upload: UploadRecord, offset: int) -> PatchBytes:
         """FileNotFoundError when the upload's bytes are gone; BlockingIOError while another writes."""
-    async def stage_resumable(self, upload: UploadRecord, job_id: str) -> Path:
-        """A finished upload's bytes as job_id's staged file (FileNotFoundError when gone)."""
+    async def stage_resumable(self, upload: UploadRecord, job_id: str,
+                              reserve: Callable[[int], Awaitable[int]] | None = None) -> Path:
+        """A finished upload's bytes as job_id's staged file (FileNotFoundError when gone);
+        reserve(n): part numbers, as for a PATCH."""
     def resumable_ids(self) -> list[str]:
         """The uploads that have bytes kept (retention compares them with the ledger's rows)."""
     def remove_resumable(self, upload_id: str) -> None: ...

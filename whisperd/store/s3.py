@@ -264,14 +264,12 @@ class S3JobFiles(JobFiles):
             raise
         return patch
 
-    async def stage_resumable(self, upload, job_id: str) -> Path:
+    async def stage_resumable(self, upload, job_id: str, reserve) -> Path:
         staged = self.staging_dir(job_id)
         staged.mkdir(parents=True, exist_ok=True)
         target = staged / UPLOAD_NAME
-        try:
-            await self._run("fetch the upload's bytes", s3_tus.stage, self, upload, target)
-        except FileNotFoundError:
-            raise
+        tail_part = await reserve(1) if s3_tus.needs_part(upload) else None
+        await self._run("fetch the upload's bytes", s3_tus.stage, self, upload, target, tail_part)
         return target
 
     def resumable_ids(self) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..jobs import UploadRecord
 if TYPE_CHECKING:
     from .s3 import S3JobFiles
 
+log = logging.getLogger("whisperd.store")
 PART_BYTES = 8 * 2**20  # S3's floor for a part that is not the last is 5 MiB
 DATA = "data"
 
@@ -81,33 +83,39 @@ class S3Patch:
             if not keep or not self.received:
                 self.received = self.received if keep else 0
                 return self.received, None
-            total = self.head + self.received
-            whole, rest = divmod(total, PART_BYTES)
-            record = dict(self.record, parts=list(self.record["parts"]))
-            if whole:
-                if record["mpu"] is None:
-                    record["mpu"] = await self.store._run("start the upload's multipart upload", self._create)
-                    self.written = (record["mpu"], None)
-                first = await reserve(whole)
-                sending = asyncio.Semaphore(4)
-
-                async def send(index: int) -> list:
-                    async with sending:
-                        etag = await self.store._run("store a part of the upload", self._part, record["mpu"],
-                                                     first + index, index * PART_BYTES, PART_BYTES)
-                    return [first + index, etag]
-
-                record["parts"] += await asyncio.gather(*(send(index) for index in range(whole)))
-            record["tail"] = None
-            if rest:
-                record["tail"] = f"tail-{uuid.uuid4().hex}"
-                await self.store._run("store the end of the upload", self._put_tail, record["tail"],
-                                      whole * PART_BYTES, rest)
-                self.written = (self.written[0], record["tail"])
-            return self.received, json.dumps(record)
+            return self.received, json.dumps(await self._send(reserve))
+        except BaseException:
+            await self._forget()  # what a failed PATCH wrote counts for nothing: it goes now
+            raise
         finally:
             self.handle.close()
             _remove_tree(self.spool)
+
+    async def _send(self, reserve) -> dict[str, Any]:
+        """The whole parts the spool now holds, then the rest as a new tail: the upload's new record."""
+        whole, rest = divmod(self.head + self.received, PART_BYTES)
+        record = dict(self.record, parts=list(self.record["parts"]))
+        if whole:
+            if record["mpu"] is None:
+                record["mpu"] = await self.store._run("start the upload's multipart upload", self._create)
+                self.written = (record["mpu"], None)
+            first = await reserve(whole)
+            sending = asyncio.Semaphore(4)
+
+            async def send(index: int) -> list:
+                async with sending:
+                    etag = await self.store._run("store a part of the upload", self._part, record["mpu"],
+                                                 first + index, index * PART_BYTES, PART_BYTES)
+                return [first + index, etag]
+
+            record["parts"] += await asyncio.gather(*(send(index) for index in range(whole)))
+        record["tail"] = None
+        if rest:
+            record["tail"] = f"tail-{uuid.uuid4().hex}"
+            self.written = (self.written[0], record["tail"])
+            await self.store._run("store the end of the upload", self._put_tail, record["tail"],
+                                  whole * PART_BYTES, rest)
+        return record
 
     def _create(self) -> str:
         return self.store.client.create_multipart_upload(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, DATA),
@@ -128,8 +136,19 @@ class S3Patch:
         return self.handle.fileno()
 
     async def undo(self) -> None:
+        await self._forget()
+
+    async def _forget(self) -> None:
+        """Delete the tail this PATCH put and abort the multipart upload it started; parts it sent
+        to one that counts are never listed when the upload is completed. Best effort: what
+        stays goes with the upload's other objects when it ends."""
         made, tail = self.written
-        await self.store._run("remove what a PATCH that lost wrote", self._undo, made, tail)
+        if made or tail:
+            try:
+                await self.store._run("remove what a PATCH that did not count wrote", self._undo, made, tail)
+            except OSError as exc:
+                log.warning("upload %s: what a PATCH that did not count wrote stays until the upload ends: %s",
+                            self.upload.id, exc)
 
     def _undo(self, made: str | None, tail: str | None) -> None:
         if tail:
@@ -139,15 +158,26 @@ class S3Patch:
                                                      UploadId=made)
 
     async def done(self) -> None:
+        """The ledger counts the new tail: the old one goes (a failure only leaves it until the upload ends)."""
         old = self.record["tail"]
         if old and self.received:
-            await self.store._run("remove the upload's old tail", lambda: self.store.client.delete_object(
-                Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, old)))
+            try:
+                await self.store._run("remove the upload's old tail", lambda: self.store.client.delete_object(
+                    Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, old)))
+            except OSError as exc:
+                log.warning("upload %s: its old tail stays until the upload ends: %s", self.upload.id, exc)
 
 
-def stage(store: "S3JobFiles", upload: UploadRecord, target: Path) -> None:
+def needs_part(upload: UploadRecord) -> bool:
+    """Whether staging the upload sends its tail as the multipart upload's last part."""
+    record = record_of(upload)
+    return bool(record["mpu"] and record["tail"])
+
+
+def stage(store: "S3JobFiles", upload: UploadRecord, target: Path, tail_part: int | None) -> None:
     """A finished upload's bytes as one local file (in the store's thread pool): its multipart
-    upload completed into `data` (once; a later staging finds `data`), then downloaded."""
+    upload completed into `data` (once; a later staging finds `data`), then downloaded. tail_part:
+    the part number the tail is sent under, reserved in the ledger like every PATCH's."""
     record = record_of(upload)
     data = store.upload_key(upload.id, DATA)
     if record["mpu"] is None:  # fewer bytes than one part: they are all in the tail
@@ -157,7 +187,7 @@ def stage(store: "S3JobFiles", upload: UploadRecord, target: Path) -> None:
         return
     if not _exists(store, data):
         try:
-            _complete(store, upload, record, data)
+            _complete(store, upload, record, data, tail_part)
         except _errors().ClientError:
             if not _exists(store, data):  # another staging completed it first: its object is here
                 raise
@@ -177,17 +207,18 @@ def _missing_as_gone(what: str):
         raise
 
 
-def _complete(store: "S3JobFiles", upload: UploadRecord, record: dict[str, Any], data: str) -> None:
+def _complete(store: "S3JobFiles", upload: UploadRecord, record: dict[str, Any], data: str,
+              tail_part: int | None) -> None:
     parts = [{"PartNumber": number, "ETag": etag} for number, etag in record["parts"]]
     if record["tail"]:
-        # The tail becomes the last part, under a number no PATCH was given (next_part): two
-        # stagings at once send the same bytes under it.
+        assert tail_part is not None
+        # The tail becomes the last part, under a number of its own (after every counted part's).
         with _missing_as_gone(record["tail"]):
             body = store.client.get_object(Bucket=store.bucket, Key=store.upload_key(upload.id, record["tail"]))["Body"].read()
         size = upload.upload_length - len(record["parts"]) * PART_BYTES
-        etag = store.client.upload_part(Bucket=store.bucket, Key=data, UploadId=record["mpu"], PartNumber=upload.next_part,
+        etag = store.client.upload_part(Bucket=store.bucket, Key=data, UploadId=record["mpu"], PartNumber=tail_part,
                                         Body=body[:size])["ETag"]
-        parts.append({"PartNumber": upload.next_part, "ETag": etag})
+        parts.append({"PartNumber": tail_part, "ETag": etag})
     store.client.complete_multipart_upload(Bucket=store.bucket, Key=data, UploadId=record["mpu"],
                                            MultipartUpload={"Parts": parts})
 
