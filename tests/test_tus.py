@@ -296,3 +296,27 @@ def test_open_upload_limits_set_on_the_command_line_hold_at_creation(make_server
     server.pass_time(RECHECK_SECONDS)
     response = attempt(30_000)
     assert response.status_code == 201, response.text
+
+
+def test_a_patch_killed_with_its_server_does_not_hold_the_upload_after_the_restart(make_server):
+    """The one-PATCH-at-a-time claim of a PATCH that died with its server goes at the restart:
+    the client resumes at once (no 423 for the claim's remaining life)."""
+    server = make_server()
+    data = make_wav(server.root / "four.wav", seconds=4).read_bytes()
+    location = create(server, len(data), "four.wav")
+    assert patch(server, location, 0, data[:30_000]).status_code == 204
+    head = [f"PATCH {location} HTTP/1.1", f"Host: 127.0.0.1:{server.port}", f"Authorization: Bearer {TOKEN}",
+            "Tus-Resumable: 1.0.0", "Upload-Offset: 30000", f"Content-Type: {OCTETS}",
+            f"Content-Length: {len(data) - 30_000}"]
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data[30_000:40_000])
+        upload_id = location.rsplit("/", 1)[1]
+        wait_until(lambda: server.rows("SELECT patch_claim FROM uploads WHERE id=?", (upload_id,))[0]["patch_claim"],
+                   10, "the PATCH to claim the upload")
+        server.kill9()
+    server.start()
+    assert offset_of(server, location) == 30_000  # what the killed PATCH got never counted
+    assert patch(server, location, 30_000, data[30_000:]).status_code == 204
+    job_id = use(server, upload_id).json()["job_id"]
+    assert server.wait_status(job_id)["status"] == "Completed"
+    assert server.job_audio(job_id) == data

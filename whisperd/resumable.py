@@ -98,7 +98,7 @@ class ResumableUploads:
     async def begin_patch(self, upload: UploadRecord, offset: int) -> Patch:
         """Claim the upload and open its bytes at `offset` (the ledger's), or ServiceError: 423
         while another PATCH holds it (Retry-After: when its claim lapses), 410 when its bytes are gone."""
-        claim = uuid.uuid4().hex
+        claim = f"{self.config.node_name}/{uuid.uuid4().hex}"  # a restart of this node lets go of it
         held_until = await self.ledger.claim_upload(upload.id, claim, iso(utc_now() + timedelta(seconds=CLAIM_SECONDS)))
         if held_until is not None:
             wait = max(1, math.ceil(-seconds_since(held_until)))

@@ -947,6 +947,11 @@ class SqlLedger:
         why = f"node {self.node} restarted while processing" if self.shared else "server restarted while processing"
         report = await self._take_back(tx, now, self.RESTARTED, {"node": self.node}, max_attempts, why,
                                        queued_too=True)
+        # The tus PATCHes of this node's previous life died with it: their claims ("<node>/<id>")
+        # go now, not CLAIM_SECONDS later (a client resuming at once is not told to wait).
+        prefix = f"{self.node}/"
+        await tx.execute("UPDATE uploads SET patch_claim=NULL, patch_claim_until=NULL"
+                         " WHERE substr(patch_claim, 1, :n) = :prefix", {"n": len(prefix), "prefix": prefix})
         report.job_rows = int((await tx.fetchone("SELECT count(*) FROM jobs", {}))[0])
         report.webhooks_pending = await self._mark_pending_webhooks(tx, now)
         report.live_tokens = int((await tx.fetchone(
