@@ -43,7 +43,8 @@ def test_restart_after_kill9_loses_no_job(make_server):
     server.start()
 
     assert not alive(orphan_engine), "the new server must stop the engine the dead one left running"
-    assert not stray.exists()
+    if not server.env.get("WHISPER_STORAGE_URL"):  # local: quarantined; S3: the scratch's, left alone
+        assert not stray.exists()
     for job_id in [processing] + queued:
         assert server.wait_status(job_id)["status"] == "Completed"
     order = [run["argv"][1].split("/")[-2] for run in server.engine_runs()[4:]]

@@ -142,7 +142,7 @@ def test_a_url_becomes_a_job_async_and_sync(fetching, media):
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
     assert fetching.wait_status(job_id)["status"] == "Completed"
-    assert (fetching.root / "tmp" / job_id / "audio.wav").read_bytes() == media.audio
+    assert fetching.job_audio(job_id) == media.audio
     row = fetching.rows("SELECT filename, upload_bytes FROM jobs WHERE id=?", (job_id,))[0]
     assert (row["filename"], row["upload_bytes"]) == ("audio.wav", len(media.audio))
     assert "secret-in-query" not in fetching.log()

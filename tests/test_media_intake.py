@@ -278,6 +278,8 @@ def test_the_engine_gets_a_canonical_wav_made_from_the_upload(server, tmp_path):
     job_id = response.json()["job_id"]
     server.wait_status(job_id, ("Processing",))
     job_dir = Path(server.env["WHISPER_TMP_FILES"]) / job_id
+    # (on the S3 backend the job's directory is the worker's scratch copy, fetched once it claimed the job)
+    wait_until(lambda: (job_dir / "audio.wav").exists(), 10, "the job's audio in its directory")
     assert sorted(p.name for p in job_dir.iterdir()) == ["audio.wav"]  # the original is gone
     with wave.open(str(job_dir / "audio.wav")) as canonical:
         assert (canonical.getframerate(), canonical.getnchannels(), canonical.getsampwidth()) == (16000, 1, 2)
@@ -531,7 +533,7 @@ def test_jfk_is_transcribed_from_its_canonical_file(make_server, engine):
 
 
 def test_jobs_queued_by_an_older_version_pass_intake_before_they_run(make_server, tmp_path):
-    server = make_server()
+    server = make_server(WHISPER_STORAGE_URL="")  # older versions kept jobs in the local directories only
     server.stop()
     mp3 = tmp_path / "tone.mp3"
     ffmpeg("-f", "lavfi", "-i", "sine=d=1", str(mp3))

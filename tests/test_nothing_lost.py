@@ -201,7 +201,8 @@ def test_a_cancel_survives_the_death_of_the_worker_process_running_the_job(make_
 
 
 def test_unknown_job_directories_are_quarantined_not_deleted(make_server):
-    server = make_server(start=False)
+    # The local directories' guard (the S3 backend's start-up sweep of objects: tests/test_s3.py).
+    server = make_server(start=False, WHISPER_STORAGE_URL="")
     known = server.start().submit_ok(diarize="false")
     server.wait_status(known)
     server.stop()
@@ -222,7 +223,8 @@ def test_unknown_job_directories_are_quarantined_not_deleted(make_server):
 
 
 def test_a_reset_ledger_beside_many_job_directories_refuses_to_start(make_server):
-    server = make_server(start=False)
+    # The local directories' guard (on S3, the cluster's mark in the bucket: tests/test_s3.py).
+    server = make_server(start=False, WHISPER_STORAGE_URL="")
     orphans = [str(uuid.uuid4()) for _ in range(6)]
     for job_id in orphans:
         (server.root / "tmp" / job_id).mkdir(parents=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,11 @@ from seaweed import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedServer, prefix_of
 
 def s3_server(make_server, store: SeaweedServer, **env):
     return make_server(**{**store.storage_env(), **env})
+
+
+def job_objects(store: SeaweedServer, prefix: str) -> list[str]:
+    """The jobs' and the tus uploads' objects (the ledger's identity mark beside them aside)."""
+    return store.keys(f"{prefix}jobs/") + store.keys(f"{prefix}uploads/")
 
 
 def scratch_files(server) -> list[str]:
@@ -36,7 +42,7 @@ def test_a_job_lives_in_the_store_and_is_gone_after_delivery(make_server, seawee
     assert result.status_code == 200, result.text
     assert result.json()["text"].startswith("Fake transcript of ")
     assert server.files_gone(), server.job_files()  # objects deleted after delivery
-    assert seaweed.keys(prefix) == []
+    assert job_objects(seaweed, prefix) == []
     assert server.api("GET", f"/transcription/{job_id}/result").status_code == 410
     log = server.log()  # RUST_LOG=debug: boto3's own debug lines (request headers) stay out
     assert ACCESS_KEY not in log and SECRET_KEY not in log and "Signature" not in log
@@ -105,7 +111,7 @@ def test_store_down_submissions_503_nothing_left_and_back_when_it_returns(make_s
     assert scratch_files(server) == []
     own_store.start()
     wait_until(lambda: server.api("GET", "/health").status_code == 200, 20, "the node to see the store back")
-    assert own_store.keys(prefix) == []  # the refused upload left nothing
+    assert job_objects(own_store, prefix) == []  # the refused upload left nothing
     job_id = server.submit_ok(diarize="false")
     assert server.wait_status(job_id)["status"] == "Completed"
     assert SECRET_KEY not in server.log()
@@ -211,7 +217,7 @@ def test_a_node_killed_mid_upload_or_mid_delivery_leaves_nothing_after_the_sweep
     if job_id is not None:  # not delivered as far as the ledger knows: kept, and delivered now
         assert server.api("GET", f"/transcription/{job_id}/result").status_code == 200
     assert server.files_gone(), server.job_files()
-    assert seaweed.keys(prefix) == []
+    assert job_objects(seaweed, prefix) == []
     assert seaweed.multipart_uploads(prefix) == []
 
 
@@ -259,3 +265,33 @@ def test_a_tus_upload_survives_the_store_down_and_a_restart_and_becomes_a_job_of
     assert server.api("GET", f"/transcription/{job_id}/result").status_code == 200
     assert server.files_gone(), server.job_files()
     assert SECRET_KEY not in server.log()
+
+
+def test_a_reset_ledger_on_one_box_refuses_to_start_rather_than_sweep_the_bucket(make_server, seaweed):
+    """SQLite and S3 on one box: a ledger that is not the one the bucket's jobs belong to (deleted,
+    restored from elsewhere) would find every job object unknown and sweep it; the bucket carries
+    the ledger's identity, and the server refuses to start instead."""
+    server = s3_server(make_server, seaweed, FAKE_WHISPERX_SLOW_SECONDS="30")
+    prefix = prefix_of(server.env)
+    running = server.submit_ok(prompt="fake:slow", diarize="false")
+    queued = server.submit_ok(diarize="false")
+    wait_until(lambda: server.status(running).json()["status"] == "Processing", 15, "the first job to run")
+    server.kill9()
+    stored = seaweed.keys(f"{prefix}jobs/")
+    ledger = Path(server.env["WHISPER_DB_PATH"])
+    aside = ledger.parent / "aside"
+    aside.mkdir()
+    for path in ledger.parent.glob(ledger.name + "*"):
+        path.rename(aside / path.name)
+    server.start(wait=False)
+    assert server.proc.wait(30) == 1
+    assert "WHISPER_STORAGE_URL" in server.log() and "belongs to another cluster" in server.log()
+    assert seaweed.keys(f"{prefix}jobs/") == stored  # nothing swept
+    for path in ledger.parent.glob(ledger.name + "*"):
+        path.unlink()
+    for path in aside.iterdir():
+        path.rename(ledger.parent / path.name)
+    server.env["FAKE_WHISPERX_SLOW_SECONDS"] = "0.2"
+    server.start()
+    for job_id in (running, queued):
+        assert server.wait_status(job_id, timeout=60)["status"] == "Completed"

@@ -98,15 +98,25 @@ def check_node_paths(config: Config) -> None:
     start-up sweep: a node pointed at another directory must not sweep it."""
     try:
         _held_runtime_dirs.extend(nodes.hold_runtime_dirs(config))
-        ledger_module.prepare_schema(config)  # the identity's table (migration 0013)
-        identity = nodes.check_cluster_identity(
-            config, nodes.ledger_identity(config, f"{socket.gethostname()}:{os.getpid()}"),
-            open_files(config).cluster_marks())  # the object store's mark, or (None) the directories
     except nodes.NodeRefused as exc:
         raise StartupError(str(exc)) from None
-    except ledger_module.LedgerUnavailable as exc:
-        raise StartupError(str(exc)) from None
+    identity = check_job_store_identity(config)
     log.info("cluster %s; node runtime files under %s", identity, config.runtime_dir)
+
+
+def check_job_store_identity(config: Config) -> str:
+    """The job files are the ledger's: the identity the ledger holds is marked where they live
+    (the object store, or the two directories), and a ledger that does not match them (reset,
+    restored from elsewhere, another cluster's) refuses to start before its sweep could delete
+    what it does not know. On one box, run for the object store only: the local directories
+    have their own guard (sweep_job_dirs: quarantine, never delete)."""
+    try:
+        ledger_module.prepare_schema(config)  # the identity's table (migration 0013)
+        return nodes.check_cluster_identity(
+            config, nodes.ledger_identity(config, f"{socket.gethostname()}:{os.getpid()}"),
+            open_files(config).cluster_marks())  # the object store's mark, or (None) the directories
+    except (nodes.NodeRefused, ledger_module.LedgerUnavailable) as exc:
+        raise StartupError(str(exc)) from None
 
 
 def check_auth(config: Config) -> None:
@@ -209,6 +219,8 @@ def prepare_node(config: Config, count_ends: bool = True) -> ledger_module.Recov
     check_environment(config)
     log.info("ledger: %s; node %s, role %s", ledger_module.describe(config), config.node_name,
              config.WHISPER_NODE_ROLE)
+    if not config.WHISPER_DB_URL and config.WHISPER_STORAGE_URL:
+        check_job_store_identity(config)
     if config.WHISPER_DB_URL:
         check_node_paths(config)
         others = nodes.mark_shared_storage(config)

@@ -81,14 +81,6 @@ class _Writing:
         self.hasher = hashlib.new(algorithm) if algorithm else None
         self.expected = expected
 
-    @property
-    def start(self) -> int:
-        return self.patch.start
-
-    @property
-    def received(self) -> int:
-        return self.patch.received
-
     def write(self, chunk: bytes) -> None:
         self.patch.write(chunk)
         if self.hasher is not None:
@@ -311,7 +303,7 @@ class TusUploadHandler(_TusBase):
         if writing is None or self._refused:
             return
         assert self._upload is not None
-        if writing.start + writing.received + len(chunk) > self._upload.upload_length:
+        if writing.patch.start + writing.patch.received + len(chunk) > self._upload.upload_length:
             self._refuse(ServiceError(Kind.TOO_LARGE, f"the PATCH goes past the upload's Upload-Length ({self._upload.upload_length} bytes)"))
             return
         try:
@@ -368,7 +360,7 @@ class TusUploadHandler(_TusBase):
             await self.service.resumable.finish_patch(writing.patch, keep=keep)
             if keep:
                 log.info("upload %s: connection cut mid-PATCH; kept %d bytes, offset %d", upload.id,
-                         writing.received, upload.upload_offset)
+                         writing.patch.received, upload.upload_offset)
         except Exception as exc:  # the next PATCH starts from the recorded offset anyway
             log.warning("upload %s: could not record a cut-off PATCH's bytes: %s", upload.id, exc)
 

@@ -33,33 +33,13 @@ from ..jobfiles import (CANONICAL_NAME, CLUSTER_MARK, MARKERS, QUARANTINE, RESUM
                         UPLOAD_NAME, JobFiles, _remove_tree, is_job_id)
 from . import StoreRefused
 from . import s3_tus
+from .s3_errors import client_errors as _client_errors, from_the_store, missing_as_gone, store_error as _store_error
 
 log = logging.getLogger("whisperd.store")
 PART_BYTES = 8 * 2**20  # multipart threshold and part size: a 512 MiB upload is 64 parts, a few in memory
 TRANSFER_THREADS = 4  # parts of one file in flight at once
 PROBE_KEY = ".probe-"
 OWNER = ".node-"  # upload/.node-<name>: the node that published the upload, readable from a listing
-
-
-def _client_errors():
-    import botocore.exceptions as bex
-    return bex
-
-
-def _store_error(exc: BaseException, doing: str) -> OSError:
-    """A store failure as the OSError storage.py understands; no credential ever in the text."""
-    bex = _client_errors()
-    if isinstance(exc, OSError) and not isinstance(exc, bex.BotoCoreError):
-        return exc
-    if isinstance(exc, bex.ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return OSError(errno.EACCES, f"the object store refused to {doing} ({code or status})")
-        return OSError(errno.EIO, f"the object store failed to {doing} ({code or status})")
-    if isinstance(exc, bex.NoCredentialsError):
-        return OSError(errno.EACCES, "no AWS credentials found for the object store")
-    return OSError(errno.EIO, f"the object store is unreachable ({exc.__class__.__name__}) while trying to {doing}")
 
 
 class S3JobFiles(JobFiles):
@@ -122,6 +102,8 @@ class S3JobFiles(JobFiles):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except Exception as exc:
+            if not from_the_store(exc):
+                raise
             raise _store_error(exc, doing) from None
 
     def _key(self, job_id: str, side: str, name: str = "") -> str:
@@ -194,7 +176,11 @@ class S3JobFiles(JobFiles):
             if not name or target.resolve() not in path.parents:
                 continue  # only our own key names live here; never write outside the scratch
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.client.download_file(self.bucket, item["Key"], str(path), Config=self._transfer())
+            try:
+                with missing_as_gone(item["Key"]):
+                    self.client.download_file(self.bucket, item["Key"], str(path), Config=self._transfer())
+            except FileNotFoundError:  # deleted since the listing (the job canceled, delivered): gone
+                return None
         found = target / wanted
         return found if found.is_file() else None
 
@@ -214,7 +200,11 @@ class S3JobFiles(JobFiles):
         keys = sorted(item["Key"] for item in self._list(self._key(job_id, "output")) if item["Key"].endswith(".json"))
         if keys:
             target.mkdir(parents=True, exist_ok=True)
-            self.client.download_file(self.bucket, keys[0], str(target / keys[0].rsplit("/", 1)[-1]))
+            try:
+                with missing_as_gone(keys[0]):
+                    self.client.download_file(self.bucket, keys[0], str(target / keys[0].rsplit("/", 1)[-1]))
+            except FileNotFoundError:  # deleted since the listing (delivered meanwhile): the result is gone
+                return
 
     def drop_scratch(self, job_id: str) -> None:
         for path in (self.upload_dir(job_id), self.output_dir(job_id)):
@@ -273,7 +263,12 @@ class S3JobFiles(JobFiles):
         return target
 
     def resumable_ids(self) -> list[str]:
-        return s3_tus.upload_ids(self)
+        try:
+            return s3_tus.upload_ids(self)
+        except Exception as exc:
+            if not from_the_store(exc):
+                raise
+            raise _store_error(exc, "list the tus uploads") from None
 
     def remove_resumable(self, upload_id: str) -> None:
         self._in_background(functools.partial(s3_tus.delete_upload, self), upload_id, f"upload {upload_id}")

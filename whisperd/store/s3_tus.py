@@ -17,7 +17,6 @@ reserves its numbers after it read the record of every PATCH that counted before
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..jobfiles import _remove_tree
 from ..jobs import UploadRecord
+from .s3_errors import client_errors, missing_as_gone
 
 if TYPE_CHECKING:
     from .s3 import S3JobFiles
@@ -34,11 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("whisperd.store")
 PART_BYTES = 8 * 2**20  # S3's floor for a part that is not the last is 5 MiB
 DATA = "data"
-
-
-def _errors():
-    import botocore.exceptions
-    return botocore.exceptions
 
 
 def record_of(upload: UploadRecord) -> dict[str, Any]:
@@ -66,7 +61,7 @@ class S3Patch:
         """The tail that counts, first in the spool (in the store's thread pool)."""
         if self.head:
             key = self.store.upload_key(self.upload.id, self.record["tail"])
-            with _missing_as_gone(key):
+            with missing_as_gone(key):
                 body = self.store.client.get_object(Bucket=self.store.bucket, Key=key, Range=f"bytes=0-{self.head - 1}")["Body"]
             for chunk in iter(lambda: body.read(2**20), b""):
                 self.handle.write(chunk)
@@ -123,7 +118,7 @@ class S3Patch:
 
     def _part(self, mpu: str, number: int, at: int, size: int) -> str:
         body = os.pread(self.handle_fd(), size, at)
-        with _missing_as_gone(f"the multipart upload of {self.upload.id}"):  # aborted: terminated or expired
+        with missing_as_gone(f"the multipart upload of {self.upload.id}"):  # aborted: terminated or expired
             return self.store.client.upload_part(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, DATA),
                                              UploadId=mpu, PartNumber=number, Body=body)["ETag"]
 
@@ -188,23 +183,10 @@ def stage(store: "S3JobFiles", upload: UploadRecord, target: Path, tail_part: in
     if not _exists(store, data):
         try:
             _complete(store, upload, record, data, tail_part)
-        except _errors().ClientError:
+        except client_errors().ClientError:
             if not _exists(store, data):  # another staging completed it first: its object is here
                 raise
     _download(store, data, target, upload.upload_length)
-
-
-@contextlib.contextmanager
-def _missing_as_gone(what: str):
-    """A key or multipart upload the store no longer has: FileNotFoundError (410), not the store
-    failing (which would stop this node taking work)."""
-    try:
-        yield
-    except _errors().ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "NoSuchUpload", "404") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-            raise FileNotFoundError(what) from None
-        raise
 
 
 def _complete(store: "S3JobFiles", upload: UploadRecord, record: dict[str, Any], data: str,
@@ -213,7 +195,7 @@ def _complete(store: "S3JobFiles", upload: UploadRecord, record: dict[str, Any],
     if record["tail"]:
         assert tail_part is not None
         # The tail becomes the last part, under a number of its own (after every counted part's).
-        with _missing_as_gone(record["tail"]):
+        with missing_as_gone(record["tail"]):
             body = store.client.get_object(Bucket=store.bucket, Key=store.upload_key(upload.id, record["tail"]))["Body"].read()
         size = upload.upload_length - len(record["parts"]) * PART_BYTES
         etag = store.client.upload_part(Bucket=store.bucket, Key=data, UploadId=record["mpu"], PartNumber=tail_part,
@@ -224,7 +206,7 @@ def _complete(store: "S3JobFiles", upload: UploadRecord, record: dict[str, Any],
 
 
 def _exists(store: "S3JobFiles", key: str) -> bool:
-    bex = _errors()
+    bex = client_errors()
     try:
         store.client.head_object(Bucket=store.bucket, Key=key)
         return True
@@ -235,7 +217,7 @@ def _exists(store: "S3JobFiles", key: str) -> bool:
 
 
 def _download(store: "S3JobFiles", key: str, target: Path, length: int) -> None:
-    with _missing_as_gone(key):
+    with missing_as_gone(key):
         store.client.download_file(store.bucket, key, str(target), Config=store._transfer())
     if target.stat().st_size != length:
         raise FileNotFoundError(f"{key} is shorter than the upload")
