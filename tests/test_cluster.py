@@ -22,14 +22,15 @@ from pg import PASSWORD
 
 @pytest.fixture
 def cluster(make_server, postgres, tmp_path):
-    """make_node(name, role, **env): a node on this test's database and shared job directory."""
+    """make_node(name, role, **env): a node on this test's database and shared job directory
+    (the shared-directory cluster even when WHISPERD_TEST_STORAGE=s3: test_cluster_s3.py is S3's)."""
     url = postgres.new_database()
     shared = tmp_path / "shared"
 
     def make_node(name: str, role: str = "all", start: bool = True, **env):
         env = {"WHISPER_DB_URL": url, "WHISPER_NODE_NAME": name, "WHISPER_NODE_ROLE": role,
                "WHISPER_TMP_FILES": str(shared / "tmp"), "WHISPER_OUTPUT_DIR": str(shared / "output"),
-               "WHISPER_LEASE_SECONDS": "3", **env}
+               "WHISPER_LEASE_SECONDS": "3", "WHISPER_STORAGE_URL": "", **env}
         return make_server(start=start, **env)
 
     make_node.url = url
