@@ -42,6 +42,10 @@ def idle_hours(config: Any) -> float:
     return min(config.WHISPER_UPLOAD_IDLE_HOURS, config.WHISPER_UPLOAD_EXPIRY_HOURS)
 
 
+def _claim_until() -> str:
+    return iso(utc_now() + timedelta(seconds=CLAIM_SECONDS))
+
+
 class Patch:
     """One PATCH in progress: its claim on the upload and its bytes on their way to the store."""
 
@@ -99,7 +103,7 @@ class ResumableUploads:
         """Claim the upload and open its bytes at `offset` (the ledger's), or ServiceError: 423
         while another PATCH holds it (Retry-After: when its claim lapses), 410 when its bytes are gone."""
         claim = f"{self.config.node_name}/{uuid.uuid4().hex}"  # a restart of this node lets go of it
-        held_until = await self.ledger.claim_upload(upload.id, claim, iso(utc_now() + timedelta(seconds=CLAIM_SECONDS)))
+        held_until = await self.ledger.claim_upload(upload.id, claim, _claim_until())
         if held_until is not None:
             wait = max(1, math.ceil(-seconds_since(held_until)))
             raise ServiceError(Kind.LOCKED, f"another PATCH of upload {upload.id} is in progress; ask HEAD for the "
@@ -125,11 +129,10 @@ class ResumableUploads:
     async def _renew(self, patch: Patch) -> None:
         while True:
             await asyncio.sleep(RENEW_SECONDS)
-            until = iso(utc_now() + timedelta(seconds=CLAIM_SECONDS))
             try:
-                if not await self.ledger.renew_upload_claim(patch.upload.id, patch.claim, until):
-                    log.warning("upload %s: a PATCH lost its claim (it lapsed); its bytes will not count",
-                                patch.upload.id)
+                if not await self.ledger.renew_upload_claim(patch.upload.id, patch.claim, _claim_until()):
+                    log.warning("upload %s: a PATCH lost its claim (it lapsed): another may take the upload, "
+                                "and this one's bytes count only if none did", patch.upload.id)
                     return
             except Exception as exc:  # the ledger away: the claim may lapse, the offset check still holds
                 log.warning("upload %s: could not renew a PATCH's claim: %s", patch.upload.id, exc)
