@@ -16,6 +16,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 import wave
 from pathlib import Path
@@ -53,6 +54,38 @@ def long_tone(path: Path, seconds: int) -> bytes:
         out.setframerate(16000)
         out.writeframes(frames * seconds)
     return path.read_bytes()
+
+
+class OutageFeeder:
+    """Submissions to `node` on a thread while something it leans on goes away and comes back:
+    `count` of them, 0.2 s apart (spread over the outage, not a wait). accepted: the job ids;
+    refused: (status or None, text) of each submission that was not accepted."""
+
+    def __init__(self, node, count: int) -> None:
+        self.node, self.count = node, count
+        self.accepted: list[str] = []
+        self.refused: list[tuple[int | None, str, dict]] = []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        for _ in range(self.count):
+            try:
+                response = self.node.submit(diarize="false", prompt="fake:slow", timeout=60)
+            except requests.RequestException as exc:
+                self.refused.append((None, repr(exc), {}))
+                continue
+            if response.status_code == 202:
+                self.accepted.append(response.json()["job_id"])
+            else:
+                self.refused.append((response.status_code, response.text, dict(response.headers)))
+            time.sleep(0.2)
+
+    def __enter__(self) -> "OutageFeeder":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.thread.join(120)
 
 
 def free_port() -> int:

@@ -8,15 +8,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import requests
 
 from conftest import REPO, _job_file, alive, wait_until
+from harness import OutageFeeder
 from pg import PASSWORD
 
 
@@ -188,28 +187,10 @@ def test_the_database_restarted_under_load_loses_nothing(cluster, postgres):
     one = cluster("one", "all", ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", **env)
     two = cluster("two", "worker", ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", **env)
     ids = [one.submit_ok(diarize="false", prompt="fake:slow") for _ in range(8)]
-    submitted_during: list[str] = []
-    errors: list[str] = []
-
-    def submit_more():
-        for _ in range(6):
-            try:
-                response = one.submit(diarize="false", prompt="fake:slow", timeout=60)
-            except requests.RequestException as exc:
-                errors.append(repr(exc))
-                continue
-            if response.status_code == 202:
-                submitted_during.append(response.json()["job_id"])
-            else:  # refused in words while the ledger is away is acceptable; a lost job is not
-                errors.append(f"{response.status_code} {response.text}")
-            time.sleep(0.2)  # the feeder's pace: submissions spread over the outage, not a wait
-
-    feeder = threading.Thread(target=submit_more)
-    feeder.start()
-    postgres.restart(down_seconds=1.0)
-    feeder.join(120)
-    ids += submitted_during
-    assert len(submitted_during) >= 3, errors
+    with OutageFeeder(one, 6) as feeder:  # refused in words while the ledger is away is acceptable; a lost job is not
+        postgres.restart(down_seconds=1.0)
+    ids += feeder.accepted
+    assert len(feeder.accepted) >= 3, feeder.refused
     deadline = time.monotonic() + 90
     for job_id in ids:
         assert one.wait_status(job_id, timeout=max(1, deadline - time.monotonic()))["status"] == "Completed"

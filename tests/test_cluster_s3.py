@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +14,7 @@ import pytest
 import requests
 
 from conftest import wait_until
+from harness import OutageFeeder
 from seaweed import prefix_of
 
 
@@ -117,30 +117,13 @@ def test_the_store_restarted_under_load_loses_nothing(s3_cluster):
     one = s3_cluster("one", "all", ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", **env)
     two = s3_cluster("two", "worker", ENABLE_CONCURRENCY="true", MAX_CONCURRENT_JOBS="2", **env)
     ids = [one.submit_ok(diarize="false", prompt="fake:slow") for _ in range(8)]
-    accepted: list[str] = []
-    refused: list[str] = []
-
-    def submit_more():
-        for _ in range(8):
-            try:
-                response = one.submit(diarize="false", prompt="fake:slow", timeout=60)
-            except requests.RequestException as exc:
-                refused.append(repr(exc))
-                continue
-            if response.status_code == 202:
-                accepted.append(response.json()["job_id"])
-            else:  # refused in words while the store is away is acceptable; a lost job is not
-                assert response.status_code == 503 and response.headers.get("Retry-After"), response.text
-                refused.append(response.text)
-            time.sleep(0.2)  # the feeder's pace: submissions spread over the outage, not a wait
-
-    feeder = threading.Thread(target=submit_more)
-    feeder.start()
-    s3_cluster.store.stop()
-    time.sleep(1.0)  # the outage itself: a second with no store at all
-    s3_cluster.store.start()
-    feeder.join(120)
-    ids += accepted
+    with OutageFeeder(one, 8) as feeder:
+        s3_cluster.store.stop()
+        time.sleep(1.0)  # the outage itself: a second with no store at all
+        s3_cluster.store.start()
+    for status, text, headers in feeder.refused:  # refused in words while the store is away is acceptable
+        assert status in (None, 503) and (status is None or headers.get("Retry-After")), text
+    ids += feeder.accepted  # a lost job is not acceptable
     for job_id in ids:
         assert one.wait_status(job_id, timeout=90)["status"] == "Completed", job_id
     for job_id in ids:

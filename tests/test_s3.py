@@ -18,6 +18,15 @@ def s3_server(make_server, store: SeaweedServer, **env):
     return make_server(**{**store.storage_env(), **env})
 
 
+def running_and_queued(make_server, store: SeaweedServer):
+    """A server on S3 with a job running (slowly) and one queued behind it: (server, prefix, running, queued)."""
+    server = s3_server(make_server, store, FAKE_WHISPERX_SLOW_SECONDS="30")
+    running = server.submit_ok(prompt="fake:slow", diarize="false")
+    queued = server.submit_ok(diarize="false")
+    wait_until(lambda: server.status(running).json()["status"] == "Processing", 15, "the first job to run")
+    return server, prefix_of(server.env), running, queued
+
+
 def job_objects(store: SeaweedServer, prefix: str) -> list[str]:
     """The jobs' and the tus uploads' objects (the ledger's identity mark beside them aside)."""
     return store.keys(f"{prefix}jobs/") + store.keys(f"{prefix}uploads/")
@@ -76,11 +85,7 @@ def test_the_hf_token_and_speaker_options_travel_through_the_store(make_server, 
 
 
 def test_cancel_and_retention_delete_the_objects(make_server, seaweed):
-    server = s3_server(make_server, seaweed, FAKE_WHISPERX_SLOW_SECONDS="30")
-    prefix = prefix_of(server.env)
-    running = server.submit_ok(prompt="fake:slow", diarize="false")
-    queued = server.submit_ok(diarize="false")
-    wait_until(lambda: server.status(running).json()["status"] == "Processing", 15, "the first job to run")
+    server, prefix, running, queued = running_and_queued(make_server, seaweed)
     assert seaweed.keys(f"{prefix}jobs/{queued}/")
     assert server.api("DELETE", f"/transcription/{queued}").status_code == 200
     wait_until(lambda: not seaweed.keys(f"{prefix}jobs/{queued}/"), 10, "the canceled job's objects to go")
@@ -170,11 +175,7 @@ def test_wrong_credentials_or_a_missing_bucket_stop_the_server_with_one_line(mak
 
 
 def test_startup_sweep_removes_orphans_and_stale_multipart_uploads_but_keeps_queued_jobs(make_server, seaweed):
-    server = s3_server(make_server, seaweed, FAKE_WHISPERX_SLOW_SECONDS="30")
-    prefix = prefix_of(server.env)
-    running = server.submit_ok(prompt="fake:slow", diarize="false")
-    queued = server.submit_ok(diarize="false")
-    wait_until(lambda: server.status(running).json()["status"] == "Processing", 15, "the first job to run")
+    server, prefix, running, queued = running_and_queued(make_server, seaweed)
     server.kill9()  # mid-run
     orphan = str(uuid.uuid4())
     client = seaweed.client()
@@ -271,11 +272,7 @@ def test_a_reset_ledger_on_one_box_refuses_to_start_rather_than_sweep_the_bucket
     """SQLite and S3 on one box: a ledger that is not the one the bucket's jobs belong to (deleted,
     restored from elsewhere) would find every job object unknown and sweep it; the bucket carries
     the ledger's identity, and the server refuses to start instead."""
-    server = s3_server(make_server, seaweed, FAKE_WHISPERX_SLOW_SECONDS="30")
-    prefix = prefix_of(server.env)
-    running = server.submit_ok(prompt="fake:slow", diarize="false")
-    queued = server.submit_ok(diarize="false")
-    wait_until(lambda: server.status(running).json()["status"] == "Processing", 15, "the first job to run")
+    server, prefix, running, queued = running_and_queued(make_server, seaweed)
     server.kill9()
     stored = seaweed.keys(f"{prefix}jobs/")
     ledger = Path(server.env["WHISPER_DB_PATH"])

@@ -117,18 +117,15 @@ class S3Patch:
                                                          **self.store.extra)["UploadId"]
 
     def _part(self, mpu: str, number: int, at: int, size: int) -> str:
-        body = os.pread(self.handle_fd(), size, at)
+        body = os.pread(self.handle.fileno(), size, at)
         with missing_as_gone(f"the multipart upload of {self.upload.id}"):  # aborted: terminated or expired
             return self.store.client.upload_part(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, DATA),
                                              UploadId=mpu, PartNumber=number, Body=body)["ETag"]
 
     def _put_tail(self, name: str, at: int, size: int) -> None:
-        body = os.pread(self.handle_fd(), size, at)
+        body = os.pread(self.handle.fileno(), size, at)
         self.store.client.put_object(Bucket=self.store.bucket, Key=self.store.upload_key(self.upload.id, name), Body=body,
                                      **self.store.extra)
-
-    def handle_fd(self) -> int:
-        return self.handle.fileno()
 
     async def undo(self) -> None:
         await self._forget()
@@ -242,5 +239,3 @@ def delete_upload(store: "S3JobFiles", upload_id: str) -> None:
         for item in page.get("Uploads", []):
             store.client.abort_multipart_upload(Bucket=store.bucket, Key=item["Key"], UploadId=item["UploadId"])
 
-
-__all__ = ["PART_BYTES", "S3Patch", "stage", "upload_ids", "delete_upload"]
